@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (the main job, end to end) and `make test`. Both set themselves up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel on CPU-only machines (it lies on disk here). GPU users: TORCH="torch==2.13.0 --index-url <cuda index>".
+TORCH ?= torch==2.13.0
+export RAY_TMPDIR ?= /tmp/llmp-ray
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/llm-platform data debug=smoke
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf .llm-platform $(RAY_TMPDIR)

@@ -1,0 +1,3 @@
+from llm_platform.cli import main
+
+main()

@@ -1,0 +1,61 @@
+"""Connect to Ray: the cluster named by `cluster.address` or `RAY_ADDRESS`, else a local instance.
+
+Nothing in the package calls `ray.init()` at import time (that breaks workers); stages call `connect()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from llm_platform import storage
+from llm_platform.config.cluster import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+# Environment that Ray workers need to reach the same storage as the driver. Credentials are never forwarded
+# (runtime envs are logged): workers take them from their own environment, which is IRSA or an instance role on a
+# cluster and the driver's inherited env for a local Ray.
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "LLM_PLATFORM_CONF", "HF_HUB_OFFLINE",
+                  "OMP_NUM_THREADS")
+
+
+def worker_env() -> dict[str, str]:
+    """Env vars forwarded to Ray workers so they resolve storage like the driver."""
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    endpoint = storage.endpoint_url()
+    if endpoint:
+        env["AWS_ENDPOINT_URL"] = endpoint
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def connect(cfg: ClusterConfig | None = None) -> str:
+    """Join or start Ray once per process; returns the address in use ("local" for a started instance)."""
+    import ray
+
+    cfg = cfg or ClusterConfig()
+    if ray.is_initialized():
+        return "existing"
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=cfg.log_to_driver)
+        return address
+    temp_dir = cfg.temp_dir or os.environ.get("RAY_TMPDIR")
+    if temp_dir:
+        os.makedirs(temp_dir, exist_ok=True)
+    log.info("starting a local Ray (%s logical CPUs)", cfg.num_cpus)
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        _temp_dir=temp_dir,
+        object_store_memory=cfg.object_store_memory_bytes,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=cfg.log_to_driver,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    return "local"

@@ -1,0 +1,36 @@
+"""Entry points: the only modules that see the whole config (and Hydra). Each is about 100 lines at most."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from llm_platform.config import PlatformConfig, conf_dir, register, to_object
+
+
+def stage_main(config_name: str) -> Callable[[Callable[[PlatformConfig], object]], Callable[[], None]]:
+    """Wrap `fn(cfg: PlatformConfig)` as a Hydra app on `conf/<config_name>.yaml`.
+
+    A `StageError` (bad input, bad config) becomes a one-line message and exit code 2, not a traceback.
+    """
+    import hydra
+
+    def wrap(fn: Callable[[PlatformConfig], object]) -> Callable[[], None]:
+        register()
+
+        @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
+        def _app(cfg) -> None:
+            typed = to_object(cfg)
+            logging.getLogger().setLevel(typed.log_level)
+            from llm_platform.errors import StageError
+
+            try:
+                fn(typed)
+            except StageError as e:
+                logging.getLogger(f"llm_platform.{config_name}").error("%s", e)
+                raise SystemExit(2) from None
+
+        _app.__doc__ = fn.__doc__
+        return _app
+
+    return wrap

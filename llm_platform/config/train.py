@@ -1,0 +1,91 @@
+"""Schemas of the `train` and `scaling` groups."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: objective, optimization, evaluation, checkpoints."""
+
+    objective: str = "clm"
+    """clm (causal LM), sft (prompt/response, loss on the response), seq2seq, mlm."""
+    run_name: str | None = None
+    """Run folder `runs/<run_name>/`; None derives it from the model and dataset. Reusing a name resumes it."""
+    dataset: str | None = None
+    """Dataset URI (a data stage output folder); None resolves it from the data and tokenizer configs."""
+    max_steps: int = 200
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """Decay after warmup: cosine, linear or constant."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases, norms and embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables)."""
+    seed: int = 0
+    """Seed of weights init, data order and dropout."""
+    mlm_probability: float = 0.15
+    """Masked token fraction for the mlm objective."""
+    eval_interval_steps: int = 50
+    """Validation pass every N steps (and at the end)."""
+    eval_batches: int = 10
+    """Micro-batches per validation pass."""
+    log_interval_steps: int = 10
+    """Metrics to console, metrics.jsonl and TensorBoard every N steps."""
+    checkpoint_interval_steps: int = 100
+    """Sharded checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (the newest)."""
+    resume_from: str | None = None
+    """Checkpoint URI to resume from explicitly."""
+    on_nonfinite_loss: str = "stop"
+    """A NaN/inf loss: stop the run with a message, or skip the step."""
+    max_failures: int = 2
+    """Worker failures survived by restarting from the latest checkpoint."""
+    parallelism: str = "fsdp"
+    """fsdp (FSDP2 fully_shard per block), ddp, or none (single worker)."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in the backward pass."""
+    cpu_offload: bool = False
+    """FSDP2 CPU offload of parameters and gradients."""
+    compile: bool = False
+    """torch.compile each block."""
+    export: bool = True
+    """Export the final model as HF safetensors with its tokenizer and lineage."""
+    register_as: str | None = None
+    """Register the exported model under this registry name."""
+    mlflow_tracking_uri: str | None = None
+    """Log metrics to MLflow through Ray's integration."""
+    wandb_project: str | None = None
+    """Log metrics to Weights & Biases through Ray's integration."""
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train workers and their resources."""
+
+    num_workers: int = 2
+    """Training workers (one per GPU on GPU clusters)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    gpu_type: str | None = None
+    """Accelerator type (H100, A100...) for placement and MFU peaks."""
+    placement_strategy: str = "PACK"
+    """Placement group strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""

@@ -1,0 +1,36 @@
+"""Schema of the `tune` group."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TuneConfig:
+    """A Ray Tune sweep over the training stage."""
+
+    name: str = "sweep"
+    """Sweep folder `sweeps/<name>/`."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Search space: config key -> distribution spec (loguniform, uniform, choice, randint, grid)."""
+    num_samples: int = 4
+    """Trials sampled (grid axes multiply it)."""
+    metric: str = "val/loss"
+    """Metric that ranks trials."""
+    mode: str = "min"
+    """min or max."""
+    scheduler: str = "asha"
+    """asha, pbt or fifo (no early stopping)."""
+    search: str = "random"
+    """random (and grid axes) or optuna."""
+    max_concurrent_trials: int = 2
+    """Trials running at once."""
+    grace_period: int = 1
+    """ASHA: reports before a trial can be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep the best 1/reduction_factor at each rung."""
+    max_trial_failures: int = 1
+    """Retries of a failing trial before it is recorded as failed."""
+    resume: bool = False
+    """Resume an interrupted sweep of the same name."""
+    register_as: str | None = None
+    """Registry model name for the winner (None uses the model preset name)."""

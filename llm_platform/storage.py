@@ -1,0 +1,257 @@
+"""Storage URIs (local paths, `file://`, `s3://`) through fsspec/s3fs, with atomic writes and JSON records.
+
+Every artifact is written to a temporary name and committed last: files by a rename (local) or by a single PUT of
+the final object (S3, where an object is either fully there or absent), and folders by a record file (manifest.json,
+lineage.json) that is written after everything else. A reader trusts a folder only when its record exists.
+
+Credentials come only from the standard AWS chain (env, profile, IRSA web identity, instance role); this module
+never reads or logs them. The endpoint comes from `StorageConfig.endpoint_url` or `AWS_ENDPOINT_URL`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from contextlib import contextmanager
+from typing import IO, Any, Iterator
+
+import fsspec
+
+from llm_platform.config.storage import StorageConfig
+
+_settings: dict[str, Any] = {"endpoint_url": None, "region": None, "retries": 8}
+
+
+def configure(cfg: StorageConfig | dict | None) -> None:
+    """Set the S3 endpoint/region/retries for this process, and export them so Ray workers inherit them."""
+    if cfg is None:
+        return
+    data = cfg if isinstance(cfg, dict) else {"endpoint_url": cfg.endpoint_url, "region": cfg.region,
+                                              "retries": cfg.retries}
+    _settings.update({k: data.get(k, _settings[k]) for k in _settings})
+    if _settings["endpoint_url"]:
+        os.environ["AWS_ENDPOINT_URL"] = _settings["endpoint_url"]
+    if _settings["region"]:
+        os.environ.setdefault("AWS_DEFAULT_REGION", _settings["region"])
+    _filesystems.clear()
+
+
+def settings() -> dict[str, Any]:
+    """The storage settings in force (endpoint, region, retries) as a plain dict for Ray workers."""
+    return {
+        "endpoint_url": endpoint_url(),
+        "region": _settings["region"] or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        "retries": _settings["retries"],
+    }
+
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint in force, if any."""
+    return _settings["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-store URIs (s3://)."""
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def _strip_file(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+_filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+
+
+def s3_options() -> dict[str, Any]:
+    """Keyword arguments for `s3fs.S3FileSystem` with the configured endpoint, region and retries."""
+    client_kwargs: dict[str, Any] = {}
+    if endpoint_url():
+        client_kwargs["endpoint_url"] = endpoint_url()
+    region = settings()["region"]
+    if region:
+        client_kwargs["region_name"] = region
+    return {
+        "client_kwargs": client_kwargs,
+        "config_kwargs": {"retries": {"max_attempts": int(_settings["retries"]), "mode": "adaptive"}},
+        # Listings are cached by default; our writers and readers interleave, so do not trust a stale listing.
+        "use_listings_cache": False,
+        "skip_instance_cache": True,
+    }
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for a URI and the path inside it."""
+    if is_remote(uri):
+        if "s3" not in _filesystems:
+            import s3fs
+
+            _filesystems["s3"] = s3fs.S3FileSystem(**s3_options())
+        return _filesystems["s3"], uri.split("://", 1)[1]
+    if "file" not in _filesystems:
+        _filesystems["file"] = fsspec.filesystem("file")
+    return _filesystems["file"], os.path.abspath(os.path.expanduser(_strip_file(uri)))
+
+
+def pyarrow_filesystem(uri: str):
+    """A `pyarrow.fs` filesystem for Ray Data reads/writes, and the path inside it."""
+    import pyarrow.fs as pafs
+
+    if is_remote(uri):
+        opts: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(_settings["retries"]))}
+        if endpoint_url():
+            opts["endpoint_override"] = endpoint_url()
+            if endpoint_url().startswith("http://"):
+                opts["scheme"] = "http"
+        region = settings()["region"]
+        if region:
+            opts["region"] = region
+        return pafs.S3FileSystem(**opts), uri.split("://", 1)[1]
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(_strip_file(uri)))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (posix separators for S3)."""
+    if is_remote(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(_strip_file(uri), *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def isdir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.isdir(path)
+
+
+def size(uri: str) -> int:
+    fs, path = filesystem(uri)
+    return int(fs.size(path))
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) directly under a folder URI; empty when it does not exist."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def glob(pattern: str) -> list[str]:
+    """URIs matching a glob (sorted), with the scheme kept."""
+    fs, path = filesystem(pattern)
+    matches = sorted(fs.glob(path))
+    if is_remote(pattern):
+        scheme = pattern.split("://", 1)[0]
+        return [f"{scheme}://{m}" for m in matches]
+    return matches
+
+
+def info(uri: str) -> dict[str, Any]:
+    """Size and a change marker (ETag for S3, mtime for local) for a file URI."""
+    fs, path = filesystem(uri)
+    details = fs.info(path)
+    marker = details.get("ETag") or details.get("etag") or details.get("mtime") or details.get("LastModified")
+    return {"uri": uri, "size": int(details.get("size") or 0), "marker": str(marker).strip('"')}
+
+
+@contextmanager
+def open_read(uri: str, mode: str = "rb", compression: str | None = None) -> Iterator[IO]:
+    """Open a URI for reading (compression: None, 'infer', 'gzip', 'zstd')."""
+    fs, path = filesystem(uri)
+    with fs.open(path, mode, compression=compression) as f:
+        yield f
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically: a temp file renamed in place (local), one PUT (S3)."""
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    """Write a JSON record atomically (sorted keys, indented, so records diff well)."""
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def makedirs(uri: str) -> None:
+    if not is_remote(uri):
+        fs, path = filesystem(uri)
+        fs.makedirs(path, exist_ok=True)
+
+
+def delete(uri: str, recursive: bool = True) -> None:
+    """Remove a file or folder if present."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder's files to a URI folder (files keep their relative paths)."""
+    fs, path = filesystem(uri)
+    for root, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            with open(src, "rb") as f:
+                write_bytes(join(uri, rel), f.read())
+
+
+def download_dir(uri: str, local_dir: str) -> str:
+    """Copy a URI folder to a local folder (a no-op copy for local URIs returns the path itself)."""
+    if not is_remote(uri):
+        return filesystem(uri)[1]
+    fs, path = filesystem(uri)
+    os.makedirs(local_dir, exist_ok=True)
+    for remote in fs.find(path):
+        rel = posixpath.relpath(remote, path)
+        dest = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get_file(remote, dest)
+    return local_dir
+
+
+def fingerprint(obj: Any, length: int = 16) -> str:
+    """A stable short hash of a JSON-able object (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_sha256(uri: str) -> str:
+    h = hashlib.sha256()
+    with open_read(uri) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,75 @@
+"""Shared fixtures: one loopback S3 (moto server) and one local Ray per test session, started only when used."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+# Before anything imports Ray or torch: quiet, offline, single-threaded, our own Ray temp dir.
+os.environ.setdefault("RAY_TMPDIR", "/tmp/llmp-ray")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Fake credentials for the loopback S3 only; never real ones in tests.
+for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ[key] = value
+os.environ.pop("AWS_PROFILE", None)
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on 127.0.0.1 and a free port; AWS_ENDPOINT_URL points at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    from llm_platform import storage
+
+    storage.configure({"endpoint_url": endpoint})
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket; returns its `s3://` URI."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the session (8 logical CPUs on 2 cores), started after the S3 endpoint is exported."""
+    import ray
+
+    from llm_platform import cluster
+    from llm_platform.config.cluster import ClusterConfig
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.connect(ClusterConfig(num_cpus=8, log_to_driver=False))
+    yield ray
+    ray.shutdown()
