@@ -1,0 +1,1 @@
+"""The data stage: read, clean, deduplicate, split, tokenize and pack a corpus into a dataset folder."""

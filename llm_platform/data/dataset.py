@@ -1,0 +1,96 @@
+"""A finished dataset folder as the later stages see it: its manifest, shard URIs and tokenizer.
+
+Layout (under `datasets/<name>/<fingerprint>/`, see docs/ARCHITECTURE.md):
+    manifest.json      written last; a folder without it is incomplete and never read
+    tokenizer/         HF-format tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json)
+    train/*.parquet    train split shards
+    val/*.parquet      validation split shards
+
+Shard columns by `kind`:
+    pretrain  input_ids (list<int32>, exactly seq_len tokens; documents joined by EOS)
+    sft       input_ids (seq_len, right-padded with pad id), labels (-100 on prompt and padding), attention_mask
+    seq2seq   input_ids, attention_mask (seq_len, padded), labels (target_len, -100 padded)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_platform import storage
+from llm_platform.errors import DataError
+
+MANIFEST = "manifest.json"
+SPECIAL_TOKENS = {"eos": "<|endoftext|>", "pad": "<|pad|>", "mask": "<|mask|>"}
+
+
+@dataclass
+class DatasetInfo:
+    """What a consumer needs from a dataset folder."""
+
+    uri: str
+    manifest: dict[str, Any]
+    files: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def tokenizer_uri(self) -> str:
+        return storage.join(self.uri, "tokenizer")
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.manifest["tokenizer"]["sha256"]
+
+    @property
+    def manifest_sha256(self) -> str:
+        return storage.fingerprint(self.manifest, length=64)
+
+    def special_token_id(self, name: str) -> int:
+        """`eos`, `pad` or `mask` token id."""
+        return int(self.manifest["tokenizer"][f"{name}_token_id"])
+
+    def load_tokenizer(self):
+        """The dataset's tokenizer as a `PreTrainedTokenizerFast` (copied locally first for s3://)."""
+        return load_tokenizer(self.tokenizer_uri)
+
+
+def open_dataset(uri: str) -> DatasetInfo:
+    """Read a dataset folder's manifest; refuse a folder without one (an incomplete or missing dataset)."""
+    manifest_uri = storage.join(uri, MANIFEST)
+    if not storage.exists(manifest_uri):
+        raise DataError(f"no dataset at {uri}: {MANIFEST} is missing (run `llm-platform data` first, or the run was "
+                        f"interrupted before it finished)")
+    manifest = storage.read_json(manifest_uri)
+    files = {split: [storage.join(uri, rel) for rel in meta["files"]] for split, meta in manifest["splits"].items()}
+    return DatasetInfo(uri=uri, manifest=manifest, files=files)
+
+
+def load_tokenizer(uri: str):
+    """An HF-format tokenizer folder (local or s3://) as a `PreTrainedTokenizerFast`; never runs remote code."""
+    from transformers import PreTrainedTokenizerFast
+
+    local = uri
+    if storage.is_remote(uri):
+        local = storage.download_dir(uri, tempfile.mkdtemp(prefix="llmp-tok-"))
+    else:
+        local = storage.filesystem(uri)[1]
+    if not os.path.exists(os.path.join(local, "tokenizer.json")):
+        raise DataError(f"no tokenizer.json under {uri}")
+    return PreTrainedTokenizerFast.from_pretrained(local)
