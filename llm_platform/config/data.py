@@ -74,6 +74,10 @@ class DataConfig:
     """Source format: auto (by extension), jsonl, json, parquet, text, hf."""
     text_field: str = "text"
     """Field holding the document text (jsonl/json/parquet/hf)."""
+    text_unit: str = "file"
+    """What one document is in plain-text sources: file, paragraph (blank-line separated) or line."""
+    max_record_bytes: int = 16_000_000
+    """Records (lines, files) larger than this are skipped unread as `record_too_large`."""
     kind: str = "pretrain"
     """Record kind: pretrain (packed text), sft (prompt/response with a loss mask), seq2seq (source/target)."""
     prompt_field: str = "prompt"

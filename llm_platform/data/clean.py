@@ -1,0 +1,94 @@
+"""Text cleaning, PII scrubbing and Gopher-style quality filters. Plain Python, no Ray."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from llm_platform.config.data import FilterConfig
+
+# Control characters other than newline and tab (C0, DEL, C1), and zero-width/bidi marks that break tokens.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060\ufeff]")
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+
+EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
+# Phone numbers: optional country code, 3-4 digit groups separated by space, dot or dash (at least 9 digits).
+PHONE = re.compile(r"(?<!\w)(?:\+?\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{3}[ .-]\d{3,4}(?:[ .-]\d{3,4})?(?!\w)")
+IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
+IPV6 = re.compile(r"\b(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}\b|\b(?:[0-9a-fA-F]{1,4}:){1,7}:(?:[0-9a-fA-F]{1,4})?\b")
+
+
+def normalize(text: str, form: str = "NFC") -> str:
+    """Unicode-normalize, drop control characters, collapse runs of spaces, trim lines and blank-line runs."""
+    if form:
+        text = unicodedata.normalize(form, text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    return _MANY_NEWLINES.sub("\n\n", text).strip()
+
+
+def scrub_pii(text: str) -> tuple[str, int]:
+    """Replace emails, IP addresses and phone numbers with placeholders; returns (text, replacements)."""
+    total = 0
+    for pattern, placeholder in ((EMAIL, "<EMAIL>"), (IPV4, "<IP>"), (IPV6, "<IP>"), (PHONE, "<PHONE>")):
+        text, n = pattern.subn(placeholder, text)
+        total += n
+    return text, total
+
+
+def quality_reason(text: str, f: FilterConfig) -> str:
+    """The first quality filter the text fails (e.g. `too_short`), or "" when it passes them all."""
+    if not text:
+        return "empty"
+    if f.min_chars and len(text) < f.min_chars:
+        return "too_short"
+    if f.max_chars and len(text) > f.max_chars:
+        return "too_long"
+    words = text.split()
+    if f.min_words and len(words) < f.min_words:
+        return "too_few_words"
+    if not words:
+        return "empty"
+    if f.mean_word_length:
+        mean = sum(len(w) for w in words) / len(words)
+        if not f.min_mean_word_length <= mean <= f.max_mean_word_length:
+            return "mean_word_length"
+    if f.symbol_ratio:
+        symbols = text.count("#") + text.count("...") + text.count("\u2026")
+        if symbols / len(words) > f.max_symbol_to_word_ratio:
+            return "symbol_ratio"
+    if f.alpha_fraction:
+        alpha = sum(1 for w in words if any(c.isalpha() for c in w))
+        if alpha / len(words) < f.min_alpha_word_fraction:
+            return "alpha_fraction"
+    if f.repeated_lines:
+        lines = [ln for ln in text.split("\n") if ln.strip()]
+        if len(lines) > 1:
+            repeated = len(lines) - len(set(lines))
+            if repeated / len(lines) > f.max_repeated_line_fraction:
+                return "repeated_lines"
+    return ""
+
+
+def clean_record(record: dict, form: str, pii: bool, filters: FilterConfig) -> dict:
+    """Clean one record in place-style (returns a new dict): normalize fields, scrub PII, apply filters."""
+    out = dict(record)
+    if out.get("drop_reason"):
+        return out
+    pii_count = 0
+    for key in ("text", "prompt", "response"):
+        value = normalize(out.get(key) or "", form)
+        if pii and value:
+            value, n = scrub_pii(value)
+            pii_count += n
+        out[key] = value
+    if out.get("prompt") or out.get("response"):
+        out["text"] = out["prompt"] + "\n\n" + out["response"]
+        if not out["prompt"] or not out["response"]:
+            out["drop_reason"] = "empty"
+            return out | {"pii_replacements": pii_count}
+    out["drop_reason"] = quality_reason(out["text"], filters)
+    out["pii_replacements"] = pii_count
+    return out

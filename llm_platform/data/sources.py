@@ -1,0 +1,308 @@
+"""Read corpus files into records, one generator per file, so nothing needs the corpus in memory.
+
+A record is a dict with `doc_id` (stable: file index << 32 | line or row), `source` (file URI), `line` (1-based line
+or row), `text` (and `prompt`/`response` for sft and seq2seq records) and `drop_reason`. A bad record is yielded with
+`drop_reason` set (malformed_json, missing_field:<name>, invalid_utf8, record_too_large, corrupt_file...) and an
+empty text, so the stage can count and report it; `on_error=fail` raises a DataError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from llm_platform import storage
+from llm_platform.errors import DataError
+
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text",
+              ".text": "text", ".md": "text"}
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass
+class ReadSpec:
+    """What a read task needs: plain values so it ships to Ray workers as is."""
+
+    kind: str
+    text_field: str
+    prompt_field: str
+    response_field: str
+    text_unit: str
+    max_record_bytes: int
+    on_error: str
+
+    @classmethod
+    def from_config(cls, cfg) -> "ReadSpec":
+        if cfg.kind == "seq2seq":
+            prompt, response = cfg.source_field, cfg.target_field
+        else:
+            prompt, response = cfg.prompt_field, cfg.response_field
+        return cls(kind=cfg.kind, text_field=cfg.text_field, prompt_field=prompt, response_field=response,
+                   text_unit=cfg.text_unit, max_record_bytes=cfg.max_record_bytes, on_error=cfg.on_error)
+
+
+def split_extension(uri: str) -> tuple[str, str | None]:
+    """(format, compression) from a file name, e.g. `a.jsonl.zst` -> ("jsonl", "zstd"); ("", None) if unknown."""
+    name = posixpath.basename(uri).lower()
+    root, ext = os.path.splitext(name)
+    compression = COMPRESSIONS.get(ext)
+    if compression:
+        root, ext = os.path.splitext(root)
+    return EXTENSIONS.get(ext, ""), compression
+
+
+def list_inputs(patterns: list[str], fmt: str = "auto") -> tuple[list[dict], list[dict]]:
+    """Expand URIs/globs/folders into input files with size and change marker.
+
+    Returns:
+        (inputs, missing): inputs as {uri, format, compression, size, marker}; missing as {source, reason}.
+    """
+    inputs: list[dict] = []
+    missing: list[dict] = []
+    for pattern in patterns:
+        try:
+            uris = _expand(pattern)
+        except PermissionError as e:
+            missing.append({"source": pattern, "line": 0, "reason": f"permission_denied: {e}"})
+            continue
+        except OSError as e:
+            missing.append({"source": pattern, "line": 0, "reason": f"unreadable: {e}"})
+            continue
+        if not uris:
+            missing.append({"source": pattern, "line": 0, "reason": "missing_path: no file matches"})
+        for uri, detected in uris:
+            file_fmt = detected if fmt == "auto" or detected == "hf" else fmt
+            compression = split_extension(uri)[1]
+            if not file_fmt:
+                missing.append({"source": uri, "line": 0, "reason": "unknown_format: set data.format"})
+                continue
+            meta = {"uri": uri, "format": file_fmt, "compression": compression, "size": 0, "marker": ""}
+            if file_fmt != "hf":
+                meta.update({k: v for k, v in storage.info(uri).items() if k in ("size", "marker")})
+            inputs.append(meta)
+    inputs.sort(key=lambda m: m["uri"])
+    return inputs, missing
+
+
+def _expand(pattern: str) -> list[tuple[str, str]]:
+    if any(c in pattern for c in "*?["):
+        return [(u, split_extension(u)[0]) for u in storage.glob(pattern) if not storage.isdir(u)]
+    if not storage.exists(pattern):
+        return []
+    if storage.isdir(pattern):
+        if any(storage.exists(storage.join(pattern, m)) for m in HF_MARKERS):
+            return [(pattern, "hf")]
+        found = storage.glob(storage.join(pattern, "**"))
+        return [(u, split_extension(u)[0]) for u in found if split_extension(u)[0] and not storage.isdir(u)]
+    return [(pattern, split_extension(pattern)[0])]
+
+
+def read_file(meta: dict, file_index: int, spec: ReadSpec) -> Iterator[dict]:
+    """Yield the records of one input file (see the module docstring)."""
+    uri = meta["uri"]
+    readers = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "text": _read_text, "hf": _read_hf}
+    line = 0
+    try:
+        for line, fields, error in readers[meta["format"]](meta, spec):
+            yield _record(file_index, uri, line, fields, error, spec)
+    except DataError:
+        raise
+    except Exception as e:  # a corrupt or truncated file: keep what was read, report where it broke
+        yield _record(file_index, uri, line + 1, None, f"corrupt_file: {type(e).__name__}: {e}", spec)
+
+
+def _record(file_index: int, uri: str, line: int, fields: dict | None, error: str | None, spec: ReadSpec) -> dict:
+    record = {"doc_id": (file_index << 32) | line, "source": uri, "line": line, "text": "", "prompt": "",
+              "response": "", "drop_reason": ""}
+    if error is None and fields is not None:
+        error = _take_fields(fields, spec, record)
+    if error:
+        if spec.on_error == "fail":
+            raise DataError(f"{uri}:{line}: {error} (data.on_error=fail)")
+        # The reason code is what precedes the first colon ("malformed_json"); the detail keeps the rest.
+        record.update(text="", prompt="", response="", drop_reason=error.split(":")[0], detail=error)
+    return record
+
+
+def _take_fields(fields: dict, spec: ReadSpec, record: dict) -> str | None:
+    """Copy the configured fields into the record; an error string when one is missing or not text."""
+    if spec.kind == "pretrain":
+        value = fields.get(spec.text_field)
+        if value is None:
+            return f"missing_field:{spec.text_field}"
+        if not isinstance(value, str):
+            return f"wrong_type:{spec.text_field} is {type(value).__name__}"
+        record["text"] = value
+        return None
+    for name, key in ((spec.prompt_field, "prompt"), (spec.response_field, "response")):
+        value = fields.get(name)
+        if value is None:
+            return f"missing_field:{name}"
+        if not isinstance(value, str):
+            return f"wrong_type:{name} is {type(value).__name__}"
+        record[key] = value
+    record["text"] = record["prompt"] + "\n\n" + record["response"]
+    return None
+
+
+def _read_lines(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, bytes | None, str | None]]:
+    with storage.open_read(meta["uri"], "rb", compression=meta["compression"]) as f:
+        line = 0
+        while True:
+            raw = f.readline(spec.max_record_bytes + 1)
+            if not raw:
+                return
+            line += 1
+            if len(raw) > spec.max_record_bytes and not raw.endswith(b"\n"):
+                # Skip the rest of this enormous line without holding it in memory.
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(1 << 20)
+                yield line, None, "record_too_large"
+                continue
+            yield line, raw, None
+
+
+def _read_jsonl(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, str | None]]:
+    for line, raw, error in _read_lines(meta, spec):
+        if error:
+            yield line, None, error
+            continue
+        assert raw is not None
+        if not raw.strip():
+            continue  # blank lines are not records
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield line, None, f"invalid_utf8: byte {e.start}"
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield line, None, f"malformed_json: {e.msg} at column {e.colno}"
+            continue
+        if not isinstance(obj, dict):
+            yield line, None, f"malformed_json: expected an object, got {type(obj).__name__}"
+            continue
+        yield line, obj, None
+
+
+def _read_json(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, str | None]]:
+    if meta["size"] > spec.max_record_bytes * 4:
+        yield 1, None, "record_too_large: use JSONL for large files"
+        return
+    with storage.open_read(meta["uri"], "rb", compression=meta["compression"]) as f:
+        raw = f.read()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        yield 1, None, f"invalid_utf8: byte {e.start}"
+        return
+    except json.JSONDecodeError as e:
+        yield e.lineno, None, f"malformed_json: {e.msg} at line {e.lineno} column {e.colno}"
+        return
+    rows = obj.get("data", obj.get("rows")) if isinstance(obj, dict) else obj
+    if not isinstance(rows, list):
+        yield 1, None, "malformed_json: expected a list of objects (or {\"data\": [...]})"
+        return
+    for i, row in enumerate(rows, start=1):
+        yield (i, row, None) if isinstance(row, dict) else (i, None, "malformed_json: element is not an object")
+
+
+def _read_parquet(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, str | None]]:
+    import pyarrow.parquet as pq
+
+    with storage.open_read(meta["uri"], "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        wanted = [spec.text_field] if spec.kind == "pretrain" else [spec.prompt_field, spec.response_field]
+        columns = [c for c in wanted if c in names]
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=columns or None):
+            for fields in batch.to_pylist():
+                row += 1
+                yield row, {k: fields.get(k) for k in columns}, None
+
+
+def _read_text(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, str | None]]:
+    if spec.text_unit == "file":
+        if meta["size"] > spec.max_record_bytes:
+            yield 1, None, "record_too_large"
+            return
+        with storage.open_read(meta["uri"], "rb", compression=meta["compression"]) as f:
+            raw = f.read(spec.max_record_bytes + 1)
+        if len(raw) > spec.max_record_bytes:
+            yield 1, None, "record_too_large"
+            return
+        try:
+            yield 1, {spec.text_field: raw.decode("utf-8")}, None
+        except UnicodeDecodeError as e:
+            yield 1, None, f"invalid_utf8: byte {e.start}"
+        return
+    paragraph: list[str] = []
+    start = 0
+    for line, raw, error in _read_lines(meta, spec):
+        if error or raw is None:
+            yield line, None, error
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield line, None, f"invalid_utf8: byte {e.start}"
+            continue
+        if spec.text_unit == "line":
+            if text.strip():
+                yield line, {spec.text_field: text}, None
+            continue
+        if text.strip():
+            start = start or line
+            paragraph.append(text)
+        elif paragraph:
+            yield start, {spec.text_field: "".join(paragraph)}, None
+            paragraph, start = [], 0
+    if paragraph:
+        yield start, {spec.text_field: "".join(paragraph)}, None
+
+
+def _read_hf(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, str | None]]:
+    import datasets
+
+    uri = meta["uri"]
+    options = {"storage_options": storage.s3_options()} if storage.is_remote(uri) else {}
+    loaded = datasets.load_from_disk(uri, **options)
+    splits = [loaded[k] for k in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    row = 0
+    for split in splits:
+        for batch in split.iter(batch_size=1024):
+            keys = list(batch)
+            for i in range(len(batch[keys[0]]) if keys else 0):
+                row += 1
+                yield row, {k: batch[k][i] for k in keys}, None
+
+
+def read_many(batch: dict[str, Any], spec: ReadSpec, batch_rows: int = 2048) -> Iterator[dict[str, list]]:
+    """Ray Data `map_batches` body: read the files named in the batch and yield record batches of bounded size."""
+    rows: list[dict] = []
+    for i in range(len(batch["uri"])):
+        meta = {k: _scalar(batch[k][i]) for k in ("uri", "format", "compression", "size", "marker")}
+        for record in read_file(meta, int(batch["file_index"][i]), spec):
+            rows.append(record)
+            if len(rows) >= batch_rows:
+                yield _columns(rows)
+                rows = []
+    if rows:
+        yield _columns(rows)
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+COLUMNS = ("doc_id", "source", "line", "text", "prompt", "response", "drop_reason", "detail")
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {c: [r.get(c, "") for r in rows] for c in COLUMNS}
