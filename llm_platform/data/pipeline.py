@@ -128,22 +128,26 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     ctx.enable_progress_bars = progress
     work = storage.join(out, "_work")
     timings: dict[str, float] = {}
+    resumed: list[str] = []  # phases found complete from an interrupted earlier run
     try:
         t = time.perf_counter()
-        _read_and_clean(inputs, cfg, work)
+        _read_and_clean(inputs, cfg, work, resumed)
         timings["read_clean_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        dups = _deduplicate(cfg, work)
+        dups = _deduplicate(cfg, work, resumed)
         timings["dedup_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        tok_record = _tokenizer(cfg, tok, work, out, dups)
+        tok_record = _tokenizer(cfg, tok, work, out, dups, resumed)
         timings["tokenizer_s"] = time.perf_counter() - t
         t = time.perf_counter()
         shards = _pack(cfg, inputs, work, out, dups, tok_record)
+        if any(s.get("resumed") for s in shards):
+            resumed.append(f"pack:{sum(1 for s in shards if s.get('resumed'))}/{len(shards)} shards")
         timings["tokenize_pack_s"] = time.perf_counter() - t
     except Exception as e:  # noqa: BLE001 - Ray wraps task errors; surface a DataError raised in a worker as itself
         raise _unwrap(e) from None
     manifest = _manifest(cfg, tok, fp, inputs, missing, work, dups, tok_record, shards, timings)
+    manifest["resumed_phases"] = resumed
     storage.write_json(storage.join(out, MANIFEST), manifest)
     storage.delete(work)
     return DatasetResult(out, manifest)
@@ -159,12 +163,13 @@ def _unwrap(error: BaseException) -> BaseException:
 
 
 # ----------------------------------------------------------------------------------------------- read + clean
-def _read_and_clean(inputs: list[dict], cfg: DataConfig, work: str) -> None:
+def _read_and_clean(inputs: list[dict], cfg: DataConfig, work: str, resumed: list[str]) -> None:
     import ray.data
 
     marker = storage.join(work, "clean", "_SUCCESS")
     if storage.exists(marker):
-        log.info("read+clean: resuming, already done")
+        log.info("read+clean: done by an earlier run, resuming after it")
+        resumed.append("read_clean")
         return
     storage.delete(storage.join(work, "clean"))  # a partial earlier attempt
     files = [{**m, "compression": m["compression"] or "", "file_index": i} for i, m in enumerate(inputs)]
@@ -203,13 +208,14 @@ def _read_clean(work: str, columns: list[str]):
 
 
 # ----------------------------------------------------------------------------------------------------- dedup
-def _deduplicate(cfg: DataConfig, work: str) -> dict[str, np.ndarray]:
+def _deduplicate(cfg: DataConfig, work: str, resumed: list[str]) -> dict[str, np.ndarray]:
     """Duplicate doc ids with the id they duplicate and the reason (exact or near)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     done = storage.join(work, "dups.parquet")
     if storage.exists(done):
+        resumed.append("dedup")
         table = pq.read_table(io.BytesIO(storage.read_bytes(done)))
         return {c: table[c].to_numpy() for c in table.column_names}
     empty = {"doc_id": np.empty(0, np.int64), "dup_of": np.empty(0, np.int64), "exact": np.empty(0, bool)}
@@ -291,9 +297,11 @@ def _select(batch: dict, dup_ids: np.ndarray, val_fraction: float) -> dict:
     return out
 
 
-def _tokenizer(cfg: DataConfig, tok_cfg: TokenizerConfig, work: str, out: str, dups: dict) -> dict:
+def _tokenizer(cfg: DataConfig, tok_cfg: TokenizerConfig, work: str, out: str, dups: dict,
+               resumed: list[str]) -> dict:
     uri = storage.join(out, "tokenizer")
     if storage.exists(storage.join(uri, "tokenizer.json")):
+        resumed.append("tokenizer")
         from llm_platform.data.dataset import load_tokenizer
 
         loaded = load_tokenizer(uri)
@@ -367,7 +375,7 @@ def _pack_shard(df, params: dict):
     split, index = name.rsplit("-", 1)
     done = storage.join(params["work"], "shards", f"{name}.json")
     if storage.exists(done):  # resumed run: this shard was written before the interruption
-        return pd.DataFrame([storage.read_json(done)])
+        return pd.DataFrame([{**storage.read_json(done), "resumed": True}])
     df = df.sort_values("doc_id")  # deterministic record order whatever order the shuffle delivered
     uri_rel = f"{split}/part-{index}.parquet"
     token_counts = np.zeros(params["vocab"], dtype=np.int64)
@@ -412,7 +420,7 @@ def _pack_shard(df, params: dict):
     stat["token_counts"] = token_counts.tolist()
     stat["length_hist"] = pack.length_histogram(lengths)
     storage.write_json(done, stat)
-    return pd.DataFrame([stat])
+    return pd.DataFrame([{**stat, "resumed": False}])
 
 
 # -------------------------------------------------------------------------------------------------- manifest

@@ -8,9 +8,11 @@ empty text, so the stage can count and report it; `on_error=fail` raises a DataE
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -149,8 +151,25 @@ def _take_fields(fields: dict, spec: ReadSpec, record: dict) -> str | None:
     return None
 
 
+@contextmanager
+def _open(meta: dict):
+    """A binary, line-readable stream of the file, decompressed (gzip, zstd)."""
+    with storage.open_read(meta["uri"], "rb") as raw:
+        if meta["compression"] == "gzip":
+            import gzip
+
+            yield gzip.GzipFile(fileobj=raw)
+        elif meta["compression"] == "zstd":
+            import zstandard
+
+            # fsspec's zstd wrapper cannot readline(limit); a buffered stream reader can.
+            yield io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        else:
+            yield raw
+
+
 def _read_lines(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, bytes | None, str | None]]:
-    with storage.open_read(meta["uri"], "rb", compression=meta["compression"]) as f:
+    with _open(meta) as f:
         line = 0
         while True:
             raw = f.readline(spec.max_record_bytes + 1)
@@ -194,7 +213,7 @@ def _read_json(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, s
     if meta["size"] > spec.max_record_bytes * 4:
         yield 1, None, "record_too_large: use JSONL for large files"
         return
-    with storage.open_read(meta["uri"], "rb", compression=meta["compression"]) as f:
+    with _open(meta) as f:
         raw = f.read()
     try:
         obj = json.loads(raw.decode("utf-8"))
@@ -232,7 +251,7 @@ def _read_text(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, s
         if meta["size"] > spec.max_record_bytes:
             yield 1, None, "record_too_large"
             return
-        with storage.open_read(meta["uri"], "rb", compression=meta["compression"]) as f:
+        with _open(meta) as f:
             raw = f.read(spec.max_record_bytes + 1)
         if len(raw) > spec.max_record_bytes:
             yield 1, None, "record_too_large"

@@ -1,0 +1,135 @@
+"""Data stage throughput: raw `tokenizers` batch encoding on one core vs the whole stage, per CPU used.
+
+A generated corpus (>= 100 MB of JSONL by default) is served from a loopback S3 (moto's server on 127.0.0.1); the
+stage reads it from `s3://`, cleans, deduplicates, trains its BPE, tokenizes, packs, and writes shards back to S3.
+Baseline: the same trained tokenizer's `encode_batch` over the same documents in this process, single-threaded.
+The stage runs pinned to 1 core, then to all cores (CPU affinity inherited by every Ray process), to show scaling.
+
+    python benchmarks/data_throughput.py [--mb 100]
+
+Last line: ratio=<stage tokens/s per CPU (all cores) / raw tokens/s on one core>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the baseline is one core; Ray workers get the same setting
+os.environ.setdefault("RAY_TMPDIR", "/tmp/llmp-ray-bench")
+os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_corpus(bucket: str, endpoint: str, megabytes: int) -> tuple[list[str], int]:
+    import boto3
+
+    from llm_platform.data import sample
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket=bucket)
+    texts, size, part, seed = [], 0, 0, 0
+    while size < megabytes * 1_000_000:
+        docs = sample.generate(25_000, seed=seed)
+        # Unique prefixes keep dedup honest: the bench measures throughput, not how much the salt removes.
+        docs = [{"text": f"Story {seed}-{i}. {d['text']}"} for i, d in enumerate(docs)]
+        body = sample.to_jsonl(docs)
+        s3.put_object(Bucket=bucket, Key=f"corpus/part-{part:03d}.jsonl", Body=body)
+        texts += [d["text"] for d in docs]
+        size += len(body)
+        part, seed = part + 1, seed + 1
+    return texts, size
+
+
+def run_stage(root: str, sources: str, cores: set[int], name: str) -> tuple[dict, float]:
+    import ray
+
+    from llm_platform import cluster
+    from llm_platform.config import compose
+    from llm_platform.data.pipeline import build_dataset
+
+    os.sched_setaffinity(0, cores)  # Ray's processes inherit the driver's affinity
+    cfg = compose("data", [f"storage.root={root}", f"data.sources=[{sources}]", f"data.name={name}",
+                           "data.seq_len=512", "tokenizer.vocab_size=4096", "data.num_shards=8"])
+    cluster.connect(cfg.cluster)
+    start = time.perf_counter()
+    result = build_dataset(cfg.data, cfg.tokenizer, root, progress=False)
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    return result.manifest, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=100, help="corpus size in MB")
+    args = parser.parse_args()
+    from moto.server import ThreadedMotoServer
+
+    from llm_platform import storage
+    from llm_platform.data.dataset import load_tokenizer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    storage.configure({"endpoint_url": endpoint})
+    texts, size = make_corpus("bench", endpoint, args.mb)
+    all_cores = os.sched_getaffinity(0)
+    ncores = len(all_cores)
+
+    runs = {}
+    for label, cores in (("1 core", {min(all_cores)}), (f"{ncores} cores", all_cores)):
+        runs[label] = (*run_stage(f"s3://bench/store-{len(cores)}", "s3://bench/corpus/*.jsonl", cores, "bench"),
+                       len(cores))
+    os.sched_setaffinity(0, all_cores)
+
+    manifest = runs[f"{ncores} cores"][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset_uri = f"s3://bench/store-{ncores}/datasets/bench/{manifest['fingerprint']}"
+        tok = load_tokenizer(storage.join(dataset_uri, "tokenizer")).backend_tokenizer
+    kept = texts  # the raw baseline encodes every document once, like the stage's pack phase
+    start = time.perf_counter()
+    raw_tokens = 0
+    for i in range(0, len(kept), 256):
+        raw_tokens += sum(len(e.ids) for e in tok.encode_batch(kept[i:i + 256], add_special_tokens=False))
+    raw_wall = time.perf_counter() - start
+    raw_tps = raw_tokens / raw_wall
+
+    print(f"\ncorpus: {len(texts):,} documents, {size / 1e6:.1f} MB of JSONL on loopback S3; "
+          f"machine: {ncores} cores; {time.strftime('%Y-%m-%d')}")
+    header = f"{'run':<28}{'wall s':>9}{'tokens':>14}{'tokens/s':>12}{'per CPU':>12}{'vs raw':>9}"
+    print(header)
+    print("-" * len(header))
+    print(f"{'raw encode_batch, 1 core':<28}{raw_wall:>9.1f}{raw_tokens:>14,}{raw_tps:>12,.0f}{raw_tps:>12,.0f}"
+          f"{1.0:>9.2f}")
+    per_cpu = {}
+    for label, (m, wall, cpus) in runs.items():
+        tokens = sum(s["tokens_in"] for s in m["splits"].values())
+        tps = tokens / wall
+        per_cpu[label] = tps / cpus
+        print(f"{'stage, ' + label:<28}{wall:>9.1f}{tokens:>14,}{tps:>12,.0f}{tps / cpus:>12,.0f}"
+              f"{tps / cpus / raw_tps:>9.2f}")
+        pack_s = m["timings_s"]["tokenize_pack_s"]
+        print(f"{'  tokenize+pack phase':<28}{pack_s:>9.1f}{tokens:>14,}{tokens / pack_s:>12,.0f}"
+              f"{tokens / pack_s / cpus:>12,.0f}{tokens / pack_s / cpus / raw_tps:>9.2f}")
+        print("  phases: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
+    speedup = runs[f"{ncores} cores"][1] and runs["1 core"][1] / runs[f"{ncores} cores"][1]
+    print(f"scaling 1 -> {ncores} cores: {speedup:.2f}x wall-time speedup")
+    server.stop()
+    print(f"ratio={per_cpu[f'{ncores} cores'] / raw_tps:.3f}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

@@ -1,0 +1,62 @@
+"""Cleaning, PII scrubbing and each quality filter."""
+
+import pytest
+
+from llm_platform.config.data import FilterConfig
+from llm_platform.data import clean
+
+GOOD = "The little dog ran to the park and played with a red ball all afternoon."
+
+
+def test_normalize_unicode_controls_and_whitespace():
+    raw = "Cafe\u0301\x00  au\tlait\u200b \r\n\r\n\r\n\r\n  end  "
+    assert clean.normalize(raw, "NFC") == "Caf\u00e9 au lait\n\nend"
+    assert clean.normalize("\ufb01ne", "NFKC") == "fine"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("mail me at jane.doe@example.org today", "mail me at <EMAIL> today"),
+    ("server 192.168.10.254 is down", "server <IP> is down"),
+    ("call 555-010-1234 now", "call <PHONE> now"),
+    ("call +1 (555) 010-1234 now", "call <PHONE> now"),
+    ("v6 2001:0db8:85a3:0000:0000:8a2e:0370:7334 ok", "v6 <IP> ok"),
+])
+def test_scrub_pii(text, expected):
+    assert clean.scrub_pii(text)[0] == expected
+
+
+def test_scrub_pii_keeps_ordinary_numbers():
+    assert clean.scrub_pii("In 2024 we sold 12 boats and 3.5 tons.") == ("In 2024 we sold 12 boats and 3.5 tons.", 0)
+
+
+@pytest.mark.parametrize("text,reason,overrides", [
+    ("", "empty", {}),
+    ("short", "too_short", {}),
+    (GOOD * 10, "too_long", {"max_chars": 100}),
+    ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa bbbbbbbbbbbbbbbbbbbbbbbbbb", "too_few_words", {}),
+    ("supercalifragilistic extraordinarilyverbose incomprehensibilities", "mean_word_length", {"min_words": 0}),
+    ("# # # # hello there friend, what a day " + "# " * 5, "symbol_ratio", {}),
+    ("123 456 789 000 111 222 333 444 dog cat", "alpha_fraction", {}),
+    ("same line here\nsame line here\nsame line here\nother line", "repeated_lines", {}),
+])
+def test_each_filter_names_its_reason(text, reason, overrides):
+    assert clean.quality_reason(text, FilterConfig(**overrides)) == reason
+
+
+def test_filters_can_be_switched_off():
+    text = "123 456 789 000 111 222 333 444 dog cat"
+    assert clean.quality_reason(text, FilterConfig(alpha_fraction=False)) == ""
+    assert clean.quality_reason(GOOD, FilterConfig()) == ""
+
+
+def test_clean_record_keeps_earlier_drop_and_scrubs():
+    dropped = {"text": "", "drop_reason": "malformed_json"}
+    assert clean.clean_record(dropped, "NFC", True, FilterConfig())["drop_reason"] == "malformed_json"
+    rec = clean.clean_record({"text": GOOD + " Mail a@b.co", "drop_reason": ""}, "NFC", True, FilterConfig())
+    assert rec["drop_reason"] == "" and "<EMAIL>" in rec["text"] and rec["pii_replacements"] == 1
+
+
+def test_supervised_record_needs_both_sides():
+    rec = clean.clean_record({"prompt": "Hi?", "response": "  ", "text": "", "drop_reason": ""}, "NFC", False,
+                             FilterConfig(min_chars=0, min_words=0))
+    assert rec["drop_reason"] == "empty"

@@ -1,0 +1,91 @@
+"""Dedup (exact, MinHash), splitting and packing, without Ray."""
+
+import numpy as np
+import pytest
+
+from llm_platform.data import dedup, pack, sample
+
+
+def test_text_hash_ignores_case_and_spacing():
+    assert dedup.text_hash("The  Dog\nran") == dedup.text_hash("the dog ran")
+    assert dedup.text_hash("the dog ran") != dedup.text_hash("the cat ran")
+
+
+def test_minhash_estimates_jaccard():
+    a, b = dedup.permutations(256, seed=1)
+    base = " ".join(f"word{i}" for i in range(200))
+    near = base.replace("word100", "other")  # 5 of 196 shingles change
+    far = " ".join(f"term{i}" for i in range(200))
+    s0, s1, s2 = (dedup.signature(t, a, b, 5) for t in (base, near, far))
+    assert (s0 == s1).mean() > 0.9
+    assert (s0 == s2).mean() < 0.05
+    assert np.array_equal(s0, dedup.signature(base, a, b, 5))  # deterministic
+
+
+def test_lsh_params_fit_num_perm():
+    bands, rows = dedup.lsh_params(0.8, 128)
+    assert bands * rows <= 128 and bands > 1 and rows > 1
+
+
+def test_block_duplicates_exact_keeps_smallest_id():
+    keys = np.array([7, 3, 7, 7, 3, 9])
+    ids = np.array([10, 5, 2, 30, 6, 1])
+    dup, of = dedup.block_duplicates(keys, ids)
+    assert dict(zip(dup.tolist(), of.tolist())) == {10: 2, 30: 2, 6: 5}
+
+
+def test_block_duplicates_near_checks_similarity():
+    keys = np.array([1, 1, 1])
+    ids = np.array([1, 2, 3])
+    sigs = np.array([[1, 2, 3, 4], [1, 2, 3, 9], [5, 6, 7, 8]], dtype=np.uint32)
+    dup, of = dedup.block_duplicates(keys, ids, sigs, threshold=0.7)
+    assert dup.tolist() == [2] and of.tolist() == [1]
+
+
+def test_split_is_deterministic_and_near_fraction():
+    hashes = [dedup.text_hash(f"doc {i}") for i in range(5000)]
+    splits = [dedup.split_of(h, 0.1) for h in hashes]
+    assert splits == [dedup.split_of(h, 0.1) for h in hashes]
+    assert 0.08 < splits.count("val") / len(splits) < 0.12
+
+
+def test_packing_conserves_tokens_and_carries_leftovers():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 100, size=rng.integers(1, 40)).tolist() for _ in range(57)]
+    packer = pack.Packer(seq_len=16, eos_id=0)
+    blocks = [packer.add(docs[i:i + 5]) for i in range(0, len(docs), 5)]
+    total_blocks = sum(b.shape[0] for b in blocks)
+    tokens_in = sum(len(d) + 1 for d in docs)
+    assert packer.tokens_in == tokens_in
+    assert tokens_in == total_blocks * 16 + packer.remainder and packer.remainder < 16
+    stream = np.concatenate([b.reshape(-1) for b in blocks])
+    expected = np.concatenate([np.array(d + [0]) for d in docs])[: stream.shape[0]]
+    assert np.array_equal(stream, expected)  # order kept, nothing dropped between batches
+
+
+def test_supervised_masks_prompt_and_padding():
+    rec = pack.supervised([5, 6, 7], [8, 9], seq_len=8, eos_id=0, pad_id=1)
+    assert rec["input_ids"].tolist() == [5, 6, 7, 8, 9, 0, 1, 1]
+    assert rec["labels"].tolist() == [-100, -100, -100, 8, 9, 0, -100, -100]
+    assert rec["attention_mask"].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert pack.supervised(list(range(10)), [1], seq_len=8, eos_id=0, pad_id=1) == "prompt_too_long"
+
+
+def test_seq2seq_record_shapes():
+    rec = pack.seq2seq([4, 5], [6, 7, 8], seq_len=4, target_len=3, eos_id=0, pad_id=1)
+    assert rec["input_ids"].tolist() == [4, 5, 0, 1]
+    assert rec["labels"].tolist() == [6, 7, 0]
+
+
+def test_sample_corpus_is_deterministic_and_salted():
+    a, b = sample.generate(500, seed=3), sample.generate(500, seed=3)
+    assert a == b and a != sample.generate(500, seed=4)
+    texts = [d["text"] for d in a]
+    assert len(set(texts)) < len(texts)  # exact duplicates present
+    assert any("@example.com" in t for t in texts)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_empty_blocks(n):
+    packer = pack.Packer(seq_len=4, eos_id=0)
+    assert packer.add([[1, 2]] * n).shape == (0, 4)
