@@ -169,20 +169,36 @@ def _open(meta: dict):
 
 
 def _read_lines(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(line number, line bytes, None), or (line number, None, "record_too_large") for a line over the limit,
+    whose bytes are skipped without being held in memory. Works on any stream with `read(n)` (s3fs files have no
+    `readline(limit)`)."""
+    limit = spec.max_record_bytes
     with _open(meta) as f:
-        line = 0
+        line, buf, oversized = 0, bytearray(), False
         while True:
-            raw = f.readline(spec.max_record_bytes + 1)
-            if not raw:
+            chunk = f.read(1 << 16)
+            if chunk:
+                buf += chunk
+            start = 0
+            while True:
+                nl = buf.find(b"\n", start)
+                if nl < 0:
+                    break
+                line += 1
+                if oversized or nl + 1 - start > limit:
+                    yield line, None, "record_too_large"
+                else:
+                    yield line, bytes(buf[start:nl + 1]), None
+                oversized, start = False, nl + 1
+            del buf[:start]
+            if len(buf) > limit:  # a line still growing past the limit: drop what we have, remember it
+                oversized = True
+                buf.clear()
+            if not chunk:
+                if buf or oversized:
+                    line += 1
+                    yield (line, None, "record_too_large") if oversized else (line, bytes(buf), None)
                 return
-            line += 1
-            if len(raw) > spec.max_record_bytes and not raw.endswith(b"\n"):
-                # Skip the rest of this enormous line without holding it in memory.
-                while raw and not raw.endswith(b"\n"):
-                    raw = f.readline(1 << 20)
-                yield line, None, "record_too_large"
-                continue
-            yield line, raw, None
 
 
 def _read_jsonl(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, str | None]]:

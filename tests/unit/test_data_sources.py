@@ -81,7 +81,7 @@ def test_on_error_fail_names_file_and_line(tmp_path):
 
 
 def test_truncated_gzip_keeps_what_was_read(tmp_path):
-    data = gzip.compress("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(2000)).encode())
+    data = gzip.compress("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(20000)).encode())
     (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
     records = read(tmp_path / "cut.jsonl.gz")
     assert records[-1]["drop_reason"] == "corrupt_file"
@@ -106,3 +106,11 @@ def test_supervised_fields(tmp_path):
     records = read(tmp_path / "s.jsonl", spec)
     assert records[0]["prompt"] == "Q?" and records[0]["response"] == "A."
     assert records[1]["drop_reason"] == "missing_field" and "response" in records[1]["detail"]
+
+
+def test_lines_over_the_limit_are_skipped_without_losing_neighbours(tmp_path):
+    huge = json.dumps({"text": "y" * 5000}).encode()  # several reads' worth with a tiny limit
+    (tmp_path / "h.jsonl").write_bytes(b'{"text": "before"}\n' + huge + b'\n{"text": "after"}')  # no final newline
+    records = read(tmp_path / "h.jsonl")
+    assert [(r["line"], r["drop_reason"], r["text"]) for r in records] == [
+        (1, "", "before"), (2, "record_too_large", ""), (3, "", "after")]
