@@ -34,6 +34,23 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _stage_flags(args: list[str]) -> list[str]:
+    """`--from X` / `--until X` (or `--from=X`) as the overrides `run.from_stage=X` / `run.until_stage=X`."""
+    out, i = [], 0
+    while i < len(args):
+        flag, _, value = args[i].partition("=")
+        if flag in ("--from", "--until"):
+            if not value:
+                if i + 1 >= len(args):
+                    raise SystemExit(f"llm-platform run: {flag} needs a stage name")
+                value, i = args[i + 1], i + 1
+            out.append(f"run.{flag[2:]}_stage={value}")
+        else:
+            out.append(args[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -44,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"llm-platform: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         raise SystemExit(2)
+    if stage == "run":
+        args = [args[0], *_stage_flags(args[1:])]
     module = importlib.import_module(STAGES[stage][0])
     # Hydra reads sys.argv; make it look like the stage was the program.
     sys.argv = [f"llm-platform {stage}", *args[1:]]

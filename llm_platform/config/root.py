@@ -14,7 +14,7 @@ from llm_platform.config.model import ModelConfig
 from llm_platform.config.serve import ServeConfig
 from llm_platform.config.storage import StorageConfig
 from llm_platform.config.tokenizer import TokenizerConfig
-from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.train import PlanConfig, ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 
 
@@ -22,8 +22,8 @@ from llm_platform.config.tune import TuneConfig
 class RunConfig:
     """`llm-platform run`: the stages in order."""
 
-    stages: list[str] = field(default_factory=lambda: ["data", "train", "eval", "register", "serve"])
-    """Stages to run, in this order (data, train or tune, eval, register, serve)."""
+    stages: list[str] = field(default_factory=lambda: ["data", "train", "register", "eval", "serve"])
+    """Stages to run, in this order (data, train or tune, register, eval, serve)."""
     from_stage: str | None = None
     """Start at this stage (`--from`)."""
     until_stage: str | None = None
@@ -51,5 +51,6 @@ class PlatformConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     log_level: str = "INFO"
     """Console log level."""

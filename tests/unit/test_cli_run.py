@@ -1,0 +1,51 @@
+"""CLI dispatch and the `run` stage selection (no Ray)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from llm_platform.cli import _stage_flags, main
+from llm_platform.config import compose
+from llm_platform.errors import ConfigError
+from llm_platform.runner import selected_stages
+
+
+def test_unknown_stage_lists_the_stages(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'trian'" in err and "data, train, tune" in err
+
+
+def test_help_lists_every_stage(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for stage in ("data", "train", "tune", "eval", "serve", "run", "submit"):
+        assert f"  {stage}" in out
+
+
+def test_hydra_features_work_per_stage():
+    out = subprocess.run([sys.executable, "-m", "llm_platform", "data", "--cfg", "job", "data.seq_len=99"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "seq_len: 99" in out
+    bad = subprocess.run([sys.executable, "-m", "llm_platform", "data", "data.sq_len=1"], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "data.sq_len" in bad.stderr
+
+
+def test_from_until_flags_become_overrides():
+    assert _stage_flags(["--from", "train", "--until=eval", "x=1"]) == [
+        "run.from_stage=train", "run.until_stage=eval", "x=1"]
+    with pytest.raises(SystemExit):
+        _stage_flags(["--from"])
+
+
+def test_stage_selection():
+    assert selected_stages(compose("run")) == ["data", "train", "register", "eval", "serve"]
+    assert selected_stages(compose("run", ["run.from_stage=train", "run.until_stage=eval"])) == [
+        "train", "register", "eval"]
+    assert selected_stages(compose("run", ["run.until_stage=data"])) == ["data"]
+    with pytest.raises(ConfigError, match="run.from_stage"):
+        selected_stages(compose("run", ["run.from_stage=deploy"]))
