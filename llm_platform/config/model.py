@@ -41,6 +41,12 @@ class ModelConfig:
     """MLP width; None uses the family's default multiple of hidden_size."""
     max_position_embeddings: int = 256
     """Longest sequence the model accepts."""
+    vocab_size: int | None = None
+    """Vocabulary size; None follows the dataset's tokenizer (a different value must match it)."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base (llama)."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel: sdpa (fused, default) or eager."""
     dropout: float = 0.0
     """Dropout probability."""
     tie_word_embeddings: bool = True

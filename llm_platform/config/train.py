@@ -37,6 +37,8 @@ class TrainConfig:
     """Max global gradient norm (0 disables)."""
     seed: int = 0
     """Seed of weights init, data order and dropout."""
+    shuffle_buffer_rows: int = 1024
+    """Rows in the per-epoch local shuffle buffer (seeded by seed and epoch); 0 keeps the shard order."""
     mlm_probability: float = 0.15
     """Masked token fraction for the mlm objective."""
     eval_interval_steps: int = 50
@@ -55,6 +57,8 @@ class TrainConfig:
     """A NaN/inf loss: stop the run with a message, or skip the step."""
     max_failures: int = 2
     """Worker failures survived by restarting from the latest checkpoint."""
+    fault_injection_step: int | None = None
+    """Reliability tests: rank 0 exits abruptly once when it reaches this step (None disables)."""
     parallelism: str = "fsdp"
     """fsdp (FSDP2 fully_shard per block), ddp, or none (single worker)."""
     mixed_precision: str = "auto"
@@ -89,3 +93,25 @@ class ScalingConfig:
     """Accelerator type (H100, A100...) for placement and MFU peaks."""
     placement_strategy: str = "PACK"
     """Placement group strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
+    check_resources: bool = True
+    """Refuse a run whose workers the cluster cannot place now (turn off on an autoscaling cluster)."""
+
+
+@dataclass
+class PlanConfig:
+    """`llm-platform plan` (and the pre-launch memory check of `train`): size, memory, time and cost."""
+
+    gpu_type: str = "H100"
+    """GPU to plan for (a key of the peaks table in llm_platform/models/flops.py: H100, H200, A100)."""
+    num_gpus: int | None = None
+    """GPUs to plan for; None uses scaling.num_workers."""
+    token_budget: int = 1_000_000_000
+    """Training tokens for the time and cost estimate."""
+    assumed_mfu: float = 0.4
+    """Model FLOPs utilization assumed for the time estimate."""
+    gpu_hour_usd: float | None = None
+    """Price of one GPU-hour; None uses the table's typical on-demand price."""
+    memory_headroom: float = 0.9
+    """Fraction of device memory a plan may use before it is refused."""
+    force: bool = False
+    """Launch even when the plan says the config does not fit (train), or exit 0 anyway (plan)."""
