@@ -9,7 +9,77 @@ class ServeConfig:
 
     model: str = "registry:debug"
     """What to serve: `registry:<name>[/<version>]`, a local path or an s3:// URI of an HF-format model."""
+    model_name: str | None = None
+    """Model id clients send in `model` (None: the registry name, else the folder name)."""
     host: str = "127.0.0.1"
-    """HTTP bind address."""
+    """HTTP bind address (0.0.0.0 only when the endpoint must be reachable from other hosts)."""
     port: int = 8000
     """HTTP port."""
+    app_name: str = "llm"
+    """Ray Serve application name."""
+    route_prefix: str = "/"
+    """HTTP route prefix of the application."""
+    blocking: bool = True
+    """`llm-platform serve` keeps running until interrupted (False: deploy and return)."""
+
+    # Deployment
+    num_replicas: int = 1
+    """Replicas when autoscaling is off."""
+    autoscaling_min_replicas: int | None = None
+    """Set to enable autoscaling: replicas at least."""
+    autoscaling_max_replicas: int = 2
+    """Autoscaling: replicas at most."""
+    autoscaling_target_ongoing_requests: float = 16.0
+    """Autoscaling: ongoing requests per replica to aim for."""
+    max_ongoing_requests: int = 64
+    """Requests a replica handles at once (Serve's default of 5 would cap batching)."""
+    max_queued_requests: int = 256
+    """Requests queued per caller before Serve rejects with `backpressure_status_code` (-1: unbounded)."""
+    backpressure_status_code: int = 429
+    """HTTP status of a backpressure rejection: 429 or 503."""
+    retry_after_s: int = 1
+    """`Retry-After` seconds on 429/503 answers."""
+    num_cpus_per_replica: float = 1.0
+    """CPUs reserved per replica."""
+    num_gpus_per_replica: float = 0.0
+    """GPUs per replica (fractions share a GPU)."""
+    health_check_period_s: float = 5.0
+    """Seconds between Serve's calls of the replica's health check."""
+    health_check_timeout_s: float = 30.0
+    """Seconds a health check may take before the replica is replaced."""
+    graceful_shutdown_timeout_s: float = 30.0
+    """Seconds a stopping replica gets to finish in-flight requests."""
+
+    # Engine
+    device: str = "cpu"
+    """Torch device of the model (`cuda` on a GPU replica)."""
+    dtype: str = "float32"
+    """Torch dtype of the weights (float32, bfloat16, float16)."""
+    max_batch_size: int = 32
+    """Sequences decoded together per replica."""
+    max_prefill_tokens: int = 4096
+    """Prompt tokens prefilled per engine iteration at most."""
+    max_waiting_requests: int = 256
+    """Requests waiting for a batch slot before the replica answers 429."""
+
+    # Security and limits
+    api_key_env: str = "LLM_PLATFORM_API_KEYS"
+    """Env var holding comma-separated API keys; when it (or `api_key_file`) is set, a Bearer key is required."""
+    api_key_file: str | None = None
+    """File with one API key per line (a mounted secret)."""
+    max_request_bytes: int = 1_000_000
+    """Largest request body accepted (413 above)."""
+    max_tokens_cap: int = 1024
+    """Largest `max_tokens` accepted (400 above)."""
+    default_max_tokens: int = 16
+    """`max_tokens` of a completion that sets none (chat: up to the context limit, capped)."""
+
+    # Monitoring
+    drift_window_prompts: int = 200
+    """Live prompts in the rolling drift window."""
+    drift_min_prompts: int = 20
+    """Prompts in the window before drift is reported and alerts can fire."""
+    drift_threshold: float = 0.3
+    """Jensen-Shannon divergence (base 2, 0..1) of prompt tokens vs the training data that logs an alert."""
+    drift_psi_threshold: float = 0.25
+    """Population stability index of prompt lengths that logs an alert."""

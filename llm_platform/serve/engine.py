@@ -1,0 +1,381 @@
+"""Batched generation with a KV cache and iteration-level (continuous) batching: plain torch, no Ray.
+
+One background thread owns the model. Each iteration it admits waiting requests (one batched prefill of their
+prompts, left-padded, whose KV cache is then merged into the running batch's) or, when nobody waits, runs one decode
+step for every running sequence; finished sequences leave the batch at once, so a long request never holds short
+ones back. Asyncio callers get their tokens through `call_soon_threadsafe`, so the model never blocks an event loop.
+
+Why not `transformers`' own continuous batching (`generate_batch`, `init_continuous_batching`): it runs on CPU, but
+sampling settings (do_sample, num_return_sequences) are fixed per manager, there is no per-request seed, and its
+outputs carry no top-k alternatives and no prompt log-probabilities, all of which the OpenAI API (`seed`, `n`,
+`logprobs`, `echo`) needs. The batch here is a plain `DynamicCache` of shape (B, H, T, D) per layer with a padding
+mask, which works for any HF decoder (GPT-2, Llama, ...) that accepts `position_ids`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+import torch.nn.functional as F
+
+from llm_platform.serve.sampling import SamplingParams, StopMatcher, TextStream, sample_rows
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(Exception):
+    """Too many requests wait for a batch slot (the API answers 429 with Retry-After)."""
+
+
+class EngineStopped(Exception):
+    """The engine is draining or stopped (the API answers 503)."""
+
+
+@dataclass
+class TokenLogprob:
+    """A token and its log-probability under the model, with the most likely alternatives."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SeqDelta:
+    """New output of one sequence (choice `index`) since the previous event."""
+
+    index: int
+    text: str
+    tokens: list[TokenLogprob]
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """One event of a request: deltas of its sequences; the first event carries the prompt's log-probabilities."""
+
+    deltas: list[SeqDelta]
+    prompt_logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    error: str | None = None
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival_s: float = field(default_factory=time.perf_counter)
+    open_seqs: int = 0
+    cancelled: bool = False
+    prompt_sent: bool = False
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+class _Seq:
+    def __init__(self, req: _Request, index: int, tokenizer, seed: int):
+        self.req, self.index = req, index
+        self.tokens: list[int] = []
+        self.stream = TextStream(tokenizer, req.prompt_ids)
+        self.stop = StopMatcher(req.params.stop)
+        self.generator = torch.Generator().manual_seed(seed)
+
+
+def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """Model and tokenizer of an HF-format folder; weights only from safetensors (never pickle)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}/config.json not found: serve.model must be an HF-format model folder")
+    if not list(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"no *.safetensors in {folder}: weights are loaded only from safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=getattr(torch, dtype))
+    return model.to(device).eval(), tokenizer
+
+
+class Engine:
+    """Continuous-batching generator over one HF causal LM.
+
+    Args:
+        model: an HF causal LM (eval mode).
+        tokenizer: its tokenizer.
+        max_batch_size: sequences decoded together at most.
+        max_waiting: requests allowed to wait for a slot before `submit` raises `EngineOverloaded`.
+        max_prefill_tokens: prompt tokens prefilled in one iteration at most (bounds the decode stall).
+    """
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, max_waiting: int = 256,
+                 max_prefill_tokens: int = 4096):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_waiting, self.max_prefill_tokens = max_batch_size, max_waiting, max_prefill_tokens
+        self.device = next(model.parameters()).device
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", None)
+                                 or getattr(model.config, "n_positions", 2048))
+        self.eos_token_id = tokenizer.eos_token_id
+        self._inbox: queue.Queue[_Request] = queue.Queue()
+        self._cancels: queue.Queue[_Request] = queue.Queue()
+        self._wake = threading.Event()
+        self._waiting: list[_Request] = []
+        self._running: list[_Seq] = []
+        self._cache = None  # DynamicCache of the running batch
+        self._mask: torch.Tensor | None = None  # (B, T) 1 for real tokens, 0 for left padding
+        self._draining = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.fatal_error: str | None = None
+        self.last_step_s = time.monotonic()
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "requests": 0}
+
+    # ------------------------------------------------------------------ control (any thread)
+    def start(self) -> None:
+        """Start the generation thread."""
+        self._thread = threading.Thread(target=self._loop, name="llmp-engine", daemon=True)
+        self._thread.start()
+
+    def healthy(self) -> bool:
+        """The generation thread is alive and has not hit a fatal error."""
+        return self._thread is not None and self._thread.is_alive() and self.fatal_error is None
+
+    def num_waiting(self) -> int:
+        """Requests waiting for a batch slot."""
+        return self._inbox.qsize() + len(self._waiting)
+
+    def num_running(self) -> int:
+        """Sequences in the running batch."""
+        return len(self._running)
+
+    def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new requests, let the admitted ones finish (up to `drain_timeout_s`), then stop the thread."""
+        self._draining = True
+        deadline = time.monotonic() + drain_timeout_s
+        while (self.num_running() or self.num_waiting()) and time.monotonic() < deadline and self.healthy():
+            time.sleep(0.05)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------------ requests (event-loop side)
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
+        """Queue a request; its events arrive on `request.queue` in the calling event loop."""
+        if self._draining or not self.healthy():
+            raise EngineStopped("the engine is shutting down or unhealthy")
+        if params.n > self.max_batch_size:  # it could never be admitted
+            raise ValueError(f"n={params.n} exceeds max_batch_size={self.max_batch_size}")
+        if self.num_waiting() >= self.max_waiting:
+            raise EngineOverloaded(f"{self.num_waiting()} requests are waiting for a batch slot")
+        req = _Request(list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue())
+        self._inbox.put(req)
+        self._wake.set()
+        return req
+
+    def cancel(self, req: _Request) -> None:
+        """Drop a request (client gone); its sequences leave the batch at the next iteration."""
+        req.cancelled = True
+        self._cancels.put(req)
+        self._wake.set()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Events of one request until it finishes; closing the iterator early cancels the request."""
+        req = self.submit(prompt_ids, params)
+        finished = False
+        try:
+            while not finished:
+                out: RequestOutput = await req.queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.cancel(req)
+
+    # ------------------------------------------------------------------ generation thread
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            try:
+                self._iteration()
+            except Exception as e:  # a bad batch fails its requests, not the replica
+                log.exception("generation step failed")
+                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+            self.last_step_s = time.monotonic()
+
+    def _iteration(self) -> None:
+        while not self._inbox.empty():
+            self._waiting.append(self._inbox.get_nowait())
+        while not self._cancels.empty():
+            req = self._cancels.get_nowait()
+            self._waiting = [r for r in self._waiting if r is not req]
+            self._keep([s for s in self._running if s.req is not req])
+        admitted: list[_Seq] = []
+        budget = self.max_prefill_tokens
+        while self._waiting and len(self._running) + len(admitted) + self._waiting[0].params.n <= self.max_batch_size:
+            req = self._waiting[0]
+            if admitted and len(req.prompt_ids) * req.params.n > budget:
+                break
+            self._waiting.pop(0)
+            budget -= len(req.prompt_ids) * req.params.n
+            base = req.params.seed if req.params.seed is not None else random.getrandbits(62)
+            seqs = [_Seq(req, i, self.tokenizer, base + i) for i in range(req.params.n)]
+            req.open_seqs = len(seqs)
+            admitted += seqs
+        if admitted:
+            self._prefill(admitted)
+        elif self._running:
+            self._decode()
+        else:
+            self._wake.wait(timeout=0.1)
+            self._wake.clear()
+
+    def _forward(self, input_ids, mask, cache):
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True)
+        return out.logits, out.past_key_values
+
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        from transformers import DynamicCache
+
+        lengths = [len(s.req.prompt_ids) for s in seqs]
+        width = max(lengths)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):  # left padding, so every row's next token goes in the last column
+            ids[row, width - lengths[row]:] = torch.tensor(s.req.prompt_ids)
+            mask[row, width - lengths[row]:] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits, cache = self._forward(ids, mask, DynamicCache())  # logits (b, L, V)
+        for row, s in enumerate(seqs):
+            if s.index == 0 and not s.req.prompt_sent:
+                s.req.prompt_sent = True
+                self.stats["prompt_tokens"] += lengths[row]
+                self.stats["requests"] += 1
+                s.req.prompt_logprobs = self._prompt_logprobs(logits[row, width - lengths[row]:],
+                                                              s.req.prompt_ids, s.req.params)
+        self._merge(cache, mask, seqs)
+        self._step_tokens(logits[:, -1, :], seqs)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, ids: list[int], params: SamplingParams) -> list[TokenLogprob]:
+        """Log-probability of each prompt token given the ones before it (None for the first); (L, V) logits."""
+        target = torch.tensor(ids[1:], device=logits.device)
+        logp = logits[:-1].float().log_softmax(dim=-1)  # (L-1, V)
+        chosen = logp.gather(1, target[:, None]).squeeze(1).tolist() if len(ids) > 1 else []
+        k = params.logprobs or 0
+        tops = [list(zip(i.tolist(), v.tolist())) for v, i in zip(*logp.topk(k, dim=-1))] if k and params.echo \
+            else [[] for _ in chosen]
+        return [TokenLogprob(ids[0], None)] + [TokenLogprob(t, lp, top) for t, lp, top in zip(ids[1:], chosen, tops)]
+
+    def _merge(self, new_cache, new_mask: torch.Tensor, seqs: list[_Seq]) -> None:
+        """Append the prefilled rows to the running batch, left-padding whichever cache is shorter in time."""
+        from transformers import DynamicCache
+
+        new_layers = [(layer.keys, layer.values) for layer in new_cache.layers]
+        if self._cache is None or not self._running:
+            self._cache, self._mask, self._running = new_cache, new_mask, list(seqs)
+            return
+        old_layers = [(layer.keys, layer.values) for layer in self._cache.layers]
+        width = max(self._mask.shape[1], new_mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:  # left-pad dim `dim` to `width`
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        layers = [(torch.cat([pad(ok, 2), pad(nk, 2)]), torch.cat([pad(ov, 2), pad(nv, 2)]))
+                  for (ok, ov), (nk, nv) in zip(old_layers, new_layers)]  # each (B, H, T, D)
+        self._cache = DynamicCache(layers)
+        self._mask = torch.cat([pad(self._mask, 1), pad(new_mask, 1)])
+        self._running = self._running + list(seqs)
+
+    def _keep(self, keep: list[_Seq]) -> None:
+        """Shrink the batch to `keep` (a sub-list of the running sequences) and trim all-padding columns."""
+        from transformers import DynamicCache
+
+        if len(keep) == len(self._running):
+            return
+        if not keep:
+            self._running, self._cache, self._mask = [], None, None
+            return
+        rows = torch.tensor([self._running.index(s) for s in keep], device=self.device)
+        mask = self._mask[rows]
+        first = int((mask.sum(dim=0) > 0).nonzero()[0])  # leading columns that are padding in every row
+        self._cache = DynamicCache([(layer.keys[rows, :, first:], layer.values[rows, :, first:])
+                                    for layer in self._cache.layers])
+        self._mask, self._running = mask[:, first:], keep
+
+    def _decode(self) -> None:
+        last = torch.tensor([[s.tokens[-1]] for s in self._running], device=self.device)  # (B, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._running), 1))], dim=1)
+        logits, self._cache = self._forward(last, self._mask, self._cache)
+        self._step_tokens(logits[:, -1, :], self._running)
+
+    def _step_tokens(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
+        """Sample one token for each of `seqs` (rows of `logits`, (B, V)), deliver deltas, drop finished ones."""
+        params = [s.req.params for s in seqs]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
+        top_k = torch.tensor([p.top_k for p in params], device=logits.device)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=logits.device)
+        uniforms = torch.cat([torch.rand(1, generator=s.generator) for s in seqs]).to(logits.device)
+        tokens = sample_rows(logits, temperature, top_k, top_p, uniforms).tolist()
+        want = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if want is not None:
+            logp = logits.float().log_softmax(dim=-1)
+            chosen = logp.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1).tolist()
+            top_v, top_i = logp.topk(want, dim=-1) if want else (None, None)
+        self.stats["steps"] += 1
+        self.stats["generated_tokens"] += len(seqs)
+        events: dict[int, tuple[_Request, list[SeqDelta]]] = {}
+        finished: set[int] = set()
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+            seq.tokens.append(token)
+            p = seq.req.params
+            info = TokenLogprob(token, None)
+            if p.logprobs is not None:
+                info.logprob = chosen[row]
+                if p.logprobs:
+                    info.top = list(zip(top_i[row, :p.logprobs].tolist(), top_v[row, :p.logprobs].tolist()))
+            reason = None
+            if token == self.eos_token_id and not p.ignore_eos:
+                reason, text = "stop", seq.stop.feed(seq.stream.flush(), final=True)
+            else:
+                at_limit = len(seq.tokens) >= p.max_tokens or len(seq.req.prompt_ids) + len(seq.tokens) >= \
+                    self.max_positions
+                text = seq.stop.feed(seq.stream.push(token), final=at_limit)
+                if seq.stop.stopped:
+                    reason = "stop"
+                elif at_limit:
+                    text += seq.stop.feed(seq.stream.flush(), final=True)
+                    reason = "length"
+            if reason:
+                finished.add(id(seq))
+                seq.req.open_seqs -= 1
+            if seq.req.cancelled:
+                continue
+            delta = SeqDelta(seq.index, text, [info], reason)
+            events.setdefault(id(seq.req), (seq.req, []))[1].append(delta)
+        for req, deltas in events.values():
+            out = RequestOutput(deltas, req.prompt_logprobs, finished=req.open_seqs == 0)
+            req.prompt_logprobs = None
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
+        if finished:
+            self._keep([s for s in self._running if id(s) not in finished])
+
+    def _fail_all(self, message: str) -> None:
+        reqs = {id(s.req): s.req for s in self._running} | {id(r): r for r in self._waiting}
+        for req in reqs.values():
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestOutput([], finished=True, error=message))
+        self._running, self._waiting, self._cache, self._mask = [], [], None, None

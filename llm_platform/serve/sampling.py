@@ -1,0 +1,133 @@
+"""Per-request sampling, incremental detokenization and stop strings: plain torch and Python, no Ray.
+
+The engine calls `sample_rows` once per iteration for the whole batch (vectorised temperature, top-k and top-p; one
+uniform draw per row from that row's own generator so that `seed` reproduces a request whatever shares its batch),
+and keeps one `TextStream` per sequence to turn token ids into text deltas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks of the sampler (OpenAI's names)."""
+
+    max_tokens: int = 16
+    """Generated tokens at most."""
+    temperature: float = 1.0
+    """0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus mass kept (0, 1]."""
+    top_k: int = 0
+    """Most likely tokens kept; 0 keeps all."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation; not included in the output."""
+    seed: int | None = None
+    """Seed of this request's generator (reproducible regardless of batch neighbours)."""
+    n: int = 1
+    """Independent completions of the prompt."""
+    logprobs: int | None = None
+    """Return the chosen token's log-probability and this many alternatives (None: none)."""
+    echo: bool = False
+    """Also return the prompt (and its log-probabilities when `logprobs` is set)."""
+    ignore_eos: bool = False
+    """Keep generating past the EOS token (benchmarks)."""
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row.
+
+    Args:
+        logits: (B, V) raw next-token logits.
+        temperature: (B,) 0 means greedy for that row.
+        top_k: (B,) int, 0 keeps all.
+        top_p: (B,) in (0, 1].
+        uniforms: (B,) one U[0, 1) draw per row from the row's generator.
+
+    Returns:
+        (B,) token ids.
+    """
+    greedy = logits.argmax(dim=-1)
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    scaled = logits.float() / temp[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # (B, V)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, logits.shape[-1]))
+    sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
+    mass_before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    cdf = probs.cumsum(dim=-1)
+    u = uniforms[:, None] * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u).clamp(max=logits.shape[-1] - 1)  # (B, 1)
+    sampled = order.gather(1, idx).squeeze(1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+class TextStream:
+    """Token ids -> text deltas that never end inside a multi-byte character.
+
+    Byte-level BPE splits a character such as an emoji over several tokens; decoding a prefix of them gives U+FFFD.
+    We decode a small window (the tokens since the last emitted boundary) and hold the delta back while it ends in
+    U+FFFD, which is how vLLM and TGI do it.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prompt_ids or [])[-6:]
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int, final: bool = False) -> str:
+        """Add a token; return the newly complete text (may be empty)."""
+        self.ids.append(token_id)
+        return self._emit(final)
+
+    def flush(self) -> str:
+        """Whatever is held back (at the end of a sequence)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            delta = full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return delta
+        return ""
+
+
+class StopMatcher:
+    """Cuts the text at the first stop string and holds back a tail that could still become one."""
+
+    def __init__(self, stop: list[str]):
+        self.stop = [s for s in stop if s]
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def feed(self, delta: str, final: bool = False) -> str:
+        """Add decoded text; return what is safe to send now. Sets `stopped` when a stop string appeared."""
+        self.text += delta
+        if self.stop:
+            hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+                final = True
+        safe = len(self.text)
+        if not final:
+            for s in self.stop:  # hold back the longest tail that is a prefix of a stop string
+                for j in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if s.startswith(self.text[-j:]):
+                        safe = min(safe, len(self.text) - j)
+                        break
+        safe = max(safe, self.emitted)
+        out, self.emitted = self.text[self.emitted:safe], safe
+        return out

@@ -1,0 +1,219 @@
+"""The Serve app on the session's local Ray: the openai client, errors and auth, backpressure, a killed replica,
+drift, and a schemathesis run over the app's OpenAPI schema that must find no 5xx."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import free_port
+from serve_fixtures import build_tiny_model, sample_texts
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+KEY = "sk-serve-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+_COMMON: dict = {}
+
+
+def served_common() -> dict:
+    return dict(_COMMON)
+
+
+def main_args(common, **changes):
+    return {**common, "num_replicas": 2, "max_ongoing_requests": 32, **changes}
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory):
+    """Two apps on one Serve instance: `main` (2 replicas) and `single` (1 replica, tiny queue, drift window)."""
+    from ray import serve
+
+    from llm_platform.serve.app import build_app
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    key_file = tmp_path_factory.mktemp("secret") / "keys"
+    key_file.write_text(f"{KEY}\n")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"model": str(folder), "model_name": "tiny", "api_key_file": str(key_file), "num_cpus_per_replica": 0.5,
+              "max_tokens_cap": 32, "health_check_period_s": 1.0, "graceful_shutdown_timeout_s": 2.0}
+    serve.run(build_app(main_args(common)), name="main", route_prefix="/main", blocking=False)
+    serve.run(build_app({**common, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2,
+                         "drift_reference": sample_texts(400, seed=1), "drift_window_prompts": 30,
+                         "drift_min_prompts": 20, "drift_threshold": 0.3}),
+              name="single", route_prefix="/single", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    _COMMON.update(common)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            if all(httpx.get(f"{base}/{a}/health", timeout=5).status_code == 200 for a in ("main", "single")):
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail(f"Serve apps not healthy: {serve.status()}")
+    yield base
+    serve.shutdown()
+
+
+def client(base, app="main", key=KEY):
+    return openai.OpenAI(api_key=key, base_url=f"{base}/{app}/v1", max_retries=0, timeout=60)
+
+
+def test_completions_and_chat_with_openai_client(served):
+    c = client(served)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    comp = c.completions.create(model="tiny", prompt="the cat sat", max_tokens=8, temperature=0)
+    assert comp.object == "text_completion" and comp.usage.completion_tokens == len(
+        comp.choices[0].logprobs.tokens if comp.choices[0].logprobs else range(comp.usage.completion_tokens))
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=6,
+                                     temperature=0.8, seed=3, n=2)
+    assert len(chat.choices) == 2 and chat.usage.completion_tokens >= 2
+
+
+def test_streaming_completion_and_chat(served):
+    c = client(served)
+    full = c.completions.create(model="tiny", prompt="a big dog", max_tokens=10, temperature=0).choices[0].text
+    parts = [ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="a big dog", max_tokens=10,
+                                                               temperature=0, stream=True) if ch.choices]
+    assert "".join(parts) == full
+    chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=6, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert any(ch.choices and ch.choices[0].finish_reason for ch in chunks)
+
+
+def test_logprobs_completion_and_chat(served):
+    c = client(served)
+    comp = c.completions.create(model="tiny", prompt="the cat", max_tokens=3, logprobs=2, echo=True, temperature=0)
+    lp = comp.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert comp.choices[0].text.startswith("the cat") and all(len(t) == 2 for t in lp.top_logprobs[2:])
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                     logprobs=True, top_logprobs=2, temperature=0)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and len(content[0].top_logprobs) == 2
+
+
+def test_errors(served):
+    c = client(served)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="tiny", prompt="x", top_p=5)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt="the " * 300)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="gpt-4", prompt="x")
+    with pytest.raises(openai.AuthenticationError):
+        client(served, key="wrong").models.list()
+    big = httpx.post(f"{served}/main/v1/completions", headers=AUTH,
+                     json={"model": "tiny", "prompt": "x" * 2_000_000})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+
+def test_backpressure_answers_429_with_retry_after(served):
+    body = {"model": "tiny", "prompt": "the cat", "max_tokens": 32, "ignore_eos": True}
+
+    def one(_):
+        return httpx.post(f"{served}/single/v1/completions", json=body, headers=AUTH, timeout=60)
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(one, range(12)))
+    codes = [r.status_code for r in responses]
+    assert 200 in codes and 429 in codes and not any(code >= 500 for code in codes), codes
+    assert all(r.headers.get("retry-after") == "2" for r in responses if r.status_code == 429)
+
+
+def test_killed_replica_is_replaced(served):
+    import ray
+    from ray import serve
+
+    def replicas():
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["name"].startswith("SERVE_REPLICA::main#"))
+
+    before = replicas()
+    assert len(before) == 2
+    c = client(served)
+    with cf.ThreadPoolExecutor(4) as pool:
+        traffic = [pool.submit(lambda: c.completions.create(model="tiny", prompt="the dog", max_tokens=16))
+                   for _ in range(16)]
+        time.sleep(0.5)
+        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        outcomes = [f.exception() is None for f in traffic]
+    assert any(outcomes)  # traffic kept flowing on the surviving replica
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        now = replicas()
+        status = serve.status().applications["main"].deployments["openai"]
+        if len(now) == 2 and before[0] not in now and status.status == "HEALTHY":
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"replica not replaced: {replicas()}")
+    for _ in range(6):  # later requests all succeed
+        assert c.completions.create(model="tiny", prompt="the dog", max_tokens=4).choices
+
+
+def test_drift_low_in_distribution_then_high_when_shifted(served):
+    c = client(served, "single")
+    for text in sample_texts(30, seed=5):  # a full window: PSI is noisy on a handful of prompts
+        c.completions.create(model="tiny", prompt=text, max_tokens=1)
+    low = httpx.get(f"{served}/single/v1/monitoring", headers=AUTH).json()["drift"]
+    for _ in range(30):
+        c.completions.create(model="tiny", prompt="ZQX 1234 !!! @@ ### ünïcode café 日本語 ", max_tokens=1)
+    high = httpx.get(f"{served}/single/v1/monitoring", headers=AUTH).json()["drift"]
+    assert low["js_divergence"] < 0.2 and not low["alert"]
+    assert high["js_divergence"] > 0.3 and high["alert"] and high["psi_prompt_length"] > low["psi_prompt_length"]
+    assert high["mean_prompt_perplexity"] > 0
+
+
+def test_schemathesis_finds_no_5xx(served):
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{served}/main/openapi.json")
+    checked = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=30, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def check(case):
+            response = case.call(base_url=f"{served}/main", headers=AUTH, timeout=60)
+            assert response.status_code < 500, (case.method, case.path, case.body, response.text[:300])
+
+        check()
+        checked += 1
+    assert checked >= 4
+
+
+def test_rolling_update_keeps_in_flight_requests(served):
+    from ray import serve
+
+    from llm_platform.serve.app import build_app
+
+    c = client(served)
+
+    def long_request(_):
+        return c.completions.create(model="tiny", prompt="the cat", max_tokens=32, extra_body={"ignore_eos": True})
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        in_flight = [pool.submit(long_request, i) for i in range(6)]
+        time.sleep(0.3)
+        serve.run(build_app(main_args(served_common(), max_tokens_cap=40, graceful_shutdown_timeout_s=60.0)),
+                  name="main", route_prefix="/main", blocking=False)
+        results = [f.result() for f in in_flight]  # none dropped
+    assert all(r.usage.completion_tokens == 32 for r in results)
+    # The new version (cap 40 instead of 32) now answers every request.
+    for _ in range(4):
+        assert c.completions.create(model="tiny", prompt="x", max_tokens=40, extra_body={"ignore_eos": True}).usage \
+            .completion_tokens == 40

@@ -1,0 +1,161 @@
+"""The OpenAI routes in-process (no Ray): the official openai client over an ASGI transport, errors, auth, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from llm_platform.config.serve import ServeConfig
+from llm_platform.serve.api import CompletionRequest, validation_error
+from llm_platform.serve.engine import Engine, load_model
+from llm_platform.serve.routes import Service, create_api
+from serve_fixtures import build_tiny_model
+
+KEY = "sk-test-0123456789"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    import os
+
+    os.environ["LLMP_TEST_SERVE_KEYS"] = f"other-key,{KEY}"
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    model, tok = load_model(folder)
+    engine = Engine(model, tok, max_batch_size=8)
+    engine.start()
+    cfg = ServeConfig(api_key_env="LLMP_TEST_SERVE_KEYS", max_request_bytes=4000, max_tokens_cap=64)
+    yield Service(engine, tok, "tiny", cfg)
+    engine.shutdown(5)
+
+
+def call(service, fn):
+    """Run `fn(openai_client, httpx_client)` against the app on an in-process ASGI transport."""
+    app = create_api(lambda: service)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            client = openai.AsyncOpenAI(api_key=KEY, base_url="http://test/v1", http_client=http, max_retries=0)
+            return await fn(client, http)
+    return asyncio.run(go())
+
+
+def test_completion_and_chat(service):
+    async def fn(client, http):
+        c = await client.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0)
+        chat = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=4, temperature=0, n=2)
+        return c, chat
+    c, chat = call(service, fn)
+    assert c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens <= 5
+    assert c.usage.prompt_tokens == len(service.tokenizer("the cat").input_ids)
+    assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: same
+
+
+def test_streaming_matches_non_streaming(service):
+    async def fn(client, http):
+        full = await client.completions.create(model="tiny", prompt="a big dog", max_tokens=12, temperature=0)
+        parts, usage = [], None
+        stream = await client.completions.create(model="tiny", prompt="a big dog", max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+            parts += [ch.text for ch in chunk.choices]
+        return full, parts, usage
+    full, parts, usage = call(service, fn)
+    assert "".join(parts) == full.choices[0].text and len(parts) > 1
+    assert usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_logprobs_echo_max_tokens_zero(service):
+    async def fn(client, http):
+        return await client.completions.create(model="tiny", prompt="the cat sat", max_tokens=0, echo=True,
+                                               logprobs=1)
+    c = call(service, fn)
+    n_prompt = len(service.tokenizer("the cat sat").input_ids)
+    lp = c.choices[0].logprobs
+    assert c.choices[0].text == "the cat sat" and len(lp.token_logprobs) == n_prompt
+    assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
+    assert c.usage.completion_tokens == 0
+
+
+def test_errors_are_openai_shaped(service):
+    async def fn(client, http):
+        errors = {}
+        for name, kwargs in {
+            "temperature": dict(model="tiny", prompt="x", temperature=9),
+            "cap": dict(model="tiny", prompt="x", max_tokens=65),
+            "context": dict(model="tiny", prompt="the " * 200, max_tokens=5),
+            "model": dict(model="nope", prompt="x"),
+        }.items():
+            try:
+                await client.completions.create(**kwargs)
+            except openai.APIStatusError as e:
+                errors[name] = e
+        bad = openai.AsyncOpenAI(api_key="wrong", base_url="http://test/v1", http_client=http, max_retries=0)
+        try:
+            await bad.models.list()
+        except openai.AuthenticationError as e:
+            errors["auth"] = e
+        big = await http.post("/v1/completions", content=b"{" + b" " * 5000 + b"}",
+                              headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        junk = await http.post("/v1/completions", content=b"not json",
+                               headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        noauth = await http.get("/v1/models")
+        return errors, big, junk, noauth
+    errors, big, junk, noauth = call(service, fn)
+    assert isinstance(errors["temperature"], openai.BadRequestError)
+    assert errors["temperature"].body["param"] == "temperature"
+    assert errors["cap"].status_code == 400 and errors["cap"].body["param"] == "max_tokens"
+    assert errors["context"].status_code == 400 and errors["context"].body["code"] == "context_length_exceeded"
+    assert isinstance(errors["model"], openai.NotFoundError) and errors["model"].body["code"] == "model_not_found"
+    assert errors["auth"].status_code == 401
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert junk.status_code == 400 and set(junk.json()["error"]) == {"message", "type", "param", "code"}
+    assert noauth.status_code == 401 and noauth.headers["www-authenticate"] == "Bearer"
+
+
+def test_key_never_logged(service, caplog):
+    async def fn(client, http):
+        await http.get("/v1/models", headers={"Authorization": "Bearer sk-leak-me"})
+    caplog.set_level("DEBUG")
+    call(service, fn)
+    assert "sk-leak-me" not in caplog.text and KEY not in caplog.text
+
+
+def test_validation_error_names_the_field():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest(model="m", prompt="x", top_p=0)
+    err = validation_error(info.value.errors())
+    assert err.status == 400 and err.param == "top_p" and json.dumps(err.body())
+
+
+def test_overloaded_engine_answers_429_and_stopped_engine_503(service):
+    full = Service(Engine(service.engine.model, service.tokenizer, max_waiting=0), service.tokenizer, "tiny",
+                   service.cfg)
+    full.engine.start()
+    stopped = Service(Engine(service.engine.model, service.tokenizer), service.tokenizer, "tiny", service.cfg)
+
+    async def fn(client, http):
+        errors = []
+        for svc in (full, stopped):
+            app = create_api(lambda svc=svc: svc)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as h:
+                errors.append(await h.post("/v1/completions", json={"model": "tiny", "prompt": "x"},
+                                           headers={"Authorization": f"Bearer {KEY}"}))
+        return errors
+    try:
+        overloaded, unavailable = call(service, fn)
+    finally:
+        full.engine.shutdown(1)
+    assert overloaded.status_code == 429 and overloaded.headers["retry-after"] == "1"
+    assert overloaded.json()["error"]["type"] == "rate_limit_error"
+    assert unavailable.status_code == 503 and unavailable.headers["retry-after"] == "1"

@@ -1,0 +1,152 @@
+"""The serving engine without Ray: continuous batching matches HF generate, sampling, stops, UTF-8 streaming."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from llm_platform.serve.engine import Engine, EngineOverloaded, load_model
+from llm_platform.serve.sampling import SamplingParams, StopMatcher, TextStream, sample_rows
+from serve_fixtures import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    model, tokenizer = load_model(folder)
+    return folder, model, tokenizer
+
+
+@pytest.fixture
+def engine(tiny):
+    _, model, tokenizer = tiny
+    eng = Engine(model, tokenizer, max_batch_size=8)
+    eng.start()
+    yield eng
+    eng.shutdown(drain_timeout_s=5)
+
+
+def run(engine, prompt_ids, **params):
+    async def go():
+        texts, tokens, reasons, prompt_lp = {}, {}, {}, None
+        async for out in engine.generate(prompt_ids, SamplingParams(**params)):
+            assert out.error is None
+            prompt_lp = prompt_lp or out.prompt_logprobs
+            for d in out.deltas:
+                texts[d.index] = texts.get(d.index, "") + d.text
+                tokens.setdefault(d.index, []).extend(d.tokens)
+                reasons[d.index] = d.finish_reason or reasons.get(d.index)
+        return texts, tokens, reasons, prompt_lp
+    return go()
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_concurrent_greedy_matches_hf_generate(tiny, engine):
+    _, model, tok = tiny
+    prompts = [tok(p).input_ids for p in ["the cat", "a big red dog ran over the lazy river", "once upon a time"]]
+    # 9 requests of different lengths and budgets share the batch (max 8): joins and leaves mid-flight.
+    jobs = [(p, 4 + 7 * (i % 3)) for i, p in enumerate(prompts * 3)]
+
+    async def all_():
+        return await asyncio.gather(*[run(engine, p, max_tokens=n, temperature=0, ignore_eos=True) for p, n in jobs])
+
+    results = asyncio.run(all_())
+    for (p, n), (_, tokens, reasons, _) in zip(jobs, results):
+        assert [t.token_id for t in tokens[0]] == hf_greedy(model, p, n)
+        assert reasons[0] == "length"
+    assert engine.num_running() == 0 and engine.stats["generated_tokens"] >= sum(n for _, n in jobs)
+
+
+def test_seed_reproducible_and_n_independent(tiny, engine):
+    _, _, tok = tiny
+    ids = tok("the cat sat").input_ids
+    a = asyncio.run(run(engine, ids, max_tokens=12, temperature=1.0, seed=7, n=2, ignore_eos=True))
+    b = asyncio.run(run(engine, ids, max_tokens=12, temperature=1.0, seed=7, n=2, ignore_eos=True))
+    c = asyncio.run(run(engine, ids, max_tokens=12, temperature=1.0, seed=8, n=1, ignore_eos=True))
+    ids_of = lambda r, i: [t.token_id for t in r[1][i]]  # noqa: E731
+    assert ids_of(a, 0) == ids_of(b, 0) and ids_of(a, 1) == ids_of(b, 1)
+    assert ids_of(a, 0) != ids_of(a, 1) and ids_of(a, 0) != ids_of(c, 0)
+
+
+def test_logprobs_and_echo(tiny, engine):
+    _, model, tok = tiny
+    ids = tok("the cat sat on the mat").input_ids
+    _, tokens, _, prompt_lp = asyncio.run(run(engine, ids, max_tokens=3, temperature=0, logprobs=2, echo=True))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert prompt_lp[0].logprob is None and len(prompt_lp) == len(ids)
+    for pos in range(1, len(ids)):
+        assert prompt_lp[pos].logprob == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4)
+    first = tokens[0][0]
+    assert first.logprob == pytest.approx(ref[-1].max().item(), abs=1e-4)
+    assert len(first.top) == 2 and first.top[0][0] == first.token_id
+
+
+def test_sample_rows_greedy_topk_topp():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]] * 4)
+    t = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    top_k = torch.tensor([0, 1, 0, 0])
+    top_p = torch.tensor([1.0, 1.0, 0.5, 1.0])
+    out = sample_rows(logits, t, top_k, top_p, torch.tensor([0.99, 0.99, 0.99, 0.999999]))
+    assert out[:3].tolist() == [1, 1, 1]  # greedy, top_k=1, top_p keeps only the dominant token
+    assert out[3].item() == 0 or out[3].item() in (2, 3)  # full distribution: the tail is reachable
+
+
+def test_text_stream_never_splits_a_character(tiny):
+    _, _, tok = tiny
+    text = "héllo 😀 日本語 wörld"
+    ids = tok(text, add_special_tokens=False).input_ids
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces[:-1])  # some byte tokens were held back until their character completed
+
+
+def test_stop_matcher_cuts_and_holds_back():
+    m = StopMatcher(["END"])
+    assert m.feed("abc E") == "abc "  # "E" could start "END": held back
+    assert m.feed("N") == ""
+    assert m.feed("D and more") == "" and m.stopped
+    assert m.text == "abc "
+
+
+def test_stop_string_ends_generation(tiny, engine):
+    _, model, tok = tiny
+    ids = tok("the cat").input_ids
+    full = tok.decode(hf_greedy(model, ids, 12))
+    stop = full[3:6]
+    texts, _, reasons, _ = asyncio.run(run(engine, ids, max_tokens=12, temperature=0, stop=[stop], ignore_eos=True))
+    assert reasons[0] == "stop" and texts[0] == full[:full.index(stop)]
+
+
+def test_overload_is_refused(tiny):
+    _, model, tok = tiny
+    eng = Engine(model, tok, max_batch_size=1, max_waiting=1)
+    eng.start()
+
+    async def flood():
+        results = await asyncio.gather(*[run(eng, [1, 2, 3], max_tokens=30, ignore_eos=True) for _ in range(6)],
+                                       return_exceptions=True)
+        return results
+
+    try:
+        results = asyncio.run(flood())
+    finally:
+        eng.shutdown(5)
+    assert any(isinstance(r, EngineOverloaded) for r in results)
+    assert any(isinstance(r, tuple) for r in results)
+
+
+def test_weights_only_from_safetensors(tmp_path, tiny):
+    folder = tiny[0]
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(tmp_path)
