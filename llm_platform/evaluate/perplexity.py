@@ -1,0 +1,143 @@
+"""Held-out loss and perplexity: exp(mean token NLL) over the dataset's `val` split.
+
+Two paths with one definition. `direct_perplexity` scores record batches in this process; `ray_perplexity` streams
+the parquet shards through Ray Data into a pool of actors that each hold the model once (`map_batches` with a
+callable class), and each batch returns only (nll_sum, num_tokens). Summing those and dividing at the end gives the
+same token-weighted mean as the direct path, whatever the batching.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from llm_platform.errors import DataError
+
+
+def _stack(column: Any) -> np.ndarray:
+    """A list<int> column (numpy object array of arrays, or already 2-D) as a (B, T) int64 array."""
+    arr = np.asarray(column)
+    if arr.dtype == object:
+        arr = np.stack([np.asarray(row) for row in column])
+    return arr.astype(np.int64)
+
+
+def score_batch(model, batch: dict[str, Any], is_seq2seq: bool) -> tuple[float, int]:
+    """Summed NLL and scored tokens of one record batch (`input_ids` [+ `labels`, `attention_mask`])."""
+    from llm_platform.evaluate.models import sequence_nll
+
+    if "input_ids" not in batch:
+        raise DataError(f"val records have no `input_ids` column (columns: {sorted(batch)})")
+    labels = _stack(batch["labels"]) if "labels" in batch else None
+    mask = _stack(batch["attention_mask"]) if "attention_mask" in batch else None
+    nll, count = sequence_nll(model, _stack(batch["input_ids"]), labels=labels, attention_mask=mask,
+                              is_seq2seq=is_seq2seq)
+    return float(nll.sum()), int(count.sum())
+
+
+def summarize(nll_sum: float, num_tokens: int, source: str) -> dict[str, float]:
+    """`val/loss` (mean token NLL, nats), `val/perplexity` and `val/tokens`."""
+    if num_tokens == 0:
+        raise DataError(f"no scorable tokens in {source}")
+    loss = nll_sum / num_tokens
+    return {"val/loss": loss, "val/perplexity": math.exp(loss), "val/tokens": float(num_tokens)}
+
+
+def read_records(files: list[str], limit: int | None = None) -> dict[str, Any]:
+    """The columns of parquet shards (local or s3://) as a dict of lists, at most `limit` records."""
+    import pyarrow.parquet as pq
+
+    from llm_platform import storage
+
+    tables = []
+    remaining = limit
+    for uri in files:
+        fs, path = storage.pyarrow_filesystem(uri)
+        try:
+            table = pq.read_table(path, filesystem=fs)
+        except Exception as e:  # noqa: BLE001 - an unreadable shard is a data problem; say which one
+            raise DataError(f"cannot read val shard {uri}: {e}") from None
+        if remaining is not None:
+            table = table.slice(0, remaining)
+            remaining -= table.num_rows
+        tables.append(table)
+        if remaining is not None and remaining <= 0:
+            break
+    if not tables:
+        raise DataError("the dataset has no val shards")
+    import pyarrow as pa
+
+    return pa.concat_tables(tables).to_pydict()
+
+
+def direct_perplexity(model, records: dict[str, Any], *, is_seq2seq: bool = False, batch_size: int = 8,
+                      source: str = "val split") -> dict[str, float]:
+    """Perplexity computed in this process over `records` (a dict of equal-length columns)."""
+    n = len(records.get("input_ids", []))
+    nll_sum, tokens = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = {k: v[start:start + batch_size] for k, v in records.items()}
+        s, c = score_batch(model, batch, is_seq2seq)
+        nll_sum += s
+        tokens += c
+    return summarize(nll_sum, tokens, source)
+
+
+class NLLScorer:
+    """Ray Data actor: loads the model once, then returns (nll_sum, num_tokens) for each batch it is given."""
+
+    def __init__(self, model_uri: str, storage_settings: dict | None = None):
+        import torch
+
+        from llm_platform import storage
+        from llm_platform.evaluate.models import load
+
+        torch.set_num_threads(1)  # fractional-CPU actors share cores; one thread each avoids oversubscription
+        storage.configure(storage_settings)
+        self.loaded = load(model_uri)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        s, c = score_batch(self.loaded.model, batch, self.loaded.is_seq2seq)
+        return {"nll_sum": np.array([s], dtype=np.float64), "num_tokens": np.array([c], dtype=np.int64)}
+
+
+def ray_perplexity(model_uri: str, files: list[str], *, limit: int | None = None, batch_size: int = 8,
+                   num_actors: int = 2, actor_num_cpus: float = 0.5) -> dict[str, float]:
+    """Perplexity over parquet shards as Ray Data batch inference on an actor pool holding the model.
+
+    Args:
+        model_uri: HF folder every actor loads (local path on one machine, or s3://).
+        files: val shard URIs.
+        limit: at most this many records.
+        batch_size: records per batch.
+        num_actors: actors in the pool.
+        actor_num_cpus: logical CPUs per actor.
+    """
+    import ray
+
+    from llm_platform import storage
+
+    if not files:
+        raise DataError("the dataset has no val shards")
+    fs, _ = storage.pyarrow_filesystem(files[0])
+    paths = [storage.pyarrow_filesystem(f)[1] for f in files]
+    # At least one block per actor, or a small split arrives as one block and only one actor works.
+    ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=max(len(paths), num_actors))
+    if limit is not None:
+        ds = ds.limit(limit)
+    scored = ds.map_batches(
+        NLLScorer,
+        fn_constructor_kwargs={"model_uri": model_uri, "storage_settings": storage.settings()},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=num_actors,
+        num_cpus=actor_num_cpus,
+    )
+    nll_sum, tokens = 0.0, 0
+    for row in scored.iter_rows():
+        nll_sum += float(row["nll_sum"])
+        tokens += int(row["num_tokens"])
+    return summarize(nll_sum, tokens, ", ".join(files))
+
