@@ -48,6 +48,8 @@ def connect(cfg: ClusterConfig | None = None) -> str:
         os.makedirs(temp_dir, exist_ok=True)
     log.info("starting a local Ray (%s logical CPUs)", cfg.num_cpus)
     ray.init(
+        # "local" always starts a new instance; None would attach to any cluster a `ray start` left on this machine.
+        address="local",
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         _temp_dir=temp_dir,
