@@ -7,7 +7,7 @@ export RAY_TMPDIR ?= /tmp/llmp-ray
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup setup-checks demo test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,10 +18,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# checkov pins many packages that clash with ours: it lives in its own venv (tests/unit/test_terraform.py uses it).
+CHECKS_VENV ?= .venv-checks
+# Pinned: every checkov release adds checks, and a new one must not turn CI red without a change here.
+CHECKOV_VERSION ?= 3.3.30
+setup-checks: $(CHECKS_VENV)/.installed
+
+$(CHECKS_VENV)/.installed:
+	python3 -m venv $(CHECKS_VENV)
+	$(CHECKS_VENV)/bin/pip install -q checkov==$(CHECKOV_VERSION)
+	touch $@
+
 demo: setup
 	$(VENV)/bin/llm-platform data debug=smoke
 
-test: setup
+test: setup setup-checks
 	$(PY) -m pytest -q -ra
 
 test-fast: setup

@@ -1,0 +1,271 @@
+"""Ray Jobs: run a stage as a job on a Ray cluster, follow its logs, mirror its exit status; list, logs, stop.
+
+A job is `llm-platform <stage> <overrides>` run by the cluster's job supervisor, with a runtime environment that
+carries the code and the storage settings:
+
+- code: the working dir of this checkout (uploaded by Ray, `.gitignore`d and `EXCLUDES` paths left out), so the
+  cluster runs exactly the local code and `conf/`; or, with `working_dir=None`, the package installed in the
+  cluster's image (`Dockerfile`).
+- environment: where storage is (`STORAGE_ENV`: endpoint, region, bucket), never credentials. Runtime envs are
+  stored and shown by the dashboard, so a key there would leak; workers take credentials from their own
+  environment (IRSA or an instance role on a cluster, the head's inherited environment on a local one).
+
+The driver of the job finds the cluster through `RAY_ADDRESS`, which the job supervisor sets, so stages need no
+address of their own. This module is one of the Ray seams (docs/ARCHITECTURE.md); `commands/submit.py` and
+`commands/jobs.py` are its command lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from llm_platform.errors import ConfigError, StageError
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+# Stages that run as jobs (Hydra entry points); the other commands are local tools.
+JOB_STAGES = ("data", "train", "tune", "eval", "serve", "run")
+# Where storage is, forwarded to the job when set here. Credentials are deliberately absent.
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "LLM_PLATFORM_BUCKET",
+               "HF_HUB_OFFLINE")
+# Names of variables that hold secrets; `--env` refuses them.
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY|^AWS_PROFILE$", re.I)
+# Never uploaded with the working dir (on top of .gitignore): environments, local artifacts, Terraform state.
+EXCLUDES = [".git", ".venv", ".venv-*", "*.egg-info", "__pycache__", ".pytest_cache", ".llm-platform", "outputs",
+            "multirun", "terraform/.terraform", "*.tfstate", "*.tfstate.*"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# How long `submit` retries while a freshly started head has no job agent yet ("No available agent").
+AGENT_WAIT_S = 120.0
+
+
+@dataclass
+class JobResult:
+    """How a job ended."""
+
+    submission_id: str
+    status: str
+    """SUCCEEDED, FAILED or STOPPED."""
+    exit_code: int
+    """What `llm-platform submit` exits with: the driver's exit code, 1 if unknown, 130 when stopped."""
+    message: str | None = None
+
+
+def default_address() -> str:
+    """The Jobs API address: `RAY_API_SERVER_ADDRESS`, an http(s) `RAY_ADDRESS`, else the local dashboard."""
+    for key in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        value = os.environ.get(key, "")
+        if value.startswith(("http://", "https://")):
+            return value
+    return DEFAULT_ADDRESS
+
+
+def project_root() -> Path | None:
+    """The checkout this package runs from (pyproject.toml and conf/ beside it), or None for an installed copy."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "conf").is_dir() and (root / "llm_platform").is_dir():
+        return root
+    return None
+
+
+def entrypoint(stage: str, overrides: list[str]) -> str:
+    """The shell command the job runs; overrides are quoted so values with spaces survive the shell."""
+    if stage not in JOB_STAGES:
+        raise ConfigError(f"stage {stage!r} cannot run as a job; choose one of: {', '.join(JOB_STAGES)}")
+    return shlex.join(["llm-platform", stage, *overrides])
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    """`KEY=VALUE` strings as a dict; refuses malformed pairs and anything that looks like a secret."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"--env {pair!r}: expected KEY=VALUE")
+        if SECRET_NAME.search(key):
+            raise ConfigError(f"--env {key}: credentials are never sent with a job (runtime envs are visible in "
+                              "the dashboard); give the cluster an IAM role (IRSA, instance profile) instead")
+        env[key] = value
+    return env
+
+
+def runtime_env(working_dir: str | Path | None, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job's runtime env: the code (a working dir to upload, or none for the installed package) and storage env."""
+    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    env.update(extra_env or {})
+    secrets = sorted(k for k in env if SECRET_NAME.search(k))
+    if secrets:  # only reachable through extra_env from a caller that skipped parse_env
+        raise ConfigError(f"refusing to send credentials with a job: {', '.join(secrets)}")
+    # Stages call `ray.init(runtime_env={"env_vars": cluster.worker_env()})`, which repeats some of these keys; Ray
+    # refuses a driver runtime env that repeats a job's key unless told that the driver's (same) values may win.
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    spec: dict[str, Any] = {"env_vars": env}
+    if working_dir is not None:
+        path = Path(working_dir).resolve()
+        if not (path / "conf").is_dir():
+            raise ConfigError(f"--working-dir {path}: no conf/ folder there (expected the project's checkout)")
+        spec["working_dir"] = str(path)
+        spec["excludes"] = list(EXCLUDES)
+        # The uploaded conf/ must win over any LLM_PLATFORM_CONF baked into the cluster's environment.
+        env["LLM_PLATFORM_CONF"] = ""
+    return spec
+
+
+def check_overrides(stage: str, overrides: list[str]) -> None:
+    """Compose the stage's config locally so a typo fails here, naming the key, not minutes later on the cluster.
+
+    Interpolations are not resolved: `${oc.env:LLM_PLATFORM_BUCKET}` may only exist on the cluster.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from llm_platform.config import conf_dir, register
+
+    register()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            compose(config_name=stage, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        # Hydra's own line names the override; its cause (OmegaConf) says what is wrong with it.
+        lines = [str(err).strip().splitlines()[0] for err in (e, e.__cause__) if err is not None and str(err).strip()]
+        raise ConfigError(f"{stage} config: {'; '.join(lines) or type(e).__name__}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _use_auth_token_if_available() -> None:
+    """Send the cluster's auth token when one is at hand and RAY_AUTH_MODE does not say otherwise.
+
+    Since Ray 2.5x, `ray start` enables token authentication by default, but the Jobs SDK sends the token only when
+    this process runs in token mode. Ray's loader finds the token in `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or
+    `~/.ray/auth_token` (KubeRay: the Secret of the cluster's `authOptions`). The helpers are private to Ray, so a
+    Ray without them just sends no token.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+        from ray._raylet import AuthenticationTokenLoader
+    except ImportError:
+        return
+    if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        _enable_token_auth()
+
+
+def connect(address: str | None = None) -> "JobSubmissionClient":
+    """A Jobs API client; an unreachable address is a one-line error naming it."""
+    from ray.job_submission import JobSubmissionClient
+
+    _use_auth_token_if_available()
+    address = address or default_address()
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise StageError(f"cannot reach the Ray Jobs API at {address} ({str(e).splitlines()[0]}); "
+                         "is the dashboard up and port-forwarded? (docs/cloud.md)") from None
+
+
+def submit(client: "JobSubmissionClient", stage: str, overrides: list[str], working_dir: str | Path | None,
+           extra_env: dict[str, str] | None = None, submission_id: str | None = None,
+           entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None) -> str:
+    """Submit `llm-platform <stage> <overrides>` and return the submission id."""
+    command = entrypoint(stage, overrides)
+    spec = runtime_env(working_dir, extra_env)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=command,
+                runtime_env=spec,
+                submission_id=submission_id,
+                metadata={"llm_platform_stage": stage},
+                entrypoint_num_cpus=entrypoint_num_cpus,
+                entrypoint_num_gpus=entrypoint_num_gpus,
+            )
+        except RuntimeError as e:
+            # A head that has just started answers before its job agent registers; Ray says to retry. Nothing
+            # was created yet, so retrying with the same submission id is safe.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def result(client: "JobSubmissionClient", submission_id: str) -> JobResult:
+    """The job's state now, with the exit code `submit` mirrors."""
+    info = client.get_job_info(submission_id)
+    status = str(getattr(info.status, "value", info.status))
+    if status == "SUCCEEDED":
+        code = 0
+    elif status == "STOPPED":
+        code = 130
+    elif status == "FAILED":
+        # The driver's own code when it ran (2 for a StageError); 1 when it never started (bad runtime env).
+        code = info.driver_exit_code if info.driver_exit_code not in (None, 0) else 1
+    else:
+        code = -1
+    return JobResult(submission_id, status, code, info.message)
+
+
+def wait(client: "JobSubmissionClient", submission_id: str, timeout_s: float | None = None,
+         poll_s: float = 1.0) -> JobResult:
+    """Poll until the job reaches a terminal state (or `timeout_s` passes: then its current state)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        res = result(client, submission_id)
+        if res.status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+            return res
+        time.sleep(poll_s)
+
+
+def follow(client: "JobSubmissionClient", submission_id: str, out: TextIO | None = None) -> JobResult:
+    """Stream the job's logs to `out` until it ends, then return how it ended."""
+    out = out or sys.stdout
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(tail())
+    # The log stream closes when the driver exits; the status may lag it by a moment.
+    return wait(client, submission_id)
+
+
+def list_jobs(client: "JobSubmissionClient") -> list[dict[str, Any]]:
+    """Submitted jobs, newest first, as plain dicts (id, status, start, end, entrypoint, message)."""
+    rows = []
+    for job in client.list_jobs():
+        if not job.submission_id:  # drivers that connected without the Jobs API
+            continue
+        rows.append({
+            "submission_id": job.submission_id,
+            "status": str(getattr(job.status, "value", job.status)),
+            "start_time": job.start_time,
+            "end_time": job.end_time,
+            "entrypoint": job.entrypoint,
+            "message": job.message,
+        })
+    return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
+
+
+def logs(client: "JobSubmissionClient", submission_id: str) -> str:
+    """The job's whole log so far."""
+    return client.get_job_logs(submission_id)
+
+
+def stop(client: "JobSubmissionClient", submission_id: str) -> bool:
+    """Ask the job to stop (SIGTERM, then SIGKILL after Ray's grace period); True if it was running."""
+    return client.stop_job(submission_id)

@@ -1,0 +1,145 @@
+"""Argument handling of `llm-platform submit` and `llm-platform jobs`, and the job's runtime env (no Ray started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_platform import jobs
+from llm_platform.commands import jobs as jobs_cmd
+from llm_platform.commands import submit as submit_cmd
+from llm_platform.errors import ConfigError
+
+
+def test_submit_parses_stage_overrides_and_options_in_any_order():
+    args = submit_cmd.parse(["train", "debug=smoke", "--address", "http://h:8265", "storage.root=/x", "--no-wait",
+                             "--env", "FOO=1"])
+    assert args.stage == "train"
+    assert args.overrides == ["debug=smoke", "storage.root=/x"]
+    assert args.address == "http://h:8265" and args.no_wait and args.env == ["FOO=1"]
+    assert not args.installed and args.working_dir is None
+
+
+def test_submit_rejects_unknown_stage_and_conflicting_code_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        submit_cmd.parse(["registry", "x=1"])
+    assert e.value.code == 2
+    assert "invalid choice: 'registry'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        submit_cmd.parse(["data", "--installed", "--working-dir", "."])
+
+
+def test_jobs_subcommands_parse():
+    assert jobs_cmd.parse(["list", "--address", "http://h:1"]).action == "list"
+    logs = jobs_cmd.parse(["logs", "raysubmit_1", "-f"])
+    assert (logs.action, logs.job_id, logs.follow) == ("logs", "raysubmit_1", True)
+    stop = jobs_cmd.parse(["stop", "raysubmit_1", "--wait"])
+    assert (stop.action, stop.job_id, stop.wait) == ("stop", "raysubmit_1", True)
+    with pytest.raises(SystemExit):
+        jobs_cmd.parse(["logs"])  # the id is required
+
+
+def test_entrypoint_quotes_overrides_and_refuses_local_tools():
+    assert jobs.entrypoint("data", ["debug=smoke", "data.name=my data"]) == \
+        "llm-platform data debug=smoke 'data.name=my data'"
+    with pytest.raises(ConfigError, match="'query' cannot run as a job"):
+        jobs.entrypoint("query", [])
+
+
+def test_parse_env_refuses_credentials_and_malformed_pairs():
+    assert jobs.parse_env(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    for bad in ("AWS_SECRET_ACCESS_KEY=s", "AWS_ACCESS_KEY_ID=k", "AWS_SESSION_TOKEN=t", "HF_TOKEN=t",
+                "AWS_PROFILE=prod", "DB_PASSWORD=p"):
+        with pytest.raises(ConfigError, match="credentials are never sent"):
+            jobs.parse_env([bad])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        jobs.parse_env(["NOEQUALS"])
+
+
+def test_runtime_env_forwards_storage_settings_but_never_credentials(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("LLM_PLATFORM_BUCKET", "my-bucket")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    spec = jobs.runtime_env(None, {"EXTRA": "1"})
+    env = spec["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["LLM_PLATFORM_BUCKET"] == "my-bucket"
+    assert env["AWS_REGION"] == "eu-west-1" and env["EXTRA"] == "1"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
+    assert "working_dir" not in spec  # the installed package
+    with pytest.raises(ConfigError, match="refusing to send credentials"):
+        jobs.runtime_env(None, {"MY_TOKEN": "x"})
+
+
+def test_runtime_env_uploads_a_checkout_without_environments_or_state(tmp_path):
+    root = jobs.project_root()
+    assert root is not None and (root / "conf").is_dir()  # the tests run from a checkout
+    spec = jobs.runtime_env(root)
+    assert spec["working_dir"] == str(root)
+    for pattern in (".venv", ".venv-*", ".git", "*.tfstate", "terraform/.terraform", ".llm-platform"):
+        assert pattern in spec["excludes"]
+    # The uploaded conf/ wins over an LLM_PLATFORM_CONF of the cluster's image.
+    assert spec["env_vars"]["LLM_PLATFORM_CONF"] == ""
+    with pytest.raises(ConfigError, match="no conf/ folder"):
+        jobs.runtime_env(tmp_path)
+
+
+def test_check_overrides_names_the_bad_key():
+    jobs.check_overrides("data", ["debug=smoke", "data.seq_len=32"])
+    with pytest.raises(ConfigError, match="dat"):
+        jobs.check_overrides("data", ["dat.seq_len=3"])
+    with pytest.raises(ConfigError, match="ten"):
+        jobs.check_overrides("data", ["data.seq_len=ten"])
+
+
+def test_default_address_prefers_an_http_ray_address(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address is not the Jobs API
+    assert jobs.default_address() == jobs.DEFAULT_ADDRESS
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265")
+    assert jobs.default_address() == "http://10.0.0.1:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "https://ray.example.com")
+    assert jobs.default_address() == "https://ray.example.com"
+
+
+def test_submit_fails_cleanly_when_the_cluster_is_unreachable(capsys, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # keep token mode out of this process's Ray config
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SystemExit) as e:
+        submit_cmd.main(["data", "debug=smoke", "--address", f"http://127.0.0.1:{port}", "--no-check"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+
+
+def test_submit_refuses_a_config_typo_before_contacting_the_cluster(capsys, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(SystemExit) as e:
+        submit_cmd.main(["data", "dat.seq_len=3", "--address", "http://127.0.0.1:9"])
+    assert e.value.code == 2
+    assert "Key 'dat' not in" in capsys.readouterr().err
+
+
+class _Info:
+    def __init__(self, status, code=None, message=None):
+        self.status, self.driver_exit_code, self.message = status, code, message
+
+
+class _Client:
+    def __init__(self, info):
+        self.info = info
+
+    def get_job_info(self, _id):
+        return self.info
+
+
+@pytest.mark.parametrize("status,code,expected", [("SUCCEEDED", 0, 0), ("FAILED", 2, 2), ("FAILED", None, 1),
+                                                  ("FAILED", 0, 1), ("STOPPED", None, 130), ("RUNNING", None, -1)])
+def test_exit_status_is_mirrored(status, code, expected):
+    assert jobs.result(_Client(_Info(status, code)), "id").exit_code == expected
