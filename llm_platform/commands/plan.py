@@ -1,0 +1,23 @@
+"""`llm-platform plan`: parameters, FLOPs per token, memory per device, time and cost of a training config.
+
+Reads the same config tree as `train` (same overrides), and never starts Ray. Exit code 2 when the config does not
+fit, unless `plan.force=true`.
+"""
+
+from llm_platform.commands import stage_main
+from llm_platform.config import PlatformConfig
+
+
+@stage_main("plan")
+def main(cfg: PlatformConfig) -> None:
+    from llm_platform.errors import ConfigError
+    from llm_platform.train.plan import make_plan
+
+    # The vocab follows the tokenizer: a trained BPE's configured size, unless the model pins one.
+    vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
+    plan = make_plan(cfg.model, cfg.train, cfg.scaling, cfg.plan, seq_len=cfg.data.seq_len, vocab_size=vocab)
+    print(f"model {cfg.model.name} ({cfg.model.family}), {cfg.train.parallelism}, micro-batch "
+          f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, grad accum {cfg.train.grad_accum_steps}")
+    print(plan.table())
+    if not plan.fits and not cfg.plan.force:
+        raise ConfigError("the config does not fit: " + "; ".join(plan.problems))

@@ -1,0 +1,87 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), and the HF export of a finished run.
+
+A checkpoint folder holds every rank's DCP shard files (`__<rank>_0.distcp`), DCP's `.metadata`, and
+`train_state.json` (step, data position, tokens seen) as plain JSON. Ray Train merges the folders reported by all
+ranks into one `checkpoint_<step>/` under the run and registers it only when every rank's upload is done, so an
+interrupted save never counts. The LR schedule is a pure function of the step, so it needs no state of its own.
+
+DCP's `.metadata` is a pickle; it is only ever read from this platform's own run folders. Exports and pretrained
+models are safetensors, which hold tensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from llm_platform import storage
+
+TRAIN_STATE = "train_state.json"
+LINEAGE = "lineage.json"
+
+
+def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any], directory: str,
+         *, rank: int) -> None:
+    """Write this rank's shards (collective: every rank calls it) and, from rank 0, the train state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
+    if rank == 0:
+        with open(os.path.join(directory, TRAIN_STATE), "w") as f:
+            json.dump(train_state, f, indent=2, sort_keys=True)
+
+
+def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> dict[str, Any]:
+    """Restore model and optimizer in place (collective) and return the train state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return read_train_state(directory)
+
+
+def read_train_state(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, TRAIN_STATE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} is not a training checkpoint: {TRAIN_STATE} is missing")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_model_weights(model: torch.nn.Module, directory: str) -> None:
+    """Load only the model part of a checkpoint into a plain (unsharded) model, in one process (no collectives)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model_sd = get_model_state_dict(model)
+    state = {"model": model_sd}
+    dcp.load(state, checkpoint_id=directory, no_dist=True)
+    set_model_state_dict(model, state["model"])
+
+
+def export_hf(model: torch.nn.Module, tokenizer, uri: str, lineage: dict[str, Any]) -> str:
+    """Save an HF folder (config.json, model.safetensors, tokenizer files, lineage.json last) to `uri`.
+
+    LoRA adapters are merged into the base weights first, so the export is a plain transformers model.
+    """
+    from llm_platform.models.build import merge_lora
+
+    plain = merge_lora(model)
+    with tempfile.TemporaryDirectory(prefix="llmp-export-") as tmp:
+        # transformers 5 writes safetensors only; `use_cache` was off for training and is turned on for serving.
+        plain.config.use_cache = True
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not any(name.endswith(".safetensors") for name in os.listdir(tmp)):
+            raise RuntimeError("export produced no .safetensors file")
+        storage.delete(uri)
+        storage.upload_dir(tmp, uri)
+    storage.write_json(storage.join(uri, LINEAGE), lineage)  # the record, last
+    return uri

@@ -1,0 +1,353 @@
+"""Launch a training run with Ray Train V2 (`TorchTrainer`), then export and record it.
+
+    checks (no workers yet) -> TorchTrainer.fit (train/loop.py on every worker) -> HF export -> lineage.json
+
+Run folder `runs/<run_name>/` (under the storage root): Ray Train writes `checkpoint_<step>/` there (it is the
+run's `storage_path/name`), rank 0 writes `metrics.jsonl` and `tensorboard/`, the driver writes `export/` and, last,
+`lineage.json`. A run that reuses a name resumes from its latest checkpoint; a finished run with the same config is
+returned as is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+
+from llm_platform import storage
+from llm_platform.config import as_dict
+from llm_platform.config.model import ModelConfig
+from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.data.dataset import DatasetInfo, open_dataset
+from llm_platform.errors import ConfigError, StageError
+from llm_platform.models.build import DATASET_KIND, OBJECTIVES, build_model, hf_config
+from llm_platform.models.flops import flops_per_token, model_size, peak_flops
+from llm_platform.train import checkpoint as ckpt
+
+log = logging.getLogger("llm_platform.train")
+COLUMNS = {"clm": ["input_ids"], "mlm": ["input_ids"], "sft": ["input_ids", "labels", "attention_mask"],
+           "seq2seq": ["input_ids", "labels", "attention_mask"]}
+
+
+class TrainingError(StageError):
+    """A run that started but cannot go on (a non-finite loss)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced (URIs in storage)."""
+
+    run_uri: str
+    export_uri: str | None
+    checkpoint_uri: str | None
+    metrics: dict
+    lineage: dict
+
+
+def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str, storage_root: str, *,
+           run_name: str | None = None, callbacks: list | None = None, extra_lineage: dict | None = None) -> TrainResult:
+    """Train `model` on the dataset at `dataset_uri` and return the run's outputs.
+
+    Args:
+        model, train, scaling: the config nodes.
+        dataset_uri: a finished data-stage folder (with manifest.json).
+        storage_root: the storage root; the run lives under `runs/<run_name>/`.
+        run_name: overrides `train.run_name`; None derives `<model>-<objective>-<dataset fingerprint>`.
+        callbacks: extra Ray Train `RunConfig` callbacks (e.g. Tune's `TuneReportCallback`).
+        extra_lineage: merged into lineage.json (e.g. `{"sweep": {...}}`).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    dataset, pretrained_dir = preflight(model, train, scaling, dataset_uri, storage_root)
+    run_name = run_name or train.run_name or f"{model.name}-{train.objective}-{dataset.fingerprint[:8]}"
+    run_uri = storage.join(storage_root, "runs", run_name)
+    config_record = {"model": as_dict(model), "train": as_dict(train), "scaling": as_dict(scaling)}
+    done = finished_run(run_uri, config_record)
+    if done:
+        log.info("run %s already finished with this config; nothing to do", run_uri)
+        return done
+
+    worker_config = build_worker_config(model, train, scaling, dataset, run_uri, pretrained_dir)
+    fs, runs_path = storage.pyarrow_filesystem(storage.join(storage_root, "runs"))
+    resume = None
+    if train.resume_from:
+        rfs, rpath = storage.pyarrow_filesystem(train.resume_from)
+        resume = ray.train.Checkpoint(path=rpath, filesystem=rfs)
+    from llm_platform import cluster
+
+    trainer = TorchTrainer(
+        _train_fn(),
+        train_loop_config=worker_config,
+        scaling_config=ray_scaling(scaling),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=runs_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            callbacks=list(callbacks or []) + tracking_callbacks(train),
+            worker_runtime_env={"env_vars": cluster.worker_env()},
+        ),
+        datasets=read_splits(dataset, train.objective),
+        dataset_config=data_config(),
+        resume_from_checkpoint=resume,
+    )
+    log.info("training %s (%s, %s) on %d %s worker(s) -> %s", model.name, train.objective, train.parallelism,
+             scaling.num_workers, "GPU" if scaling.use_gpu else "CPU", run_uri)
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    if "train/nonfinite_step" in metrics:
+        raise TrainingError(f"the loss became non-finite at step {metrics['train/nonfinite_step']}: lower train.lr, "
+                            f"raise train.warmup_steps, or set train.on_nonfinite_loss=skip")
+    metrics = {**last_logged(run_uri), **metrics}
+    checkpoint_uri = storage.join(run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    lineage = {
+        "kind": "run",
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "code_version": code_version(),
+        "dataset": {"uri": dataset.uri, "fingerprint": dataset.fingerprint, "manifest_sha256": dataset.manifest_sha256,
+                    "tokenizer_sha256": dataset.tokenizer_sha256},
+        "run": {"name": run_name, "uri": run_uri, "config": config_record, "metrics": metrics,
+                "checkpoint": checkpoint_uri},
+        "sweep": None,
+        "base_model": model.pretrained,
+        **(extra_lineage or {}),
+    }
+    export_uri = None
+    if train.export and result.checkpoint:
+        export_uri = storage.join(run_uri, "export")
+        with result.checkpoint.as_directory() as directory:
+            export(model, worker_config, dataset, directory, export_uri, lineage)
+    storage.write_json(storage.join(run_uri, ckpt.LINEAGE), lineage)  # the run's record, last
+    if train.register_as and export_uri:
+        from llm_platform.registry import register
+
+        version = register(storage_root, train.register_as, export_uri, lineage)
+        log.info("registered %s version %s", train.register_as, getattr(version, "version", version))
+    return TrainResult(run_uri=run_uri, export_uri=export_uri, checkpoint_uri=checkpoint_uri, metrics=metrics,
+                       lineage=lineage)
+
+
+def preflight(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str,
+              storage_root: str) -> tuple[DatasetInfo, str | None]:
+    """Open the dataset and the pretrained model and run every config check; no worker is started.
+
+    Entry points call it before connecting to Ray so that a bad config fails in a second with the key named.
+    """
+    dataset = open_dataset(dataset_uri)
+    pretrained_dir = materialize_pretrained(model, storage_root)
+    check(model, train, scaling, dataset, pretrained_dir)
+    return dataset, pretrained_dir
+
+
+def _train_fn():
+    from llm_platform.train.loop import train_loop_per_worker
+
+    return train_loop_per_worker
+
+
+def check(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset: DatasetInfo,
+          pretrained_dir: str | None) -> None:
+    """Refuse a config that cannot work, before any worker starts, naming the key."""
+    if train.objective not in OBJECTIVES.get(model.family, ()):
+        raise ConfigError(f"train.objective={train.objective!r} does not fit model.family={model.family!r} "
+                          f"(it trains {', '.join(OBJECTIVES.get(model.family, ()))})")
+    if DATASET_KIND[train.objective] != dataset.kind:
+        raise ConfigError(f"train.objective={train.objective!r} needs a {DATASET_KIND[train.objective]!r} dataset; "
+                          f"{dataset.uri} is {dataset.kind!r} (set data.kind or train.dataset)")
+    positions = model.max_position_embeddings
+    if pretrained_dir:
+        with open(os.path.join(pretrained_dir, "config.json")) as f:
+            pretrained = json.load(f)
+        positions = pretrained.get("max_position_embeddings") or pretrained.get("n_positions") or positions
+        if int(pretrained.get("vocab_size", 0)) < dataset.vocab_size:
+            raise ConfigError(f"model.pretrained={model.pretrained!r} has vocab_size={pretrained.get('vocab_size')}, "
+                              f"but the dataset tokenizer has {dataset.vocab_size}: tokenizer and model do not match")
+    if model.family != "t5" and dataset.seq_len > positions:
+        raise ConfigError(f"data.seq_len={dataset.seq_len} is beyond model.max_position_embeddings={positions}")
+    if model.vocab_size is not None and model.vocab_size != dataset.vocab_size:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} does not match the dataset tokenizer's vocab size "
+                          f"{dataset.vocab_size} (leave model.vocab_size unset to follow the tokenizer)")
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval_steps", "eval_interval_steps",
+                "checkpoint_interval_steps", "keep_checkpoints"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
+    if train.parallelism == "none" and scaling.num_workers != 1:
+        raise ConfigError(f"train.parallelism=none needs scaling.num_workers=1 (got {scaling.num_workers})")
+    if train.parallelism not in ("fsdp", "ddp", "none"):
+        raise ConfigError(f"train.parallelism={train.parallelism!r}: choose fsdp, ddp or none")
+    if train.on_nonfinite_loss not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite_loss={train.on_nonfinite_loss!r}: choose stop or skip")
+    if train.mixed_precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.mixed_precision={train.mixed_precision!r}: choose auto, bf16 or fp32")
+    if train.schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"train.schedule={train.schedule!r}: choose cosine, linear or constant")
+    if train.cpu_offload and train.parallelism != "fsdp":
+        raise ConfigError("train.cpu_offload=true needs train.parallelism=fsdp")
+    rows = train.micro_batch_size * scaling.num_workers
+    train_records = int(dataset.manifest["splits"]["train"]["num_records"])
+    if train_records < rows:
+        raise ConfigError(f"the train split of {dataset.uri} has {train_records} records, fewer than "
+                          f"train.micro_batch_size * scaling.num_workers = {rows}")
+    if scaling.check_resources:
+        check_placement(scaling)
+
+
+def check_placement(scaling: ScalingConfig) -> None:
+    """Refuse more workers than the connected Ray cluster can place now (skipped without a running Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    need_cpu = scaling.num_workers * scaling.cpus_per_worker
+    total = ray.cluster_resources()
+    if scaling.use_gpu and total.get("GPU", 0) < scaling.num_workers:
+        raise ConfigError(f"scaling.num_workers={scaling.num_workers} GPU workers do not fit: the cluster has "
+                          f"{int(total.get('GPU', 0))} GPUs (set scaling.check_resources=false on an autoscaling cluster)")
+    if total.get("CPU", 0) < need_cpu:
+        raise ConfigError(f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker={scaling.cpus_per_worker} "
+                          f"needs {need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g} "
+                          f"(set scaling.check_resources=false on an autoscaling cluster)")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if scaling.placement_strategy == "STRICT_SPREAD" and len(nodes) < scaling.num_workers:
+        raise ConfigError(f"scaling.placement_strategy=STRICT_SPREAD needs {scaling.num_workers} nodes; the cluster "
+                          f"has {len(nodes)}")
+
+
+def materialize_pretrained(model: ModelConfig, storage_root: str) -> str | None:
+    """A local folder with the pretrained model (registry reference, s3:// or path), or None from scratch."""
+    if not model.pretrained:
+        return None
+    from llm_platform import registry
+
+    try:
+        version = registry.resolve(model.pretrained, storage_root)
+    except StageError as e:
+        raise ConfigError(f"model.pretrained={model.pretrained!r}: {e}") from None
+    return registry.materialize(version.uri)
+
+
+def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset: DatasetInfo,
+                        run_uri: str, pretrained_dir: str | None) -> dict:
+    """Plain data for the workers: config nodes as dicts, token ids, and the model's FLOPs per token."""
+    special = {name: dataset.special_token_id(name) for name in ("eos", "pad", "mask")}
+    if pretrained_dir:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(pretrained_dir)
+    else:
+        config = hf_config(model, dataset.vocab_size, special)
+    size = model_size(config, model.family)
+    return {
+        "model": as_dict(model), "train": as_dict(train), "storage": storage.settings(), "run_uri": run_uri,
+        "special": special, "vocab_size": dataset.vocab_size, "seq_len": dataset.seq_len,
+        "pretrained_dir": pretrained_dir,
+        "flops_per_token": flops_per_token(size, dataset.seq_len), "num_parameters": size.total,
+        "peak_flops": peak_flops(scaling.gpu_type) if scaling.use_gpu else None,
+    }
+
+
+def ray_scaling(scaling: ScalingConfig):
+    import ray.train
+
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    return ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                   resources_per_worker=resources, placement_strategy=scaling.placement_strategy,
+                                   accelerator_type=scaling.gpu_type if scaling.use_gpu else None)
+
+
+def read_splits(dataset: DatasetInfo, objective: str) -> dict:
+    """Ray Data datasets over the split shards (only the columns the objective reads)."""
+    import ray.data
+
+    # Workers' Ray Data progress bars would interleave with the training log; the loop logs progress itself.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    out = {}
+    for split in ("train", "val"):
+        files = dataset.files.get(split) or []
+        if not files:
+            continue
+        fs, _ = storage.pyarrow_filesystem(files[0])
+        paths = [storage.pyarrow_filesystem(f)[1] for f in files]
+        out[split] = ray.data.read_parquet(paths, filesystem=fs, columns=COLUMNS[objective])
+    return out
+
+
+def data_config():
+    """Every worker gets the whole (unsplit) stream in a preserved order; the loop takes its rows (see loop.py)."""
+    import ray.train
+    from ray.data import ExecutionOptions
+
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+
+
+def tracking_callbacks(train: TrainConfig) -> list:
+    """MLflow / W&B through Ray's integrations, when configured."""
+    out = []
+    if train.mlflow_tracking_uri:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        out.append(MLflowLoggerCallback(tracking_uri=train.mlflow_tracking_uri))
+    if train.wandb_project:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        out.append(WandbLoggerCallback(project=train.wandb_project))
+    return out
+
+
+def export(model: ModelConfig, worker_config: dict, dataset: DatasetInfo, checkpoint_dir: str, uri: str,
+           lineage: dict) -> None:
+    """Consolidate the final DCP checkpoint into a plain model on the driver and save it as an HF folder."""
+    plain = build_model(model, dataset.vocab_size, worker_config["special"],
+                        pretrained_dir=worker_config["pretrained_dir"], seed=0)
+    ckpt.load_model_weights(plain, checkpoint_dir)
+    ckpt.export_hf(plain, dataset.load_tokenizer(), uri, lineage)
+    log.info("exported %s", uri)
+
+
+def finished_run(run_uri: str, config_record: dict) -> TrainResult | None:
+    """The result of a run that already finished with the same config, if any."""
+    record_uri = storage.join(run_uri, ckpt.LINEAGE)
+    if not storage.exists(record_uri):
+        return None
+    lineage = storage.read_json(record_uri)
+    run = lineage.get("run") or {}
+    if json.loads(json.dumps(run.get("config"), default=str)) != json.loads(json.dumps(config_record, default=str)):
+        return None
+    export_uri = storage.join(run_uri, "export")
+    return TrainResult(run_uri=run_uri, export_uri=export_uri if storage.exists(export_uri) else None,
+                       checkpoint_uri=run.get("checkpoint"), metrics=run.get("metrics") or {}, lineage=lineage)
+
+
+def last_logged(run_uri: str) -> dict:
+    """The latest value of each metric in metrics.jsonl."""
+    uri = storage.join(run_uri, "metrics.jsonl")
+    out: dict = {}
+    if storage.exists(uri):
+        for line in storage.read_text(uri).splitlines():
+            if line.strip():
+                out.update({k: v for k, v in json.loads(line).items() if v is not None and k != "time"})
+    return out
+
+
+def code_version() -> str:
+    """`git describe` of the checkout the package runs from, else the package version."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llm-platform")
+    except PackageNotFoundError:
+        return "unknown"
+

@@ -1,0 +1,262 @@
+"""The per-worker training loop, top to bottom: build -> parallelize -> resume -> (step, log, eval, checkpoint)*.
+
+Ray appears only in `get_context`, `get_dataset_shard`, `get_checkpoint` and `report`; everything else is plain
+torch and the helpers beside this module.
+
+Data order. Every worker iterates the same Ray Data stream of the split (shuffled per epoch with a seeded local
+buffer, in a preserved order) in global batches of `micro_batch_size * num_workers` rows and keeps its own slice.
+So step k sees the same rows whatever the number of workers, a run matches a single-process run on the same data,
+and the data position in a checkpoint is one number: global batches consumed in the epoch. Token shards are small
+next to the compute they feed (a worker at 100k tokens/s reads 400 KB/s), so reading the whole stream is cheap.
+
+Loss. Each step's loss is the mean over every target token of every micro-batch on every worker: the token count is
+all-reduced before the backward passes, each worker backpropagates `sum * world / count`, and FSDP/DDP's gradient
+average over workers turns that into the global token mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from llm_platform import storage
+from llm_platform.config import from_dict
+from llm_platform.config.model import ModelConfig
+from llm_platform.config.train import TrainConfig
+from llm_platform.models.build import build_model
+from llm_platform.models.flops import peak_flops
+from llm_platform.train import checkpoint as ckpt
+from llm_platform.train.metrics import MetricsLogger, Throughput, device_memory
+from llm_platform.train.objectives import count_targets, loss_sum, prepare_batch
+from llm_platform.train.optim import build_optimizer, lr_factor
+from llm_platform.train.parallelize import needs_autocast, parallelize, resolve_dtype
+
+log = logging.getLogger("llm_platform.train")
+FAULT_MARKER = ".fault_injected"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function. `config` is plain data built by `launcher.worker_config`."""
+    import ray.train
+    import ray.train.torch
+
+    storage.configure(config["storage"])
+    mcfg, tc = from_dict(ModelConfig, config["model"]), from_dict(TrainConfig, config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    special, vocab = config["special"], config["vocab_size"]
+    seq_len = config["seq_len"]
+
+    # ---- model, parallelism, optimizer: every rank builds the same seeded weights, then shards them.
+    model = build_model(mcfg, vocab, special, pretrained_dir=config.get("pretrained_dir"), seed=tc.seed)
+    dtype = resolve_dtype(tc.mixed_precision, device)
+    model = parallelize(model, parallelism=tc.parallelism, device=device, compute_dtype=dtype,
+                        activation_checkpointing=tc.activation_checkpointing, compile=tc.compile,
+                        cpu_offload=tc.cpu_offload, world_size=world)
+    optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # ---- resume: this run's latest checkpoint (restart, same run name) or `train.resume_from`.
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = ckpt.load(model, optimizer, directory)
+        log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state["step"], state["epoch"],
+                 state["batches_in_epoch"])
+
+    logger = MetricsLogger(config["run_uri"], resume_step=state["step"], total_steps=tc.max_steps) if rank == 0 else None
+    peak = config.get("peak_flops") or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
+                                         else None)
+    throughput = Throughput(config["flops_per_token"], peak, world)
+    autocast = (torch.autocast(device.type, dtype=dtype) if needs_autocast(tc.parallelism, dtype)
+                else contextlib.nullcontext())
+    batches = global_batches(ray.train.get_dataset_shard("train"), tc, rank, world, state)
+    last_val: dict[str, float] = {}
+    val_batches: list[dict] | None = None
+    step = state["step"]
+
+    while step < tc.max_steps:
+        # ---- a step: all micro-batches first, so the loss can be normalised by the global target count.
+        torch.manual_seed(tc.seed * 1_000_003 + step * 1009 + rank)  # dropout: replayable on resume
+        micro = []
+        for i in range(tc.grad_accum_steps):
+            gen = torch.Generator().manual_seed(tc.seed * 7919 + step * 131 + i * 17 + rank)
+            micro.append(prepare_batch(tc.objective, next(batches), special=special, vocab_size=vocab,
+                                       mlm_probability=tc.mlm_probability, generator=gen))
+        num_targets = all_reduce_sum(sum(count_targets(t) for _, t in micro), device)
+        local_loss = torch.zeros((), device=device)
+        for i, (inputs, targets) in enumerate(micro):
+            last = i == tc.grad_accum_steps - 1
+            inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+            targets = targets.to(device, non_blocking=True)
+            with gradient_sync(model, tc.parallelism, last), autocast:
+                logits = model(**inputs).logits  # (B, T, V)
+                loss = loss_sum(logits, targets)
+            (loss * world / max(num_targets, 1.0)).backward()
+            local_loss += loss.detach()
+        train_loss = all_reduce_sum(local_loss, device) / max(num_targets, 1.0)
+
+        if tc.fault_injection_step is not None and step == tc.fault_injection_step and rank == 0:
+            inject_fault_once(config["run_uri"])
+
+        # ---- a non-finite loss stops the run (every rank sees the same all-reduced value) or skips the step.
+        if not math.isfinite(train_loss):
+            optimizer.zero_grad(set_to_none=True)
+            if tc.on_nonfinite_loss != "skip":
+                ray.train.report({"step": step, "train/nonfinite_step": step, "train/loss": float("nan")})
+                return
+            log.warning("step %d: loss is %s; step skipped (train.on_nonfinite_loss=skip)", step, train_loss)
+        else:
+            grad_norm = clip_grad_norm(params, tc.grad_clip)
+            lr = tc.lr * lr_factor(step, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
+                                   schedule=tc.schedule, min_lr_ratio=tc.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state["tokens"] += tc.grad_accum_steps * tc.micro_batch_size * seq_len * world
+        throughput.add(tc.grad_accum_steps * tc.micro_batch_size * seq_len * world)
+        state["step"] = step
+
+        # ---- log (rank 0), validate, checkpoint; `report` is collective, so every rank takes the same branches.
+        if step % tc.log_interval_steps == 0 or step == tc.max_steps:
+            train_metrics = {"train/loss": train_loss, "train/lr": optimizer.param_groups[0]["lr"],
+                             "train/grad_norm": grad_norm if math.isfinite(train_loss) else float("nan"),
+                             "train/tokens": state["tokens"], "train/epoch": state["epoch"],
+                             **throughput.measure(), **device_memory()}
+            if logger:
+                logger.log(step, train_metrics)
+        evaluate_now = step % tc.eval_interval_steps == 0 or step == tc.max_steps
+        save_now = step % tc.checkpoint_interval_steps == 0 or step == tc.max_steps
+        if evaluate_now:
+            if val_batches is None:  # the same rows at every validation: read them once
+                val_batches = take_val_batches(ray.train.get_dataset_shard("val"), tc, rank, world)
+            last_val = validate(model, val_batches, tc, special, vocab, device, autocast)
+            if logger and last_val:
+                logger.log(step, last_val)
+        if evaluate_now or save_now:
+            report = {"step": step, "train/loss": train_loss, "train/tokens": state["tokens"], **last_val}
+            if save_now:
+                with tempfile.TemporaryDirectory(prefix="llmp-ckpt-") as directory:
+                    ckpt.save(model, optimizer, dict(state), directory, rank=rank)
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                                     checkpoint_dir_name=f"checkpoint_{step:08d}")
+            else:
+                ray.train.report(report)
+            throughput.measure()  # restart the interval: validation and saving are not training throughput
+    if logger:
+        logger.close()
+
+
+def global_batches(shard, tc: TrainConfig, rank: int, world: int, state: dict[str, int]) -> Iterator[dict]:
+    """This rank's micro-batches, forever (epoch after epoch), resuming at `state`'s data position.
+
+    Updates `state["epoch"]` and `state["batches_in_epoch"]` as it goes; they are saved in checkpoints.
+    """
+    rows = tc.micro_batch_size
+    skip = state["batches_in_epoch"]
+    while True:
+        yielded = 0
+        for batch in shard.iter_batches(batch_size=rows * world, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=tc.shuffle_buffer_rows or None,
+                                        local_shuffle_seed=tc.seed + state["epoch"] if tc.shuffle_buffer_rows else None):
+            yielded += 1
+            if skip:
+                skip -= 1
+                continue
+            state["batches_in_epoch"] += 1
+            yield my_rows(batch, rank, rows)
+        if not yielded:
+            raise RuntimeError(f"the train split has fewer than micro_batch_size * num_workers = {rows * world} rows")
+        state["epoch"] += 1
+        state["batches_in_epoch"] = 0
+        skip = 0
+
+
+def my_rows(batch: dict[str, np.ndarray], rank: int, rows: int) -> dict[str, np.ndarray]:
+    """This rank's slice of a global batch. List columns arrive as object arrays of rows: stack them to (rows, T)."""
+    return {k: np.stack(v[rank * rows:(rank + 1) * rows]).astype(np.int64) for k, v in batch.items()}
+
+
+def take_val_batches(shard, tc: TrainConfig, rank: int, world: int) -> list[dict[str, np.ndarray]]:
+    """This rank's rows of the first `eval_batches` global batches of the val split (empty without one)."""
+    if shard is None:
+        return []
+    rows = tc.micro_batch_size
+    out = []
+    for batch in shard.iter_batches(batch_size=rows * world, batch_format="numpy", drop_last=True):
+        out.append(my_rows(batch, rank, rows))
+        if len(out) >= tc.eval_batches:
+            break
+    return out
+
+
+@torch.no_grad()
+def validate(model, batches: list[dict], tc: TrainConfig, special: dict[str, int], vocab: int,
+             device: torch.device, autocast) -> dict[str, float]:
+    """`val/loss` and `val/perplexity` over this rank's val batches, summed over all ranks (a collective)."""
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = 0.0
+    gen = torch.Generator().manual_seed(tc.seed)  # MLM: the same masks at every validation
+    for batch in batches:
+        inputs, targets = prepare_batch(tc.objective, batch, special=special, vocab_size=vocab,
+                                        mlm_probability=tc.mlm_probability, generator=gen)
+        with autocast:
+            logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+        total += loss_sum(logits, targets.to(device)).double()
+        count += count_targets(targets)
+    model.train()
+    loss_total = all_reduce_sum(total, device)
+    tokens = all_reduce_sum(count, device)
+    if not tokens:
+        return {}
+    loss = loss_total / tokens
+    return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+
+
+def all_reduce_sum(value, device: torch.device) -> float:
+    """Sum a number over all workers (a no-op without a process group)."""
+    tensor = torch.as_tensor(value, dtype=torch.float64).detach().to(device).clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return float(tensor)
+
+
+def gradient_sync(model, parallelism: str, sync: bool):
+    """Skip the gradient reduction on all but the last micro-batch of a step (FSDP2 / DDP)."""
+    if parallelism == "fsdp" and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if parallelism == "ddp" and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Clip to `max_norm` (0 disables clipping) and return the global norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def inject_fault_once(run_uri: str) -> None:
+    """Reliability tests: kill this worker process once per run (a marker in the run folder makes it once)."""
+    marker = storage.join(run_uri, FAULT_MARKER)
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, "injected\n")
+    log.warning("fault injection: rank 0 exits now")
+    os._exit(1)

@@ -1,0 +1,117 @@
+"""Training metrics: throughput and MFU arithmetic, and the rank-0 sinks (console, metrics.jsonl, TensorBoard).
+
+`metrics.jsonl` holds one JSON object per logged step (`step` plus `train/loss`, `val/loss`, `perf/tokens_per_s`...).
+It is rewritten whole on each log (one PUT on S3, a rename locally) so a reader never sees a torn line; on resume
+the lines after the checkpoint's step are dropped, so the file always tells one consistent history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+from llm_platform import storage
+
+log = logging.getLogger("llm_platform.train")
+
+
+class Throughput:
+    """Tokens per second and MFU over the interval since the last call to `measure`."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float | None, num_devices: int):
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.num_devices = num_devices
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        """Count tokens processed by all workers."""
+        self.tokens += tokens
+
+    def measure(self) -> dict[str, float]:
+        """`perf/tokens_per_s`, `perf/flops_per_s` and (on a known device) `perf/mfu`; resets the interval."""
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        tokens_per_s = self.tokens / elapsed
+        out = {"perf/tokens_per_s": tokens_per_s, "perf/flops_per_s": tokens_per_s * self.flops_per_token}
+        if self.peak_flops:
+            out["perf/mfu"] = out["perf/flops_per_s"] / (self.peak_flops * self.num_devices)
+        self.tokens, self.start = 0, now
+        return out
+
+
+def device_memory() -> dict[str, float]:
+    """Peak allocated accelerator memory (GiB) since the last call, or the process RSS on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 1024**3
+        torch.cuda.reset_peak_memory_stats()
+        return {"perf/memory_gib": peak}
+    try:
+        import resource
+
+        return {"perf/memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    except ImportError:  # pragma: no cover - not POSIX
+        return {}
+
+
+class MetricsLogger:
+    """Rank 0's sinks. Values that are not finite numbers are written as null in JSON."""
+
+    def __init__(self, run_uri: str, *, resume_step: int = 0, total_steps: int = 0):
+        self.uri = storage.join(run_uri, "metrics.jsonl")
+        self.total_steps = total_steps
+        self.lines: list[str] = []
+        if resume_step and storage.exists(self.uri):
+            for line in storage.read_text(self.uri).splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    self.lines.append(line)
+        # TensorBoard writes event files locally; for s3:// storage they are uploaded at `close`.
+        self.tb_remote = storage.join(run_uri, "tensorboard")
+        self.tb_local = (tempfile.mkdtemp(prefix="llmp-tb-") if storage.is_remote(run_uri)
+                         else storage.filesystem(self.tb_remote)[1])
+        self._tb = None
+
+    def _writer(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(self.tb_local, exist_ok=True)
+            self._tb = SummaryWriter(self.tb_local)
+        return self._tb
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, "time": time.time()}
+        for key, value in metrics.items():
+            record[key] = value if not isinstance(value, float) or math.isfinite(value) else None
+        self.lines.append(json.dumps(record, sort_keys=True))
+        storage.write_text(self.uri, "\n".join(self.lines) + "\n")
+        writer = self._writer()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(key, value, step)
+        writer.flush()
+        log.info("%s", format_console(step, self.total_steps, metrics))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if storage.is_remote(self.tb_remote) and os.path.isdir(self.tb_local):
+            storage.upload_dir(self.tb_local, self.tb_remote)
+
+
+def format_console(step: int, total: int, metrics: dict[str, Any]) -> str:
+    """`step 20/200 (10%) train/loss 5.1234 val/loss 5.2 perf/tokens_per_s 1.2e+04 ...`"""
+    pct = f" ({100 * step / total:.0f}%)" if total else ""
+    parts = [f"step {step}/{total}{pct}"]
+    for key in sorted(metrics):
+        value = metrics[key]
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " ".join(parts)

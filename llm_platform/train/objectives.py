@@ -1,0 +1,97 @@
+"""Training objectives as plain functions: a dataset batch -> model inputs and targets; logits -> summed loss.
+
+Targets are always aligned with the logits (shifted here for causal models), with -100 where no loss is taken, so
+the loop computes every objective's loss the same way and can normalise by the number of target tokens across all
+workers and micro-batches of a step.
+
+    clm      pretrain blocks; predict token t+1 from tokens <= t
+    sft      prompt/response records; as clm, but the dataset's labels are -100 on the prompt and padding
+    seq2seq  source -> target (T5); the decoder reads the target shifted right behind the start token (pad)
+    mlm      pretrain blocks; BERT masking: 15% of tokens chosen, 80% -> <|mask|>, 10% random, 10% unchanged
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+OBJECTIVES = ("clm", "sft", "seq2seq", "mlm")
+
+
+def _tensor(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=torch.long)
+
+
+def shift_left(labels: torch.Tensor) -> torch.Tensor:
+    """Targets for causal LM: position t predicts labels[t+1]; the last position has no target.  (B, T) -> (B, T)"""
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def shift_right(labels: torch.Tensor, start_id: int) -> torch.Tensor:
+    """Decoder inputs for seq2seq: the start token, then the target without its last token; -100 read as start."""
+    inputs = torch.full_like(labels, start_id)
+    inputs[:, 1:] = labels[:, :-1]
+    return inputs.masked_fill(inputs == IGNORE, start_id)
+
+
+def mask_tokens(input_ids: torch.Tensor, *, probability: float, mask_id: int, pad_id: int, vocab_size: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking. Returns (masked inputs, targets with -100 where the token was not chosen)."""
+    choose = torch.rand(input_ids.shape, generator=generator) < probability
+    choose &= input_ids != pad_id
+    targets = input_ids.masked_fill(~choose, IGNORE)
+    roll = torch.rand(input_ids.shape, generator=generator)
+    masked = input_ids.clone()
+    masked[choose & (roll < 0.8)] = mask_id
+    random_slots = choose & (roll >= 0.8) & (roll < 0.9)
+    masked[random_slots] = torch.randint(vocab_size, input_ids.shape, generator=generator)[random_slots]
+    return masked, targets
+
+
+def prepare_batch(objective: str, batch: dict[str, Any], *, special: dict[str, int], vocab_size: int,
+                  mlm_probability: float = 0.15, generator: torch.Generator | None = None
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model keyword inputs and aligned targets for one micro-batch of dataset rows.
+
+    Args:
+        objective: clm, sft, seq2seq or mlm.
+        batch: columns of the dataset shard (numpy arrays or tensors), rows of equal length.
+        special: token ids `eos`, `pad`, `mask`.
+        vocab_size: for MLM's random replacement tokens.
+        mlm_probability: fraction of tokens chosen for MLM.
+        generator: seeded RNG for MLM masking (deterministic per step, so resumes replay the same masks).
+    """
+    input_ids = _tensor(batch["input_ids"])
+    if objective == "clm":
+        return {"input_ids": input_ids}, shift_left(input_ids)
+    if objective == "sft":
+        inputs = {"input_ids": input_ids, "attention_mask": _tensor(batch["attention_mask"])}
+        return inputs, shift_left(_tensor(batch["labels"]))
+    if objective == "seq2seq":
+        labels = _tensor(batch["labels"])
+        inputs = {"input_ids": input_ids, "attention_mask": _tensor(batch["attention_mask"]),
+                  "decoder_input_ids": shift_right(labels, special["pad"])}
+        return inputs, labels
+    if objective == "mlm":
+        gen = generator or torch.Generator().manual_seed(0)
+        masked, targets = mask_tokens(input_ids, probability=mlm_probability, mask_id=special["mask"],
+                                      pad_id=special["pad"], vocab_size=vocab_size, generator=gen)
+        return {"input_ids": masked, "attention_mask": (input_ids != special["pad"]).long()}, targets
+    raise ValueError(f"train.objective={objective!r}: choose one of {', '.join(OBJECTIVES)}")
+
+
+def count_targets(targets: torch.Tensor) -> int:
+    """Tokens that carry a loss."""
+    return int((targets != IGNORE).sum())
+
+
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over target tokens, in fp32.  logits (B, T, V), targets (B, T) -> scalar"""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")

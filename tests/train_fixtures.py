@@ -1,0 +1,126 @@
+"""Tiny datasets in the data stage's contract (docs/ARCHITECTURE.md), for training tests that must not depend on
+the data stage: a byte-level BPE trained with `tokenizers` on generated text, parquet shards, manifest.json last.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llm_platform import storage
+
+WORDS = ("the cat dog bird sat ran on a mat log tree under over quick slow red blue green small big house river "
+         "stone light dark morning evening sings jumps reads writes").split()
+SPECIALS = ["<|endoftext|>", "<|pad|>", "<|mask|>"]
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "." for _ in range(n)]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIALS[0], bos_token=SPECIALS[0],
+                                   pad_token=SPECIALS[1], mask_token=SPECIALS[2])
+
+
+def _write_parquet(uri: str, columns: dict[str, list]) -> None:
+    table = pa.table({k: pa.array(v, type=pa.list_(pa.int32())) for k, v in columns.items()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def _records(kind: str, tok, texts: list[str], seq_len: int, target_len: int) -> dict[str, list]:
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    if kind == "pretrain":
+        stream: list[int] = []
+        for t in texts:
+            stream += tok.encode(t) + [eos]
+        blocks = len(stream) // seq_len
+        return {"input_ids": [stream[i * seq_len:(i + 1) * seq_len] for i in range(blocks)]}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
+    for i in range(0, len(texts) - 1, 2):
+        a, b = tok.encode(texts[i]), tok.encode(texts[i + 1])
+        if kind == "sft":
+            ids = (a + b + [eos])[:seq_len]
+            labels = ([-100] * len(a) + b + [eos])[:seq_len]
+            pad_n = seq_len - len(ids)
+            out["input_ids"].append(ids + [pad] * pad_n)
+            out["labels"].append(labels + [-100] * pad_n)
+            out["attention_mask"].append([1] * len(ids) + [0] * pad_n)
+        else:  # seq2seq: the target is the source's words reversed (learnable)
+            src = (a + [eos])[:seq_len]
+            tgt = (tok.encode(" ".join(reversed(texts[i].rstrip(".").split()))) + [eos])[:target_len]
+            out["input_ids"].append(src + [pad] * (seq_len - len(src)))
+            out["attention_mask"].append([1] * len(src) + [0] * (seq_len - len(src)))
+            out["labels"].append(tgt + [-100] * (target_len - len(tgt)))
+    return out
+
+
+def make_dataset(root: str, kind: str = "pretrain", *, seq_len: int = 32, target_len: int = 16,
+                 num_documents: int = 400, train_shards: int = 2, vocab_size: int = 320, seed: int = 0,
+                 name: str | None = None) -> str:
+    """Write a finished dataset folder under `root` (local or s3://) and return its URI."""
+    texts = sentences(num_documents, seed)
+    tok = train_tokenizer(texts, vocab_size)
+    name = name or f"tiny-{kind}"
+    fingerprint = storage.fingerprint({"kind": kind, "seq_len": seq_len, "n": num_documents, "seed": seed})
+    uri = storage.join(root, "datasets", name, fingerprint)
+    n_val = max(len(texts) // 10, 16)
+    splits_text = {"train": texts[n_val:], "val": texts[:n_val]}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        storage.upload_dir(tmp, storage.join(uri, "tokenizer"))
+    splits = {}
+    for split, split_texts in splits_text.items():
+        records = _records(kind, tok, split_texts, seq_len, target_len)
+        n = len(records["input_ids"])
+        shards = train_shards if split == "train" else 1
+        bounds = np.linspace(0, n, shards + 1).astype(int)
+        files = []
+        for s in range(shards):
+            rel = f"{split}/part-{s:05d}.parquet"
+            _write_parquet(storage.join(uri, rel), {k: v[bounds[s]:bounds[s + 1]] for k, v in records.items()})
+            files.append(rel)
+        splits[split] = {"files": files, "num_records": n, "num_tokens": n * seq_len}
+    manifest = {
+        "name": name, "fingerprint": fingerprint, "kind": kind, "seq_len": seq_len, "target_len": target_len,
+        "tokenizer": {"path": "tokenizer", "sha256": storage.file_sha256(storage.join(uri, "tokenizer",
+                                                                                      "tokenizer.json")),
+                      "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                      "mask_token_id": tok.mask_token_id},
+        "splits": splits, "counts": {"documents": len(texts)}, "skipped": [], "inputs": [], "config": {},
+        "stats": {},
+    }
+    storage.write_json(storage.join(uri, "manifest.json"), manifest)
+    return uri
+
+
+def read_rows(uri: str, split: str = "train") -> dict[str, np.ndarray]:
+    """All rows of a split in file order (what the reference loops in tests iterate)."""
+    from llm_platform.data.dataset import open_dataset
+
+    info = open_dataset(uri)
+    tables = []
+    for f in info.files[split]:
+        with storage.open_read(f) as fh:
+            tables.append(pq.read_table(fh))
+    table = pa.concat_tables(tables)
+    return {c: np.array(table.column(c).to_pylist(), dtype=np.int64) for c in table.column_names}
+
