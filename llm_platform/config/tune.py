@@ -19,18 +19,24 @@ class TuneConfig:
     mode: str = "min"
     """min or max."""
     scheduler: str = "asha"
-    """asha, pbt or fifo (no early stopping)."""
+    """asha (early stopping on `metric`) or fifo (no early stopping); pbt is refused for now (see tune/driver.py)."""
     search: str = "random"
-    """random (and grid axes) or optuna."""
+    """random (and grid axes) or optuna (TPE)."""
+    seed: int | None = None
+    """Seed of the optuna sampler (None: unseeded)."""
     max_concurrent_trials: int = 2
     """Trials running at once."""
     grace_period: int = 1
-    """ASHA: reports before a trial can be stopped."""
+    """ASHA: reports (validations or checkpoints) before a trial can be stopped."""
     reduction_factor: int = 2
     """ASHA: keep the best 1/reduction_factor at each rung."""
     max_trial_failures: int = 1
     """Retries of a failing trial before it is recorded as failed."""
     resume: bool = False
-    """Resume an interrupted sweep of the same name."""
+    """Resume an interrupted sweep of the same name (finished trials are not rerun)."""
+    resume_errored: bool = True
+    """On resume, also rerun trials that errored (from their run's latest checkpoint)."""
+    verbose: int = 1
+    """Ray Tune console verbosity: 0 silent, 1 status, 2 every report."""
     register_as: str | None = None
     """Registry model name for the winner (None uses the model preset name)."""

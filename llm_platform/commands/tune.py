@@ -1,0 +1,25 @@
+"""`llm-platform tune`: dataset + search space -> sweep (`sweeps/<name>/`) and the winner in the registry."""
+
+from llm_platform.commands import stage_main
+from llm_platform.config import PlatformConfig
+
+
+@stage_main("tune")
+def main(cfg: PlatformConfig) -> None:
+    from llm_platform import cluster, storage
+    from llm_platform.commands.train import resolve_dataset_uri
+    from llm_platform.tune.driver import run_sweep
+    from llm_platform.tune.space import parse_space
+
+    storage.configure(cfg.storage)
+    parse_space(cfg.tune.space)  # a bad key fails here, before Ray starts
+    dataset_uri = resolve_dataset_uri(cfg)
+    cluster.connect(cfg.cluster)
+    result = run_sweep(cfg.tune, cfg.model, cfg.train, cfg.scaling, dataset_uri, cfg.storage.root)
+    print(result.table)
+    print(f"sweep: {result.uri}")
+    winner = result.record.get("winner") or {}
+    print(f"winner: {winner.get('trial_id')} {cfg.tune.metric}={winner.get('value')} params={winner.get('params')}")
+    version = result.record.get("model_version")
+    if version:
+        print(f"registered: registry:{version['name']}/{version['version']} ({version['uri']})")

@@ -1,0 +1,1 @@
+"""Tune stage: search space (space), sweep driver (driver), summary and winner (summary)."""

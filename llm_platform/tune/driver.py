@@ -1,0 +1,310 @@
+"""A Ray Tune sweep over the training stage, then the winner into the registry.
+
+    space (YAML) -> Tuner(trial driver function) -> each trial: launch() a Ray Train run, reports -> scheduler
+                 -> summary.csv, trials.jsonl, curves.png -> register the winner's export -> sweep.json (last)
+
+Ray Train V2 no longer runs as `Tuner(TorchTrainer(...))`; instead each trial runs `_trial`, a driver function that
+builds the trial's config and calls `llm_platform.train.launcher.launch`, whose `TorchTrainer` reports every
+training report to Tune through `TuneReportCallback`. The trial's driver holds one CPU on top of its workers.
+
+Each trial trains the run `runs/<sweep>-<trial_id>/`. Tune sees no checkpoints in this pattern (`Result.checkpoint`
+is empty), so the run and export URIs are derived from that name; a retried or resumed trial reuses the name and so
+resumes from its run's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_platform import storage
+from llm_platform.config import as_dict, from_dict
+from llm_platform.config.model import ModelConfig
+from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.tune import TuneConfig
+from llm_platform.errors import ConfigError, StageError
+from llm_platform.tune import space as spaces
+from llm_platform.tune.summary import ERROR, FINISHED, STOPPED, TrialRecord, select_winner, write_summary
+
+log = logging.getLogger("llm_platform.tune")
+RECORD = "sweep.json"
+SCHEDULERS = ("asha", "fifo", "pbt")
+SEARCHES = ("random", "optuna")
+
+
+@dataclass
+class SweepResult:
+    """A finished sweep: its folder, trials, winner and the registered version."""
+
+    name: str
+    uri: str
+    trials: list[TrialRecord] = field(default_factory=list)
+    winner: TrialRecord | None = None
+    model_version: Any = None
+    """The registry's ModelVersion of the winner (None when registration was off or no trial finished)."""
+    table: str = ""
+    record: dict[str, Any] = field(default_factory=dict)
+    """The sweep's record (sweep.json)."""
+
+
+def run_name(sweep_name: str, trial_id: str) -> str:
+    """The training run of a trial (`runs/<name>/`)."""
+    return f"{sweep_name}-{trial_id}"
+
+
+def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str,
+              storage_root: str, *, register: bool = True, callbacks: list | None = None) -> SweepResult:
+    """Run (or resume) the sweep `tune_cfg.name` and register its winner.
+
+    Args:
+        tune_cfg: the tune node (space, scheduler, search, concurrency, resume...).
+        model, train, scaling: the base config of every trial; the space's keys override it.
+        dataset_uri: a finished dataset folder.
+        storage_root: the storage root; the sweep lives under `sweeps/<name>/`.
+        register: register the winner (under `tune.register_as`, else the model preset's name).
+        callbacks: extra Ray Tune callbacks (progress, tests).
+
+    Raises:
+        ConfigError: a bad space, scheduler, search or an existing sweep without `tune.resume=true`.
+        StageError: no trial finished.
+    """
+    from ray import tune
+
+    dims = spaces.parse_space(tune_cfg.space)
+    check(tune_cfg, train, scaling, dims)
+    sweep_uri = storage.join(storage_root, "sweeps", tune_cfg.name)
+    base = {"model": as_dict(model), "train": {**as_dict(train), "register_as": None}, "scaling": as_dict(scaling)}
+    fingerprint = storage.fingerprint({"tune": {k: v for k, v in as_dict(tune_cfg).items() if k != "resume"},
+                                       **base, "dataset": dataset_uri})
+    record_uri = storage.join(sweep_uri, RECORD)
+    if storage.exists(record_uri):
+        record = storage.read_json(record_uri)
+        if record.get("fingerprint") == fingerprint:
+            log.info("sweep %s already finished with this config; nothing to do", sweep_uri)
+            return SweepResult(name=tune_cfg.name, uri=sweep_uri, record=record,
+                               table=storage.read_text(storage.join(sweep_uri, "summary.csv")))
+        raise ConfigError(f"sweep {sweep_uri} already finished with another config: choose another tune.name")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, keys=[d.key for d in dims], dataset_uri=dataset_uri,
+                             storage_root=storage_root, storage_settings=storage.settings(),
+                             sweep={"name": tune_cfg.name, "uri": sweep_uri}),
+        {"CPU": 1},  # the trial's driver; its Ray Train workers reserve their own resources
+    )
+    fs, path = storage.pyarrow_filesystem(sweep_uri)
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        if not tune_cfg.resume:
+            raise ConfigError(f"sweep {sweep_uri} exists but did not finish: set tune.resume=true to continue it, "
+                              f"or choose another tune.name")
+        log.info("resuming sweep %s (finished trials are kept)", sweep_uri)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=tune_cfg.resume_errored, storage_filesystem=fs)
+    else:
+        parent_fs, parent = storage.pyarrow_filesystem(storage.join(storage_root, "sweeps"))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=spaces.to_param_space(dims),
+            tune_config=tune.TuneConfig(
+                metric=tune_cfg.metric, mode=tune_cfg.mode, num_samples=tune_cfg.num_samples,
+                max_concurrent_trials=tune_cfg.max_concurrent_trials, scheduler=make_scheduler(tune_cfg, train, dims),
+                search_alg=make_search(tune_cfg), trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=tune_cfg.name, storage_path=parent, storage_filesystem=parent_fs,
+                failure_config=tune.FailureConfig(max_failures=tune_cfg.max_trial_failures),
+                callbacks=list(callbacks or []), verbose=tune_cfg.verbose,
+            ),
+        )
+    grid = tuner.fit()
+
+    trials = collect(grid, [d.key for d in dims], tune_cfg.name, storage_root)
+    # An interrupted fit (Ctrl+C, SIGUSR1) returns normally; it must not be mistaken for a finished sweep.
+    expected = expected_trials(tune_cfg, dims)
+    done = grid.num_terminated + grid.num_errors
+    if done < len(grid) or len(grid) < expected:
+        write_summary(sweep_uri, trials, tune_cfg.metric, tune_cfg.mode, None)
+        raise StageError(f"sweep {tune_cfg.name!r} was interrupted after {done} of {expected} trials: run it again "
+                         f"with tune.resume=true to finish it (finished trials are kept)")
+    winner = select_winner(trials, tune_cfg.metric, tune_cfg.mode)
+    table = write_summary(sweep_uri, trials, tune_cfg.metric, tune_cfg.mode, winner)
+    log.info("sweep %s:\n%s", sweep_uri, table)
+    if winner is None:
+        raise StageError(f"no trial of sweep {tune_cfg.name!r} finished (see {storage.join(sweep_uri, 'summary.csv')})")
+    version = None
+    if register:
+        version = register_winner(storage_root, tune_cfg.register_as or model.name, winner, tune_cfg, sweep_uri)
+    record = {
+        "name": tune_cfg.name, "uri": sweep_uri, "fingerprint": fingerprint,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "metric": tune_cfg.metric, "mode": tune_cfg.mode, "scheduler": tune_cfg.scheduler, "search": tune_cfg.search,
+        "trials": {s: sum(t.status == s for t in trials) for s in (FINISHED, STOPPED, ERROR)},
+        "iterations": sum(t.iterations for t in trials),
+        "winner": {"trial_id": winner.trial_id, "params": winner.params, "value": winner.last(tune_cfg.metric),
+                   "run_uri": winner.run_uri, "export_uri": winner.export_uri},
+        "model_version": ({"name": version.name, "version": version.version, "uri": version.uri}
+                          if version else None),
+    }
+    storage.write_json(record_uri, record)  # the sweep's record, last
+    return SweepResult(name=tune_cfg.name, uri=sweep_uri, trials=trials, winner=winner, model_version=version,
+                       table=table, record=record)
+
+
+def _trial_name(trial) -> str:
+    return trial.trial_id
+
+
+def _trial(config: dict, *, base: dict, keys: list[str], dataset_uri: str, storage_root: str,
+           storage_settings: dict, sweep: dict) -> None:
+    """One trial's driver (in a Tune actor): the trial's config, then a Ray Train run reporting to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from llm_platform.train.launcher import launch
+
+    storage.configure(storage_settings)
+    params = spaces.flatten_params(config, keys)
+    groups = spaces.apply_params(base, params)
+    trial_id = ray.tune.get_context().get_trial_id()
+    launch(from_dict(ModelConfig, groups["model"]), from_dict(TrainConfig, groups["train"]),
+           from_dict(ScalingConfig, groups["scaling"]), dataset_uri, storage_root,
+           run_name=run_name(sweep["name"], trial_id), callbacks=[TuneReportCallback()],
+           extra_lineage={"sweep": {**sweep, "trial_id": trial_id, "params": params}})
+
+
+def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims: list[spaces.Dimension]) -> None:
+    """Refuse a sweep that cannot work, before any trial starts, naming the key."""
+    import ray
+
+    if tune_cfg.scheduler not in SCHEDULERS:
+        raise ConfigError(f"tune.scheduler={tune_cfg.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if tune_cfg.search not in SEARCHES:
+        raise ConfigError(f"tune.search={tune_cfg.search!r}: choose one of {', '.join(SEARCHES)}")
+    if tune_cfg.mode not in ("min", "max"):
+        raise ConfigError(f"tune.mode={tune_cfg.mode!r}: choose min or max")
+    if tune_cfg.search == "optuna" and any(d.kind == "grid" for d in dims):
+        raise ConfigError("tune.search=optuna cannot sample grid axes: use choice instead of grid in tune.space")
+    for key in ("num_samples", "max_concurrent_trials", "grace_period", "reduction_factor"):
+        if getattr(tune_cfg, key) < 1:
+            raise ConfigError(f"tune.{key}={getattr(tune_cfg, key)} must be at least 1")
+    if tune_cfg.scheduler == "asha" and tune_cfg.reduction_factor < 2:
+        raise ConfigError(f"tune.reduction_factor={tune_cfg.reduction_factor} must be at least 2")
+    if not tune_cfg.metric.startswith(("val/", "train/")):
+        raise ConfigError(f"tune.metric={tune_cfg.metric!r}: trials report train/* and val/* metrics")
+    # Every report must carry the metric (Tune refuses a result without it): a checkpoint-only report happens
+    # before the first validation when checkpoints come more often than validations.
+    eval_steps = bound(train, dims, "eval_interval_steps", max)
+    ckpt_steps = bound(train, dims, "checkpoint_interval_steps", min)
+    if tune_cfg.metric.startswith("val/") and ckpt_steps < eval_steps and ckpt_steps < bound(train, dims, "max_steps",
+                                                                                             min):
+        raise ConfigError(f"train.checkpoint_interval_steps={ckpt_steps} is below train.eval_interval_steps="
+                          f"{eval_steps}: the first report would have no {tune_cfg.metric} to rank trials by "
+                          f"(make the checkpoint interval a multiple of the eval interval)")
+    if ray.is_initialized() and scaling.check_resources:
+        need = 1 + scaling.num_workers * scaling.cpus_per_worker
+        have = ray.cluster_resources().get("CPU", 0)
+        if have < need:
+            raise ConfigError(f"one trial needs {need:g} CPUs (1 for its driver + scaling.num_workers x "
+                              f"scaling.cpus_per_worker); the cluster has {have:g}")
+        if have < need * tune_cfg.max_concurrent_trials:
+            log.warning("tune.max_concurrent_trials=%d trials need %g CPUs; the cluster has %g: fewer will run at "
+                        "once", tune_cfg.max_concurrent_trials, need * tune_cfg.max_concurrent_trials, have)
+
+
+def bound(train: TrainConfig, dims: list[spaces.Dimension], key: str, pick) -> int:
+    """`pick` (min or max) over a train key's values: the base value, or the space's values when it is tuned."""
+    for d in dims:
+        if d.key == f"train.{key}":
+            return int(pick(d.values))
+    return int(getattr(train, key))
+
+
+def reports_per_trial(max_steps: int, eval_interval: int, checkpoint_interval: int) -> int:
+    """How many times a full run reports (every validation or checkpoint, and at the end): ASHA's `max_t`."""
+    return sum(1 for s in range(1, max_steps + 1)
+               if s % eval_interval == 0 or s % checkpoint_interval == 0 or s == max_steps)
+
+
+def expected_trials(tune_cfg: TuneConfig, dims: list[spaces.Dimension]) -> int:
+    """Trials of a complete sweep: num_samples times every grid combination."""
+    total = tune_cfg.num_samples
+    for d in dims:
+        if d.kind == "grid":
+            total *= len(d.args)
+    return total
+
+
+def make_scheduler(tune_cfg: TuneConfig, train: TrainConfig, dims: list[spaces.Dimension]):
+    """ASHA over training iterations (one per report), or FIFO (no early stopping)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if tune_cfg.scheduler == "fifo":
+        return FIFOScheduler()
+    if tune_cfg.scheduler == "pbt":
+        # PBT exploits by cloning a better trial's checkpoint; Tune sees no checkpoints in the driver-function
+        # pattern (they stay in the run folders), so PBT would never exploit. Refused rather than silently inert.
+        raise ConfigError("tune.scheduler=pbt is not supported yet: trials' checkpoints live in their run folders "
+                          "and Tune cannot clone them (use asha or fifo)")
+    reports = reports_per_trial(bound(train, dims, "max_steps", max), bound(train, dims, "eval_interval_steps", min),
+                                bound(train, dims, "checkpoint_interval_steps", min))
+    if tune_cfg.grace_period >= reports:
+        log.warning("tune.grace_period=%d is not below the %d reports of a full trial: ASHA stops nothing",
+                    tune_cfg.grace_period, reports)
+    # ASHA stops every trial whose time reaches max_t; at the last report that would kill the trial's driver while
+    # it exports, so max_t is one beyond the last report and only rungs stop trials.
+    return ASHAScheduler(time_attr="training_iteration", max_t=reports + 1,
+                         grace_period=min(tune_cfg.grace_period, reports), reduction_factor=tune_cfg.reduction_factor)
+
+
+def make_search(tune_cfg: TuneConfig):
+    """None (Tune's random/grid variant generator) or Optuna's TPE sampler."""
+    if tune_cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=tune_cfg.seed)
+    return None
+
+
+def collect(grid, keys: list[str], sweep_name: str, storage_root: str) -> list[TrialRecord]:
+    """Tune's ResultGrid as TrialRecords: reports, params, status (finished = the run wrote its lineage)."""
+    import math
+    import os
+
+    trials = []
+    for result in grid:
+        trial_id = os.path.basename(str(result.path).rstrip("/"))  # trial_dirname_creator names it by trial id
+        df = result.metrics_dataframe
+        reports = []
+        if df is not None and len(df):
+            for row in df.to_dict("records"):
+                reports.append({k: v for k, v in row.items()
+                                if not (isinstance(v, float) and math.isnan(v)) and not k.startswith("config/")})
+        run_uri = storage.join(storage_root, "runs", run_name(sweep_name, trial_id))
+        export_uri = storage.join(run_uri, "export")
+        if result.error is not None:
+            status = ERROR
+        elif storage.exists(storage.join(run_uri, "lineage.json")) and storage.exists(
+                storage.join(export_uri, "config.json")):
+            status = FINISHED
+        else:
+            status = STOPPED
+        error = str(result.error).strip().splitlines()[-1][:200] if result.error is not None else None
+        trials.append(TrialRecord(trial_id=trial_id, params=spaces.flatten_params(result.config or {}, keys),
+                                  reports=reports, status=status, error=error, run_uri=run_uri,
+                                  export_uri=export_uri if status == FINISHED else None))
+    return sorted(trials, key=lambda t: t.trial_id)
+
+
+def register_winner(storage_root: str, name: str, winner: TrialRecord, tune_cfg: TuneConfig, sweep_uri: str):
+    """Register the winner's export with its run's lineage plus the sweep (name, uri, trial, params, metric)."""
+    from llm_platform import registry
+
+    lineage = dict(storage.read_json(storage.join(winner.run_uri, "lineage.json")))  # type: ignore[arg-type]
+    lineage["sweep"] = {"name": tune_cfg.name, "uri": sweep_uri, "trial_id": winner.trial_id,
+                        "params": winner.params, "metric": tune_cfg.metric, "mode": tune_cfg.mode,
+                        "value": winner.last(tune_cfg.metric)}
+    version = registry.register(storage_root, name, winner.export_uri, lineage)  # type: ignore[arg-type]
+    log.info("registered the winner %s as %s %s", winner.trial_id, version.name, version.version)
+    return version

@@ -1,0 +1,136 @@
+"""Tune stage on the local Ray: real sweeps of a tiny GPT-2 (1 worker per trial, 2 trials at once).
+
+- ASHA stops the trial with a tiny learning rate early; the registered winner is the finished trial with the
+  lowest validation loss, with the right LATEST pointer and lineage; summary files are written.
+- A trial that raises (a bad `train.schedule`) is retried, then recorded as errored without killing the sweep; a
+  sweep interrupted after a finished trial resumes (`tune.resume=true`) without rerunning it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+
+import pytest
+from ray.tune import Callback
+
+from llm_platform import registry
+from llm_platform.config.model import ModelConfig
+from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.tune import TuneConfig
+from llm_platform.errors import StageError
+from llm_platform.tune.driver import run_sweep
+from train_fixtures import make_dataset
+
+# A sweep is several Ray Train runs; on the shared, overloaded CI box one trial's first validation alone can take
+# minutes (Ray Data start-up), so these tests get more than the suite's 900 s default.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(2400)]
+
+MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
+TRAIN = TrainConfig(max_steps=20, micro_batch_size=4, log_interval_steps=5, eval_interval_steps=5,
+                    checkpoint_interval_steps=10, eval_batches=2, warmup_steps=2, lr=3e-3, parallelism="none",
+                    keep_checkpoints=1)
+SCALING = ScalingConfig(num_workers=1, cpus_per_worker=1)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("data")), "pretrain", seq_len=32)
+
+
+def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_path):
+    root = str(tmp_path / "store")
+    # The tiny learning rate comes last, so the two good trials have set ASHA's first rung when it reports.
+    cfg = TuneConfig(name="lr-sweep", space={"train.lr": {"grid": [1e-2, 3e-3, 1e-6]}}, num_samples=1,
+                     max_concurrent_trials=2, scheduler="asha", grace_period=1, reduction_factor=2,
+                     register_as="tiny-tuned", verbose=0)
+    result = run_sweep(cfg, MODEL, TRAIN, SCALING, dataset, root)
+
+    by_lr = {t.params["train.lr"]: t for t in result.trials}
+    assert set(by_lr) == {1e-2, 3e-3, 1e-6}
+    bad = by_lr[1e-6]
+    assert bad.status == "stopped" and bad.iterations < 4, (bad.status, bad.reports)
+    # ASHA is asynchronous: of the two good trials running together, the one behind at a rung may be stopped too.
+    finished = [t for t in result.trials if t.status == "finished"]
+    assert finished and all(t.iterations == 4 and t.reports[-1]["step"] == 20 for t in finished)
+    assert all(t.params["train.lr"] != 1e-6 for t in finished)
+
+    # The winner: the lowest final val/loss, recomputed here from the sweep's own trials.jsonl.
+    sweep_dir = os.path.join(root, "sweeps", "lr-sweep")
+    lines = [json.loads(line) for line in open(os.path.join(sweep_dir, "trials.jsonl"))]
+    final = {}
+    for line in lines:
+        if line["status"] == "finished" and "val/loss" in line["metrics"]:
+            final[line["trial_id"]] = line["metrics"]["val/loss"]  # in report order: the last one stays
+    expected = min(final, key=final.get)
+    assert result.winner.trial_id == expected
+    assert {line["trial_id"] for line in lines} == {t.trial_id for t in result.trials}
+
+    # Registry: v0001 is LATEST, holds the winner's export, and its lineage names the sweep and trial.
+    version = registry.latest(root, "tiny-tuned")
+    assert version.version == "v0001" == result.model_version.version
+    lineage = version.lineage
+    assert lineage["sweep"]["trial_id"] == expected and lineage["sweep"]["name"] == "lr-sweep"
+    assert lineage["sweep"]["params"] == {"train.lr": result.winner.params["train.lr"]}
+    assert lineage["sweep"]["uri"] == os.path.join(root, "sweeps", "lr-sweep")
+    assert lineage["run"]["name"] == f"lr-sweep-{expected}"
+    assert lineage["run"]["config"]["train"]["lr"] == result.winner.params["train.lr"]
+    assert lineage["run"]["metrics"]["val/loss"] == pytest.approx(final[expected])
+    assert lineage["dataset"]["manifest_sha256"] and lineage["code_version"]
+    assert os.path.exists(os.path.join(version.uri, "config.json"))
+    assert os.path.exists(os.path.join(version.uri, "model.safetensors"))
+
+    rows = list(csv.DictReader(open(os.path.join(sweep_dir, "summary.csv"))))
+    assert sorted(r["status"] for r in rows) == sorted(t.status for t in result.trials)
+    assert os.path.getsize(os.path.join(sweep_dir, "curves.png")) > 5000
+    record = json.load(open(os.path.join(sweep_dir, "sweep.json")))
+    assert record["winner"]["trial_id"] == expected
+    assert record["trials"] == {"finished": len(finished), "stopped": 3 - len(finished), "error": 0}
+
+    # The same sweep again is already done: nothing reruns, nothing new is registered.
+    again = run_sweep(cfg, MODEL, TRAIN, SCALING, dataset, root)
+    assert again.record["winner"]["trial_id"] == expected
+    assert [v.version for v in registry.list_versions(root, "tiny-tuned")] == ["v0001"]
+
+
+class InterruptOnce(Callback):
+    """Interrupts the sweep (as Ctrl+C would) when the first trial completes; a marker file makes it fire once
+    even after Tune restores this callback on resume."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").write(trial.trial_id)
+            signal.raise_signal(signal.SIGUSR1)  # Tune's handler: stop, save the experiment state
+
+
+def test_failing_trial_and_interrupted_sweep_resume(ray_session, dataset, tmp_path):
+    root = str(tmp_path / "store")
+    marker = str(tmp_path / "interrupted")
+    cfg = TuneConfig(name="resumable", space={"train.schedule": {"grid": ["bogus", "cosine", "linear"]}},
+                     num_samples=1, max_concurrent_trials=1, scheduler="fifo", max_trial_failures=1,
+                     resume_errored=False, verbose=0)
+    with pytest.raises(StageError, match="tune.resume=true"):
+        run_sweep(cfg, MODEL, TRAIN, SCALING, dataset, root, callbacks=[InterruptOnce(marker)])
+    first_done = open(marker).read()
+    first_run = os.path.join(root, "runs", f"resumable-{first_done}")
+    lineage_mtime = os.path.getmtime(os.path.join(first_run, "lineage.json"))
+    metrics_before = open(os.path.join(first_run, "metrics.jsonl")).read()
+
+    cfg.resume = True
+    result = run_sweep(cfg, MODEL, TRAIN, SCALING, dataset, root)
+    by_schedule = {t.params["train.schedule"]: t for t in result.trials}
+    assert set(by_schedule) == {"bogus", "cosine", "linear"}
+    assert by_schedule["bogus"].status == "error" and "train.schedule" in by_schedule["bogus"].error
+    assert by_schedule["cosine"].status == "finished" and by_schedule["linear"].status == "finished"
+    # The trial finished before the interruption was not rerun: same run record, same metrics, one set of reports.
+    assert by_schedule["cosine"].trial_id == first_done
+    assert os.path.getmtime(os.path.join(first_run, "lineage.json")) == lineage_mtime
+    assert open(os.path.join(first_run, "metrics.jsonl")).read() == metrics_before
+    assert [r["training_iteration"] for r in by_schedule["cosine"].reports] == [1, 2, 3, 4]
+    assert result.winner.trial_id in {by_schedule["cosine"].trial_id, by_schedule["linear"].trial_id}
+    assert registry.latest(root, "tiny").lineage["sweep"]["trial_id"] == result.winner.trial_id
