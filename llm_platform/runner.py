@@ -97,7 +97,7 @@ def run_all(cfg: PlatformConfig) -> RunSummary:
         if cfg.run.use_tune:
             from llm_platform.tune.driver import run_sweep
 
-            sweep = run_sweep(cfg, dataset_uri)
+            sweep = run_sweep(cfg.tune, cfg.model, cfg.train, cfg.scaling, dataset_uri, root)
             return sweep, False, sweep.uri
         from llm_platform.train.launcher import finished_run, launch
 
