@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_run_end_to_end_then_everything_is_skipped(ray_session, tmp_path):
     from ray import serve
 
-    from tests.conftest import free_port
+    from conftest import free_port
 
     root = str(tmp_path / "store")
     overrides = ["debug=smoke", f"storage.root={root}", f"serve.port={free_port()}", "run.keep_serving=false",
