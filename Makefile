@@ -29,8 +29,9 @@ $(CHECKS_VENV)/.installed:
 	$(CHECKS_VENV)/bin/pip install -q checkov==$(CHECKOV_VERSION)
 	touch $@
 
+# The main job end to end on the embedded default: data -> train -> register -> eval -> serve -> a sample query.
 demo: setup
-	$(VENV)/bin/llm-platform data debug=smoke
+	$(VENV)/bin/llm-platform run debug=smoke run.keep_serving=false
 
 test: setup setup-checks
 	$(PY) -m pytest -q -ra
