@@ -154,12 +154,19 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
 
 
 def _unwrap(error: BaseException) -> BaseException:
-    seen = error
+    """The DataError a Ray worker raised (Ray wraps it in RayTaskError and UserCodeException), or `error` itself."""
+    import re
+
+    seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, DataError):
-            return DataError(str(seen).splitlines()[-1] if "\n" in str(seen) else str(seen))
-        seen = getattr(seen, "cause", None) or seen.__cause__
-    return error
+        cause = getattr(seen, "cause", None)
+        if isinstance(cause, DataError) and cause.args:
+            return DataError(str(cause.args[0]))
+        if type(seen) is DataError:
+            return seen
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    found = re.search(r"DataError: (.+)", str(error))
+    return DataError(found.group(1).strip()) if found else error
 
 
 # ----------------------------------------------------------------------------------------------- read + clean

@@ -22,9 +22,11 @@ def test_minhash_estimates_jaccard():
     assert np.array_equal(s0, dedup.signature(base, a, b, 5))  # deterministic
 
 
-def test_lsh_params_fit_num_perm():
+def test_lsh_params_fit_num_perm_and_favour_recall():
     bands, rows = dedup.lsh_params(0.8, 128)
     assert bands * rows <= 128 and bands > 1 and rows > 1
+    candidate = lambda s: 1 - (1 - s ** rows) ** bands  # noqa: E731
+    assert candidate(0.83) > 0.9 and candidate(0.5) < 0.05
 
 
 def test_block_duplicates_exact_keeps_smallest_id():
