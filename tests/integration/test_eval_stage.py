@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -92,30 +93,22 @@ def test_run_eval_writes_a_complete_report(ray_session, world):
     assert "![Training and validation loss](loss_curves.png)" in md and "val/perplexity" in md
 
 
-def _cli(monkeypatch, *overrides: str) -> int:
-    """Run `llm-platform eval <overrides>` in this process (Ray is already up); returns the exit code."""
-    from llm_platform.commands import evaluate
+def _cli(*overrides: str) -> tuple[int, str]:
+    """Run `llm-platform eval <overrides>` in a subprocess; returns (exit code, stdout + stderr).
 
-    monkeypatch.setattr(sys, "argv", ["llm-platform eval", *overrides])
-    root = logging.getLogger()
-    # Hydra configures logging to the (captured) stdout of this test; put the handlers back afterwards so later
-    # log calls do not write to a closed capture stream.
-    saved = root.handlers[:], root.level
-    try:
-        evaluate.main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-    return 0
+    A subprocess, not an in-process call: Hydra reconfigures the root logger on the (captured) stdout, and a
+    later write to that closed stream killed the whole pytest process.
+    """
+    proc = subprocess.run([sys.executable, "-m", "llm_platform", "eval", *overrides], capture_output=True,
+                          text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_gate_fails_on_a_planted_regression(world, monkeypatch, capsys):
+def test_gate_fails_on_a_planted_regression(world):
     common = [f"storage.root={world['root']}", f"eval.model={world['model']}", f"eval.tasks_uri={world['tasks']}",
               "eval.name=gate", "eval=inprocess", "eval.max_new_tokens=4", "eval.bias.bootstrap_samples=100",
               "eval.robustness.enabled=false"]
-    assert _cli(monkeypatch, *common) == 0
+    assert _cli(*common)[0] == 0
     stored = os.path.join(world["root"], "evals", "tiny", "v0002", "gate", "metrics.json")
     record = json.load(open(stored))
     # A baseline version that was clearly better on a guard metric, and one that was the same.
@@ -123,12 +116,11 @@ def test_gate_fails_on_a_planted_regression(world, monkeypatch, capsys):
         better = dict(record, metrics=dict(record["metrics"], **{"val/perplexity":
                                                                  record["metrics"]["val/perplexity"] * factor}))
         storage.write_json(os.path.join(world["root"], "evals", "tiny", version, "gate", "metrics.json"), better)
-    capsys.readouterr()
-    assert _cli(monkeypatch, *common, "eval.compare_to=v0001") == 1
-    printed = capsys.readouterr().out
+    code, printed = _cli(*common, "eval.compare_to=v0001")
+    assert code == 1
     assert "val/perplexity *" in printed and "FAILED" in printed and "+100.0" in printed
-    assert _cli(monkeypatch, *common, "eval.compare_to=v0000") == 0
-    assert "PASSED" in capsys.readouterr().out
+    code, printed = _cli(*common, "eval.compare_to=v0000")
+    assert code == 0 and "PASSED" in printed
 
 
 @pytest.mark.parametrize("content,match", [
@@ -136,8 +128,7 @@ def test_gate_fails_on_a_planted_regression(world, monkeypatch, capsys):
     ('{"prompt": "a", "references": ["b"]}\n{"prompt": \n', "tasks.jsonl:2: not valid JSON"),
     ('{"prompt": "a", "references": ["b"]}\n{"prompt": "c", "refs": ["d"]}\n', "tasks.jsonl:2: missing `references`"),
 ])
-def test_bad_task_file_names_file_and_line_and_loses_nothing(world, tmp_path, monkeypatch, caplog, capsys,
-                                                             content, match):
+def test_bad_task_file_names_file_and_line_and_loses_nothing(world, tmp_path, content, match):
     from llm_platform.evaluate import run_eval
 
     out = str(tmp_path / "out")
@@ -148,16 +139,14 @@ def test_bad_task_file_names_file_and_line_and_loses_nothing(world, tmp_path, mo
     with pytest.raises(DataError, match=match):
         run_eval(EvalConfig(model=world["model"], tasks_uri=str(bad), output_uri=out), world["root"])
     assert os.listdir(out) == ["metrics.json"]  # the earlier evaluation is untouched
-    with caplog.at_level(logging.ERROR):
-        code = _cli(monkeypatch, f"storage.root={world['root']}", f"eval.model={world['model']}",
-                    f"eval.tasks_uri={bad}", "eval=inprocess")
-    assert code == 2 and match in caplog.text + capsys.readouterr().out
+    code, printed = _cli(f"storage.root={world['root']}", f"eval.model={world['model']}", f"eval.tasks_uri={bad}",
+                         "eval=inprocess")
+    assert code == 2 and match in printed
 
 
-def test_missing_model_is_named(world, monkeypatch, caplog, capsys):
-    with caplog.at_level(logging.ERROR):
-        code = _cli(monkeypatch, f"storage.root={world['root']}", "eval.model=registry:ghost/v0009", "eval=inprocess")
-    assert code == 2 and "registry:ghost/v0009" in caplog.text + capsys.readouterr().out
+def test_missing_model_is_named(world):
+    code, printed = _cli(f"storage.root={world['root']}", "eval.model=registry:ghost/v0009", "eval=inprocess")
+    assert code == 2 and "registry:ghost/v0009" in printed
     with pytest.raises(StageError, match="/no/such/model"):
         from llm_platform.evaluate import run_eval
 
