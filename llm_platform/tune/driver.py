@@ -267,6 +267,18 @@ def make_search(tune_cfg: TuneConfig):
     return None
 
 
+def _saved_params(result) -> dict:
+    """The trial folder's `params.json` (what Tune wrote when the trial started), or {}."""
+    import json
+
+    try:
+        fs = result.filesystem
+        with fs.open_input_stream(str(result.path).rstrip("/") + "/params.json") as f:
+            return json.loads(f.read())
+    except Exception:  # noqa: BLE001 - a missing or unreadable file leaves the params unknown, as before
+        return {}
+
+
 def collect(grid, keys: list[str], sweep_name: str, storage_root: str) -> list[TrialRecord]:
     """Tune's ResultGrid as TrialRecords: reports, params, status (finished = the run wrote its lineage)."""
     import math
@@ -291,7 +303,11 @@ def collect(grid, keys: list[str], sweep_name: str, storage_root: str) -> list[T
         else:
             status = STOPPED
         error = str(result.error).strip().splitlines()[-1][:200] if result.error is not None else None
-        trials.append(TrialRecord(trial_id=trial_id, params=spaces.flatten_params(result.config or {}, keys),
+        params = spaces.flatten_params(result.config or {}, keys)
+        if all(v is None for v in params.values()):
+            # A restored trial that errored before the restore has no config on its Result; Tune kept its params.json.
+            params = spaces.flatten_params(_saved_params(result), keys)
+        trials.append(TrialRecord(trial_id=trial_id, params=params,
                                   reports=reports, status=status, error=error, run_uri=run_uri,
                                   export_uri=export_uri if status == FINISHED else None))
     return sorted(trials, key=lambda t: t.trial_id)
