@@ -431,6 +431,11 @@ def _pack_shard(df, params: dict):
 
 
 # -------------------------------------------------------------------------------------------------- manifest
+def _empty_split() -> dict[str, Any]:
+    return {"files": [], "num_records": 0, "num_tokens": 0, "documents": 0, "tokens_in": 0, "remainder_tokens": 0,
+            "skipped_prompt_too_long": 0}
+
+
 def _manifest(cfg, tok, fp, inputs, missing, work, dups, tok_record, shards, timings) -> dict:
     counts: dict[str, Any] = {"files": len(inputs), "records_in": 0, "dropped": {}, "pii_replacements": 0}
     skipped: list[dict] = list(missing)
@@ -453,8 +458,7 @@ def _manifest(cfg, tok, fp, inputs, missing, work, dups, tok_record, shards, tim
     token_counts = np.zeros(tok_record["vocab_size"], dtype=np.int64)
     hist = np.zeros(len(pack.LENGTH_EDGES) - 1, dtype=np.int64)
     for s in sorted(shards, key=lambda r: r["shard"]):
-        split = splits.setdefault(s["split"], {"files": [], "num_records": 0, "num_tokens": 0, "documents": 0,
-                                               "tokens_in": 0, "remainder_tokens": 0, "skipped_prompt_too_long": 0})
+        split = splits.setdefault(s["split"], _empty_split())
         if s["records"]:
             split["files"].append(s["file"])
         split["num_records"] += int(s["records"])
@@ -467,8 +471,7 @@ def _manifest(cfg, tok, fp, inputs, missing, work, dups, tok_record, shards, tim
             token_counts += np.asarray(s["token_counts"], dtype=np.int64)
             hist += np.asarray(s["length_hist"], dtype=np.int64)
     for name in ("train", "val"):
-        splits.setdefault(name, {"files": [], "num_records": 0, "num_tokens": 0, "documents": 0, "tokens_in": 0,
-                                 "remainder_tokens": 0, "skipped_prompt_too_long": 0})
+        splits.setdefault(name, _empty_split())
     counts["documents_kept"] = sum(s["documents"] for s in splits.values())
     total = max(1, int(token_counts.sum()))
     return {
