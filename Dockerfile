@@ -28,6 +28,8 @@ RUN pip install --no-cache-dir "${TORCH}" \
 # No LLM_PLATFORM_CONF: the editable install finds /app/conf by itself, and a job submitted with a working_dir
 # must find the conf/ it uploaded, which an image-wide LLM_PLATFORM_CONF would override.
 ENV TOKENIZERS_PARALLELISM=false
+# Serve's HTTP proxy (on every node) answers its own errors (full queue, dead replica) in OpenAI's JSON shape.
+ENV RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=llm_platform.serve.proxy:middlewares
 
 # Storage settings (LLM_PLATFORM_BUCKET, AWS_REGION) come from the pod or VM; credentials from IRSA or the
 # instance role. None is baked into the image.

@@ -43,6 +43,11 @@ def connect(cfg: ClusterConfig | None = None) -> str:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=cfg.log_to_driver)
         return address
+    # Serve's HTTP proxy reads this at start-up: its own plain-text errors become OpenAI-shaped (serve/proxy.py).
+    # A local Ray's processes inherit the driver's environment; cluster images set it themselves (Dockerfile).
+    from llm_platform.serve.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     temp_dir = cfg.temp_dir or os.environ.get("RAY_TMPDIR")
     if temp_dir:
         os.makedirs(temp_dir, exist_ok=True)

@@ -73,3 +73,23 @@ def ray_session(s3_server):
     cluster.connect(ClusterConfig(num_cpus=8, log_to_driver=False))
     yield ray
     ray.shutdown()
+
+
+_RELIABILITY_FIGURES: list[tuple[str, dict]] = []
+
+
+@pytest.fixture
+def reliability_report():
+    """`reliability_report(scenario, **figures)`: figures printed at the end of the run (the README quotes them)."""
+
+    def record(scenario: str, **figures):
+        _RELIABILITY_FIGURES.append((scenario, figures))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _RELIABILITY_FIGURES:
+        terminalreporter.section("reliability figures")
+        for scenario, figures in _RELIABILITY_FIGURES:
+            terminalreporter.write_line(f"{scenario}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))

@@ -1,5 +1,6 @@
-"""The Serve app on the session's local Ray: the openai client, errors and auth, backpressure, a killed replica,
-drift, and a schemathesis run over the app's OpenAPI schema that must find no 5xx."""
+"""The Serve app on the session's local Ray: the openai client, errors and auth, backpressure, drift, a rolling
+update, and a schemathesis run over the app's OpenAPI schema that must find no 5xx. (A replica killed under load is
+in tests/reliability/test_serve_load.py.)"""
 
 from __future__ import annotations
 
@@ -129,37 +130,11 @@ def test_backpressure_answers_429_with_retry_after(served):
     codes = [r.status_code for r in responses]
     assert 200 in codes and 429 in codes and not any(code >= 500 for code in codes), codes
     assert all(r.headers.get("retry-after") == "2" for r in responses if r.status_code == 429)
-
-
-def test_killed_replica_is_replaced(served):
-    import ray
-    from ray import serve
-
-    def replicas():
-        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                      if a["name"].startswith("SERVE_REPLICA::main#"))
-
-    before = replicas()
-    assert len(before) == 2
-    c = client(served)
-    with cf.ThreadPoolExecutor(4) as pool:
-        traffic = [pool.submit(lambda: c.completions.create(model="tiny", prompt="the dog", max_tokens=16))
-                   for _ in range(16)]
-        time.sleep(0.5)
-        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
-        outcomes = [f.exception() is None for f in traffic]
-    assert any(outcomes)  # traffic kept flowing on the surviving replica
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        now = replicas()
-        status = serve.status().applications["main"].deployments["openai"]
-        if len(now) == 2 and before[0] not in now and status.status == "HEALTHY":
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"replica not replaced: {replicas()}")
-    for _ in range(6):  # later requests all succeed
-        assert c.completions.create(model="tiny", prompt="the dog", max_tokens=4).choices
+    # Rejections by Serve's queue (max_queued_requests) are written by the proxy: still OpenAI's shape.
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["content-type"] == "application/json"
+            assert r.json()["error"]["type"] == "rate_limit_error", r.text
 
 
 def test_drift_low_in_distribution_then_high_when_shifted(served):

@@ -1,0 +1,97 @@
+"""The proxy middleware that gives Serve's own plain-text errors OpenAI's shape (no Ray: a stand-in ASGI app)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from llm_platform.serve.proxy import OpenAIErrorShape, middlewares
+
+
+async def _plain(request):
+    status = int(request.path_params["status"])
+    headers = {"Retry-After": "7"} if request.query_params.get("retry") else {}
+    return PlainTextResponse(f"plain {status} from the proxy", status_code=status, headers=headers)
+
+
+async def _json(request):
+    return JSONResponse({"error": {"message": "bad temperature", "type": "invalid_request_error",
+                                   "param": "temperature", "code": None}}, status_code=400)
+
+
+async def _stream(request):
+    async def chunks():
+        for i in range(3):
+            yield f"data: {i}\n\n".encode()
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+APP = Starlette(routes=[Route("/plain/{status}", _plain), Route("/json", _json), Route("/stream", _stream)])
+
+
+def get(path: str, app=APP) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=OpenAIErrorShape(app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as c:
+            return await c.get(path)
+
+    return asyncio.run(go())
+
+
+def test_dead_replica_500_becomes_retryable_503_in_openai_shape():
+    r = get("/plain/500")
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1" and r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == "replica_failed" and "plain 500 from the proxy" in err["message"]
+    assert int(r.headers["content-length"]) == len(r.content)
+
+
+async def _no_response(scope, receive, send):
+    """What Serve 2.60's proxy does when the replica handling the request dies: it returns without a response."""
+
+
+async def _raises(scope, receive, send):
+    raise RuntimeError("proxy bug")
+
+
+@pytest.mark.parametrize("app", [_no_response, _raises], ids=["no-response", "raises"])
+def test_a_request_ended_without_a_response_gets_a_retryable_503(app):
+    r = get("/v1/completions", app=app)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "replica_failed" and r.json()["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize("status,kind,code", [(429, "rate_limit_error", "overloaded"),
+                                              (503, "server_error", "unavailable")])
+def test_backpressure_keeps_status_and_its_retry_after(status, kind, code):
+    r = get(f"/plain/{status}?retry=1")
+    assert r.status_code == status and r.headers["retry-after"] == "7"
+    assert r.json()["error"]["type"] == kind and r.json()["error"]["code"] == code
+
+
+def test_unknown_route_and_timeout_keep_their_codes():
+    assert get("/plain/404").json()["error"]["code"] == "not_found"
+    r = get("/plain/408")
+    assert r.status_code == 408 and "retry-after" not in r.headers
+
+
+def test_app_json_errors_and_streams_pass_through_untouched():
+    r = get("/json")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = get("/stream")
+    assert r.status_code == 200 and r.text == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+def test_callback_returns_starlette_middlewares():
+    from starlette.middleware import Middleware
+
+    (mw,) = middlewares()
+    assert isinstance(mw, Middleware) and mw.cls is OpenAIErrorShape
