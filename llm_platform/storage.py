@@ -39,6 +39,28 @@ def configure(cfg: StorageConfig | dict | None) -> None:
     _filesystems.clear()
 
 
+@contextmanager
+def using(driver_settings: dict[str, Any] | None) -> Iterator[None]:
+    """Use these storage settings (from `settings()` on the driver) for a block, then restore the previous ones.
+
+    For Ray tasks: a pooled worker process runs tasks of many stages and runs, and the endpoint its job started
+    with may not be the one this run's driver uses, so a task takes the driver's settings as an argument and must
+    not leave them behind for the next task.
+    """
+    saved = dict(_settings), {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+    configure(driver_settings)
+    try:
+        yield
+    finally:
+        _settings.update(saved[0])
+        for key, value in saved[1].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _filesystems.clear()
+
+
 def settings() -> dict[str, Any]:
     """The storage settings in force (endpoint, region, retries) as a plain dict for Ray workers."""
     return {
@@ -100,7 +122,7 @@ def pyarrow_filesystem(uri: str):
     import pyarrow.fs as pafs
 
     if is_remote(uri):
-        opts: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(_settings["retries"]))}
+        opts: dict[str, Any] = {}
         if endpoint_url():
             opts["endpoint_override"] = endpoint_url()
             if endpoint_url().startswith("http://"):
@@ -108,8 +130,33 @@ def pyarrow_filesystem(uri: str):
         region = settings()["region"]
         if region:
             opts["region"] = region
-        return pafs.S3FileSystem(**opts), uri.split("://", 1)[1]
+        return _pyarrow_s3(opts, int(_settings["retries"])), uri.split("://", 1)[1]
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(_strip_file(uri)))
+
+
+_RetryingS3FileSystem: Any = None
+
+
+def _pyarrow_s3(options: dict[str, Any], max_attempts: int):
+    """A `pyarrow.fs.S3FileSystem` that keeps its retry strategy when pickled.
+
+    pyarrow's own `S3FileSystem.__reduce__` keeps the connection options but drops `retry_strategy`, so the copy
+    that Ray Data and Ray Train ship to their workers (which do the reads, the parquet writes and the checkpoint
+    uploads) would run with pyarrow's default strategy (3 attempts) instead of `retries` attempts. The subclass rebuilds itself through this
+    function on the other side. It is defined on first use so that importing this module does not import pyarrow.
+    """
+    import pyarrow.fs as pafs
+
+    global _RetryingS3FileSystem
+    if _RetryingS3FileSystem is None:
+        class RetryingS3FileSystem(pafs.S3FileSystem):
+            def __reduce__(self):
+                return _pyarrow_s3, (self.llmp_options, self.llmp_max_attempts)
+
+        _RetryingS3FileSystem = RetryingS3FileSystem
+    fs = _RetryingS3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **options)
+    fs.llmp_options, fs.llmp_max_attempts = dict(options), max_attempts
+    return fs
 
 
 def join(uri: str, *parts: str) -> str:

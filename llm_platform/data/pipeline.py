@@ -27,7 +27,7 @@ from llm_platform.config.data import DataConfig
 from llm_platform.config.tokenizer import TokenizerConfig
 from llm_platform.data import clean, dedup, pack, sample, sources
 from llm_platform.data import tokenizer as tokenizers
-from llm_platform.data.dataset import MANIFEST
+from llm_platform.data.dataset import MANIFEST, read_parquet
 from llm_platform.data.report import summary_table
 from llm_platform.errors import ConfigError, DataError
 
@@ -183,7 +183,8 @@ def _read_and_clean(inputs: list[dict], cfg: DataConfig, work: str, resumed: lis
     spec = sources.ReadSpec.from_config(cfg)
     ds = ray.data.from_items(files, override_num_blocks=len(files))
     # One file per read task; generator batches keep a task's memory bounded however large its file is.
-    ds = ds.map_batches(_read_task, batch_size=1, fn_kwargs={"spec": spec}, num_cpus=0.5)
+    ds = ds.map_batches(_read_task, batch_size=1, fn_kwargs={"spec": spec, "settings": storage.settings()},
+                        num_cpus=0.5)
     ds = ds.map_batches(_clean_batch, batch_format="pandas", num_cpus=0.5,
                         fn_kwargs={"form": cfg.normalize, "pii": cfg.scrub_pii, "filters": cfg.filters})
     fs, path = storage.pyarrow_filesystem(storage.join(work, "clean"))
@@ -191,10 +192,11 @@ def _read_and_clean(inputs: list[dict], cfg: DataConfig, work: str, resumed: lis
     storage.write_text(marker, "")
 
 
-def _read_task(batch: dict, spec: sources.ReadSpec):
+def _read_task(batch: dict, spec: sources.ReadSpec, settings: dict):
     batch = {k: list(v) for k, v in batch.items()}
     batch["compression"] = [c or None for c in batch["compression"]]
-    yield from sources.read_many(batch, spec)
+    with storage.using(settings):  # the driver's endpoint, not the one this pooled worker started with
+        yield from sources.read_many(batch, spec)
 
 
 def _clean_batch(df, form: str, pii: bool, filters):
@@ -208,10 +210,8 @@ def _clean_batch(df, form: str, pii: bool, filters):
 
 
 def _read_clean(work: str, columns: list[str]):
-    import ray.data
-
     fs, path = storage.pyarrow_filesystem(storage.join(work, "clean"))
-    return ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
+    return read_parquet(path, fs, columns=columns, file_extensions=["parquet"])  # V1 reader: see its docstring
 
 
 # ----------------------------------------------------------------------------------------------------- dedup
@@ -348,7 +348,7 @@ def _pack(cfg: DataConfig, inputs: list[dict], work: str, out: str, dups: dict, 
     params = {"kind": cfg.kind, "seq_len": cfg.seq_len, "target_len": cfg.target_len, "out": out, "work": work,
               "tokenizer_uri": storage.join(out, "tokenizer"), "eos": tok_record["eos_token_id"],
               "pad": tok_record["pad_token_id"], "vocab": tok_record["vocab_size"],
-              "batch": cfg.tokenize_batch_size}
+              "batch": cfg.tokenize_batch_size, "storage": storage.settings()}
     # One group per output shard: map_groups sees a whole shard, so leftovers carry over inside it.
     stats = docs.groupby("shard", num_partitions=max(1, sum(counts.values()))).map_groups(
         _pack_shard, batch_format="pandas", fn_kwargs={"params": params}, num_cpus=0.5)
@@ -374,6 +374,11 @@ def _encode(uri: str, texts: list[str]) -> list[list[int]]:
 
 
 def _pack_shard(df, params: dict):
+    with storage.using(params["storage"]):  # the driver's endpoint, not the one this pooled worker started with
+        return _pack_one_shard(df, params)
+
+
+def _pack_one_shard(df, params: dict):
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -438,7 +443,10 @@ def _empty_split() -> dict[str, Any]:
 
 def _manifest(cfg, tok, fp, inputs, missing, work, dups, tok_record, shards, timings) -> dict:
     counts: dict[str, Any] = {"files": len(inputs), "records_in": 0, "dropped": {}, "pii_replacements": 0}
-    skipped: list[dict] = list(missing)
+    # The sample of skipped records is the first ones by (file, line), not the first ones Ray Data happens to
+    # stream back (its block order varies from run to run), so the same inputs always give the same manifest.
+    limit = max(0, cfg.max_records_reported - len(missing))
+    dropped: list[dict] = []
     for batch in _read_clean(work, ["source", "line", "drop_reason", "detail", "pii_replacements"]).iter_batches(
             batch_format="numpy", batch_size=65536):
         counts["records_in"] += len(batch["drop_reason"])
@@ -446,9 +454,11 @@ def _manifest(cfg, tok, fp, inputs, missing, work, dups, tok_record, shards, tim
         reasons, freq = np.unique(batch["drop_reason"][batch["drop_reason"] != ""], return_counts=True)
         for reason, n in zip(reasons, freq):
             counts["dropped"][str(reason)] = counts["dropped"].get(str(reason), 0) + int(n)
-        for i in np.nonzero(batch["drop_reason"] != "")[0][: max(0, cfg.max_records_reported - len(skipped))]:
-            skipped.append({"source": str(batch["source"][i]), "line": int(batch["line"][i]),
-                            "reason": str(batch["detail"][i] or batch["drop_reason"][i])})
+        rows = sorted(np.nonzero(batch["drop_reason"] != "")[0], key=lambda i: (batch["source"][i], batch["line"][i]))
+        dropped += [{"source": str(batch["source"][i]), "line": int(batch["line"][i]),
+                     "reason": str(batch["detail"][i] or batch["drop_reason"][i])} for i in rows[:limit]]
+        dropped = sorted(dropped, key=lambda r: (r["source"], r["line"]))[:limit]
+    skipped = list(missing) + dropped
     for m in missing:
         reason = m["reason"].split(":")[0]
         counts["dropped"][reason] = counts["dropped"].get(reason, 0) + 1

@@ -62,6 +62,10 @@ def list_inputs(patterns: list[str], fmt: str = "auto") -> tuple[list[dict], lis
 
     Returns:
         (inputs, missing): inputs as {uri, format, compression, size, marker}; missing as {source, reason}.
+
+    Raises:
+        DataError: the store denied access to a source. Unlike a missing path this is never skipped (whatever
+            `data.on_error` says): a dataset silently built without a whole source would look complete.
     """
     inputs: list[dict] = []
     missing: list[dict] = []
@@ -69,8 +73,7 @@ def list_inputs(patterns: list[str], fmt: str = "auto") -> tuple[list[dict], lis
         try:
             uris = _expand(pattern)
         except PermissionError as e:
-            missing.append({"source": pattern, "line": 0, "reason": f"permission_denied: {e}"})
-            continue
+            raise access_denied(pattern, e) from None
         except OSError as e:
             missing.append({"source": pattern, "line": 0, "reason": f"unreadable: {e}"})
             continue
@@ -84,10 +87,25 @@ def list_inputs(patterns: list[str], fmt: str = "auto") -> tuple[list[dict], lis
                 continue
             meta = {"uri": uri, "format": file_fmt, "compression": compression, "size": 0, "marker": ""}
             if file_fmt != "hf":
-                meta.update({k: v for k, v in storage.info(uri).items() if k in ("size", "marker")})
+                try:  # listing a bucket can be allowed while reading its objects is not
+                    details = storage.info(uri)
+                except PermissionError as e:
+                    raise access_denied(uri, e) from None
+                meta.update({k: v for k, v in details.items() if k in ("size", "marker")})
             inputs.append(meta)
     inputs.sort(key=lambda m: m["uri"])
     return inputs, missing
+
+
+def access_denied(uri: str, error: BaseException) -> DataError:
+    """The error for a source the store will not let us list or read, naming the URI and (S3) the bucket."""
+    detail = str(error).strip() or type(error).__name__
+    if storage.is_remote(uri):
+        bucket = uri.split("://", 1)[1].split("/", 1)[0]
+        return DataError(f"{uri}: access denied to S3 bucket '{bucket}' ({detail}). The credentials in use may not "
+                         f"list or read it: grant them s3:ListBucket and s3:GetObject there, or change data.sources")
+    return DataError(f"{uri}: access denied by the file system ({detail}). Make it readable by this user, or "
+                     f"change data.sources")
 
 
 def _expand(pattern: str) -> list[tuple[str, str]]:
@@ -113,6 +131,8 @@ def read_file(meta: dict, file_index: int, spec: ReadSpec) -> Iterator[dict]:
             yield _record(file_index, uri, line, fields, error, spec)
     except DataError:
         raise
+    except PermissionError as e:  # not a property of the file's content: never counted as a corrupt file
+        raise access_denied(uri, e) from None
     except Exception as e:  # a corrupt or truncated file: keep what was read, report where it broke
         yield _record(file_index, uri, line + 1, None, f"corrupt_file: {type(e).__name__}: {e}", spec)
 

@@ -26,7 +26,6 @@ def special_tokens(cfg: TokenizerConfig) -> list[str]:
 def train_bpe(texts: Iterable[str], cfg: TokenizerConfig):
     """A byte-level BPE trained on `texts`, wrapped as a `PreTrainedTokenizerFast` with our special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -115,16 +115,15 @@ def ray_perplexity(model_uri: str, files: list[str], *, limit: int | None = None
         num_actors: actors in the pool.
         actor_num_cpus: logical CPUs per actor.
     """
-    import ray
-
     from llm_platform import storage
+    from llm_platform.data.dataset import read_parquet
 
     if not files:
         raise DataError("the dataset has no val shards")
     fs, _ = storage.pyarrow_filesystem(files[0])
     paths = [storage.pyarrow_filesystem(f)[1] for f in files]
     # At least one block per actor, or a small split arrives as one block and only one actor works.
-    ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=max(len(paths), num_actors))
+    ds = read_parquet(paths, fs, override_num_blocks=max(len(paths), num_actors))
     if limit is not None:
         ds = ds.limit(limit)
     scored = ds.map_batches(
