@@ -52,13 +52,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept (the newest)."""
     resume_from: str | None = None
-    """Checkpoint URI to resume from explicitly."""
+    """Checkpoint URI (`runs/<run>/checkpoint_<step>`) that seeds a new run: its weights, optimizer, step, data."""
     on_nonfinite_loss: str = "stop"
     """A NaN/inf loss: stop the run with a message, or skip the step."""
     max_failures: int = 2
     """Worker failures survived by restarting from the latest checkpoint."""
     fault_injection_step: int | None = None
     """Reliability tests: rank 0 exits abruptly once when it reaches this step (None disables)."""
+    nonfinite_injection_step: int | None = None
+    """Tests: this step's loss (1-based, as in metrics.jsonl) times NaN before backward, so grads too (None: off)."""
     parallelism: str = "fsdp"
     """fsdp (FSDP2 fully_shard per block), ddp, or none (single worker)."""
     mixed_precision: str = "auto"

@@ -56,6 +56,21 @@ def read_train_state(directory: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def data_position(state: dict[str, int], rows_per_batch: int) -> int:
+    """The checkpoint's data position in this run's global micro-batches (`micro_batch_size * num_workers` rows).
+
+    A checkpoint counts the global micro-batches it consumed, so resuming with another worker count or micro-batch
+    size must convert it, or the run would re-read or skip rows. Checkpoints without the field used this run's size.
+    """
+    saved = int(state.get("rows_per_batch") or rows_per_batch)
+    rows = int(state["batches_in_epoch"]) * saved
+    if rows % rows_per_batch:
+        raise ValueError(f"the checkpoint stopped after {rows} rows of its epoch, which is not a whole number of "
+                         f"train.micro_batch_size * scaling.num_workers = {rows_per_batch} rows: resume with a "
+                         f"micro-batch size and worker count whose product divides {rows}")
+    return rows // rows_per_batch
+
+
 def load_model_weights(model: torch.nn.Module, directory: str) -> None:
     """Load only the model part of a checkpoint into a plain (unsharded) model, in one process (no collectives)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict

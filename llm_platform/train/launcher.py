@@ -5,7 +5,8 @@
 Run folder `runs/<run_name>/` (under the storage root): Ray Train writes `checkpoint_<step>/` there (it is the
 run's `storage_path/name`), rank 0 writes `metrics.jsonl` and `tensorboard/`, the driver writes `export/` and, last,
 `lineage.json`. A run that reuses a name resumes from its latest checkpoint; a finished run with the same config is
-returned as is.
+returned as is; `train.resume_from` seeds a new run with another run's checkpoint. A non-finite loss (with
+`train.on_nonfinite_loss=stop`) raises `TrainingError` naming the step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from llm_platform import storage
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
-from llm_platform.data.dataset import DatasetInfo, open_dataset
+from llm_platform.data.dataset import DatasetInfo, open_dataset, read_parquet
 from llm_platform.errors import ConfigError, StageError
 from llm_platform.models.build import DATASET_KIND, OBJECTIVES, build_model, hf_config
 from llm_platform.models.flops import flops_per_token, model_size, peak_flops
@@ -73,10 +74,6 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
 
     worker_config = build_worker_config(model, train, scaling, dataset, run_uri, pretrained_dir)
     fs, runs_path = storage.pyarrow_filesystem(storage.join(storage_root, "runs"))
-    resume = None
-    if train.resume_from:
-        rfs, rpath = storage.pyarrow_filesystem(train.resume_from)
-        resume = ray.train.Checkpoint(path=rpath, filesystem=rfs)
     from llm_platform import cluster
 
     trainer = TorchTrainer(
@@ -92,16 +89,19 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
         ),
         datasets=read_splits(dataset, train.objective),
         dataset_config=data_config(),
-        resume_from_checkpoint=resume,
+        # No `resume_from_checkpoint`: Ray Train V2 refuses it. `train.resume_from` reaches the workers in the loop
+        # config and the loop loads it when the run has no checkpoint of its own (loop.py).
     )
     log.info("training %s (%s, %s) on %d %s worker(s) -> %s", model.name, train.objective, train.parallelism,
              scaling.num_workers, "GPU" if scaling.use_gpu else "CPU", run_uri)
     result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    if "train/nonfinite_step" in metrics:
-        raise TrainingError(f"the loss became non-finite at step {metrics['train/nonfinite_step']}: lower train.lr, "
-                            f"raise train.warmup_steps, or set train.on_nonfinite_loss=skip")
-    metrics = {**last_logged(run_uri), **metrics}
+    stopped = result.return_value or {}  # rank 0's return value: set only when a non-finite loss stopped the run
+    if stopped.get("nonfinite_step"):
+        raise TrainingError(f"run {run_uri}: the loss became non-finite ({stopped.get('loss')}) at step "
+                            f"{stopped['nonfinite_step']} of train.max_steps={train.max_steps}; training stopped "
+                            f"without an export. Lower train.lr, raise train.warmup_steps or train.grad_clip, or set "
+                            f"train.on_nonfinite_loss=skip")
+    metrics = {**last_logged(run_uri), **dict(result.metrics or {})}
     checkpoint_uri = storage.join(run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
     lineage = {
         "kind": "run",
@@ -139,7 +139,27 @@ def preflight(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, da
     dataset = open_dataset(dataset_uri)
     pretrained_dir = materialize_pretrained(model, storage_root)
     check(model, train, scaling, dataset, pretrained_dir)
+    check_resume_from(train, scaling)
     return dataset, pretrained_dir
+
+
+def check_resume_from(train: TrainConfig, scaling: ScalingConfig) -> None:
+    """Refuse a `train.resume_from` that is not a training checkpoint, is already at `train.max_steps`, or whose
+    data position this run's batch shape cannot continue."""
+    if not train.resume_from:
+        return
+    state_uri = storage.join(train.resume_from, ckpt.TRAIN_STATE)
+    if not storage.exists(state_uri):
+        raise ConfigError(f"train.resume_from={train.resume_from!r} is not a training checkpoint ({ckpt.TRAIN_STATE} "
+                          f"is missing): give a runs/<run>/checkpoint_<step> folder")
+    state = storage.read_json(state_uri)
+    if int(state["step"]) >= train.max_steps:
+        raise ConfigError(f"train.resume_from={train.resume_from!r} is at step {state['step']}, not below "
+                          f"train.max_steps={train.max_steps}: nothing to train (raise train.max_steps)")
+    try:
+        ckpt.data_position(state, train.micro_batch_size * scaling.num_workers)
+    except ValueError as e:
+        raise ConfigError(f"train.resume_from={train.resume_from!r}: {e}") from None
 
 
 def _train_fn():
@@ -273,7 +293,7 @@ def read_splits(dataset: DatasetInfo, objective: str) -> dict:
             continue
         fs, _ = storage.pyarrow_filesystem(files[0])
         paths = [storage.pyarrow_filesystem(f)[1] for f in files]
-        out[split] = ray.data.read_parquet(paths, filesystem=fs, columns=COLUMNS[objective])
+        out[split] = read_parquet(paths, fs, columns=COLUMNS[objective])
     return out
 
 

@@ -43,8 +43,11 @@ log = logging.getLogger("llm_platform.train")
 FAULT_MARKER = ".fault_injected"
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function. `config` is plain data built by `launcher.worker_config`."""
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's per-worker function. `config` is plain data built by `launcher.worker_config`.
+
+    Returns None, or `{"nonfinite_step", "loss"}` when a non-finite loss stopped the run (`on_nonfinite_loss=stop`).
+    """
     import ray.train
     import ray.train.torch
 
@@ -65,14 +68,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2))
     params = [p for p in model.parameters() if p.requires_grad]
 
-    # ---- resume: this run's latest checkpoint (restart, same run name) or `train.resume_from`.
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0}
-    checkpoint = ray.train.get_checkpoint()
+    # ---- resume: this run's latest checkpoint (a restart, or a run name reused), else `train.resume_from`.
+    rows_per_batch = tc.micro_batch_size * world  # one global micro-batch: the unit of the data position
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "rows_per_batch": rows_per_batch}
+    checkpoint = ray.train.get_checkpoint() or explicit_checkpoint(tc.resume_from)
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = ckpt.load(model, optimizer, directory)
-        log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state["step"], state["epoch"],
-                 state["batches_in_epoch"])
+        state["batches_in_epoch"] = ckpt.data_position(state, rows_per_batch)
+        state["rows_per_batch"] = rows_per_batch
+        log.info("rank %d resumed at step %d (epoch %d, batch %d) from %s", rank, state["step"], state["epoch"],
+                 state["batches_in_epoch"], checkpoint.path)
 
     logger = MetricsLogger(config["run_uri"], resume_step=state["step"], total_steps=tc.max_steps) if rank == 0 else None
     peak = config.get("peak_flops") or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
@@ -102,6 +108,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with gradient_sync(model, tc.parallelism, last), autocast:
                 logits = model(**inputs).logits  # (B, T, V)
                 loss = loss_sum(logits, targets)
+            if tc.nonfinite_injection_step == step + 1:  # tests only (see TrainConfig): NaN loss and gradients
+                loss = loss * float("nan")
             (loss * world / max(num_targets, 1.0)).backward()
             local_loss += loss.detach()
         train_loss = all_reduce_sum(local_loss, device) / max(num_targets, 1.0)
@@ -109,19 +117,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if tc.fault_injection_step is not None and step == tc.fault_injection_step and rank == 0:
             inject_fault_once(config["run_uri"])
 
-        # ---- a non-finite loss stops the run (every rank sees the same all-reduced value) or skips the step.
+        lr = tc.lr * lr_factor(step, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps, schedule=tc.schedule,
+                               min_lr_ratio=tc.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # ---- a non-finite loss stops the run or skips the step. Every rank sees the same all-reduced value, so
+        # all take the same branch. Stopping returns (no report): rank 0's return value reaches the launcher as
+        # `Result.return_value`, which raises TrainingError; a report would only reach Ray with a checkpoint.
         if not math.isfinite(train_loss):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)  # NaN gradients must not leak into the next step
             if tc.on_nonfinite_loss != "skip":
-                ray.train.report({"step": step, "train/nonfinite_step": step, "train/loss": float("nan")})
-                return
-            log.warning("step %d: loss is %s; step skipped (train.on_nonfinite_loss=skip)", step, train_loss)
+                log.error("step %d: the loss is %s; stopping (train.on_nonfinite_loss=stop)", step + 1, train_loss)
+                if logger:
+                    logger.log(step + 1, {"train/loss": train_loss, "train/lr": lr})
+                    logger.close()
+                return {"nonfinite_step": step + 1, "loss": train_loss}
+            log.warning("step %d: the loss is %s; step skipped (train.on_nonfinite_loss=skip)", step + 1, train_loss)
         else:
             grad_norm = clip_grad_norm(params, tc.grad_clip)
-            lr = tc.lr * lr_factor(step, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
-                                   schedule=tc.schedule, min_lr_ratio=tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -157,6 +170,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             throughput.measure()  # restart the interval: validation and saving are not training throughput
     if logger:
         logger.close()
+    return None
+
+
+def explicit_checkpoint(uri: str | None):
+    """`train.resume_from` as a Ray Train Checkpoint on its own filesystem (local or s3://), or None."""
+    if not uri:
+        return None
+    import ray.train
+
+    fs, path = storage.pyarrow_filesystem(uri)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
 def global_batches(shard, tc: TrainConfig, rank: int, world: int, state: dict[str, int]) -> Iterator[dict]:
