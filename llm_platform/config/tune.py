@@ -19,7 +19,7 @@ class TuneConfig:
     mode: str = "min"
     """min or max."""
     scheduler: str = "asha"
-    """asha (early stopping on `metric`) or fifo (no early stopping); pbt is refused for now (see tune/driver.py)."""
+    """asha (early stopping on `metric`), fifo (none) or pbt (losers continue from a winner's checkpoint, mutated)."""
     search: str = "random"
     """random (and grid axes) or optuna (TPE)."""
     seed: int | None = None
@@ -30,6 +30,10 @@ class TuneConfig:
     """ASHA: reports (validations or checkpoints) before a trial can be stopped."""
     reduction_factor: int = 2
     """ASHA: keep the best 1/reduction_factor at each rung."""
+    perturbation_interval_reports: int = 2
+    """PBT: reports (validations or checkpoints) between two exploit/explore decisions of a trial."""
+    pbt_synch: bool = False
+    """PBT: pause trials at each perturbation until all reach it (reproducible; each pause restarts the run)."""
     max_trial_failures: int = 1
     """Retries of a failing trial before it is recorded as failed."""
     resume: bool = False

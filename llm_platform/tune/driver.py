@@ -7,9 +7,11 @@ Ray Train V2 no longer runs as `Tuner(TorchTrainer(...))`; instead each trial ru
 builds the trial's config and calls `llm_platform.train.launcher.launch`, whose `TorchTrainer` reports every
 training report to Tune through `TuneReportCallback`. The trial's driver holds one CPU on top of its workers.
 
-Each trial trains the run `runs/<sweep>-<trial_id>/`. Tune sees no checkpoints in this pattern (`Result.checkpoint`
-is empty), so the run and export URIs are derived from that name; a retried or resumed trial reuses the name and so
-resumes from its run's latest checkpoint.
+Each trial trains the run `runs/<sweep>-<trial_id>/`. With ASHA and FIFO, Tune sees no checkpoints in this pattern
+(`Result.checkpoint` is empty), so the run and export URIs are derived from that name; a retried or resumed trial
+reuses the name and so resumes from its run's latest checkpoint. With PBT (`tune/pbt.py`) every report carries a small
+Tune checkpoint pointing at the run's checkpoint; a trial restarted from one (a PBT exploit) trains a new run with
+`train.resume_from`, and the trial's last pointer names its final run.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, keys=[d.key for d in dims], dataset_uri=dataset_uri,
                              storage_root=storage_root, storage_settings=storage.settings(),
-                             sweep={"name": tune_cfg.name, "uri": sweep_uri}),
+                             sweep={"name": tune_cfg.name, "uri": sweep_uri}, pbt=tune_cfg.scheduler == "pbt"),
         {"CPU": 1},  # the trial's driver; its Ray Train workers reserve their own resources
     )
     fs, path = storage.pyarrow_filesystem(sweep_uri)
@@ -157,8 +159,12 @@ def _trial_name(trial) -> str:
 
 
 def _trial(config: dict, *, base: dict, keys: list[str], dataset_uri: str, storage_root: str,
-           storage_settings: dict, sweep: dict) -> None:
-    """One trial's driver (in a Tune actor): the trial's config, then a Ray Train run reporting to Tune."""
+           storage_settings: dict, sweep: dict, pbt: bool = False) -> None:
+    """One trial's driver (in a Tune actor): the trial's config, then a Ray Train run reporting to Tune.
+
+    With PBT the reports carry pointer checkpoints, and a trial (re)started from one trains a new run from the
+    pointed checkpoint (`tune/pbt.py`).
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -168,10 +174,31 @@ def _trial(config: dict, *, base: dict, keys: list[str], dataset_uri: str, stora
     params = spaces.flatten_params(config, keys)
     groups = spaces.apply_params(base, params)
     trial_id = ray.tune.get_context().get_trial_id()
-    launch(from_dict(ModelConfig, groups["model"]), from_dict(TrainConfig, groups["train"]),
-           from_dict(ScalingConfig, groups["scaling"]), dataset_uri, storage_root,
-           run_name=run_name(sweep["name"], trial_id), callbacks=[TuneReportCallback()],
-           extra_lineage={"sweep": {**sweep, "trial_id": trial_id, "params": params}})
+    name = run_name(sweep["name"], trial_id)
+    lineage = {"sweep": {**sweep, "trial_id": trial_id, "params": params}}
+    if not pbt:
+        launch(from_dict(ModelConfig, groups["model"]), from_dict(TrainConfig, groups["train"]),
+               from_dict(ScalingConfig, groups["scaling"]), dataset_uri, storage_root, run_name=name,
+               callbacks=[TuneReportCallback()], extra_lineage=lineage)
+        return
+    from llm_platform.tune import pbt as pbt_
+
+    pointer = pbt_.read_pointer(ray.tune.get_checkpoint())
+    if pointer and pointer["step"] >= groups["train"]["max_steps"]:
+        # Cloned at its last report: the source run has trained this trial's whole budget already.
+        log.info("trial %s continues from %s at its last step: nothing left to train", trial_id,
+                 pointer["checkpoint_uri"])
+        return
+    if pointer:
+        name = pbt_.resumed_run_name(name, pointer)
+        groups["train"]["resume_from"] = pointer["checkpoint_uri"]
+        log.info("trial %s continues %s's run checkpoint %s as run %s", trial_id, pointer["trial_id"],
+                 pointer["checkpoint_uri"], name)
+    pbt_.train_reporting_pointers(
+        lambda callbacks: launch(from_dict(ModelConfig, groups["model"]), from_dict(TrainConfig, groups["train"]),
+                                 from_dict(ScalingConfig, groups["scaling"]), dataset_uri, storage_root,
+                                 run_name=name, callbacks=callbacks, extra_lineage=lineage),
+        run_uri=storage.join(storage_root, "runs", name), run_name=name, trial_id=trial_id)
 
 
 def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims: list[spaces.Dimension]) -> None:
@@ -186,6 +213,15 @@ def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims
         raise ConfigError(f"tune.mode={tune_cfg.mode!r}: choose min or max")
     if tune_cfg.search == "optuna" and any(d.kind == "grid" for d in dims):
         raise ConfigError("tune.search=optuna cannot sample grid axes: use choice instead of grid in tune.space")
+    if tune_cfg.scheduler == "pbt":
+        from llm_platform.tune import pbt
+
+        ckpt_steps = bound(train, dims, "checkpoint_interval_steps", min)
+        pbt.check(tune_cfg, train, dims, reports_per_trial(bound(train, dims, "max_steps", max), ckpt_steps,
+                                                           ckpt_steps))
+        if tune_cfg.max_concurrent_trials < expected_trials(tune_cfg, dims):
+            log.warning("tune.scheduler=pbt with tune.max_concurrent_trials=%d below the %d trials: PBT compares "
+                        "trials that run together", tune_cfg.max_concurrent_trials, expected_trials(tune_cfg, dims))
     for key in ("num_samples", "max_concurrent_trials", "grace_period", "reduction_factor"):
         if getattr(tune_cfg, key) < 1:
             raise ConfigError(f"tune.{key}={getattr(tune_cfg, key)} must be at least 1")
@@ -237,16 +273,15 @@ def expected_trials(tune_cfg: TuneConfig, dims: list[spaces.Dimension]) -> int:
 
 
 def make_scheduler(tune_cfg: TuneConfig, train: TrainConfig, dims: list[spaces.Dimension]):
-    """ASHA over training iterations (one per report), or FIFO (no early stopping)."""
+    """ASHA over training iterations (one per report), FIFO (no early stopping) or PBT (`tune/pbt.py`)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if tune_cfg.scheduler == "fifo":
         return FIFOScheduler()
     if tune_cfg.scheduler == "pbt":
-        # PBT exploits by cloning a better trial's checkpoint; Tune sees no checkpoints in the driver-function
-        # pattern (they stay in the run folders), so PBT would never exploit. Refused rather than silently inert.
-        raise ConfigError("tune.scheduler=pbt is not supported yet: trials' checkpoints live in their run folders "
-                          "and Tune cannot clone them (use asha or fifo)")
+        from llm_platform.tune import pbt
+
+        return pbt.make_scheduler(tune_cfg, dims)
     reports = reports_per_trial(bound(train, dims, "max_steps", max), bound(train, dims, "eval_interval_steps", min),
                                 bound(train, dims, "checkpoint_interval_steps", min))
     if tune_cfg.grace_period >= reports:
@@ -279,6 +314,23 @@ def _saved_params(result) -> dict:
         return {}
 
 
+def _reports_frame(result):
+    """A trial's reports as a DataFrame: Tune's `metrics_dataframe` (its result.json), or the trial folder's
+    progress.csv when that holds more rows. Ray 2.60 rewrites result.json when a paused trial resumes (synchronous
+    PBT pauses every trial), losing the earlier reports, while progress.csv keeps them."""
+    import io
+
+    import pandas as pd
+
+    df = result.metrics_dataframe
+    try:
+        with result.filesystem.open_input_stream(str(result.path).rstrip("/") + "/progress.csv") as f:
+            progress = pd.read_csv(io.BytesIO(f.read()), dtype={"trial_id": str})
+    except Exception:  # noqa: BLE001 - no progress.csv (no report yet): Tune's frame as is
+        return df
+    return progress if df is None or len(progress) > len(df) else df
+
+
 def collect(grid, keys: list[str], sweep_name: str, storage_root: str) -> list[TrialRecord]:
     """Tune's ResultGrid as TrialRecords: reports, params, status (finished = the run wrote its lineage)."""
     import math
@@ -287,13 +339,13 @@ def collect(grid, keys: list[str], sweep_name: str, storage_root: str) -> list[T
     trials = []
     for result in grid:
         trial_id = os.path.basename(str(result.path).rstrip("/"))  # trial_dirname_creator names it by trial id
-        df = result.metrics_dataframe
+        df = _reports_frame(result)
         reports = []
         if df is not None and len(df):
             for row in df.to_dict("records"):
                 reports.append({k: v for k, v in row.items()
                                 if not (isinstance(v, float) and math.isnan(v)) and not k.startswith("config/")})
-        run_uri = storage.join(storage_root, "runs", run_name(sweep_name, trial_id))
+        run_uri = storage.join(storage_root, "runs", final_run_name(result, sweep_name, trial_id))
         export_uri = storage.join(run_uri, "export")
         if result.error is not None:
             status = ERROR
@@ -311,6 +363,20 @@ def collect(grid, keys: list[str], sweep_name: str, storage_root: str) -> list[T
                                   reports=reports, status=status, error=error, run_uri=run_uri,
                                   export_uri=export_uri if status == FINISHED else None))
     return sorted(trials, key=lambda t: t.trial_id)
+
+
+def final_run_name(result, sweep_name: str, trial_id: str) -> str:
+    """The run a trial trained last: its last PBT pointer's run, else `<sweep>-<trial_id>`."""
+    if result.checkpoint is not None:
+        from llm_platform.tune.pbt import read_pointer
+
+        try:
+            pointer = read_pointer(result.checkpoint)
+        except OSError:  # a checkpoint folder that is gone leaves the default name, as without PBT
+            pointer = None
+        if pointer:
+            return pointer["run_name"]
+    return run_name(sweep_name, trial_id)
 
 
 def register_winner(storage_root: str, name: str, winner: TrialRecord, tune_cfg: TuneConfig, sweep_uri: str):

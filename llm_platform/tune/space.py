@@ -32,6 +32,8 @@ KINDS = ("loguniform", "uniform", "choice", "randint", "grid")
 TUNABLE_GROUPS = ("model", "train", "scaling")
 """What a trial's `launch` receives; other groups (data, serve...) would not change a trial."""
 _STRING_SPEC = re.compile(r"^\s*(loguniform|uniform|choice|randint|grid)\s*\((.*)\)\s*$", re.S)
+# YAML 1.1 (PyYAML) reads `1e-4` as a string: its floats need a dot (`1.0e-4`). Numbers in a string spec follow this.
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def _parse_one(key: str, value: Any, schema: type) -> Dimension:
     if isinstance(value, str) and _STRING_SPEC.match(value):
         kind, inner = _STRING_SPEC.match(value).groups()  # type: ignore[union-attr]
         try:
-            args = yaml.safe_load(f"[{inner}]")
+            args = [float(a) if isinstance(a, str) and _NUMBER.match(a) else a for a in yaml.safe_load(f"[{inner}]")]
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: cannot read the arguments of {value!r}: {e}") from None
         value = {kind: args}

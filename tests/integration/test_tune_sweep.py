@@ -2,8 +2,7 @@
 
 - ASHA stops the trial with a tiny learning rate early; the registered winner is the finished trial with the
   lowest validation loss, with the right LATEST pointer and lineage; summary files are written.
-- A trial that raises (a bad `train.schedule`) is retried, then recorded as errored without killing the sweep; a
-  sweep interrupted after a finished trial resumes (`tune.resume=true`) without rerunning it.
+(A trial that raises, and a sweep whose driver is killed and then resumed: tests/reliability/test_sweep_resume.py.)
 """
 
 from __future__ import annotations
@@ -11,16 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 
 import pytest
-from ray.tune import Callback
 
 from llm_platform import registry
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
-from llm_platform.errors import StageError
 from llm_platform.tune.driver import run_sweep
 from train_fixtures import make_dataset
 
@@ -93,44 +89,3 @@ def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_
     again = run_sweep(cfg, MODEL, TRAIN, SCALING, dataset, root)
     assert again.record["winner"]["trial_id"] == expected
     assert [v.version for v in registry.list_versions(root, "tiny-tuned")] == ["v0001"]
-
-
-class InterruptOnce(Callback):
-    """Interrupts the sweep (as Ctrl+C would) when the first trial completes; a marker file makes it fire once
-    even after Tune restores this callback on resume."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        if not os.path.exists(self.marker):
-            open(self.marker, "w").write(trial.trial_id)
-            signal.raise_signal(signal.SIGUSR1)  # Tune's handler: stop, save the experiment state
-
-
-def test_failing_trial_and_interrupted_sweep_resume(ray_session, dataset, tmp_path):
-    root = str(tmp_path / "store")
-    marker = str(tmp_path / "interrupted")
-    cfg = TuneConfig(name="resumable", space={"train.schedule": {"grid": ["bogus", "cosine", "linear"]}},
-                     num_samples=1, max_concurrent_trials=1, scheduler="fifo", max_trial_failures=1,
-                     resume_errored=False, verbose=0)
-    with pytest.raises(StageError, match="tune.resume=true"):
-        run_sweep(cfg, MODEL, TRAIN, SCALING, dataset, root, callbacks=[InterruptOnce(marker)])
-    first_done = open(marker).read()
-    first_run = os.path.join(root, "runs", f"resumable-{first_done}")
-    lineage_mtime = os.path.getmtime(os.path.join(first_run, "lineage.json"))
-    metrics_before = open(os.path.join(first_run, "metrics.jsonl")).read()
-
-    cfg.resume = True
-    result = run_sweep(cfg, MODEL, TRAIN, SCALING, dataset, root)
-    by_schedule = {t.params["train.schedule"]: t for t in result.trials}
-    assert set(by_schedule) == {"bogus", "cosine", "linear"}
-    assert by_schedule["bogus"].status == "error" and "train.schedule" in by_schedule["bogus"].error
-    assert by_schedule["cosine"].status == "finished" and by_schedule["linear"].status == "finished"
-    # The trial finished before the interruption was not rerun: same run record, same metrics, one set of reports.
-    assert by_schedule["cosine"].trial_id == first_done
-    assert os.path.getmtime(os.path.join(first_run, "lineage.json")) == lineage_mtime
-    assert open(os.path.join(first_run, "metrics.jsonl")).read() == metrics_before
-    assert [r["training_iteration"] for r in by_schedule["cosine"].reports] == [1, 2, 3, 4]
-    assert result.winner.trial_id in {by_schedule["cosine"].trial_id, by_schedule["linear"].trial_id}
-    assert registry.latest(root, "tiny").lineage["sweep"]["trial_id"] == result.winner.trial_id
