@@ -13,11 +13,9 @@ Last line: ratio=<stage tokens/s per CPU (all cores) / raw tokens/s on one core>
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
-import tempfile
 import time
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the baseline is one core; Ray workers get the same setting
@@ -95,9 +93,8 @@ def main() -> None:
     os.sched_setaffinity(0, all_cores)
 
     manifest = runs[f"{ncores} cores"][0]
-    with tempfile.TemporaryDirectory() as tmp:
-        dataset_uri = f"s3://bench/store-{ncores}/datasets/bench/{manifest['fingerprint']}"
-        tok = load_tokenizer(storage.join(dataset_uri, "tokenizer")).backend_tokenizer
+    dataset_uri = f"s3://bench/store-{ncores}/datasets/bench/{manifest['fingerprint']}"
+    tok = load_tokenizer(storage.join(dataset_uri, "tokenizer")).backend_tokenizer
     kept = texts  # the raw baseline encodes every document once, like the stage's pack phase
     start = time.perf_counter()
     raw_tokens = 0

@@ -99,7 +99,7 @@ def run_all(cfg: PlatformConfig) -> RunSummary:
 
             sweep = run_sweep(cfg.tune, cfg.model, cfg.train, cfg.scaling, dataset_uri, root)
             return sweep, False, sweep.uri
-        from llm_platform.train.launcher import finished_run, launch
+        from llm_platform.train.launcher import launch
 
         started = time.time()
         result = launch(cfg.model, dataclasses.replace(cfg.train, register_as=None), cfg.scaling, dataset_uri, root)

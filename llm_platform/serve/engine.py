@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import torch
-import torch.nn.functional as F
 
 from llm_platform.serve.sampling import SamplingParams, StopMatcher, TextStream, sample_rows
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 import re
-import sys
 from functools import lru_cache
 from pathlib import Path
 
