@@ -109,7 +109,7 @@ VOLATILE = ("created_at", "timings_s")
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_data_stage_under_s3_faults_matches_a_clean_run(ray_session, s3_server, proxies):
+def test_data_stage_under_s3_faults_matches_a_clean_run(ray_session, s3_server, proxies, reliability_report):
     """Fault: 10% of requests get 500 InternalError, 503 SlowDown/ServiceUnavailable or a connection reset.
     Load: the whole data stage (3 corpus files read, clean parquet written by Ray Data, dedup, BPE, 2+1 packed
     shards, manifest) reading its corpus from and writing its dataset to S3 through the proxy.
@@ -150,6 +150,9 @@ def test_data_stage_under_s3_faults_matches_a_clean_run(ray_session, s3_server, 
     m_clean = {k: v for k, v in clean.manifest.items() if k not in VOLATILE}
     assert m_faulty == m_clean
     assert m_faulty["counts"]["documents_kept"] > 100 and m_faulty["splits"]["train"]["num_records"] > 0
+    reliability_report("S3: data stage through a proxy failing 10% of requests (500/503/SlowDown/reset)",
+                       requests=proxy.counts["requests"], faults=sum(proxy.counts[f] for f in FAULTS),
+                       outputs_identical_to_clean=True)
 
 
 def train_config(max_steps: int = 4):
@@ -198,7 +201,8 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_checkpoints_and_export_under_s3_faults_match_a_clean_run(ray_session, s3_server, proxies, tmp_path):
+def test_checkpoints_and_export_under_s3_faults_match_a_clean_run(ray_session, s3_server, proxies, tmp_path,
+                                                                  reliability_report):
     """Fault: 10% of requests get 500 InternalError, 503 SlowDown/ServiceUnavailable or a connection reset.
     Load: a 4-step, 1-worker Ray Train run whose run folder is on S3 through the proxy: dataset reads (Ray Data),
     metrics.jsonl rewritten every step, DCP checkpoints at steps 2 and 4 uploaded by Ray Train (the older one
@@ -254,6 +258,9 @@ def test_checkpoints_and_export_under_s3_faults_match_a_clean_run(ray_session, s
 
     assert [step for step, loss, _ in losses(faulty.run_uri) if loss is not None] == [1, 2, 3, 4]
     assert losses(faulty.run_uri) == losses(clean.run_uri)
+    reliability_report("S3: training run (reads, DCP checkpoints, export) through the same faulty proxy",
+                       requests=proxy.counts["requests"], faults=sum(proxy.counts[f] for f in FAULTS),
+                       restarts=0, checkpoint_and_export_identical_to_clean=True)
 
 
 def test_corpus_in_a_refused_bucket_fails_naming_it(s3_server, proxies):

@@ -106,7 +106,8 @@ def test_sweep_driver_sigkill_then_resume(ray_session, tmp_path, reliability_rep
     assert first.endswith(by_schedule["cosine"].trial_id)
     assert open(os.path.join(first_dir, "lineage.json")).read() == record_before
     assert open(os.path.join(first_dir, "metrics.jsonl")).read() == metrics_before
-    best = min((t for t in result.trials if t.status == "finished"), key=lambda t: t.best("val/loss"))
+    # The winner is the finished trial with the best final val/loss (its export holds the final weights).
+    best = min((t for t in result.trials if t.status == "finished"), key=lambda t: t.last("val/loss"))
     assert result.winner.trial_id == best.trial_id
     lineage = registry.latest(root, "tiny").lineage
     assert lineage["sweep"]["trial_id"] == result.winner.trial_id and lineage["sweep"]["name"] == "killed"
