@@ -18,11 +18,14 @@ log = logging.getLogger(__name__)
 # cluster and the driver's inherited env for a local Ray.
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "LLM_PLATFORM_CONF", "HF_HUB_OFFLINE",
                   "OMP_NUM_THREADS")
+# Experiment trackers' own settings (MLFLOW_TRACKING_TOKEN, WANDB_API_KEY, WANDB_MODE...) reach rank 0 this way, as
+# Ray's experiment-tracking guide does it.
+_FORWARDED_PREFIXES = ("MLFLOW_", "WANDB_")
 
 
 def worker_env() -> dict[str, str]:
     """Env vars forwarded to Ray workers so they resolve storage like the driver."""
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    env = {k: v for k, v in os.environ.items() if v and (k in _FORWARDED_ENV or k.startswith(_FORWARDED_PREFIXES))}
     endpoint = storage.endpoint_url()
     if endpoint:
         env["AWS_ENDPOINT_URL"] = endpoint

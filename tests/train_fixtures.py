@@ -124,3 +124,40 @@ def read_rows(uri: str, split: str = "train") -> dict[str, np.ndarray]:
     table = pa.concat_tables(tables)
     return {c: np.array(table.column(c).to_pylist(), dtype=np.int64) for c in table.column_names}
 
+
+
+def plain_pytorch_run(dataset_uri: str, model_cfg, tc, global_batch: int, *, poison_step: int | None = None):
+    """The platform's causal-LM training written as one plain PyTorch process: `global_batch` rows per step in file
+    order, the same seeded model, AdamW groups, clipping and schedule. Step `poison_step` (1-based) gets a NaN loss
+    and NaN gradients; a non-finite step updates nothing. Returns (model, per-step losses)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from llm_platform.data.dataset import open_dataset
+    from llm_platform.models.build import build_model
+    from llm_platform.train.optim import lr_factor, param_groups
+
+    info = open_dataset(dataset_uri)
+    special = {n: info.special_token_id(n) for n in ("eos", "pad", "mask")}
+    rows = torch.as_tensor(read_rows(dataset_uri)["input_ids"])
+    model = build_model(model_cfg, info.vocab_size, special, seed=tc.seed)
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    losses = []
+    for step in range(tc.max_steps):
+        batch = rows[step * global_batch:(step + 1) * global_batch]  # (B, T)
+        logits = model(input_ids=batch).logits  # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        if step + 1 == poison_step:
+            loss = loss * float("nan")
+        loss.backward()
+        if math.isfinite(loss.item()):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            for group in opt.param_groups:
+                group["lr"] = tc.lr * lr_factor(step, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
+                                                schedule=tc.schedule, min_lr_ratio=tc.min_lr_ratio)
+            opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return model, losses

@@ -76,9 +76,11 @@ class TrainConfig:
     register_as: str | None = None
     """Register the exported model under this registry name."""
     mlflow_tracking_uri: str | None = None
-    """Log metrics to MLflow through Ray's integration."""
+    """Also log params and metrics to MLflow at this tracking URI (rank 0; needs the mlflow package)."""
+    mlflow_experiment: str = "llm-platform"
+    """MLflow experiment of the runs."""
     wandb_project: str | None = None
-    """Log metrics to Weights & Biases through Ray's integration."""
+    """Also log config and metrics to this Weights & Biases project (rank 0; needs wandb; WANDB_* env applies)."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ from llm_platform.errors import ConfigError, StageError
 from llm_platform.models.build import DATASET_KIND, OBJECTIVES, build_model, hf_config
 from llm_platform.models.flops import flops_per_token, model_size, peak_flops
 from llm_platform.train import checkpoint as ckpt
+from llm_platform.train import tracking
 
 log = logging.getLogger("llm_platform.train")
 COLUMNS = {"clm": ["input_ids"], "mlm": ["input_ids"], "sft": ["input_ids", "labels", "attention_mask"],
@@ -84,7 +85,7 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
             name=run_name, storage_path=runs_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
-            callbacks=list(callbacks or []) + tracking_callbacks(train),
+            callbacks=list(callbacks or []),
             worker_runtime_env={"env_vars": cluster.worker_env()},
         ),
         datasets=read_splits(dataset, train.objective),
@@ -140,6 +141,7 @@ def preflight(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, da
     pretrained_dir = materialize_pretrained(model, storage_root)
     check(model, train, scaling, dataset, pretrained_dir)
     check_resume_from(train, scaling)
+    tracking.check(train)
     return dataset, pretrained_dir
 
 
@@ -303,20 +305,6 @@ def data_config():
     from ray.data import ExecutionOptions
 
     return ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
-
-
-def tracking_callbacks(train: TrainConfig) -> list:
-    """MLflow / W&B through Ray's integrations, when configured."""
-    out = []
-    if train.mlflow_tracking_uri:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-        out.append(MLflowLoggerCallback(tracking_uri=train.mlflow_tracking_uri))
-    if train.wandb_project:
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
-        out.append(WandbLoggerCallback(project=train.wandb_project))
-    return out
 
 
 def export(model: ModelConfig, worker_config: dict, dataset: DatasetInfo, checkpoint_dir: str, uri: str,

@@ -80,7 +80,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         log.info("rank %d resumed at step %d (epoch %d, batch %d) from %s", rank, state["step"], state["epoch"],
                  state["batches_in_epoch"], checkpoint.path)
 
-    logger = MetricsLogger(config["run_uri"], resume_step=state["step"], total_steps=tc.max_steps) if rank == 0 else None
+    logger = None
+    if rank == 0:
+        trackers = None
+        if tc.mlflow_tracking_uri or tc.wandb_project:
+            from llm_platform.train.tracking import Trackers, flatten
+
+            trackers = Trackers(config["train"], run_uri=config["run_uri"],
+                                run_name=config["run_uri"].rstrip("/").rsplit("/", 1)[-1],
+                                params=flatten({"model": config["model"], "train": config["train"]}))
+        logger = MetricsLogger(config["run_uri"], resume_step=state["step"], total_steps=tc.max_steps,
+                               trackers=trackers)
     peak = config.get("peak_flops") or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
                                          else None)
     throughput = Throughput(config["flops_per_token"], peak, world)
@@ -130,7 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 log.error("step %d: the loss is %s; stopping (train.on_nonfinite_loss=stop)", step + 1, train_loss)
                 if logger:
                     logger.log(step + 1, {"train/loss": train_loss, "train/lr": lr})
-                    logger.close()
+                    logger.close(status="FAILED")
                 return {"nonfinite_step": step + 1, "loss": train_loss}
             log.warning("step %d: the loss is %s; step skipped (train.on_nonfinite_loss=skip)", step + 1, train_loss)
         else:

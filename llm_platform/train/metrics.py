@@ -65,8 +65,9 @@ def device_memory() -> dict[str, float]:
 class MetricsLogger:
     """Rank 0's sinks. Values that are not finite numbers are written as null in JSON."""
 
-    def __init__(self, run_uri: str, *, resume_step: int = 0, total_steps: int = 0):
+    def __init__(self, run_uri: str, *, resume_step: int = 0, total_steps: int = 0, trackers=None):
         self.uri = storage.join(run_uri, "metrics.jsonl")
+        self.trackers = trackers  # tracking.Trackers (MLflow, W&B) or None
         self.total_steps = total_steps
         self.lines: list[str] = []
         if resume_step and storage.exists(self.uri):
@@ -98,9 +99,13 @@ class MetricsLogger:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 writer.add_scalar(key, value, step)
         writer.flush()
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
         log.info("%s", format_console(step, self.total_steps, metrics))
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        if self.trackers is not None:
+            self.trackers.close(status)
         if self._tb is not None:
             self._tb.close()
         if storage.is_remote(self.tb_remote) and os.path.isdir(self.tb_local):

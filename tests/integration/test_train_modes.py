@@ -7,6 +7,7 @@
   naming the step, and the run folder has no export and no lineage record (it is not a finished run).
 - With `train.on_nonfinite_loss=skip`, a step whose loss and gradients are NaN (`train.nonfinite_injection_step`)
   is skipped and the run goes on exactly as a plain loop that skips that update.
+  That run also logs to MLflow (a file store): params and the finite losses, run finished.
 - `train.resume_from` is checked before any worker starts.
 """
 
@@ -23,15 +24,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
-from llm_platform.data.dataset import open_dataset
 from llm_platform.errors import ConfigError
-from llm_platform.models.build import build_model
-from llm_platform.train.optim import lr_factor, param_groups
-from train_fixtures import make_dataset, read_rows
+from train_fixtures import make_dataset, plain_pytorch_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
@@ -46,30 +43,7 @@ SINGLE = TrainConfig(max_steps=4, micro_batch_size=4, log_interval_steps=1, eval
 
 
 def plain_pytorch_losses(dataset_uri: str, tc: TrainConfig, global_batch: int, *, poison_step: int | None = None):
-    """The same training as one process: `global_batch` rows per step in file order. Step `poison_step` (1-based)
-    gets a NaN loss and NaN gradients; a non-finite step updates nothing. Returns (model, per-step losses)."""
-    info = open_dataset(dataset_uri)
-    special = {n: info.special_token_id(n) for n in ("eos", "pad", "mask")}
-    rows = torch.as_tensor(read_rows(dataset_uri)["input_ids"])
-    model = build_model(MODEL, info.vocab_size, special, seed=tc.seed)
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
-    losses = []
-    for step in range(tc.max_steps):
-        batch = rows[step * global_batch:(step + 1) * global_batch]  # (B, T)
-        logits = model(input_ids=batch).logits  # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-        if step + 1 == poison_step:
-            loss = loss * float("nan")
-        loss.backward()
-        if math.isfinite(loss.item()):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            for group in opt.param_groups:
-                group["lr"] = tc.lr * lr_factor(step, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
-                                                schedule=tc.schedule, min_lr_ratio=tc.min_lr_ratio)
-            opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return model, losses
+    return plain_pytorch_run(dataset_uri, MODEL, tc, global_batch, poison_step=poison_step)
 
 
 def logged(run_dir: str, key: str = "train/loss") -> dict[int, float | None]:
@@ -154,10 +128,16 @@ def test_diverging_run_stops_and_the_cli_exits_2_naming_the_step(ray_session, da
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_skip_drops_the_nonfinite_step_and_training_goes_on(ray_session, dataset, tmp_path):
+def test_skip_drops_the_nonfinite_step_and_training_goes_on(ray_session, dataset, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
     from llm_platform.train.launcher import launch
 
-    poisoned = dataclasses.replace(SINGLE, nonfinite_injection_step=2, on_nonfinite_loss="skip")
+    # The run also logs to MLflow (a file store; the env var reaches rank 0 through the workers' runtime env).
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow_uri = f"file://{tmp_path / 'mlruns'}"
+    poisoned = dataclasses.replace(SINGLE, nonfinite_injection_step=2, on_nonfinite_loss="skip",
+                                   mlflow_tracking_uri=mlflow_uri)
     result = launch(MODEL, poisoned, ScalingConfig(num_workers=1), dataset, str(tmp_path), run_name="skip")
     _, reference = plain_pytorch_losses(dataset, poisoned, global_batch=SINGLE.micro_batch_size, poison_step=2)
     losses = logged(result.run_uri)
@@ -166,6 +146,13 @@ def test_skip_drops_the_nonfinite_step_and_training_goes_on(ray_session, dataset
     np.testing.assert_allclose([losses[s] for s in (1, 3, 4)], [reference[i] for i in (0, 2, 3)], rtol=0, atol=2e-5)
     assert result.export_uri and os.path.exists(os.path.join(result.export_uri, "model.safetensors"))
     assert os.path.exists(os.path.join(result.run_uri, "lineage.json"))
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("llm-platform").experiment_id])
+    assert run.info.run_name == "skip" and run.info.status == "FINISHED"
+    assert run.data.params["train.on_nonfinite_loss"] == "skip"
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert history == {s: losses[s] for s in (1, 3, 4)}  # the NaN step is not sent
 
 
 def test_resume_from_is_checked_before_any_worker_starts(tmp_path):

@@ -14,14 +14,11 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.data.dataset import open_dataset
-from llm_platform.models.build import build_model
-from llm_platform.train.optim import lr_factor, param_groups
-from train_fixtures import make_dataset, read_rows
+from train_fixtures import make_dataset, plain_pytorch_run, read_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -31,29 +28,6 @@ MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidde
 TRAIN = TrainConfig(max_steps=6, micro_batch_size=4, log_interval_steps=1, eval_interval_steps=2,
                     checkpoint_interval_steps=3, eval_batches=1, warmup_steps=2, lr=3e-3, shuffle_buffer_rows=0,
                     keep_checkpoints=1, max_failures=1, fault_injection_step=5, parallelism="fsdp")
-
-
-def plain_pytorch_run(dataset_uri: str, model_cfg: ModelConfig, tc: TrainConfig, global_batch: int):
-    """The same training written as a single-process loop: rows in file order, `global_batch` rows per step."""
-    info = open_dataset(dataset_uri)
-    special = {n: info.special_token_id(n) for n in ("eos", "pad", "mask")}
-    rows = torch.as_tensor(read_rows(dataset_uri)["input_ids"])
-    model = build_model(model_cfg, info.vocab_size, special, seed=tc.seed)
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
-    losses = []
-    for step in range(tc.max_steps):
-        batch = rows[step * global_batch:(step + 1) * global_batch]  # (B, T)
-        logits = model(input_ids=batch).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = tc.lr * lr_factor(step, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
-                                            schedule=tc.schedule, min_lr_ratio=tc.min_lr_ratio)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return model, losses
 
 
 @pytest.fixture(scope="module")
