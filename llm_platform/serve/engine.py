@@ -79,6 +79,11 @@ class _Request:
     cancelled: bool = False
     prompt_sent: bool = False
     prompt_logprobs: list[TokenLogprob] | None = None
+    stream: bool = True
+    """False: after the first event (time to first token), deltas are held and delivered with the last one, so a
+    non-streamed request wakes its event loop twice instead of once per token."""
+    first_sent: bool = False
+    pending: list[SeqDelta] = field(default_factory=list)
 
 
 class _Seq:
@@ -167,15 +172,16 @@ class Engine:
             self._thread.join(timeout=5)
 
     # ------------------------------------------------------------------ requests (event-loop side)
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> _Request:
-        """Queue a request; its events arrive on `request.queue` in the calling event loop."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> _Request:
+        """Queue a request; its events arrive on `request.queue` in the calling event loop (every token's when
+        `stream`, else the first token's and then the rest at once when the request finishes)."""
         if self._draining or not self.healthy():
             raise EngineStopped("the engine is shutting down or unhealthy")
         if params.n > self.max_batch_size:  # it could never be admitted
             raise ValueError(f"n={params.n} exceeds max_batch_size={self.max_batch_size}")
         if self.num_waiting() >= self.max_waiting:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting for a batch slot")
-        req = _Request(list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue())
+        req = _Request(list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue(), stream=stream)
         self._inbox.put(req)
         self._wake.set()
         return req
@@ -186,9 +192,10 @@ class Engine:
         self._cancels.put(req)
         self._wake.set()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       stream: bool = True) -> AsyncIterator[RequestOutput]:
         """Events of one request until it finishes; closing the iterator early cancels the request."""
-        req = self.submit(prompt_ids, params)
+        req = self.submit(prompt_ids, params, stream)
         finished = False
         try:
             while not finished:
@@ -367,8 +374,12 @@ class Engine:
             delta = SeqDelta(seq.index, text, [info], reason)
             events.setdefault(id(seq.req), (seq.req, []))[1].append(delta)
         for req, deltas in events.values():
-            out = RequestOutput(deltas, req.prompt_logprobs, finished=req.open_seqs == 0)
-            req.prompt_logprobs = None
+            done = req.open_seqs == 0
+            if not req.stream and req.first_sent and not done:
+                req.pending += deltas
+                continue
+            out = RequestOutput(req.pending + deltas, req.prompt_logprobs, finished=done)
+            req.pending, req.first_sent, req.prompt_logprobs = [], True, None
             req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
         if finished:
             self._keep([s for s in self._running if id(s) not in finished])

@@ -99,14 +99,16 @@ class Service:
                               top_k=max(req.top_k, 0), stop=req.stop or [], seed=req.seed, n=req.n,
                               logprobs=logprobs, echo=echo, ignore_eos=req.ignore_eos)
 
-    async def run(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Engine events, with overload and shutdown mapped to 429/503 and metrics recorded."""
+    async def run(self, prompt_ids: list[int], params: SamplingParams,
+                  stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """Engine events, with overload and shutdown mapped to 429/503 and metrics recorded. `stream=False` (a
+        non-streamed response): the first token's event, then the rest in one event at the end."""
         # max_tokens=0 (score the prompt only, as eval harnesses do with echo): generate one token and drop it.
         engine_params = params if params.max_tokens else SamplingParams(**{**params.__dict__, "max_tokens": 1})
         start, first = time.perf_counter(), None
         generated = 0
         try:
-            async for out in self.engine.generate(prompt_ids, engine_params):
+            async for out in self.engine.generate(prompt_ids, engine_params, stream):
                 if out.error:
                     raise APIError(503, out.error, type="server_error", code="engine_error",
                                    headers={"Retry-After": str(self.cfg.retry_after_s)})
@@ -278,7 +280,7 @@ def create_api(get_service: Callable[[], Service]) -> FastAPI:
             tokens: dict[int, list[TokenLogprob]] = {i: [] for i in range(body.n)}
             reasons: dict[int, str | None] = {i: None for i in range(body.n)}
             prefix, prompt_lp = "", None
-            async for out in service.run(ids, sp):
+            async for out in service.run(ids, sp, stream=False):
                 if out.prompt_logprobs is not None:
                     prefix, prompt_lp = prompt_part(ids, out)
                 for d in out.deltas:
@@ -339,7 +341,7 @@ def create_api(get_service: Callable[[], Service]) -> FastAPI:
         texts = {i: "" for i in range(body.n)}
         tokens: dict[int, list[TokenLogprob]] = {i: [] for i in range(body.n)}
         reasons: dict[int, str | None] = {i: None for i in range(body.n)}
-        async for out in service.run(ids, params):
+        async for out in service.run(ids, params, stream=False):
             for d in out.deltas:
                 texts[d.index] += d.text
                 tokens[d.index] += d.tokens

@@ -1,6 +1,6 @@
 """A sweep whose driver is killed with SIGKILL, then resumed with `tune.resume=true`.
 
-Load: a grid sweep of 3 trials (tiny GPT-2, 1 worker, 20 steps each, one trial at a time); one trial has a bad
+Load: a grid sweep of 3 trials (tiny GPT-2, 1 worker, 10 steps each, one trial at a time); one trial has a bad
 `train.schedule` and raises.
 Fault: the sweep's driver process (a separate driver on the same Ray) gets SIGKILL once the first good trial has
 finished and the next one is training. No graceful shutdown: Tune's experiment state is whatever it last saved.
@@ -33,7 +33,7 @@ from train_fixtures import make_dataset
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
-TRAIN = TrainConfig(max_steps=20, micro_batch_size=4, log_interval_steps=5, eval_interval_steps=5,
+TRAIN = TrainConfig(max_steps=10, micro_batch_size=4, log_interval_steps=5, eval_interval_steps=5,
                     checkpoint_interval_steps=10, eval_batches=2, warmup_steps=2, lr=3e-3, parallelism="none",
                     keep_checkpoints=1)
 SCALING = ScalingConfig(num_workers=1, cpus_per_worker=1)

@@ -1,13 +1,13 @@
 """Training under process faults: a worker killed with SIGKILL, and a killed driver rerun with the same name.
 
-Load: a 2-worker FSDP2 (gloo) causal-LM run of 24 steps on a tiny GPT-2, checkpointing every 6 steps.
+Load: a 2-worker FSDP2 (gloo) causal-LM run of 12 steps on a tiny GPT-2, checkpointing every 4 steps.
 Faults:
-- worker: once the step-6 checkpoint is committed, one of the two Ray Train worker processes gets SIGKILL from the
+- worker: once the step-4 checkpoint is committed, one of the two Ray Train worker processes gets SIGKILL from the
   outside (no cooperation from the training code);
 - driver: the process that called `launch` (a separate driver connected to the same Ray) gets SIGKILL once the
-  step-6 checkpoint is committed; its controller and workers go with it. `launch` is then called again with the
+  step-4 checkpoint is committed; its controller and workers go with it. `launch` is then called again with the
   same run name.
-What must hold: both runs finish at step 24 with a final checkpoint and an export; the killed one resumed from its
+What must hold: both runs finish at step 12 with a final checkpoint and an export; the killed one resumed from its
 last checkpoint rather than from scratch (steps up to the checkpoint were logged before the fault, the later ones
 after it); and the two runs' per-step losses are equal (resume is exact), so the faults changed nothing.
 """
@@ -33,8 +33,8 @@ from train_fixtures import make_dataset
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
-TRAIN = TrainConfig(max_steps=24, micro_batch_size=4, log_interval_steps=2, eval_interval_steps=12,
-                    checkpoint_interval_steps=6, eval_batches=1, warmup_steps=2, lr=3e-3, shuffle_buffer_rows=0,
+TRAIN = TrainConfig(max_steps=12, micro_batch_size=4, log_interval_steps=2, eval_interval_steps=12,
+                    checkpoint_interval_steps=4, eval_batches=1, warmup_steps=2, lr=3e-3, shuffle_buffer_rows=0,
                     keep_checkpoints=2, max_failures=2, parallelism="fsdp")
 SCALING = ScalingConfig(num_workers=2, cpus_per_worker=1)
 
@@ -60,17 +60,17 @@ def dataset(tmp_path_factory):
 
 
 def wait_past_first_checkpoint(run_dir: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Until checkpoint 6 exists and step 10 is logged (the step-8 report has returned, so Ray Train has
-    registered checkpoint 6: a restart now must resume from it, not from scratch)."""
+    """Until checkpoint 4 exists and step 6 is logged (the step-4 report has returned, so Ray Train has
+    registered checkpoint 4: a restart now must resume from it, not from scratch)."""
     deadline = time.time() + timeout
     while True:
-        if os.path.isdir(os.path.join(run_dir, "checkpoint_00000006")) and \
-                any(line["step"] >= 10 for line in train_lines(run_dir)):
+        if os.path.isdir(os.path.join(run_dir, "checkpoint_00000004")) and \
+                any(line["step"] >= 6 for line in train_lines(run_dir)):
             return
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"driver exited ({proc.returncode}) early: {proc.stderr.read().decode()[-2000:]}")
         if time.time() > deadline:
-            pytest.fail(f"{run_dir} did not reach step 10 within {timeout} s")
+            pytest.fail(f"{run_dir} did not reach step 6 within {timeout} s")
         time.sleep(0.05)
 
 
@@ -99,14 +99,14 @@ def train_lines(run_dir: str) -> list[dict]:
 
 def assert_resumed_from_a_checkpoint(run_dir: str, fault_time: float) -> list[float]:
     """The run finished, and resumed from a checkpoint after the fault, not from scratch: the logged lines kept
-    from before the fault end exactly at a checkpoint step (>= 6); every later step was logged after the fault."""
+    from before the fault end exactly at a checkpoint step (>= 4); every later step was logged after the fault."""
     lines = train_lines(run_dir)
-    assert [line["step"] for line in lines] == list(range(2, 25, 2))
+    assert [line["step"] for line in lines] == list(range(2, TRAIN.max_steps + 1, 2))
     kept = [line["step"] for line in lines if line["time"] < fault_time]
     assert kept and kept == list(range(2, kept[-1] + 1, 2)), kept
-    assert kept[-1] >= 6 and kept[-1] % TRAIN.checkpoint_interval_steps == 0, f"resumed from step {kept[-1]}"
+    assert kept[-1] >= 4 and kept[-1] % TRAIN.checkpoint_interval_steps == 0, f"resumed from step {kept[-1]}"
     assert kept[-1] < TRAIN.max_steps, "the fault came after the run had finished"
-    assert os.path.isdir(os.path.join(run_dir, "checkpoint_00000024"))
+    assert os.path.isdir(os.path.join(run_dir, "checkpoint_00000012"))
     assert os.path.exists(os.path.join(run_dir, "export", "model.safetensors"))
     return [line["train/loss"] for line in lines]
 
@@ -147,7 +147,7 @@ def test_worker_sigkill_and_killed_driver_both_resume(ray_session, dataset, tmp_
         driver.send_signal(signal.SIGKILL)
         driver.wait(30)
     killed_at = time.time()
-    assert not os.path.isdir(os.path.join(run_dir, "checkpoint_00000024")), "the driver finished before the kill"
+    assert not os.path.isdir(os.path.join(run_dir, "checkpoint_00000012")), "the driver finished before the kill"
     # Its workers die with it (their controller was owned by the driver); wait so the rerun starts clean.
     deadline = time.time() + 60
     while train_worker_pids() and time.time() < deadline:
@@ -160,7 +160,7 @@ def test_worker_sigkill_and_killed_driver_both_resume(ray_session, dataset, tmp_
     # Resume is exact: the two faulted runs trained the same model step for step.
     np.testing.assert_allclose(worker_losses, driver_losses, rtol=0, atol=2e-5)
     assert worker_losses[-1] < worker_losses[0]
-    reliability_report("train: 2-worker FSDP2, 24 steps, checkpoint every 6",
+    reliability_report("train: 2-worker FSDP2, 12 steps, checkpoint every 4",
                        worker_sigkill_finished_in_s=round(worker_recovery, 1),
                        driver_sigkill_rerun_finished_in_s=round(driver_recovery, 1),
                        final_step=TRAIN.max_steps, loss_max_abs_diff=float(np.max(np.abs(

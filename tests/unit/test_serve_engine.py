@@ -64,6 +64,29 @@ def test_concurrent_greedy_matches_hf_generate(tiny, engine):
     assert engine.num_running() == 0 and engine.stats["generated_tokens"] >= sum(n for _, n in jobs)
 
 
+def test_non_streamed_request_gets_its_first_token_then_the_rest_at_once(tiny, engine):
+    _, _, tok = tiny
+    ids = tok("the cat sat").input_ids
+
+    async def events(stream: bool):
+        return [out async for out in engine.generate(ids, SamplingParams(max_tokens=10, temperature=1.0, seed=3,
+                                                                          n=2, ignore_eos=True), stream)]
+
+    streamed, held = asyncio.run(events(True)), asyncio.run(events(False))
+    assert len(streamed) == 10 and len(held) == 2  # 10 tokens: one event each, or the first and then the rest
+    assert held[0].prompt_logprobs is not None and not held[0].finished and held[1].finished
+    for index in (0, 1):
+        def text(outs, i=index):
+            return "".join(d.text for o in outs for d in o.deltas if d.index == i)
+
+        def token_ids(outs, i=index):
+            return [t.token_id for o in outs for d in o.deltas if d.index == i for t in d.tokens]
+
+        assert text(held) == text(streamed) and token_ids(held) == token_ids(streamed)
+        assert len(token_ids(held)) == 10
+        assert [d.finish_reason for d in held[1].deltas if d.index == index][-1] == "length"
+
+
 def test_seed_reproducible_and_n_independent(tiny, engine):
     _, _, tok = tiny
     ids = tok("the cat sat").input_ids
