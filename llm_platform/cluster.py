@@ -62,7 +62,11 @@ def connect(cfg: ClusterConfig | None = None) -> str:
         num_gpus=cfg.num_gpus,
         _temp_dir=temp_dir,
         object_store_memory=cfg.object_store_memory_bytes,
-        include_dashboard=False,
+        # The dashboard serves Ray's State API, which Ray Train V2's placement-group cleaner polls to see whether a
+        # run's controller is alive; without it a run whose controller is killed (an ASHA-stopped trial) keeps its
+        # workers' CPUs forever, and a sweep with more trials than CPUs deadlocks. Bound to 127.0.0.1.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
         log_to_driver=cfg.log_to_driver,
         configure_logging=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 
 import pytest
 
@@ -77,6 +78,19 @@ def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_
     assert lineage["dataset"]["manifest_sha256"] and lineage["code_version"]
     assert os.path.exists(os.path.join(version.uri, "config.json"))
     assert os.path.exists(os.path.join(version.uri, "model.safetensors"))
+
+    # The stopped trial's Ray Train workers gave their CPUs back: Ray Train V2's cleaner removes the placement group
+    # of a killed controller, which needs the State API (the local Ray runs its dashboard for this). Leaked groups
+    # deadlocked a sweep with more trials than CPUs.
+    import ray
+
+    deadline = time.time() + 60
+    while True:
+        live = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not live or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert not live, [(pg["name"], pg["state"], pg["bundles"]) for pg in live]
 
     rows = list(csv.DictReader(open(os.path.join(sweep_dir, "summary.csv"))))
     assert sorted(r["status"] for r in rows) == sorted(t.status for t in result.trials)
