@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
         result = launch(ModelConfig(hidden_size=32, max_position_embeddings=64), tc,
                         ScalingConfig(num_workers=2, placement_strategy="STRICT_SPREAD"), dataset, root,
                         run_name="spread")
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+        workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
         print("RESULT " + json.dumps({"run_uri": result.run_uri, "export_uri": result.export_uri,
                                       "checkpoint_uri": result.checkpoint_uri, "metrics": result.metrics,
                                       "nodes": sorted({w.node_id for w in workers})}))
