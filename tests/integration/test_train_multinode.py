@@ -17,7 +17,7 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
 SCRIPT = textwrap.dedent("""
-    import json, os, sys
+    import json, os, socket, sys
     sys.path.insert(0, os.environ["TESTS_DIR"])
     import ray
     from ray.cluster_utils import Cluster
@@ -32,7 +32,13 @@ SCRIPT = textwrap.dedent("""
     storage.configure({"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
     root = os.environ["BUCKET"] + "/platform"
     dataset = make_dataset(root, "pretrain", seq_len=32)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # The head's own dashboard (the State API below) on a free port: the session's local Ray may hold 8265.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                            "dashboard_host": "127.0.0.1",
+                                                            "dashboard_port": dashboard_port})
     for _ in range(2):
         cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
