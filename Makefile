@@ -34,7 +34,7 @@ demo: setup
 	$(VENV)/bin/llm-platform run debug=smoke run.keep_serving=false
 
 test: setup setup-checks
-	$(PY) -m pytest -q -ra --durations=30
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"

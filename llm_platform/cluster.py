@@ -51,6 +51,9 @@ def connect(cfg: ClusterConfig | None = None) -> str:
     from llm_platform.serve.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    # One machine has no spot nodes to be preempted: skip Ray Train's per-run preemption-watcher actor (one process
+    # fewer per training run). Clusters keep it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     temp_dir = cfg.temp_dir or os.environ.get("RAY_TMPDIR")
     if temp_dir:
         os.makedirs(temp_dir, exist_ok=True)

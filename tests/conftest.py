@@ -14,6 +14,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# No spot preemption on one machine: one actor process fewer per training run (cluster.connect does the same for a
+# local Ray; set here too for the Ray heads that tests start themselves).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Fake credentials for the loopback S3 only; never real ones in tests.
 for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_DEFAULT_REGION": "us-east-1"}.items():
@@ -88,7 +91,26 @@ def reliability_report():
     return record
 
 
+_SECONDS_BY_TEST: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    _SECONDS_BY_TEST[report.nodeid] = _SECONDS_BY_TEST.get(report.nodeid, 0.0) + report.duration
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
+    """Last before the final line, so that the tail of a CI log shows them: seconds per test file (setup, call
+    and teardown together), and the reliability figures."""
+    if _SECONDS_BY_TEST:
+        by_file: dict[str, float] = {}
+        for nodeid, seconds in _SECONDS_BY_TEST.items():
+            name = nodeid.split("::")[0]
+            by_file[name] = by_file.get(name, 0.0) + seconds
+        terminalreporter.section("seconds per test file")
+        for name, seconds in sorted(by_file.items(), key=lambda kv: -kv[1])[:20]:
+            terminalreporter.write_line(f"{seconds:8.1f}  {name}")
+        terminalreporter.write_line(f"{sum(by_file.values()):8.1f}  all {len(_SECONDS_BY_TEST)} tests")
     if _RELIABILITY_FIGURES:
         terminalreporter.section("reliability figures")
         for scenario, figures in _RELIABILITY_FIGURES:

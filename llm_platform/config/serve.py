@@ -19,6 +19,10 @@ class ServeConfig:
     """Ray Serve application name."""
     route_prefix: str = "/"
     """HTTP route prefix of the application."""
+    request_timeout_s: float | None = 300.0
+    """Proxy-side limit per HTTP request (Serve's `http_options.request_timeout_s`). A request still unanswered then
+    (say, its replica died in a way Serve did not notice) ends as a retryable 503 `request_timeout` with
+    `Retry-After` instead of hanging. None: no limit."""
     blocking: bool = True
     """`llm-platform serve` keeps running until interrupted (False: deploy and return)."""
 

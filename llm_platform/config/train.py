@@ -57,8 +57,6 @@ class TrainConfig:
     """A NaN/inf loss: stop the run with a message, or skip the step."""
     max_failures: int = 2
     """Worker failures survived by restarting from the latest checkpoint."""
-    fault_injection_step: int | None = None
-    """Reliability tests: rank 0 exits abruptly once when it reaches this step (None disables)."""
     nonfinite_injection_step: int | None = None
     """Tests: this step's loss (1-based, as in metrics.jsonl) times NaN before backward, so grads too (None: off)."""
     parallelism: str = "fsdp"

@@ -144,7 +144,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
 def deploy(cfg: ServeConfig, storage_root: str | None = None, storage_settings: dict | None = None) -> str:
     """Start Serve's HTTP proxy on `cfg.host:cfg.port` (if not running) and deploy the app; returns its base URL."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
     args: dict[str, Any] = {**as_dict(cfg), "storage_root": storage_root, "storage": storage_settings}
     serve.run(build_app(args), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

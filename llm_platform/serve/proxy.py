@@ -12,7 +12,9 @@ whose body is not JSON) into `{"error": {"message", "type", "param", "code"}}`:
   which is a transient, retryable condition for the client and not a bug in its input;
 - a request that the proxy ends without any response (what Serve 2.60 does when the replica handling it dies: uvicorn
   would then write a bare plain-text 500 outside every middleware) gets the same 503 `replica_failed`;
-- 404 and 408 keep their codes.
+- 408 (a request that ran past `serve.request_timeout_s`, which Serve's proxy cancels) becomes 503 `request_timeout`
+  with `Retry-After`: the service could not answer in time, a transient condition like a gateway timeout;
+- 404 keeps its code.
 
 Serve loads it in every proxy from the environment variable that `PROXY_CALLBACK_ENV` names (set before Ray starts:
 `cluster.connect` does it for a local Ray; the Docker image, which the KubeRay and ray-up configs run, sets it for
@@ -35,7 +37,7 @@ _SHAPES = {
     # status in -> (status out, type, code)
     400: (400, "invalid_request_error", "bad_request"),
     404: (404, "invalid_request_error", "not_found"),
-    408: (408, "timeout", "request_timeout"),
+    408: (503, "timeout", "request_timeout"),  # Serve's request_timeout_s ran out: retryable, like 504
     413: (413, "invalid_request_error", "request_too_large"),
     429: (429, "rate_limit_error", "overloaded"),
     499: (499, "invalid_request_error", "client_closed_request"),

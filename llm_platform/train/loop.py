@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import tempfile
 from typing import Any, Iterator
 
@@ -40,7 +39,6 @@ from llm_platform.train.optim import build_optimizer, lr_factor
 from llm_platform.train.parallelize import needs_autocast, parallelize, resolve_dtype
 
 log = logging.getLogger("llm_platform.train")
-FAULT_MARKER = ".fault_injected"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -123,9 +121,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             (loss * world / max(num_targets, 1.0)).backward()
             local_loss += loss.detach()
         train_loss = all_reduce_sum(local_loss, device) / max(num_targets, 1.0)
-
-        if tc.fault_injection_step is not None and step == tc.fault_injection_step and rank == 0:
-            inject_fault_once(config["run_uri"])
 
         lr = tc.lr * lr_factor(step, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps, schedule=tc.schedule,
                                min_lr_ratio=tc.min_lr_ratio)
@@ -284,13 +279,3 @@ def clip_grad_norm(params, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
         norm = norm.full_tensor()
     return float(norm)
-
-
-def inject_fault_once(run_uri: str) -> None:
-    """Reliability tests: kill this worker process once per run (a marker in the run folder makes it once)."""
-    marker = storage.join(run_uri, FAULT_MARKER)
-    if storage.exists(marker):
-        return
-    storage.write_text(marker, "injected\n")
-    log.warning("fault injection: rank 0 exits now")
-    os._exit(1)

@@ -177,7 +177,7 @@ def test_train_job_completes_and_writes_its_run(ray_head, storage_root):
     if not glob.glob(str(storage_root / "datasets" / "*" / "*" / "manifest.json")):
         data = _submit(ray_head, "data", "debug=smoke", f"storage.root={storage_root}")
         assert data.returncode == 0, data.stderr[-3000:]
-    proc = _submit(ray_head, "train", "debug=smoke", f"storage.root={storage_root}")
+    proc = _submit(ray_head, "train", "debug=smoke", f"storage.root={storage_root}", "train.max_steps=10")
     assert proc.returncode == 0, f"train job failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
     lineages = glob.glob(str(storage_root / "runs" / "*" / "lineage.json"))
     assert lineages, f"no run lineage under {storage_root}:\n{proc.stdout[-3000:]}"

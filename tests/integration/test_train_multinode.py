@@ -1,5 +1,6 @@
-"""Multi-node training on a simulated cluster (`ray.cluster_utils.Cluster`: a head and two worker nodes on this
-machine), workers spread across nodes (STRICT_SPREAD), checkpoints, metrics and export on the loopback S3.
+"""Multi-node training on a simulated cluster (`ray.cluster_utils.Cluster`: a head and a worker node, each with its
+own raylet, on this machine), workers spread across nodes (STRICT_SPREAD), checkpoints, metrics and export on the
+loopback S3.
 
 The session already has a local Ray (`ray_session`), so the cluster lives in a subprocess of its own.
 """
@@ -36,11 +37,10 @@ SCRIPT = textwrap.dedent("""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dashboard_port = s.getsockname()[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1",
                                                             "dashboard_port": dashboard_port})
-    for _ in range(2):
-        cluster.add_node(num_cpus=2)
+    cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}})
     try:

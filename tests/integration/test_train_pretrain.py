@@ -1,9 +1,8 @@
 """Causal LM pretraining through Ray Train: 2-worker FSDP2 (gloo) against a single-process plain PyTorch loop.
 
-One run covers the distributed path end to end: its per-step losses must match the plain loop, a worker killed
-mid-run (fault injection) must be replaced and training must resume from the last checkpoint with the same
-losses as an uninterrupted run, only the newest checkpoint is kept, and the HF export reloads with the weights of
-the plain loop.
+One run covers the distributed path end to end: its per-step losses must match the plain loop, only the newest
+checkpoint is kept, and the HF export reloads with the weights of the plain loop. (A worker or driver killed
+mid-run, and the exact resume: tests/reliability/test_train_faults.py.)
 """
 
 from __future__ import annotations
@@ -23,11 +22,10 @@ from train_fixtures import make_dataset, plain_pytorch_run, read_rows
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
-# Reports at steps 2, 3 (checkpoint), 4, 6. Rank 0 dies while computing step 6: after the report of step 4, which
-# returns only once Ray Train has taken the step-3 report, so checkpoint 3 is registered when the worker dies.
+# Reports at steps 2, 3 (checkpoint), 4, 6 (checkpoint).
 TRAIN = TrainConfig(max_steps=6, micro_batch_size=4, log_interval_steps=1, eval_interval_steps=2,
                     checkpoint_interval_steps=3, eval_batches=1, warmup_steps=2, lr=3e-3, shuffle_buffer_rows=0,
-                    keep_checkpoints=1, max_failures=1, fault_injection_step=5, parallelism="fsdp")
+                    keep_checkpoints=1, max_failures=0, parallelism="fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +33,7 @@ def dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp("data")), "pretrain", seq_len=32)
 
 
-def test_fsdp_run_matches_plain_pytorch_and_survives_a_worker_crash(ray_session, dataset, tmp_path):
+def test_fsdp_run_matches_plain_pytorch(ray_session, dataset, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from llm_platform.train.launcher import launch
@@ -45,13 +43,9 @@ def test_fsdp_run_matches_plain_pytorch_and_survives_a_worker_crash(ray_session,
     reference_model, reference = plain_pytorch_run(dataset, MODEL, TRAIN, global_batch=2 * TRAIN.micro_batch_size)
 
     run_dir = os.path.join(root, "runs", "fsdp")
-    # The fault really happened, and the run resumed from checkpoint 3: steps 1-3 were logged before the crash
-    # (the restarted run kept them), steps 4-6 after it.
-    crashed_at = os.path.getmtime(os.path.join(run_dir, ".fault_injected"))
     lines = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     train_lines = [line for line in lines if "train/loss" in line]
     assert [line["step"] for line in train_lines] == [1, 2, 3, 4, 5, 6]
-    assert all((line["time"] < crashed_at) == (line["step"] <= 3) for line in train_lines)
     np.testing.assert_allclose([line["train/loss"] for line in train_lines], reference, rtol=0, atol=2e-5)
     assert reference[-1] < reference[0]
     assert all(line["perf/tokens_per_s"] > 0 for line in train_lines)

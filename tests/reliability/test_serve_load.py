@@ -4,7 +4,8 @@ Fault: one of the two replicas of the deployment is killed (`ray.kill`, no resta
 notice and replace it) once a third of the requests have been answered.
 Load: 2,000 completion requests (tiny GPT-2, 4 new tokens each) from 64 concurrent clients.
 What must hold: every response is a 200 with a completion, or a documented 429/503 in OpenAI's error shape with a
-`Retry-After` header (never a 500, never a dropped connection); most requests succeed; the killed replica is
+`Retry-After` header (never a 500, never a dropped connection, nothing left hanging: the proxy's request timeout is
+30 s and the clients wait 120 s); most requests succeed; the killed replica is
 replaced, the deployment is HEALTHY again, and afterwards every request succeeds.
 """
 
@@ -70,7 +71,9 @@ def test_sustained_load_with_a_replica_killed(ray_session, tmp_path, reliability
     folder = build_tiny_model(tmp_path / "tiny")
     (tmp_path / "keys").write_text(KEY + "\n")
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # As `llm-platform serve` does (serve.request_timeout_s), with a limit well above this load's p99: a request
+    # whose replica died without Serve noticing ends as a retryable 503 instead of hanging.
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
     serve.run(build_app({"model": str(folder), "model_name": "tiny", "api_key_file": str(tmp_path / "keys"),
                          "num_replicas": 2, "num_cpus_per_replica": 0.5, "max_ongoing_requests": 48,
                          "max_queued_requests": 64, "max_batch_size": 32, "health_check_period_s": 1.0,

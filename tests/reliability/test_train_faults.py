@@ -2,10 +2,10 @@
 
 Load: a 2-worker FSDP2 (gloo) causal-LM run of 12 steps on a tiny GPT-2, checkpointing every 4 steps.
 Faults:
-- worker: once the step-4 checkpoint is committed, one of the two Ray Train worker processes gets SIGKILL from the
+- worker: once Ray Train has registered the step-4 checkpoint, one of the two Ray Train worker processes gets SIGKILL from the
   outside (no cooperation from the training code);
 - driver: the process that called `launch` (a separate driver connected to the same Ray) gets SIGKILL once the
-  step-4 checkpoint is committed; its controller and workers go with it. `launch` is then called again with the
+  step-4 checkpoint is registered; its controller and workers go with it. `launch` is then called again with the
   same run name.
 What must hold: both runs finish at step 12 with a final checkpoint and an export; the killed one resumed from its
 last checkpoint rather than from scratch (steps up to the checkpoint were logged before the fault, the later ones
@@ -59,18 +59,28 @@ def dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp("data")), "pretrain", seq_len=32)
 
 
+def checkpoint_registered(run_dir: str, name: str) -> bool:
+    """Ray Train's controller has registered checkpoint `name` (its checkpoint-manager snapshot names it): a
+    restart now resumes from it. A checkpoint folder on disk, or a later step logged, is not enough: on a loaded
+    machine the controller collects reports seconds after the workers wrote them."""
+    path = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    try:
+        snapshot = json.load(open(path))
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return False
+    return any(r.get("checkpoint_dir_name") == name for r in snapshot.get("checkpoint_results", []))
+
+
 def wait_past_first_checkpoint(run_dir: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Until checkpoint 4 exists and step 6 is logged (the step-4 report has returned, so Ray Train has
-    registered checkpoint 4: a restart now must resume from it, not from scratch)."""
+    """Until Ray Train has registered checkpoint 4 (a restart must resume from it, not from scratch)."""
     deadline = time.time() + timeout
     while True:
-        if os.path.isdir(os.path.join(run_dir, "checkpoint_00000004")) and \
-                any(line["step"] >= 6 for line in train_lines(run_dir)):
+        if checkpoint_registered(run_dir, "checkpoint_00000004"):
             return
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"driver exited ({proc.returncode}) early: {proc.stderr.read().decode()[-2000:]}")
         if time.time() > deadline:
-            pytest.fail(f"{run_dir} did not reach step 6 within {timeout} s")
+            pytest.fail(f"{run_dir}: checkpoint 4 not registered within {timeout} s")
         time.sleep(0.05)
 
 
