@@ -9,13 +9,15 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup setup-checks demo test test-fast bench clean
 
+# pip byte-compiles what it installs: machines here set PYTHONDONTWRITEBYTECODE=1, so without that step every
+# Python process (each Ray worker among them) would compile torch, transformers and Ray from source on import.
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile $(TORCH)
-	$(PY) -m pip install -q --no-compile -e '.[test]'
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 # checkov pins many packages that clash with ours: it lives in its own venv (tests/unit/test_terraform.py uses it).
@@ -26,7 +28,7 @@ setup-checks: $(CHECKS_VENV)/.installed
 
 $(CHECKS_VENV)/.installed:
 	python3 -m venv $(CHECKS_VENV)
-	$(CHECKS_VENV)/bin/pip install -q --no-compile checkov==$(CHECKOV_VERSION)
+	$(CHECKS_VENV)/bin/pip install -q checkov==$(CHECKOV_VERSION)
 	touch $@
 
 # The main job end to end on the embedded default: data -> train -> register -> eval -> serve -> a sample query.
