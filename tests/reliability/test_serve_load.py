@@ -5,8 +5,8 @@ notice and replace it) once a third of the requests have been answered.
 Load: 2,000 completion requests (tiny GPT-2, 4 new tokens each) from 64 concurrent clients.
 What must hold: every response is a 200 with a completion, or a documented 429/503 in OpenAI's error shape with a
 `Retry-After` header (never a 500, never a dropped connection, nothing left hanging: the proxy's request timeout is
-30 s and the clients wait 120 s); most requests succeed; the killed replica is
-replaced, the deployment is HEALTHY again, and afterwards every request succeeds.
+30 s and the clients wait 120 s); most requests succeed; the killed replica is replaced, the deployment is HEALTHY
+again, and afterwards every request succeeds.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Load: a 2-worker FSDP2 (gloo) causal-LM run of 12 steps on a tiny GPT-2, checkpointing every 4 steps.
 Faults:
-- worker: once Ray Train has registered the step-4 checkpoint, one of the two Ray Train worker processes gets SIGKILL from the
-  outside (no cooperation from the training code);
+- worker: once Ray Train has registered the step-4 checkpoint, one of the two Ray Train worker processes gets
+  SIGKILL from the outside (no cooperation from the training code);
 - driver: the process that called `launch` (a separate driver connected to the same Ray) gets SIGKILL once the
   step-4 checkpoint is registered; its controller and workers go with it. `launch` is then called again with the
   same run name.
