@@ -30,9 +30,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8, help="steps excluded from timing (compile, allocator)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a smoke run of the same code (gloo, fp32) to check the script without a GPU")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA device")
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device (or --device cpu for a smoke run)")
 
     from llm_platform.config import compose
     from llm_platform.models.build import build_model, hf_config
@@ -42,10 +45,12 @@ def main() -> None:
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29561")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)
+    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
     cfg = compose("train", [f"model={args.model}", f"data.seq_len={args.seq_len}"]).model
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.seq_len)
@@ -53,7 +58,8 @@ def main() -> None:
     size = model_size(hf_config(cfg, args.vocab, special), cfg.family)
     fpt = flops_per_token(size, args.seq_len)
     model = build_model(cfg, args.vocab, special, seed=0)
-    model = parallelize(model, parallelism="fsdp", device=device, compute_dtype=torch.bfloat16,
+    model = parallelize(model, parallelism="fsdp", device=device,
+                        compute_dtype=torch.bfloat16 if on_gpu else torch.float32,
                         activation_checkpointing=args.ac, compile=not args.no_compile)
     optimizer = build_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
     gen = torch.Generator(device=device).manual_seed(0)
@@ -67,26 +73,29 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - start
     tokens_per_s = args.steps * args.micro_batch * args.seq_len / elapsed
-    name = torch.cuda.get_device_name(device)
-    peak = peak_flops(name)
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    peak = peak_flops(normalize_gpu(name)) if on_gpu else None
     mfu = tokens_per_s * fpt / peak if peak else float("nan")
     rows = [("device", name), ("table entry", normalize_gpu(name) or "unknown"),
             ("model", f"{args.model}: {size.total / 1e6:.1f} M params, {size.num_layers} layers, d={size.hidden_size}"),
-            ("batch", f"{args.micro_batch} x {args.seq_len} tokens"), ("compile / AC", f"{not args.no_compile} / {args.ac}"),
+            ("batch", f"{args.micro_batch} x {args.seq_len} tokens"),
+            ("compile / AC", f"{not args.no_compile} / {args.ac}"),
             ("GFLOP per token", f"{fpt / 1e9:.3f}"), ("step time", f"{1000 * elapsed / args.steps:.1f} ms"),
-            ("tokens/s", f"{tokens_per_s:,.0f}"), ("peak memory", f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"),
+            ("tokens/s", f"{tokens_per_s:,.0f}"),
+            ("peak memory", f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if on_gpu else "n/a"),
             ("final loss", f"{float(loss):.3f}"), ("MFU", f"{mfu:.3f}")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from typing import Any
 
 from ray import serve
@@ -76,6 +77,8 @@ class OpenAIServer:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         folder, default_id = resolve_model(cfg.model, args.get("storage_root"))
         model, tokenizer = load_model(folder, cfg.device, cfg.dtype)
+        if cfg.gil_switch_interval_ms > 0:  # this process is the replica: the engine is its main workload
+            sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000)
         self.engine = Engine(model, tokenizer, cfg.max_batch_size, cfg.max_waiting_requests, cfg.max_prefill_tokens)
         self.engine.start()
         metrics = ServeMetrics(self.engine)
@@ -137,6 +140,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
         raise ConfigError(f"build_app: unknown serve keys {sorted(extra)}")
     cfg = from_dict(ServeConfig, dict(args))
+    if cfg.gil_switch_interval_ms < 0:
+        from llm_platform.errors import ConfigError
+
+        raise ConfigError(f"serve.gil_switch_interval_ms={cfg.gil_switch_interval_ms}: must be >= 0 (0 keeps "
+                          f"Python's default)")
     replica_args = {**as_dict(cfg), **{k: args[k] for k in ("storage_root", "storage", "drift_reference")
                                        if k in args}}
     return OpenAIServer.options(**deployment_options(cfg)).bind(replica_args)

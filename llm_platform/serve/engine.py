@@ -109,6 +109,12 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
     return model.to(device).eval(), tokenizer
 
 
+def _deliver(items: list[tuple[asyncio.Queue, "RequestOutput"]]) -> None:
+    """Runs in the callers' event loop: hand each request its event."""
+    for q, out in items:
+        q.put_nowait(out)
+
+
 class Engine:
     """Continuous-batching generator over one HF causal LM.
 
@@ -373,6 +379,7 @@ class Engine:
                 continue
             delta = SeqDelta(seq.index, text, [info], reason)
             events.setdefault(id(seq.req), (seq.req, []))[1].append(delta)
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for req, deltas in events.values():
             done = req.open_seqs == 0
             if not req.stream and req.first_sent and not done:
@@ -380,7 +387,11 @@ class Engine:
                 continue
             out = RequestOutput(req.pending + deltas, req.prompt_logprobs, finished=done)
             req.pending, req.first_sent, req.prompt_logprobs = [], True, None
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
+            deliveries.setdefault(req.loop, []).append((req.queue, out))
+        # One wake-up per event loop per step, not one per request: each call_soon_threadsafe writes the loop's
+        # self-pipe and makes the loop thread contend for the GIL with this one.
+        for loop, items in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, items)
         if finished:
             self._keep([s for s in self._running if id(s) not in finished])
 

@@ -159,3 +159,16 @@ def test_overloaded_engine_answers_429_and_stopped_engine_503(service):
     assert overloaded.status_code == 429 and overloaded.headers["retry-after"] == "1"
     assert overloaded.json()["error"]["type"] == "rate_limit_error"
     assert unavailable.status_code == 503 and unavailable.headers["retry-after"] == "1"
+
+
+def test_build_app_checks_keys_and_the_switch_interval():
+    from ray.serve import Application
+
+    from llm_platform.errors import ConfigError
+    from llm_platform.serve.app import build_app
+
+    with pytest.raises(ConfigError, match=r"unknown serve keys \['max_batch'\]"):
+        build_app({"model": "m", "max_batch": 8})
+    with pytest.raises(ConfigError, match="serve.gil_switch_interval_ms=-1"):
+        build_app({"model": "m", "gil_switch_interval_ms": -1})
+    assert isinstance(build_app({"model": "m", "gil_switch_interval_ms": 0}), Application)

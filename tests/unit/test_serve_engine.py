@@ -122,6 +122,35 @@ def test_sample_rows_greedy_topk_topp():
     assert out[3].item() == 0 or out[3].item() in (2, 3)  # full distribution: the tail is reachable
 
 
+def test_sample_rows_row_result_does_not_depend_on_its_neighbours():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50)
+    u = torch.tensor([0.37])
+    settings = {"plain": (1.0, 0, 1.0), "greedy": (0.0, 0, 1.0), "top_k": (0.8, 5, 1.0), "top_p": (1.2, 0, 0.9)}
+    for name, (temp, k, p) in settings.items():
+        alone = sample_rows(logits, torch.tensor([temp]), torch.tensor([k]), torch.tensor([p]), u)
+        for other_temp, other_k, other_p in settings.values():  # every neighbour kind, before and after the row
+            batch = sample_rows(logits.repeat(2, 1), torch.tensor([other_temp, temp]), torch.tensor([other_k, k]),
+                                torch.tensor([other_p, p]), torch.tensor([0.9, 0.37]))
+            assert batch[1] == alone[0], name
+
+
+def test_sample_rows_plain_and_filtered_paths_follow_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    n = 4000
+    u = (torch.arange(n, dtype=torch.float32) + 0.5) / n  # evenly spread draws: frequencies ~ probabilities
+    rows = logits.repeat(n, 1)
+    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
+    plain = torch.bincount(sample_rows(rows, ones, zeros, ones, u), minlength=5).float() / n
+    assert torch.allclose(plain, logits.softmax(-1)[0], atol=2e-3)
+    top2 = torch.bincount(sample_rows(rows, ones, torch.full((n,), 2), ones, u), minlength=5).float() / n
+    assert torch.allclose(top2, torch.cat([logits[0, :2].softmax(-1), torch.zeros(3)]), atol=2e-3)
+    # A draw of exactly 0 never lands on a zero-probability token.
+    edge = sample_rows(torch.tensor([[-float("inf"), 0.0]]), torch.ones(1), torch.zeros(1, dtype=torch.long),
+                       torch.ones(1), torch.zeros(1))
+    assert edge.item() == 1
+
+
 def test_text_stream_never_splits_a_character(tiny):
     _, _, tok = tiny
     text = "héllo 😀 日本語 wörld"

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole GPU check for a lent H100/H200, in one call (about 8 minutes): bf16 FSDP2 + compile training MFU on the
+# llama-1b (micro-batch 8 and 16) and llama-350m presets, then serving throughput of the engine on llama-1b.
+# Logs land in $OUT (or /tmp/llmp-gpu). Each part has its own time limit, so one that hangs does not cost the others.
+#
+#   bash benchmarks/gpu/run.sh                        # every part
+#   bash benchmarks/gpu/run.sh serve_engine           # named parts only
+#
+# The image there has torch, transformers and tokenizers but not Hydra: wheels in .whl/ (hydra-core, omegaconf,
+# antlr4 runtime, and the transformers version the tests use) are installed to /tmp/site first when present.
+set -u
+OUT=${OUT:-/tmp/llmp-gpu}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    python3 -c "import sys, torch, transformers, hydra; print(sys.version.split()[0], 'torch', torch.__version__,
+'transformers', transformers.__version__, 'hydra', hydra.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee "$OUT/env.txt"
+
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, note the exit status
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    grep -v -E "Warning|warn\(|^\s*$" "$OUT/$name.log" | tail -25
+    echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+}
+
+want() { [ $# -eq 0 ] || [[ " $* " == *" $PART "* ]]; }
+PART=train_mfu_1b; want "$@" && part $PART 240 python3 benchmarks/gpu/train_mfu.py --model llama-1b --micro-batch 8
+PART=train_mfu_1b_mb16
+want "$@" && part $PART 240 python3 benchmarks/gpu/train_mfu.py --model llama-1b --micro-batch 16
+PART=train_mfu_350m; want "$@" && part $PART 150 python3 benchmarks/gpu/train_mfu.py --model llama-350m --micro-batch 16
+PART=serve_engine; want "$@" && part $PART 240 python3 benchmarks/gpu/serve_engine.py --model llama-1b
+exit 0
