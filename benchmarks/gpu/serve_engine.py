@@ -9,7 +9,8 @@ The model is a preset from conf/model with random weights and a 32k word-level t
 ids, so neither side tokenizes. Every request generates exactly --max-tokens tokens (greedy, EOS ignored) on both
 sides. This is the engine without Ray Serve's HTTP hop (the CPU benchmark benchmarks/serve_load.py measures the
 endpoint), timed with Python's default GIL switch interval and again with the 0.5 ms that replicas set. Prints
-tokens/s, p50/p99 latency, time to first token and the engine's per-step times per setting; the last line is `ratio=<engine tokens/s at concurrency 32 / sequential HF generate tokens/s>`.
+tokens/s, p50/p99 latency, time to first token and the engine's per-step times per setting; the last line is
+`ratio=<engine tokens/s at concurrency 32 / sequential HF generate tokens/s>` (the default switch interval).
 """
 
 from __future__ import annotations
