@@ -109,6 +109,20 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
     return model.to(device).eval(), tokenizer
 
 
+def _coalesce(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive events of one request as one: each sequence's text and tokens joined, the later finish."""
+    merged: dict[int, SeqDelta] = {}
+    for d in first.deltas + then.deltas:
+        m = merged.get(d.index)
+        if m is None:
+            merged[d.index] = SeqDelta(d.index, d.text, list(d.tokens), d.finish_reason)
+        else:
+            m.text += d.text
+            m.tokens += d.tokens
+            m.finish_reason = d.finish_reason or m.finish_reason
+    return RequestOutput(list(merged.values()), first.prompt_logprobs or then.prompt_logprobs, then.finished)
+
+
 def _deliver(items: list[tuple[asyncio.Queue, "RequestOutput"]]) -> None:
     """Runs in the callers' event loop: hand each request its event."""
     for q, out in items:
@@ -206,6 +220,15 @@ class Engine:
         try:
             while not finished:
                 out: RequestOutput = await req.queue.get()
+                # Events that queued up while the caller was busy (a slow client, a loaded replica) go out as one:
+                # one SSE chunk carries several tokens, as OpenAI's may, instead of a backlog of one-token chunks.
+                while not out.finished and not req.queue.empty():
+                    nxt: RequestOutput = req.queue.get_nowait()
+                    if nxt.error:
+                        yield out
+                        out = nxt
+                        break
+                    out = _coalesce(out, nxt)
                 finished = out.finished
                 yield out
         finally:

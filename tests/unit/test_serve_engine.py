@@ -64,6 +64,29 @@ def test_concurrent_greedy_matches_hf_generate(tiny, engine):
     assert engine.num_running() == 0 and engine.stats["generated_tokens"] >= sum(n for _, n in jobs)
 
 
+def test_a_slow_reader_gets_queued_tokens_coalesced_and_nothing_lost(tiny, engine):
+    _, model, tok = tiny
+    ids = tok("once upon a time").input_ids
+
+    async def read(delay: float):
+        events, text, tokens, reason = 0, "", [], None
+        async for out in engine.generate(ids, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                             logprobs=1)):
+            events += 1
+            for d in out.deltas:
+                text, tokens, reason = text + d.text, tokens + d.tokens, d.finish_reason or reason
+            await asyncio.sleep(delay)  # a slow client: the engine runs ahead and events queue up
+        return events, text, tokens, reason
+
+    fast = asyncio.run(read(0.0))
+    slow = asyncio.run(read(0.2))
+    # About one event per token when read at once; a few large ones when the reader lags 200 ms per event.
+    assert slow[0] <= 8 and slow[0] < fast[0]
+    assert slow[1:] == fast[1:] and slow[3] == "length"
+    assert [t.token_id for t in slow[2]] == hf_greedy(model, ids, 24)
+    assert all(t.logprob is not None for t in slow[2])
+
+
 def test_non_streamed_request_gets_its_first_token_then_the_rest_at_once(tiny, engine):
     _, _, tok = tiny
     ids = tok("the cat sat").input_ids
