@@ -2,13 +2,12 @@
 
 The head has its own ports and temp dir and is stopped by signalling the process group this test started, never
 with `ray stop` (which would stop every Ray on the machine). The debug data and train jobs run through the Jobs
-API with this checkout as their working dir and must leave their records in storage.
+API with this checkout as their working dir and must leave their records in storage (one `run` job chains both).
 """
 
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import shutil
 import signal
@@ -76,7 +75,7 @@ def _stop(proc: subprocess.Popen) -> None:
     # start_new_session=True made the head its own group leader, so its group id is its pid (even once it has
     # exited). `ray start --block` tears its children down on SIGTERM; the group SIGKILL catches any stragglers.
     # A short grace: this head's state is thrown away, and a full `ray start --block` teardown took 35 s in CI.
-    for sig, grace_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 0)):
+    for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -161,27 +160,20 @@ def _submit(address: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_data_job_completes_and_writes_its_dataset(ray_head, storage_root):
-    proc = _submit(ray_head, "data", "debug=smoke", f"storage.root={storage_root}")
-    assert proc.returncode == 0, f"data job failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+def test_run_job_prepares_data_then_trains(ray_head, storage_root):
+    # One job through the Jobs API for two stages: `run` chains data -> train in the job's driver on the cluster.
+    proc = _submit(ray_head, "run", "debug=smoke", f"storage.root={storage_root}", "run.stages=[data,train]",
+                   "train.max_steps=10")
+    assert proc.returncode == 0, \
+        f"run job failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
     assert "SUCCEEDED" in proc.stderr
     manifests = glob.glob(str(storage_root / "datasets" / "*" / "*" / "manifest.json"))
     assert manifests, f"no dataset manifest under {storage_root}:\n{proc.stdout[-3000:]}"
-    # The job's own log streamed back to this terminal.
-    assert proc.stdout.strip(), "the job's log was not streamed"
-
-
-@pytest.mark.skipif(not importlib.util.find_spec("llm_platform.commands.train"),
-                    reason="llm_platform/commands/train.py (the train stage) is not written yet")
-def test_train_job_completes_and_writes_its_run(ray_head, storage_root):
-    if not glob.glob(str(storage_root / "datasets" / "*" / "*" / "manifest.json")):
-        data = _submit(ray_head, "data", "debug=smoke", f"storage.root={storage_root}")
-        assert data.returncode == 0, data.stderr[-3000:]
-    proc = _submit(ray_head, "train", "debug=smoke", f"storage.root={storage_root}", "train.max_steps=10")
-    assert proc.returncode == 0, f"train job failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
     lineages = glob.glob(str(storage_root / "runs" / "*" / "lineage.json"))
     assert lineages, f"no run lineage under {storage_root}:\n{proc.stdout[-3000:]}"
     assert glob.glob(str(storage_root / "runs" / "*" / "metrics.jsonl")), "the run wrote no metrics"
+    # The job's own log streamed back to this terminal.
+    assert proc.stdout.strip(), "the job's log was not streamed"
 
 
 def test_failing_job_mirrors_exit_status_and_jobs_commands_see_it(ray_head, storage_root):
