@@ -86,17 +86,28 @@ def evaluate_robustness(generate: Callable[[list[str]], list[str]], prompts: lis
     Returns:
         (metrics, details): flat `robust/<kind>/<metric>_delta` entries, and per kind the metrics plus examples.
     """
-    perturbed = {kind: perturb(prompts, kind, seed, rate) for kind in kinds}
-    flat = [p for kind in kinds for p in perturbed[kind]]
-    outputs = generate(flat)  # one batch job for all kinds: the model is loaded once
+    perturbed = perturb_all(prompts, kinds, seed, rate)
+    outputs = generate([p for kind in kinds for p in perturbed[kind]])  # one batch job: the model is loaded once
+    return score_robustness(perturbed, outputs, references, clean_metrics, score)
+
+
+def perturb_all(prompts: list[str], kinds: list[str], seed: int, rate: float) -> dict[str, list[str]]:
+    """Each kind's perturbed copy of `prompts`, in `kinds` order (generate them flattened in that order)."""
+    return {kind: perturb(prompts, kind, seed, rate) for kind in kinds}
+
+
+def score_robustness(perturbed: dict[str, list[str]], outputs: list[str], references: list[list[str]],
+                     clean_metrics: dict[str, float],
+                     score: Callable[[list[str], list[list[str]]], dict[str, float]]) -> tuple[dict, dict]:
+    """Score the outputs of `perturb_all`'s prompts (flattened in its order) against the clean metrics."""
     metrics: dict[str, float] = {}
     details: dict[str, dict] = {}
-    for k, kind in enumerate(kinds):
+    for k, (kind, prompts) in enumerate(perturbed.items()):
         outs = outputs[k * len(prompts):(k + 1) * len(prompts)]
         scored = score(outs, references)
         deltas = {name.split("/", 1)[1]: value - clean_metrics[name] for name, value in scored.items()
                   if name in clean_metrics}
         metrics.update({f"robust/{kind}/{m}_delta": d for m, d in deltas.items()})
         details[kind] = {"metrics": scored, "deltas": deltas,
-                         "examples": [{"prompt": p, "output": o} for p, o in list(zip(perturbed[kind], outs))[:3]]}
+                         "examples": [{"prompt": p, "output": o} for p, o in list(zip(prompts, outs))[:3]]}
     return metrics, details

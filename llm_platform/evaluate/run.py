@@ -151,15 +151,18 @@ def run_eval(cfg: EvalConfig, storage_root: str) -> EvalResult:
     else:
         generate = _generator(cfg, mv, loaded_fn)
         prompts, refs = [t.prompt for t in tasks], [t.references for t in tasks]
-        outputs = generate(prompts)
+        kinds = cfg.robustness.perturbations if cfg.robustness.enabled else []
+        perturbed = robustness.perturb_all(prompts, kinds, cfg.seed, cfg.robustness.rate)
+        # One generation job for the clean and every perturbed prompt: the model loads once (on Ray, one actor pool).
+        everything = generate(prompts + [p for kind in kinds for p in perturbed[kind]])
+        outputs = everything[:len(prompts)]
         clean = generation.score(outputs, refs)
         metrics.update(clean)
         sections["examples"] = [{"prompt": p, "output": o, "references": r}
                                 for p, o, r in list(zip(prompts, outputs, refs))[:NUM_EXAMPLES]]
-        if cfg.robustness.enabled:
-            robust_metrics, sections["robustness"] = robustness.evaluate_robustness(
-                generate, prompts, refs, clean, cfg.robustness.perturbations, cfg.seed, cfg.robustness.rate,
-                generation.score)
+        if kinds:
+            robust_metrics, sections["robustness"] = robustness.score_robustness(
+                perturbed, everything[len(prompts):], refs, clean, generation.score)
             metrics.update(robust_metrics)
     if tasks is None and cfg.robustness.enabled:
         skipped["robustness"] = "no task file to perturb (set eval.tasks_uri)"
