@@ -104,10 +104,15 @@ def _cli(*overrides: str) -> tuple[int, str]:
 
 
 def test_gate_fails_on_a_planted_regression(world):
+    from llm_platform.evaluate import run_eval
+
     common = [f"storage.root={world['root']}", f"eval.model={world['model']}", f"eval.tasks_uri={world['tasks']}",
               "eval.name=gate", "eval=inprocess", "eval.max_new_tokens=4", "eval.bias.bootstrap_samples=100",
               "eval.robustness.enabled=false"]
-    assert _cli(*common)[0] == 0
+    # The evaluation to compare with, in this process (the CLI runs below are what is under test).
+    run_eval(EvalConfig(model=world["model"], tasks_uri=world["tasks"], name="gate", use_ray=False, max_new_tokens=4,
+                        bias=BiasConfig(bootstrap_samples=100), robustness=RobustnessConfig(enabled=False)),
+             world["root"])
     stored = os.path.join(world["root"], "evals", "tiny", "v0002", "gate", "metrics.json")
     record = json.load(open(stored))
     # A baseline version that was clearly better on a guard metric, and one that was the same.
