@@ -106,7 +106,8 @@ def rouge(predictions: list[str], references: list[list[str]]) -> dict[str, floa
 
 def score(predictions: list[str], references: list[list[str]], prefix: str = "gen") -> dict[str, float]:
     """All generation metrics for aligned predictions and reference lists."""
-    out = {f"{prefix}/bleu": bleu(predictions, references), f"{prefix}/exact_match": exact_match(predictions, references)}
+    out = {f"{prefix}/bleu": bleu(predictions, references),
+           f"{prefix}/exact_match": exact_match(predictions, references)}
     out.update({f"{prefix}/{k}": v for k, v in rouge(predictions, references).items()})
     return out
 

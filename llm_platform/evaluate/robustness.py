@@ -72,7 +72,8 @@ PERTURBATIONS: dict[str, Callable[[str, random.Random, float], str]] = {
 def perturb(prompts: list[str], kind: str, seed: int, rate: float) -> list[str]:
     """The prompts perturbed by `kind`; the same (prompts, kind, seed, rate) always gives the same result."""
     if kind not in PERTURBATIONS:
-        raise ConfigError(f"eval.robustness.perturbations: unknown kind {kind!r}; choose from {', '.join(PERTURBATIONS)}")
+        raise ConfigError(f"eval.robustness.perturbations: unknown kind {kind!r}; "
+                          f"choose from {', '.join(PERTURBATIONS)}")
     fn = PERTURBATIONS[kind]
     # zlib.crc32, not hash(): str hashes are salted per process, and the stream must not depend on the process.
     return [fn(p, random.Random(zlib.crc32(f"{seed}:{kind}:{i}".encode())), rate) for i, p in enumerate(prompts)]
