@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="requests per setting")
     ap.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request")
     ap.add_argument("--batch", type=int, default=32, help="engine max_batch_size")
+    ap.add_argument("--gil-switch-ms", type=float, default=None,
+                    help="serve.gil_switch_interval_ms of the replica (default: the config's)")
     args = ap.parse_args()
 
     from conftest import free_port
@@ -151,8 +153,9 @@ def main() -> None:
     cluster.connect(ClusterConfig(num_cpus=4, log_to_driver=False))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    extra = {} if args.gil_switch_ms is None else {"gil_switch_interval_ms": args.gil_switch_ms}
     serve.run(build_app({"model": str(folder), "model_name": "bench", "num_cpus_per_replica": 1,
-                         "max_batch_size": args.batch, "max_ongoing_requests": 64}),
+                         "max_batch_size": args.batch, "max_ongoing_requests": 64, **extra}),
               name="bench", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
 
