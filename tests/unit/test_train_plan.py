@@ -44,12 +44,11 @@ def cli(*args, timeout=300):
 
 
 def test_plan_command_prints_the_plan_and_refuses_what_cannot_fit():
-    ok = cli("plan", "experiment=llama-1b-h100", "tokenizer.vocab_size=32000")
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "FLOPs per token" in ok.stdout and "verdict" in ok.stdout and "fits" in ok.stdout
+    # (A config that fits: the tests above, in process. Each CLI run here is a fresh interpreter, ~10 s.)
     refused = cli("plan", "experiment=llama-1b-h100", "train.activation_checkpointing=false",
                   "train.micro_batch_size=32")
     assert refused.returncode == 2
+    assert "FLOPs per token" in refused.stdout and "verdict" in refused.stdout  # the plan is printed, then refused
     assert "does not fit" in refused.stdout + refused.stderr
     forced = cli("plan", "experiment=llama-1b-h100", "train.activation_checkpointing=false",
                  "train.micro_batch_size=32", "plan.force=true")
