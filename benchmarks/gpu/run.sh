@@ -7,7 +7,11 @@
 #   bash benchmarks/gpu/run.sh serve_engine           # named parts only
 #
 # The image there has torch, transformers and tokenizers but not Hydra: wheels in .whl/ (hydra-core, omegaconf,
-# antlr4 runtime, and the transformers version the tests use) are installed to /tmp/site first when present.
+# antlr4 runtime, and the transformers version the tests use) are installed to /tmp/site first when present. To make
+# them on the CPU machine (git ignores .whl/ through .git/info/exclude):
+#   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl hydra-core==1.3.8 omegaconf==2.3.1 transformers==5.23.0
+#   pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 set -u
 OUT=${OUT:-/tmp/llmp-gpu}
 mkdir -p "$OUT"
