@@ -79,28 +79,21 @@ def perturb(prompts: list[str], kind: str, seed: int, rate: float) -> list[str]:
     return [fn(p, random.Random(zlib.crc32(f"{seed}:{kind}:{i}".encode())), rate) for i, p in enumerate(prompts)]
 
 
-def evaluate_robustness(generate: Callable[[list[str]], list[str]], prompts: list[str], references: list[list[str]],
-                        clean_metrics: dict[str, float], kinds: list[str], seed: int, rate: float,
-                        score: Callable[[list[str], list[list[str]]], dict[str, float]]) -> tuple[dict, dict]:
-    """Generate for every perturbed prompt set in one call, score each, and report deltas against the clean run.
-
-    Returns:
-        (metrics, details): flat `robust/<kind>/<metric>_delta` entries, and per kind the metrics plus examples.
-    """
-    perturbed = perturb_all(prompts, kinds, seed, rate)
-    outputs = generate([p for kind in kinds for p in perturbed[kind]])  # one batch job: the model is loaded once
-    return score_robustness(perturbed, outputs, references, clean_metrics, score)
-
-
 def perturb_all(prompts: list[str], kinds: list[str], seed: int, rate: float) -> dict[str, list[str]]:
-    """Each kind's perturbed copy of `prompts`, in `kinds` order (generate them flattened in that order)."""
+    """Each kind's perturbed copy of `prompts`, in `kinds` order (generate them as `flatten` lists them)."""
     return {kind: perturb(prompts, kind, seed, rate) for kind in kinds}
+
+
+def flatten(perturbed: dict[str, list[str]]) -> list[str]:
+    """Every perturbed prompt in one list, kind after kind: one generation job for all (the model loads once)."""
+    return [p for prompts in perturbed.values() for p in prompts]
 
 
 def score_robustness(perturbed: dict[str, list[str]], outputs: list[str], references: list[list[str]],
                      clean_metrics: dict[str, float],
                      score: Callable[[list[str], list[list[str]]], dict[str, float]]) -> tuple[dict, dict]:
-    """Score the outputs of `perturb_all`'s prompts (flattened in its order) against the clean metrics."""
+    """Score the outputs for `flatten(perturbed)` against the clean metrics; returns (metrics, details): flat
+    `robust/<kind>/<metric>_delta` entries, and per kind the metrics plus examples."""
     metrics: dict[str, float] = {}
     details: dict[str, dict] = {}
     for k, (kind, prompts) in enumerate(perturbed.items()):

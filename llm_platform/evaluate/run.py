@@ -154,7 +154,7 @@ def run_eval(cfg: EvalConfig, storage_root: str) -> EvalResult:
         kinds = cfg.robustness.perturbations if cfg.robustness.enabled else []
         perturbed = robustness.perturb_all(prompts, kinds, cfg.seed, cfg.robustness.rate)
         # One generation job for the clean and every perturbed prompt: the model loads once (on Ray, one actor pool).
-        everything = generate(prompts + [p for kind in kinds for p in perturbed[kind]])
+        everything = generate(prompts + robustness.flatten(perturbed))
         outputs = everything[:len(prompts)]
         clean = generation.score(outputs, refs)
         metrics.update(clean)

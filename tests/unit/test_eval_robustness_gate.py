@@ -48,15 +48,16 @@ def test_unknown_perturbation_names_the_key():
         robustness.perturb(PROMPTS, "emoji", 0, 0.1)
 
 
-def test_evaluate_robustness_reports_deltas():
+def test_robustness_scoring_reports_deltas():
     # A "model" that echoes the prompt: typos lower exact match by exactly the share of prompts they changed,
     # while casing (undone by the exact-match normalization) changes nothing.
     from llm_platform.evaluate.generation import score
 
     refs = [[p] for p in PROMPTS]
     clean = score(PROMPTS, refs)
-    metrics, details = robustness.evaluate_robustness(lambda ps: list(ps), PROMPTS, refs, clean,
-                                                      ["typos", "casing"], 0, 0.05, score)
+    perturbed = robustness.perturb_all(PROMPTS, ["typos", "casing"], 0, 0.05)
+    echoed = robustness.flatten(perturbed)
+    metrics, details = robustness.score_robustness(perturbed, echoed, refs, clean, score)
     changed = sum(o != p for o, p in zip(robustness.perturb(PROMPTS, "typos", 0, 0.05), PROMPTS))
     assert 0 < changed < len(PROMPTS)
     assert metrics["robust/typos/exact_match_delta"] == pytest.approx(-100.0 * changed / len(PROMPTS))
