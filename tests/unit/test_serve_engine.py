@@ -75,13 +75,15 @@ def test_a_slow_reader_gets_queued_tokens_coalesced_and_nothing_lost(tiny, engin
             events += 1
             for d in out.deltas:
                 text, tokens, reason = text + d.text, tokens + d.tokens, d.finish_reason or reason
-            await asyncio.sleep(delay)  # a slow client: the engine runs ahead and events queue up
+            if events == 1:
+                await asyncio.sleep(delay)  # a slow client: the engine runs ahead and the other 23 events queue up
         return events, text, tokens, reason
 
     fast = asyncio.run(read(0.0))
-    slow = asyncio.run(read(0.2))
-    # About one event per token when read at once; a few large ones when the reader lags 200 ms per event.
-    assert slow[0] <= 8 and slow[0] < fast[0]
+    slow = asyncio.run(read(1.5))
+    # The reader that lagged after the first event gets the queued rest as one event (two if the engine had not
+    # finished within 1.5 s), where the engine emitted 24.
+    assert slow[0] <= 3
     assert slow[1:] == fast[1:] and slow[3] == "length"
     assert [t.token_id for t in slow[2]] == hf_greedy(model, ids, 24)
     assert all(t.logprob is not None for t in slow[2])
@@ -92,8 +94,13 @@ def test_non_streamed_request_gets_its_first_token_then_the_rest_at_once(tiny, e
     ids = tok("the cat sat").input_ids
 
     async def events(stream: bool):
-        return [out async for out in engine.generate(ids, SamplingParams(max_tokens=10, temperature=1.0, seed=3,
-                                                                          n=2, ignore_eos=True), stream)]
+        # The request's own queue, not `generate`, which may coalesce events that queue up while a loaded
+        # machine keeps this reader waiting: what is asserted here is what the engine emits.
+        req = engine.submit(ids, SamplingParams(max_tokens=10, temperature=1.0, seed=3, n=2, ignore_eos=True), stream)
+        outs = [await req.queue.get()]
+        while not outs[-1].finished:
+            outs.append(await req.queue.get())
+        return outs
 
     streamed, held = asyncio.run(events(True)), asyncio.run(events(False))
     assert len(streamed) == 10 and len(held) == 2  # 10 tokens: one event each, or the first and then the rest
