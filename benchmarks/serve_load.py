@@ -1,12 +1,16 @@
 """Serving throughput: plain in-process HF `generate`, one request at a time, vs the Ray Serve endpoint at
 concurrency 1, 8 and 32, on the same model and prompts, in one run.
 
-    python benchmarks/serve_load.py [--model FOLDER] [--requests 64] [--max-tokens 32]
+    python benchmarks/serve_load.py [--model FOLDER] [--requests 64] [--max-tokens 32] [--rounds 3]
+    python benchmarks/serve_load.py --variant every_token:stream_interval_tokens=1   # compare a config change
 
 Without --model, a small GPT-2 (4 layers, width 128) with a ByteLevel BPE tokenizer is built in a temp folder.
 Every request generates exactly --max-tokens tokens (greedy, EOS ignored) on both sides, so tokens/s compare.
-Prints tokens/s, p50/p99 latency and time to first token per setting; the last line is
-`ratio=<endpoint tokens/s at concurrency 32 / sequential in-process tokens/s>`.
+The endpoint ("ours") runs the serve config's defaults; each --variant is deployed beside it with some keys changed,
+and every round measures the in-process baseline and every endpoint, so slow minutes of a noisy machine fall on
+both sides of a round's ratio. Prints tokens/s, p50/p99 latency and time to first token per setting, the per-round
+ratios and c=1 overheads; the last line is
+`ratio=<median over rounds of endpoint tokens/s at concurrency 32 / sequential in-process tokens/s>`.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ async def endpoint(url: str, prompts: list[str], max_tokens: int, concurrency: i
 
     latencies, ttfts, counts = [], [], []
     queue: asyncio.Queue = asyncio.Queue()
-    for p in prompts:
+    for p in prompts[:min(len(prompts), 2 * concurrency, 16)]:  # warm-up: connections open, replica busy
         queue.put_nowait(p)
 
     async def worker(client: httpx.AsyncClient):
@@ -109,7 +113,7 @@ async def endpoint(url: str, prompts: list[str], max_tokens: int, concurrency: i
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        await asyncio.gather(*[worker(client) for _ in range(min(concurrency, 4))])  # warm-up round
+        await asyncio.gather(*[worker(client) for _ in range(concurrency)])  # warm-up round
         latencies.clear(), ttfts.clear(), counts.clear()
         for p in prompts:
             queue.put_nowait(p)
@@ -119,22 +123,44 @@ async def endpoint(url: str, prompts: list[str], max_tokens: int, concurrency: i
     return {"tokens": sum(counts), "wall_s": wall, "latencies": latencies, "ttfts": ttfts}
 
 
-def row(name: str, r: dict) -> tuple[str, float]:
+def merge(runs: list[dict]) -> dict:
+    """Rounds of one setting as one: tokens and wall time summed, latencies pooled."""
+    return {"tokens": sum(r["tokens"] for r in runs), "wall_s": sum(r["wall_s"] for r in runs),
+            "latencies": [x for r in runs for x in r["latencies"]], "ttfts": [x for r in runs for x in r["ttfts"]]}
+
+
+def row(name: str, r: dict) -> float:
     tps = r["tokens"] / r["wall_s"]
     ms = lambda v: f"{1000 * v:8.1f}"  # noqa: E731
-    print(f"{name:<22} {r['tokens']:>7} {tps:>10.1f} {ms(statistics.median(r['latencies']))} "
+    print(f"{name:<30} {r['tokens']:>7} {tps:>10.1f} {ms(statistics.median(r['latencies']))} "
           f"{ms(pct(r['latencies'], 0.99))} {ms(statistics.median(r['ttfts']))} {ms(pct(r['ttfts'], 0.99))}")
-    return name, tps
+    return tps
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """`name:key=value,key=value` -> (name, serve overrides); values are read as YAML scalars."""
+    import yaml
+
+    name, _, pairs = text.partition(":")
+    overrides = {}
+    for pair in filter(None, pairs.split(",")):
+        key, _, value = pair.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="HF-format folder (default: build a small GPT-2)")
-    ap.add_argument("--requests", type=int, default=64, help="requests per setting")
+    ap.add_argument("--requests", type=int, default=64, help="requests per setting and round")
     ap.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request")
     ap.add_argument("--batch", type=int, default=32, help="engine max_batch_size")
-    ap.add_argument("--gil-switch-ms", type=float, default=None,
-                    help="serve.gil_switch_interval_ms of the replica (default: the config's)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of (in-process, each endpoint at c=1, 8, 32); the ratio is the median of the "
+                         "rounds' ratios, so a slow minute on a noisy machine hits both sides of one ratio")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="also deploy the app with these serve config overrides at /NAME and measure it in the "
+                         "same rounds (e.g. every_token:stream_interval_tokens=1)")
     args = ap.parse_args()
 
     from conftest import free_port
@@ -150,30 +176,45 @@ def main() -> None:
     from llm_platform.config.cluster import ClusterConfig
     from llm_platform.serve.app import build_app
 
-    cluster.connect(ClusterConfig(num_cpus=4, log_to_driver=False))
+    variants = [("ours", {})] + [parse_variant(v) for v in args.variant]
+    cluster.connect(ClusterConfig(num_cpus=2 + 2 * len(variants), log_to_driver=False))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    extra = {} if args.gil_switch_ms is None else {"gil_switch_interval_ms": args.gil_switch_ms}
-    serve.run(build_app({"model": str(folder), "model_name": "bench", "num_cpus_per_replica": 1,
-                         "max_batch_size": args.batch, "max_ongoing_requests": 64, **extra}),
-              name="bench", route_prefix="/", blocking=False)
+    for name, overrides in variants:
+        serve.run(build_app({"model": str(folder), "model_name": "bench", "num_cpus_per_replica": 1,
+                             "max_batch_size": args.batch, "max_ongoing_requests": 64, **overrides}),
+                  name=name, route_prefix=f"/{name}", blocking=False)
     url = f"http://127.0.0.1:{port}"
 
-    print(f"model={folder} requests={args.requests} max_tokens={args.max_tokens} cpus={os.cpu_count()} "
-          f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
-    print(f"{'setting':<22} {'tokens':>7} {'tokens/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'ttft50':>8} {'ttft99':>8}")
-    base = in_process(folder, prompts, args.max_tokens)
-    _, base_tps = row("in-process sequential", base)
-    results = {}
-    for c in (1, 8, 32):
-        r = asyncio.run(endpoint(url, prompts, args.max_tokens, c))
-        results[c] = row(f"endpoint c={c}", r)[1]
-        if c == 1:
-            overhead = statistics.median(r["latencies"]) - statistics.median(base["latencies"])
-    print(f"p50 overhead at c=1 vs in-process: {1000 * overhead:.1f} ms")
+    print(f"model={folder} requests={args.requests} max_tokens={args.max_tokens} rounds={args.rounds} "
+          f"cpus={os.cpu_count()} OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+    for name, overrides in variants:
+        print(f"  endpoint {name}: serve config defaults{' + ' + str(overrides) if overrides else ''}")
+    settings = ["in-process sequential"] + [f"{n} c={c}" for n, _ in variants for c in (1, 8, 32)]
+    runs: dict[str, list[dict]] = {s: [] for s in settings}
+    for _ in range(args.rounds):
+        runs["in-process sequential"].append(in_process(folder, prompts, args.max_tokens))
+        for name, _ in variants:
+            for c in (1, 8, 32):
+                runs[f"{name} c={c}"].append(asyncio.run(endpoint(f"{url}/{name}", prompts, args.max_tokens, c)))
     serve.shutdown()
     ray.shutdown()
-    print(f"ratio={results[32] / base_tps:.2f}")
+
+    print(f"{'setting (all rounds)':<30} {'tokens':>7} {'tokens/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'ttft50':>8} {'ttft99':>8}")
+    for setting in settings:
+        row(setting, merge(runs[setting]))
+    tps = {s: [r["tokens"] / r["wall_s"] for r in rs] for s, rs in runs.items()}
+    base_p50 = [statistics.median(r["latencies"]) for r in runs["in-process sequential"]]
+    print("per round: " + "; ".join(f"in-process {b:.0f} tok/s" for b in tps["in-process sequential"]))
+    for name, _ in variants:
+        ratios = [e / b for e, b in zip(tps[f"{name} c=32"], tps["in-process sequential"])]
+        overhead = [statistics.median(r["latencies"]) - b for r, b in zip(runs[f"{name} c=1"], base_p50)]
+        print(f"{name}: c=32 / in-process per round {', '.join(f'{x:.2f}' for x in ratios)} -> median "
+              f"{statistics.median(ratios):.2f}; c=1 p50 overhead per round "
+              f"{', '.join(f'{1000 * x:.1f}' for x in overhead)} ms -> median {1000 * statistics.median(overhead):.1f} ms")
+    ours = [e / b for e, b in zip(tps["ours c=32"], tps["in-process sequential"])]
+    print(f"ratio={statistics.median(ours):.2f}")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,16 @@ class ServeConfig:
     thread and the request event loop share the GIL, and each waits up to this long for the other: on an H100
     with llama-1b, 0.5 ms gave 2.1x the tokens/s at 32 concurrent requests (docs/benchmarks.md)."""
 
+    stream_interval_tokens: int = 4
+    """Streamed responses: tokens per sequence gathered into one chunk after the first token, which always goes
+    out alone and at once (vLLM's stream interval). Each chunk costs the same HTTP, Serve proxy and Ray transfer
+    work whatever it carries, and at high concurrency that work, not the model, bounds a replica: 4 tokens (about
+    three words) a chunk is still a smooth stream. 1 sends every token as it is made (events that queued up behind
+    a slow reader still go out together)."""
+    stream_max_delay_ms: float = 250.0
+    """With `stream_interval_tokens` > 1: the longest a generated token is held back waiting for the rest of its
+    chunk (checked as each later token arrives)."""
+
     # Security and limits
     api_key_env: str = "LLM_PLATFORM_API_KEYS"
     """Env var holding comma-separated API keys; when it (or `api_key_file`) is set, a Bearer key is required."""

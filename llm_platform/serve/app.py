@@ -140,11 +140,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
         raise ConfigError(f"build_app: unknown serve keys {sorted(extra)}")
     cfg = from_dict(ServeConfig, dict(args))
-    if cfg.gil_switch_interval_ms < 0:
-        from llm_platform.errors import ConfigError
+    from llm_platform.errors import ConfigError
 
+    if cfg.gil_switch_interval_ms < 0:
         raise ConfigError(f"serve.gil_switch_interval_ms={cfg.gil_switch_interval_ms}: must be >= 0 (0 keeps "
                           f"Python's default)")
+    if cfg.stream_interval_tokens < 1:
+        raise ConfigError(f"serve.stream_interval_tokens={cfg.stream_interval_tokens}: must be >= 1 (1 streams "
+                          f"every token)")
+    if cfg.stream_max_delay_ms < 0:
+        raise ConfigError(f"serve.stream_max_delay_ms={cfg.stream_max_delay_ms}: must be >= 0")
     replica_args = {**as_dict(cfg), **{k: args[k] for k in ("storage_root", "storage", "drift_reference")
                                        if k in args}}
     return OpenAIServer.options(**deployment_options(cfg)).bind(replica_args)

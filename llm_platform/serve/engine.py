@@ -212,24 +212,36 @@ class Engine:
         self._cancels.put(req)
         self._wake.set()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       stream: bool = True) -> AsyncIterator[RequestOutput]:
-        """Events of one request until it finishes; closing the iterator early cancels the request."""
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True,
+                       interval: int = 1, max_delay_s: float = 0.0) -> AsyncIterator[RequestOutput]:
+        """Events of one request until it finishes; closing the iterator early cancels the request.
+
+        The first token's event goes out at once. After it, events that queued up while the caller was busy (a
+        slow client, a loaded replica) go out as one, and with `interval` > 1 an event is held until `interval`
+        engine steps (tokens per sequence) have gathered, or `max_delay_s` has passed since it arrived (checked
+        as each later step arrives, so a token waits at most about max_delay_s plus one step), or the request ends.
+        One streamed chunk then carries several tokens, as OpenAI's may: each chunk costs the same HTTP and Ray
+        Serve work whatever it holds, so this trades per-token smoothness for throughput (vLLM's stream interval).
+        """
         req = self.submit(prompt_ids, params, stream)
-        finished = False
+        finished, first = False, True
         try:
             while not finished:
                 out: RequestOutput = await req.queue.get()
-                # Events that queued up while the caller was busy (a slow client, a loaded replica) go out as one:
-                # one SSE chunk carries several tokens, as OpenAI's may, instead of a backlog of one-token chunks.
-                while not out.finished and not req.queue.empty():
-                    nxt: RequestOutput = req.queue.get_nowait()
+                held_since, steps = time.monotonic(), 1
+                while not out.finished:
+                    if req.queue.empty():
+                        if first or steps >= interval or time.monotonic() - held_since >= max_delay_s:
+                            break
+                        nxt: RequestOutput = await req.queue.get()
+                    else:
+                        nxt = req.queue.get_nowait()
                     if nxt.error:
                         yield out
                         out = nxt
                         break
-                    out = _coalesce(out, nxt)
-                finished = out.finished
+                    out, steps = _coalesce(out, nxt), steps + 1
+                finished, first = out.finished, False
                 yield out
         finally:
             if not finished:

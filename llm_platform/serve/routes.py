@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import sys
 import time
 import uuid
 from functools import lru_cache
@@ -108,7 +109,8 @@ class Service:
         start, first = time.perf_counter(), None
         generated = 0
         try:
-            async for out in self.engine.generate(prompt_ids, engine_params, stream):
+            async for out in self.engine.generate(prompt_ids, engine_params, stream, self.cfg.stream_interval_tokens,
+                                                  self.cfg.stream_max_delay_ms / 1000):
                 if out.error:
                     raise APIError(503, out.error, type="server_error", code="engine_error",
                                    headers={"Retry-After": str(self.cfg.retry_after_s)})
@@ -222,7 +224,10 @@ def create_api(get_service: Callable[[], Service]) -> FastAPI:
     async def monitoring(service: Service = Depends(auth)):
         engine = service.engine
         report = {"model": service.model_id, "engine": {"healthy": engine.healthy(), "waiting": engine.num_waiting(),
-                                                        "running": engine.num_running(), **engine.stats}}
+                                                        "running": engine.num_running(), **engine.stats},
+                  # How this replica process runs the app (what the serve config's replica settings became).
+                  "replica": {"gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
+                              "stream_interval_tokens": service.cfg.stream_interval_tokens}}
         if service.monitor is not None:
             report["drift"] = service.monitor.report()
         return report

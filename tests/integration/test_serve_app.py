@@ -141,7 +141,10 @@ def test_drift_low_in_distribution_then_high_when_shifted(served):
     c = client(served, "single")
     for text in sample_texts(30, seed=5):  # a full window: PSI is noisy on a handful of prompts
         c.completions.create(model="tiny", prompt=text, max_tokens=1)
-    low = httpx.get(f"{served}/single/v1/monitoring", headers=AUTH).json()["drift"]
+    report = httpx.get(f"{served}/single/v1/monitoring", headers=AUTH).json()
+    low = report["drift"]
+    # The replica settings took effect in the replica process.
+    assert report["replica"] == {"gil_switch_interval_ms": 0.5, "stream_interval_tokens": 4}
     for _ in range(30):
         c.completions.create(model="tiny", prompt="ZQX 1234 !!! @@ ### ünïcode café 日本語 ", max_tokens=1)
     high = httpx.get(f"{served}/single/v1/monitoring", headers=AUTH).json()["drift"]

@@ -172,3 +172,7 @@ def test_build_app_checks_keys_and_the_switch_interval():
     with pytest.raises(ConfigError, match="serve.gil_switch_interval_ms=-1"):
         build_app({"model": "m", "gil_switch_interval_ms": -1})
     assert isinstance(build_app({"model": "m", "gil_switch_interval_ms": 0}), Application)
+    with pytest.raises(ConfigError, match="serve.stream_interval_tokens=0"):
+        build_app({"model": "m", "stream_interval_tokens": 0})
+    with pytest.raises(ConfigError, match="serve.stream_max_delay_ms=-5"):
+        build_app({"model": "m", "stream_max_delay_ms": -5})

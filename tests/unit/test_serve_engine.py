@@ -89,6 +89,30 @@ def test_a_slow_reader_gets_queued_tokens_coalesced_and_nothing_lost(tiny, engin
     assert all(t.logprob is not None for t in slow[2])
 
 
+def test_stream_interval_gathers_tokens_after_the_first_and_changes_nothing_else(tiny, engine):
+    _, model, tok = tiny
+    ids = tok("a small dog").input_ids
+
+    async def events(interval: int, max_delay_s: float):
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
+        return [out async for out in engine.generate(ids, params, True, interval, max_delay_s)]
+
+    def tokens(outs):
+        return [[t for d in o.deltas for t in d.tokens] for o in outs]
+
+    every, by4, held = asyncio.run(events(1, 0.0)), asyncio.run(events(4, 60.0)), asyncio.run(events(1000, 60.0))
+    assert [len(t) for t in tokens(by4)][0] == 1  # the first token alone, at once
+    assert all(len(t) >= 4 for t in tokens(by4)[1:-1]) and len(by4) <= 5  # then at least 4 a chunk: 1+4+4+4+3
+    assert len(held) == 2 and len(tokens(held)[1]) == 15  # nothing flushes a chunk early but the request's end
+    for outs in (by4, held):
+        assert [t.token_id for t in sum(tokens(outs), [])] == [t.token_id for t in sum(tokens(every), [])]
+        assert "".join(d.text for o in outs for d in o.deltas) == "".join(d.text for o in every for d in o.deltas)
+        assert outs[-1].finished and outs[-1].deltas[-1].finish_reason == "length"
+    assert [t.token_id for t in sum(tokens(by4), [])] == hf_greedy(model, ids, 16)
+    # A held token goes out once max_delay_s has passed: with no delay allowed, the interval never holds anything.
+    assert len(asyncio.run(events(1000, 0.0))) > 2
+
+
 def test_non_streamed_request_gets_its_first_token_then_the_rest_at_once(tiny, engine):
     _, _, tok = tiny
     ids = tok("the cat sat").input_ids
