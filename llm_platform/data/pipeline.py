@@ -32,7 +32,7 @@ from llm_platform.data.report import summary_table
 from llm_platform.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1  # bump when the shard layout or any phase's semantics change: it is part of the fingerprint
+FORMAT_VERSION = 2  # bump when the shard layout or any phase's semantics change: it is part of the fingerprint
 SHARD_TARGET_BYTES = 64 << 20
 # Knobs that change speed, not output: left out of the fingerprint.
 _NOT_FINGERPRINTED = ("tokenize_batch_size", "tokenize_concurrency", "max_records_reported", "name")
@@ -235,7 +235,7 @@ def _deduplicate(cfg: DataConfig, work: str, resumed: list[str]) -> dict[str, np
         keys = ds.map_batches(_key_rows, batch_format="numpy", fn_kwargs={"params": params}, num_cpus=0.5)
         # Equal keys meet in one block; ~1 partition per 32 MB of key rows keeps blocks whole (see dedup.py).
         num_docs = max(1, _read_clean(work, ["doc_id"]).count())
-        partitions = max(2, math.ceil(num_docs * (bands + 1) * (16 + 4 * rows) / (32 << 20)))
+        partitions = max(2, math.ceil(num_docs * (bands + 1) * (17 + cfg.dedup.num_perm) / (32 << 20)))
         dups = keys.repartition(partitions, keys=["key"]).map_batches(
             _block_dups, batch_size=None, batch_format="numpy", fn_kwargs={"threshold": cfg.dedup.threshold},
             num_cpus=0.5)
@@ -250,20 +250,26 @@ def _deduplicate(cfg: DataConfig, work: str, resumed: list[str]) -> dict[str, np
 
 
 def _key_rows(batch: dict, params: dict) -> dict:
-    """Per document: its exact key (kind 0) and one row per LSH band (kind 1) with the band's signature slice."""
+    """Per document: its exact key (kind 0) and one row per LSH band (kind 1), with the b-bit signature that
+    `block_duplicates` verifies near candidates with (a quarter of the full signature's bytes in the shuffle)."""
     a, b = dedup.permutations(params["num_perm"], params["seed"])
     keep = batch["drop_reason"] == ""
-    keys, ids, kinds, sigs = [], [], [], []
-    width = params["num_perm"]
-    for doc_id, text, h in zip(batch["doc_id"][keep], batch["text"][keep], batch["text_hash"][keep]):
-        if params["exact"]:
-            keys.append(int(h)), ids.append(int(doc_id)), kinds.append(0), sigs.append(np.zeros(width, np.uint32))
-        if params["near"]:
-            sig = dedup.signature(str(text), a, b, params["shingle"])
-            for band_key in dedup.band_keys(sig, params["bands"], params["rows"]):
-                keys.append(int(band_key)), ids.append(int(doc_id)), kinds.append(1), sigs.append(sig)
-    return {"key": np.asarray(keys, np.int64), "doc_id": np.asarray(ids, np.int64),
-            "kind": np.asarray(kinds, np.int8), "sig": np.asarray(sigs, np.uint32).reshape(len(keys), width)}
+    ids = batch["doc_id"][keep].astype(np.int64)
+    width, n = params["num_perm"], int(keep.sum())
+    keys, doc_ids, kinds, sigs = [], [], [], []
+    if params["exact"]:
+        keys.append(batch["text_hash"][keep].astype(np.int64)), doc_ids.append(ids)
+        kinds.append(np.zeros(n, np.int8)), sigs.append(np.zeros((n, width), np.uint8))
+    if params["near"] and n:
+        full = dedup.signatures([str(t) for t in batch["text"][keep]], a, b, params["shingle"])
+        bands = params["bands"]
+        keys.append(dedup.band_keys(full, bands, params["rows"]).reshape(-1)), doc_ids.append(np.repeat(ids, bands))
+        kinds.append(np.ones(n * bands, np.int8)), sigs.append(np.repeat(dedup.bbit(full), bands, axis=0))
+    if not keys:
+        return {"key": np.empty(0, np.int64), "doc_id": np.empty(0, np.int64), "kind": np.empty(0, np.int8),
+                "sig": np.empty((0, width), np.uint8)}
+    return {"key": np.concatenate(keys), "doc_id": np.concatenate(doc_ids), "kind": np.concatenate(kinds),
+            "sig": np.concatenate(sigs)}
 
 
 def _block_dups(block: dict, threshold: float) -> dict:

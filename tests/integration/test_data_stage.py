@@ -54,7 +54,9 @@ def salted_corpus(s3_server, request):
                  b'{"text": "bad \xff utf8 here"}', json.dumps({"text": "   "}).encode(),
                  json.dumps({"text": docs[121]}).encode(),
                  json.dumps({"text": docs[0]}).encode(),  # exact duplicate of good.jsonl line 1
-                 json.dumps({"text": docs[1].replace(" the ", " a ", 1)}).encode()]  # near duplicate
+                 # A near duplicate (Jaccard 0.96, certain to meet in an LSH band; one changed word mid-text gives
+                 # 0.83, which at threshold 0.8 a 14x9 banding catches with p = 0.87 only).
+                 json.dumps({"text": docs[1] + " The end."}).encode()]
     s3.put_object(Bucket=bucket, Key="raw/mixed.jsonl", Body=b"\n".join(bad_lines) + b"\n")
     s3.put_object(Bucket=bucket, Key="raw/broken.parquet", Body=b"PAR1 not really parquet")
     import pyarrow as pa
