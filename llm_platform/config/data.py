@@ -108,11 +108,6 @@ class DataConfig:
     """What a bad record does: skip (count and report it) or fail (stop with its file and line)."""
     num_shards: int = 0
     """Output shards per split (0 picks one per ~64 MB of tokens, at least the number of read blocks)."""
-    cache_clean: bool = True
-    """Hold the cleaned corpus in Ray's object store for the passes after read+clean (dedup, tokenizer sample,
-    pack, manifest) instead of reading its parquet back from storage for each; the parquet is still written, for
-    resume. The object store spills to local disk when full: set false when the cleaned corpus is much larger
-    than the cluster's object store and local disks together."""
     tokenize_batch_size: int = 256
     """Documents per tokenization batch."""
     tokenize_concurrency: int = 0

@@ -35,8 +35,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # bump when the shard layout or any phase's semantics change: it is part of the fingerprint
 SHARD_TARGET_BYTES = 64 << 20
 # Knobs that change speed, not output: left out of the fingerprint.
-_NOT_FINGERPRINTED = ("tokenize_batch_size", "tokenize_concurrency", "max_records_reported", "name", "cache_clean")
-_CLEAN_COLUMNS = (*sources.COLUMNS, "pii_replacements", "text_hash")  # what read+clean writes
+_NOT_FINGERPRINTED = ("tokenize_batch_size", "tokenize_concurrency", "max_records_reported", "name")
 
 
 @dataclass
@@ -133,8 +132,6 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     try:
         t = time.perf_counter()
         _read_and_clean(inputs, cfg, work, resumed)
-        if cfg.cache_clean:  # one read of the parquet in storage instead of one per later pass
-            _CLEAN_CACHE[work] = _read_clean(work, list(_CLEAN_COLUMNS)).materialize()
         timings["read_clean_s"] = time.perf_counter() - t
         t = time.perf_counter()
         dups = _deduplicate(cfg, work, resumed)
@@ -147,11 +144,9 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
         if any(s.get("resumed") for s in shards):
             resumed.append(f"pack:{sum(1 for s in shards if s.get('resumed'))}/{len(shards)} shards")
         timings["tokenize_pack_s"] = time.perf_counter() - t
-        manifest = _manifest(cfg, tok, fp, inputs, missing, work, dups, tok_record, shards, timings)
     except Exception as e:  # noqa: BLE001 - Ray wraps task errors; surface a DataError raised in a worker as itself
         raise _unwrap(e) from None
-    finally:
-        _CLEAN_CACHE.pop(work, None)  # its blocks leave the object store once nothing refers to them
+    manifest = _manifest(cfg, tok, fp, inputs, missing, work, dups, tok_record, shards, timings)
     manifest["resumed_phases"] = resumed
     storage.write_json(storage.join(out, MANIFEST), manifest)
     storage.delete(work)
@@ -214,13 +209,7 @@ def _clean_batch(df, form: str, pii: bool, filters):
     return out
 
 
-# The cleaned corpus held in Ray's object store for the passes after read+clean (`data.cache_clean`), by work URI.
-_CLEAN_CACHE: dict[str, Any] = {}
-
-
 def _read_clean(work: str, columns: list[str]):
-    if work in _CLEAN_CACHE:
-        return _CLEAN_CACHE[work].select_columns(columns)
     fs, path = storage.pyarrow_filesystem(storage.join(work, "clean"))
     return read_parquet(path, fs, columns=columns, file_extensions=["parquet"])  # V1 reader: see its docstring
 
