@@ -101,9 +101,10 @@ def test_stream_interval_gathers_tokens_after_the_first_and_changes_nothing_else
         return [[t for d in o.deltas for t in d.tokens] for o in outs]
 
     every, by4, held = asyncio.run(events(1, 0.0)), asyncio.run(events(4, 60.0)), asyncio.run(events(1000, 60.0))
-    assert [len(t) for t in tokens(by4)][0] == 1  # the first token alone, at once
-    assert all(len(t) >= 4 for t in tokens(by4)[1:-1]) and len(by4) <= 5  # then at least 4 a chunk: 1+4+4+4+3
-    assert len(held) == 2 and len(tokens(held)[1]) == 15  # nothing flushes a chunk early but the request's end
+    # The first event goes out as soon as the reader takes it (with any token that already queued behind it on a
+    # loaded machine); after it, at least 4 tokens a chunk but the last: 1+4+4+4+3 when read at once.
+    assert all(len(t) >= 4 for t in tokens(by4)[1:-1]) and len(by4) <= 5
+    assert len(held) == 2 and len(tokens(held)[1]) >= 14  # nothing flushes a chunk early but the request's end
     for outs in (by4, held):
         assert [t.token_id for t in sum(tokens(outs), [])] == [t.token_id for t in sum(tokens(every), [])]
         assert "".join(d.text for o in outs for d in o.deltas) == "".join(d.text for o in every for d in o.deltas)
