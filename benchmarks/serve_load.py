@@ -207,14 +207,15 @@ def main() -> None:
     tps = {s: [r["tokens"] / r["wall_s"] for r in rs] for s, rs in runs.items()}
     base_p50 = [statistics.median(r["latencies"]) for r in runs["in-process sequential"]]
     print("per round: " + "; ".join(f"in-process {b:.0f} tok/s" for b in tps["in-process sequential"]))
+    median_ratio = {}
     for name, _ in variants:
         ratios = [e / b for e, b in zip(tps[f"{name} c=32"], tps["in-process sequential"])]
         overhead = [statistics.median(r["latencies"]) - b for r, b in zip(runs[f"{name} c=1"], base_p50)]
+        median_ratio[name] = statistics.median(ratios)
         print(f"{name}: c=32 / in-process per round {', '.join(f'{x:.2f}' for x in ratios)} -> median "
-              f"{statistics.median(ratios):.2f}; c=1 p50 overhead per round "
+              f"{median_ratio[name]:.2f}; c=1 p50 overhead per round "
               f"{', '.join(f'{1000 * x:.1f}' for x in overhead)} ms -> median {1000 * statistics.median(overhead):.1f} ms")
-    ours = [e / b for e, b in zip(tps["ours c=32"], tps["in-process sequential"])]
-    print(f"ratio={statistics.median(ours):.2f}")
+    print(f"ratio={median_ratio['ours']:.2f}")
 
 
 if __name__ == "__main__":

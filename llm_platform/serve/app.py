@@ -19,6 +19,7 @@ from ray import serve
 
 from llm_platform.config import as_dict, from_dict
 from llm_platform.config.serve import ServeConfig
+from llm_platform.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +137,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     `drift_reference` (a list of reference texts)); unknown keys are rejected naming the key."""
     extra = set(args) - set(ServeConfig.__dataclass_fields__) - {"storage_root", "storage", "drift_reference"}
     if extra:
-        from llm_platform.errors import ConfigError
-
         raise ConfigError(f"build_app: unknown serve keys {sorted(extra)}")
     cfg = from_dict(ServeConfig, dict(args))
-    from llm_platform.errors import ConfigError
-
     if cfg.gil_switch_interval_ms < 0:
         raise ConfigError(f"serve.gil_switch_interval_ms={cfg.gil_switch_interval_ms}: must be >= 0 (0 keeps "
                           f"Python's default)")
