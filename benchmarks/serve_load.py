@@ -3,13 +3,16 @@ concurrency 1, 8 and 32, on the same model and prompts, in one run.
 
     python benchmarks/serve_load.py [--model FOLDER] [--requests 64] [--max-tokens 32] [--rounds 3]
     python benchmarks/serve_load.py --variant every_token:stream_interval_tokens=1   # compare a config change
+    python benchmarks/serve_load.py --ingress direct   # replicas serve HTTP behind HAProxy (serve.ingress)
 
 Without --model, a small GPT-2 (4 layers, width 128) with a ByteLevel BPE tokenizer is built in a temp folder.
 Every request generates exactly --max-tokens tokens (greedy, EOS ignored) on both sides, so tokens/s compare.
 The endpoint ("ours") runs the serve config's defaults; each --variant is deployed beside it with some keys changed,
 and every round measures the in-process baseline and every endpoint, so slow minutes of a noisy machine fall on
-both sides of a round's ratio. Prints tokens/s, p50/p99 latency and time to first token per setting, the per-round
-ratios and c=1 overheads; the last line is
+both sides of a round's ratio. The c=1 overhead is also measured paired: each of 32 prompts in-process and then at
+once streamed from the endpoint, the median of the differences (the figure #5's goal is read from; the difference
+of two p50s a minute apart carries the machine's drift). Prints tokens/s, p50/p99 latency and time to first token
+per setting, the per-round ratios and c=1 overheads; the last line is
 `ratio=<median over rounds of endpoint tokens/s at concurrency 32 / sequential in-process tokens/s>`.
 """
 
@@ -48,15 +51,50 @@ def build_model(folder: Path) -> Path:
     return path
 
 
-def in_process(folder: Path, prompts: list[str], max_tokens: int) -> dict:
-    """HF generate, one request at a time; TTFT from a stopping criterion that notes when the first token exists."""
+def load(folder: Path):
     import torch
-    from transformers import StoppingCriteria
 
     from llm_platform.serve.engine import load_model
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    model, tok = load_model(folder)
+    return load_model(folder)
+
+
+def hf_generate(model, tok, prompt: str, max_tokens: int) -> float:
+    """Seconds of one in-process HF `generate` of exactly max_tokens tokens (greedy)."""
+    import torch
+
+    ids = torch.tensor([tok(prompt).input_ids])
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t0
+
+
+def paired_overhead(model, tok, url: str, prompts: list[str], max_tokens: int) -> list[float]:
+    """c=1 overhead as paired differences: each prompt in-process, then at once the same prompt streamed from the
+    endpoint; seconds (endpoint - in-process) per pair. Pairs a few hundred ms apart see the same machine speed,
+    where two sequential runs of a minute each do not (this machine's speed drifts by up to 2x within minutes)."""
+    import httpx
+
+    body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    diffs = []
+    with httpx.Client(timeout=300) as client:
+        for i, prompt in enumerate([prompts[0]] + prompts):
+            base = hf_generate(model, tok, prompt, max_tokens)
+            t0 = time.perf_counter()
+            with client.stream("POST", f"{url}/v1/completions", json={**body, "prompt": prompt}) as resp:
+                resp.raise_for_status()
+                for _ in resp.iter_lines():
+                    pass
+            if i:  # the first pair warms the connection up
+                diffs.append(time.perf_counter() - t0 - base)
+    return diffs
+
+
+def in_process(model, tok, prompts: list[str], max_tokens: int) -> dict:
+    """HF generate, one request at a time; TTFT from a stopping criterion that notes when the first token exists."""
+    import torch
+    from transformers import StoppingCriteria
 
     class FirstToken(StoppingCriteria):
         def __init__(self):
@@ -158,6 +196,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of (in-process, each endpoint at c=1, 8, 32); the ratio is the median of the "
                          "rounds' ratios, so a slow minute on a noisy machine hits both sides of one ratio")
+    ap.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+                    help="serve.ingress of every endpoint (a property of the Ray instance this script starts)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                     help="also deploy the app with these serve config overrides at /NAME and measure it in the "
                          "same rounds (e.g. every_token:stream_interval_tokens=1)")
@@ -174,27 +214,33 @@ def main() -> None:
 
     from llm_platform import cluster
     from llm_platform.config.cluster import ClusterConfig
+    from llm_platform.serve import ingress
     from llm_platform.serve.app import build_app
 
     variants = [("ours", {})] + [parse_variant(v) for v in args.variant]
+    ingress.prepare(args.ingress)
     cluster.connect(ClusterConfig(num_cpus=2 + 2 * len(variants), log_to_driver=False))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name, overrides in variants:
         serve.run(build_app({"model": str(folder), "model_name": "bench", "num_cpus_per_replica": 1,
-                             "max_batch_size": args.batch, "max_ongoing_requests": 64, **overrides}),
+                             "max_batch_size": args.batch, "max_ongoing_requests": 64, "ingress": args.ingress,
+                             **overrides}),
                   name=name, route_prefix=f"/{name}", blocking=False)
     url = f"http://127.0.0.1:{port}"
 
     print(f"model={folder} requests={args.requests} max_tokens={args.max_tokens} rounds={args.rounds} "
-          f"cpus={os.cpu_count()} OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+          f"ingress={args.ingress} cpus={os.cpu_count()} OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
     for name, overrides in variants:
         print(f"  endpoint {name}: serve config defaults{' + ' + str(overrides) if overrides else ''}")
     settings = ["in-process sequential"] + [f"{n} c={c}" for n, _ in variants for c in (1, 8, 32)]
     runs: dict[str, list[dict]] = {s: [] for s in settings}
+    pairs: dict[str, list[list[float]]] = {n: [] for n, _ in variants}
+    model, tok = load(folder)
     for _ in range(args.rounds):
-        runs["in-process sequential"].append(in_process(folder, prompts, args.max_tokens))
+        runs["in-process sequential"].append(in_process(model, tok, prompts, args.max_tokens))
         for name, _ in variants:
+            pairs[name].append(paired_overhead(model, tok, f"{url}/{name}", prompts[:32], args.max_tokens))
             for c in (1, 8, 32):
                 runs[f"{name} c={c}"].append(asyncio.run(endpoint(f"{url}/{name}", prompts, args.max_tokens, c)))
     serve.shutdown()
@@ -211,10 +257,13 @@ def main() -> None:
     for name, _ in variants:
         ratios = [e / b for e, b in zip(tps[f"{name} c=32"], tps["in-process sequential"])]
         overhead = [statistics.median(r["latencies"]) - b for r, b in zip(runs[f"{name} c=1"], base_p50)]
+        paired = [statistics.median(d) for d in pairs[name]]
         median_ratio[name] = statistics.median(ratios)
         print(f"{name}: c=32 / in-process per round {', '.join(f'{x:.2f}' for x in ratios)} -> median "
               f"{median_ratio[name]:.2f}; c=1 p50 overhead per round "
-              f"{', '.join(f'{1000 * x:.1f}' for x in overhead)} ms -> median {1000 * statistics.median(overhead):.1f} ms")
+              f"{', '.join(f'{1000 * x:.1f}' for x in overhead)} ms -> median {1000 * statistics.median(overhead):.1f} ms; "
+              f"paired (median of per-request differences) {', '.join(f'{1000 * x:.1f}' for x in paired)} ms -> "
+              f"{1000 * statistics.median(x for d in pairs[name] for x in d):.1f} ms over all pairs")
     print(f"ratio={median_ratio['ours']:.2f}")
 
 

@@ -10,17 +10,19 @@ def main(cfg: PlatformConfig) -> None:
     import time
 
     from llm_platform import cluster, storage
+    from llm_platform.serve import ingress
     from llm_platform.serve.app import deploy, undeploy
 
     log = logging.getLogger("llm_platform.serve")
     storage.configure(cfg.storage)
+    ingress.prepare(cfg.serve.ingress)  # a local Ray started next runs Serve with this ingress
     address = cluster.connect(cfg.cluster)
     url = deploy(cfg.serve, cfg.storage.root, storage.settings())
     key_hint = f' -H "Authorization: Bearer ${cfg.serve.api_key_env}"'
     print(f"serving {cfg.serve.model} at {url}/v1 (Ray: {address})\n"
           f"  curl {url}/v1/completions{key_hint} -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"<id from /v1/models>\", \"prompt\": \"Once upon a time\", \"max_tokens\": 32}}'\n"
-          f"  llm-platform query \"Once upon a time\" --url {url}")
+          f"  llm-platform query \"Once upon a time\" --url {url}", flush=True)
     if not cfg.serve.blocking:
         return
     try:

@@ -23,6 +23,12 @@ class ServeConfig:
     """Proxy-side limit per HTTP request (Serve's `http_options.request_timeout_s`). A request still unanswered then
     (say, its replica died in a way Serve did not notice) ends as a retryable 503 `request_timeout` with
     `Retry-After` instead of hanging. None: no limit."""
+    ingress: str = "proxy"
+    """How requests reach the replicas: `proxy` (Serve's HTTP proxy, every failure answered in OpenAI's shape) or
+    `direct` (each replica serves HTTP itself behind Serve's bundled HAProxy: no Ray hop per request or streamed
+    chunk, the lower latency; a replica dying mid-request drops its connections). A property of the Ray cluster:
+    `llm-platform serve` sets it for the local Ray it starts; a cluster's nodes need it in their environment
+    (llm_platform/serve/ingress.py)."""
     blocking: bool = True
     """`llm-platform serve` keeps running until interrupted (False: deploy and return)."""
 

@@ -20,6 +20,7 @@ from ray import serve
 from llm_platform.config import as_dict, from_dict
 from llm_platform.config.serve import ServeConfig
 from llm_platform.errors import ConfigError
+from llm_platform.serve import ingress
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class OpenAIServer:
         from llm_platform.serve.routes import Service
 
         cfg = from_dict(ServeConfig, {k: v for k, v in args.items() if k in ServeConfig.__dataclass_fields__})
+        ingress.check(cfg.ingress)  # before the model loads: a mismatch fails the deployment at once, naming the key
         if args.get("storage"):
             storage.configure(args["storage"])
         if cfg.device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
@@ -145,6 +147,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if cfg.stream_interval_tokens < 1:
         raise ConfigError(f"serve.stream_interval_tokens={cfg.stream_interval_tokens}: must be >= 1 (1 streams "
                           f"every token)")
+    ingress.validate(cfg.ingress)
     if cfg.stream_max_delay_ms < 0:
         raise ConfigError(f"serve.stream_max_delay_ms={cfg.stream_max_delay_ms}: must be >= 0")
     replica_args = {**as_dict(cfg), **{k: args[k] for k in ("storage_root", "storage", "drift_reference")

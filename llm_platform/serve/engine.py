@@ -84,6 +84,13 @@ class _Request:
     non-streamed request wakes its event loop twice instead of once per token."""
     first_sent: bool = False
     pending: list[SeqDelta] = field(default_factory=list)
+    interval: int = 1
+    """Streamed: after the first event, deltas are held until this many engine steps have gathered (or
+    `max_delay_s` has passed since the oldest held one, or the request ends), so the reader's event loop wakes once
+    per chunk, not once per token."""
+    max_delay_s: float = 0.0
+    held_steps: int = 0
+    held_since: float = 0.0
 
 
 class _Seq:
@@ -109,10 +116,10 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
     return model.to(device).eval(), tokenizer
 
 
-def _coalesce(first: RequestOutput, then: RequestOutput) -> RequestOutput:
-    """Two consecutive events of one request as one: each sequence's text and tokens joined, the later finish."""
+def _merge_deltas(deltas: list[SeqDelta]) -> list[SeqDelta]:
+    """Consecutive deltas as one per sequence: text and tokens joined in order, the last finish reason."""
     merged: dict[int, SeqDelta] = {}
-    for d in first.deltas + then.deltas:
+    for d in deltas:
         m = merged.get(d.index)
         if m is None:
             merged[d.index] = SeqDelta(d.index, d.text, list(d.tokens), d.finish_reason)
@@ -120,7 +127,13 @@ def _coalesce(first: RequestOutput, then: RequestOutput) -> RequestOutput:
             m.text += d.text
             m.tokens += d.tokens
             m.finish_reason = d.finish_reason or m.finish_reason
-    return RequestOutput(list(merged.values()), first.prompt_logprobs or then.prompt_logprobs, then.finished)
+    return list(merged.values())
+
+
+def _coalesce(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive events of one request as one: each sequence's text and tokens joined, the later finish."""
+    return RequestOutput(_merge_deltas(first.deltas + then.deltas), first.prompt_logprobs or then.prompt_logprobs,
+                         then.finished)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, "RequestOutput"]]) -> None:
@@ -192,16 +205,19 @@ class Engine:
             self._thread.join(timeout=5)
 
     # ------------------------------------------------------------------ requests (event-loop side)
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> _Request:
-        """Queue a request; its events arrive on `request.queue` in the calling event loop (every token's when
-        `stream`, else the first token's and then the rest at once when the request finishes)."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True, interval: int = 1,
+               max_delay_s: float = 0.0) -> _Request:
+        """Queue a request; its events arrive on `request.queue` in the calling event loop: when `stream`, the first
+        token's at once and then one every `interval` steps (sooner once `max_delay_s` has passed, and at the end);
+        else the first token's and then the rest at once when the request finishes."""
         if self._draining or not self.healthy():
             raise EngineStopped("the engine is shutting down or unhealthy")
         if params.n > self.max_batch_size:  # it could never be admitted
             raise ValueError(f"n={params.n} exceeds max_batch_size={self.max_batch_size}")
         if self.num_waiting() >= self.max_waiting:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting for a batch slot")
-        req = _Request(list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue(), stream=stream)
+        req = _Request(list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue(), stream=stream,
+                       interval=max(1, interval), max_delay_s=max_delay_s)
         self._inbox.put(req)
         self._wake.set()
         return req
@@ -216,32 +232,27 @@ class Engine:
                        interval: int = 1, max_delay_s: float = 0.0) -> AsyncIterator[RequestOutput]:
         """Events of one request until it finishes; closing the iterator early cancels the request.
 
-        The first token's event goes out at once. After it, events that queued up while the caller was busy (a
-        slow client, a loaded replica) go out as one, and with `interval` > 1 an event is held until `interval`
-        engine steps (tokens per sequence) have gathered, or `max_delay_s` has passed since it arrived (checked
-        as each later step arrives, so a token waits at most about max_delay_s plus one step), or the request ends.
-        One streamed chunk then carries several tokens, as OpenAI's may: each chunk costs the same HTTP and Ray
-        Serve work whatever it holds, so this trades per-token smoothness for throughput (vLLM's stream interval).
+        The first token's event goes out at once. With `interval` > 1 the engine then holds a streamed request's
+        tokens until `interval` steps (tokens per sequence) have gathered, or `max_delay_s` has passed since the
+        oldest held one (checked at each step, so a token waits at most about max_delay_s plus one step), or the
+        request ends: one streamed chunk carries several tokens, as OpenAI's may. Each chunk costs the same HTTP,
+        Ray Serve and event-loop work whatever it holds, so this trades per-token smoothness for throughput (vLLM's
+        stream interval). Events that queued up while the caller was busy (a slow client, a loaded replica) go
+        out as one.
         """
-        req = self.submit(prompt_ids, params, stream)
-        finished, first = False, True
+        req = self.submit(prompt_ids, params, stream, interval, max_delay_s)
+        finished = False
         try:
             while not finished:
                 out: RequestOutput = await req.queue.get()
-                held_since, steps = time.monotonic(), 1
-                while not out.finished:
-                    if req.queue.empty():
-                        if first or steps >= interval or time.monotonic() - held_since >= max_delay_s:
-                            break
-                        nxt: RequestOutput = await req.queue.get()
-                    else:
-                        nxt = req.queue.get_nowait()
+                while not out.finished and not req.queue.empty():
+                    nxt: RequestOutput = req.queue.get_nowait()
                     if nxt.error:
                         yield out
                         out = nxt
                         break
-                    out, steps = _coalesce(out, nxt), steps + 1
-                finished, first = out.finished, False
+                    out = _coalesce(out, nxt)
+                finished = out.finished
                 yield out
         finally:
             if not finished:
@@ -415,12 +426,23 @@ class Engine:
             delta = SeqDelta(seq.index, text, [info], reason)
             events.setdefault(id(seq.req), (seq.req, []))[1].append(delta)
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        now = time.monotonic()
         for req, deltas in events.values():
             done = req.open_seqs == 0
-            if not req.stream and req.first_sent and not done:
-                req.pending += deltas
-                continue
-            out = RequestOutput(req.pending + deltas, req.prompt_logprobs, finished=done)
+            if req.first_sent and not done:
+                if not req.stream:
+                    req.pending += deltas
+                    continue
+                if req.interval > 1:
+                    if not req.held_steps:
+                        req.held_since = now
+                    req.held_steps += 1
+                    if req.held_steps < req.interval and now - req.held_since < req.max_delay_s:
+                        req.pending += deltas
+                        continue
+            req.held_steps = 0
+            out = RequestOutput(_merge_deltas(req.pending + deltas) if req.pending else deltas, req.prompt_logprobs,
+                                finished=done)
             req.pending, req.first_sent, req.prompt_logprobs = [], True, None
             deliveries.setdefault(req.loop, []).append((req.queue, out))
         # One wake-up per event loop per step, not one per request: each call_soon_threadsafe writes the loop's

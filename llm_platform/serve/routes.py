@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from llm_platform.config.serve import ServeConfig
+from llm_platform.serve import ingress
 from llm_platform.serve.api import (DEFAULT_CHAT_TEMPLATE, APIError, ChatCompletionRequest, CompletionRequest,
                                     validation_error)
 from llm_platform.serve.engine import Engine, EngineOverloaded, EngineStopped, RequestOutput, TokenLogprob
@@ -227,7 +228,8 @@ def create_api(get_service: Callable[[], Service]) -> FastAPI:
                                                         "running": engine.num_running(), **engine.stats},
                   # How this replica process runs the app (what the serve config's replica settings became).
                   "replica": {"gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
-                              "stream_interval_tokens": service.cfg.stream_interval_tokens}}
+                              "stream_interval_tokens": service.cfg.stream_interval_tokens,
+                              "ingress": ingress.active()}}
         if service.monitor is not None:
             report["drift"] = service.monitor.report()
         return report

@@ -144,7 +144,7 @@ def test_drift_low_in_distribution_then_high_when_shifted(served):
     report = httpx.get(f"{served}/single/v1/monitoring", headers=AUTH).json()
     low = report["drift"]
     # The replica settings took effect in the replica process.
-    assert report["replica"] == {"gil_switch_interval_ms": 0.5, "stream_interval_tokens": 4}
+    assert report["replica"] == {"gil_switch_interval_ms": 0.5, "stream_interval_tokens": 4, "ingress": "proxy"}
     for _ in range(30):
         c.completions.create(model="tiny", prompt="ZQX 1234 !!! @@ ### ünïcode café 日本語 ", max_tokens=1)
     high = httpx.get(f"{served}/single/v1/monitoring", headers=AUTH).json()["drift"]

@@ -113,6 +113,20 @@ def test_stream_interval_gathers_tokens_after_the_first_and_changes_nothing_else
     # A held token goes out once max_delay_s has passed: with no delay allowed, the interval never holds anything.
     assert len(asyncio.run(events(1000, 0.0))) > 2
 
+    async def emitted(interval: int):
+        # The engine itself holds the tokens (the reader's event loop wakes once a chunk, not once a token): what
+        # reaches the request's queue, whatever the reader's timing, is 1, then 4 at a time, then the rest.
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, n=2)
+        req = engine.submit(ids, params, True, interval, 60.0)
+        outs = [await req.queue.get()]
+        while not outs[-1].finished:
+            outs.append(await req.queue.get())
+        return outs
+
+    outs = asyncio.run(emitted(4))
+    for index in (0, 1):  # one delta per sequence per event, its tokens gathered
+        assert [len(d.tokens) for o in outs for d in o.deltas if d.index == index] == [1, 4, 4, 4, 3]
+
 
 def test_non_streamed_request_gets_its_first_token_then_the_rest_at_once(tiny, engine):
     _, _, tok = tiny
