@@ -89,6 +89,39 @@ def run_stage(root: str, sources: str, cores: set[int], name: str, s3_pid: int) 
     return result.manifest, wall, s3_cpu
 
 
+def cpu_floor(texts: list[str], tok, cfg) -> dict[str, float]:
+    """Single-thread CPU seconds per document of the stage's per-document work, each step the stage's own function
+    on the same documents, with no Ray, no I/O and no shuffle: cleaning (normalization and quality filters), the
+    dedup keys (exact hash and MinHash LSH bands), and the BPE encode. The stage cannot be cheaper per token than
+    their sum, so encode / sum bounds the ratio from above (reading, JSON parsing, the dedup shuffle, BPE training,
+    packing and writing only add to the sum)."""
+    import numpy as np
+    import pandas as pd
+
+    from llm_platform.data import dedup
+    from llm_platform.data.pipeline import _clean_batch, _key_rows
+
+    n = len(texts)
+    df = pd.DataFrame({"doc_id": np.arange(n), "source": "s3://bench/corpus/part-000.jsonl", "line": np.arange(n),
+                       "text": texts, "prompt": "", "response": "", "drop_reason": "", "detail": ""})
+    t0 = time.process_time()
+    cleaned = _clean_batch(df, cfg.data.normalize, cfg.data.scrub_pii, cfg.data.filters)
+    clean_s = time.process_time() - t0
+    bands, rows = dedup.lsh_params(cfg.data.dedup.threshold, cfg.data.dedup.num_perm)
+    params = {"exact": cfg.data.dedup.exact, "near": cfg.data.dedup.near, "num_perm": cfg.data.dedup.num_perm,
+              "seed": cfg.data.dedup.seed, "shingle": cfg.data.dedup.shingle_words, "bands": bands, "rows": rows}
+    batch = {k: cleaned[k].to_numpy() for k in ("doc_id", "text", "text_hash", "drop_reason")}
+    t0 = time.process_time()
+    for i in range(0, n, 1024):  # the stage's batches are about this size
+        _key_rows({k: v[i:i + 1024] for k, v in batch.items()}, params)
+    keys_s = time.process_time() - t0
+    t0 = time.process_time()
+    for i in range(0, n, 256):
+        tok.encode_batch(texts[i:i + 256], add_special_tokens=False)
+    encode_s = time.process_time() - t0
+    return {"clean": clean_s / n, "dedup keys": keys_s / n, "encode": encode_s / n}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=100, help="corpus size in MB")
@@ -148,6 +181,15 @@ def main() -> None:
         print("  phases: " + ", ".join(f"{k} {v:.1f}" for k, v in m["timings_s"].items()))
         print(f"  the S3 server (moto, standing in for S3) used {s3_cpu:.1f} CPU-s of the {wall * cpus:.0f} the "
               f"stage had ({100 * s3_cpu / (wall * cpus):.0f}%)")
+    from llm_platform.config import compose
+
+    floor = cpu_floor(kept[:40_000], tok, compose("data", []))
+    total = sum(floor.values())
+    print("\nCPU per document, one thread, the stage's own functions without Ray or I/O (40,000 documents):")
+    for step, sec in floor.items():
+        print(f"  {step:<12}{1e6 * sec:>8.1f} us  {100 * sec / total:>5.1f}%")
+    print(f"  ceiling: encode / (clean + dedup keys + encode) = {floor['encode'] / total:.2f} (the most any "
+          f"implementation of this stage's work could reach on this ratio)")
     if "1 core" in runs:
         speedup = runs["1 core"][1] / runs[f"{ncores} cores"][1]
         print(f"scaling 1 -> {ncores} cores: {speedup:.2f}x wall-time speedup")

@@ -138,3 +138,40 @@ def test_sample_corpus_is_deterministic_and_salted():
 def test_empty_blocks(n):
     packer = pack.Packer(seq_len=4, eos_id=0)
     assert packer.add([[1, 2]] * n).shape == (0, 4)
+
+
+def test_packed_shard_counts_every_documents_tokens_and_conserves_them(tmp_path):
+    """One pretraining shard through `_pack_one_shard` (what each Ray group runs), on local storage: the token
+    frequencies it reports are the documents' own tokens (no EOS it added), and the parquet blocks hold them all."""
+    import io
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from llm_platform import storage
+    from llm_platform.config.tokenizer import TokenizerConfig
+    from llm_platform.data import pipeline
+    from llm_platform.data import tokenizer as tokenizers
+
+    texts = [d["text"] for d in sample.generate(120, seed=5)] + ["", "<|endoftext|> inside a document"]
+    tok = tokenizers.train_bpe(texts, TokenizerConfig(vocab_size=300))
+    tok_uri = str(tmp_path / "tok")
+    tokenizers.save(tok, tok_uri)
+    record = tokenizers.describe(tok, "x")
+    params = {"kind": "pretrain", "seq_len": 16, "target_len": 0, "out": str(tmp_path / "out"),
+              "work": str(tmp_path / "work"), "tokenizer_uri": tok_uri, "eos": record["eos_token_id"],
+              "pad": record["pad_token_id"], "vocab": record["vocab_size"], "batch": 7, "storage": {}}
+    df = pd.DataFrame({"shard": "train-00000", "doc_id": range(len(texts)), "text": texts})
+    stat = pipeline._pack_one_shard(df, params).iloc[0]
+
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]  # doc_id order, as the shard sorts
+    expected = np.bincount(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]), minlength=record["vocab_size"])
+    assert stat["token_counts"] == expected.tolist()
+    assert stat["documents"] == len(texts) and stat["tokens_in"] == sum(map(len, ids)) + len(texts)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(str(tmp_path / "out" / "train" / "part-00000.parquet"))))
+    column = table.schema.field("input_ids").type
+    assert column.value_type == "int32" and str(column).startswith("list<")  # the same schema as before
+    stream = [t for block in table["input_ids"].to_pylist() for t in block]
+    assert len(stream) == stat["records"] * 16 == stat["tokens_in"] - stat["remainder"]
+    flat = [t for x in ids for t in x + [record["eos_token_id"]]]
+    assert stream == flat[:len(stream)]  # EOS after each document, in order, leftovers carried to the end
