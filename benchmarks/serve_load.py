@@ -10,9 +10,9 @@ Every request generates exactly --max-tokens tokens (greedy, EOS ignored) on bot
 The endpoint ("ours") runs the serve config's defaults; each --variant is deployed beside it with some keys changed,
 and every round measures the in-process baseline and every endpoint, so slow minutes of a noisy machine fall on
 both sides of a round's ratio. The c=1 overhead is also measured paired: each of 32 prompts in-process and then at
-once streamed from the endpoint, the median of the differences (the figure #5's goal is read from; the difference
-of two p50s a minute apart carries the machine's drift). Prints tokens/s, p50/p99 latency and time to first token
-per setting, the per-round ratios and c=1 overheads; the last line is
+once from the endpoint (streamed, and again not streamed), the median of the differences (the figure #5's goal is
+read from; the difference of two p50s a minute apart carries the machine's drift). Prints tokens/s, p50/p99 latency
+and time to first token per setting, the per-round ratios and c=1 overheads; the last line is
 `ratio=<median over rounds of endpoint tokens/s at concurrency 32 / sequential in-process tokens/s>`.
 """
 
@@ -70,24 +70,27 @@ def hf_generate(model, tok, prompt: str, max_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def paired_overhead(model, tok, url: str, prompts: list[str], max_tokens: int) -> list[float]:
-    """c=1 overhead as paired differences: each prompt in-process, then at once the same prompt streamed from the
-    endpoint; seconds (endpoint - in-process) per pair. Pairs a few hundred ms apart see the same machine speed,
-    where two sequential runs of a minute each do not (this machine's speed drifts by up to 2x within minutes)."""
+def paired_overhead(model, tok, url: str, prompts: list[str], max_tokens: int) -> dict[str, list[float]]:
+    """c=1 overhead as paired differences: each prompt in-process, then at once the same prompt from the endpoint,
+    streamed and not; seconds (endpoint - in-process) per pair and kind. Requests a few hundred ms apart see the
+    same machine speed, where two sequential runs of a minute each do not (this machine's speed drifts by up to 2x
+    within minutes)."""
     import httpx
 
-    body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    diffs = []
+    body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    diffs: dict[str, list[float]] = {"streamed": [], "not streamed": []}
     with httpx.Client(timeout=300) as client:
         for i, prompt in enumerate([prompts[0]] + prompts):
-            base = hf_generate(model, tok, prompt, max_tokens)
-            t0 = time.perf_counter()
-            with client.stream("POST", f"{url}/v1/completions", json={**body, "prompt": prompt}) as resp:
-                resp.raise_for_status()
-                for _ in resp.iter_lines():
-                    pass
-            if i:  # the first pair warms the connection up
-                diffs.append(time.perf_counter() - t0 - base)
+            for kind in diffs:
+                base = hf_generate(model, tok, prompt, max_tokens)
+                t0 = time.perf_counter()
+                with client.stream("POST", f"{url}/v1/completions",
+                                   json={**body, "prompt": prompt, "stream": kind == "streamed"}) as resp:
+                    resp.raise_for_status()
+                    for _ in resp.iter_lines():
+                        pass
+                if i:  # the first pair warms the connection up
+                    diffs[kind].append(time.perf_counter() - t0 - base)
     return diffs
 
 
@@ -235,7 +238,7 @@ def main() -> None:
         print(f"  endpoint {name}: serve config defaults{' + ' + str(overrides) if overrides else ''}")
     settings = ["in-process sequential"] + [f"{n} c={c}" for n, _ in variants for c in (1, 8, 32)]
     runs: dict[str, list[dict]] = {s: [] for s in settings}
-    pairs: dict[str, list[list[float]]] = {n: [] for n, _ in variants}
+    pairs: dict[str, list[dict[str, list[float]]]] = {n: [] for n, _ in variants}
     model, tok = load(folder)
     for _ in range(args.rounds):
         runs["in-process sequential"].append(in_process(model, tok, prompts, args.max_tokens))
@@ -257,13 +260,18 @@ def main() -> None:
     for name, _ in variants:
         ratios = [e / b for e, b in zip(tps[f"{name} c=32"], tps["in-process sequential"])]
         overhead = [statistics.median(r["latencies"]) - b for r, b in zip(runs[f"{name} c=1"], base_p50)]
-        paired = [statistics.median(d) for d in pairs[name]]
+        paired = [statistics.median(d["streamed"]) for d in pairs[name]]
+        plain = [statistics.median(d["not streamed"]) for d in pairs[name]]
         median_ratio[name] = statistics.median(ratios)
+        ms = lambda xs: ", ".join(f"{1000 * x:.1f}" for x in xs)  # noqa: E731
+        pooled = lambda kind: 1000 * statistics.median(x for d in pairs[name] for x in d[kind])  # noqa: E731
         print(f"{name}: c=32 / in-process per round {', '.join(f'{x:.2f}' for x in ratios)} -> median "
-              f"{median_ratio[name]:.2f}; c=1 p50 overhead per round "
-              f"{', '.join(f'{1000 * x:.1f}' for x in overhead)} ms -> median {1000 * statistics.median(overhead):.1f} ms; "
-              f"paired (median of per-request differences) {', '.join(f'{1000 * x:.1f}' for x in paired)} ms -> "
-              f"{1000 * statistics.median(x for d in pairs[name] for x in d):.1f} ms over all pairs")
+              f"{median_ratio[name]:.2f}")
+        print(f"  c=1 overhead, p50 - in-process p50 per round: {ms(overhead)} ms -> median "
+              f"{1000 * statistics.median(overhead):.1f} ms")
+        print(f"  c=1 overhead, paired, streamed: per round {ms(paired)} ms -> {pooled('streamed'):.1f} ms over "
+              f"all pairs")
+        print(f"  c=1 overhead, paired, not streamed: per round {ms(plain)} ms -> {pooled('not streamed'):.1f} ms")
     print(f"ratio={median_ratio['ours']:.2f}")
 
 
