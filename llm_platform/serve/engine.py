@@ -455,5 +455,8 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         reqs = {id(s.req): s.req for s in self._running} | {id(r): r for r in self._waiting}
         for req in reqs.values():
+            if req.pending and req.stream:  # tokens held for a streamed chunk go out before the error
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestOutput(_merge_deltas(req.pending)))
+                req.pending = []
             req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestOutput([], finished=True, error=message))
         self._running, self._waiting, self._cache, self._mask = [], [], None, None

@@ -128,6 +128,34 @@ def test_stream_interval_gathers_tokens_after_the_first_and_changes_nothing_else
         assert [len(d.tokens) for o in outs for d in o.deltas if d.index == index] == [1, 4, 4, 4, 3]
 
 
+def test_a_failed_step_delivers_the_held_tokens_before_its_error(tiny):
+    _, model, tok = tiny
+    eng = Engine(model, tok, max_batch_size=4)
+    real, calls = eng._forward, {"n": 0}
+
+    def fails_at_the_sixth_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    eng._forward = fails_at_the_sixth_step
+    eng.start()
+    try:
+        async def events():
+            params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+            return [out async for out in eng.generate(tok("a small dog").input_ids, params, True, 1000, 60.0)]
+
+        outs = asyncio.run(events())
+    finally:
+        eng.shutdown(drain_timeout_s=1)
+    # The prefill's token went out at once, the next 4 were held for their chunk when step 6 failed: they still
+    # reach the reader, then the error.
+    got = [t.token_id for o in outs for d in o.deltas for t in d.tokens]
+    assert got == hf_greedy(model, tok("a small dog").input_ids, 5)
+    assert outs[-1].error and "boom" in outs[-1].error and all(o.error is None for o in outs[:-1])
+
+
 def test_non_streamed_request_gets_its_first_token_then_the_rest_at_once(tiny, engine):
     _, _, tok = tiny
     ids = tok("the cat sat").input_ids
