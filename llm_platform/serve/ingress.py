@@ -11,7 +11,9 @@ shape), and HAProxy on `serve.port` balances over the replicas and retries conne
 is sent. No Ray hop is left on the request path. Trade-offs, as of Ray 2.60 where both flags are experimental:
 requests in flight on a replica that dies get a dropped connection, not a 503 (the openai client retries those by
 itself); HAProxy's own errors (no replica up at all) are a plain-text 500; and HAProxy exposes its Prometheus
-exporter on `RAY_SERVE_HAPROXY_METRICS_PORT` (9101) on every interface.
+exporter on `RAY_SERVE_HAPROXY_METRICS_PORT` (9101) on every interface. A replica being removed (a rolling update,
+Ctrl-C on `llm-platform serve`) stays reachable for `RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S` (30 s) so that
+load balancers can take it out first.
 
 Serve reads both flags once, when its controller and replicas start, from the environment of the Ray nodes: a
 local Ray that `llm-platform serve` starts gets them from `prepare`; a cluster's nodes need them in their own

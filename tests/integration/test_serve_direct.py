@@ -23,21 +23,21 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEY = "sk-direct-test-key"
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C as a user would (the CLI undeploys, then its local Ray goes); the group SIGKILL catches stragglers."""
-    for sig, grace_s in ((signal.SIGINT, 60), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=grace_s)
-            break
-        except ProcessLookupError:
-            break
-        except subprocess.TimeoutExpired:
-            continue
+def _stop(proc: subprocess.Popen) -> int | None:
+    """Ctrl-C as a user would (the CLI undeploys, then its local Ray goes); returns its exit code (None: it had to be
+    killed). The group SIGKILL then catches any of this Ray instance's processes that outlived it."""
+    code = None
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # Ray's processes of this instance, if any outlived the CLI
+        os.kill(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    proc.wait(timeout=10)
+    return code
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,9 @@ def direct(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     # HAProxy's Prometheus exporter listens on every interface: a free port, so it cannot clash with another run.
     env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+    # A deleted replica stays reachable this long so that load balancers can take it out (Serve's default 30 s):
+    # Ctrl-C would wait it out. Nothing balances this test's replica but Serve's own HAProxy.
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     cmd = [sys.executable, "-m", "llm_platform", "serve", f"serve.model={folder}", "serve.model_name=tiny",
            f"serve.port={port}", "serve.ingress=direct", "serve.num_cpus_per_replica=0.5",
            f"serve.api_key_file={key_file}", "serve.max_tokens_cap=32", "serve.graceful_shutdown_timeout_s=2",
@@ -75,7 +78,8 @@ def direct(tmp_path_factory):
             pytest.fail(f"direct ingress never became healthy:\n{log.read_text()[-4000:]}")
         yield base, log
     finally:
-        _stop(proc)
+        code = _stop(proc)
+    assert code == 0, f"llm-platform serve did not exit cleanly on Ctrl-C ({code}):\n{log.read_text()[-3000:]}"
 
 
 def test_openai_client_through_direct_ingress(direct):
