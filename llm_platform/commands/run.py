@@ -16,8 +16,10 @@ def main(cfg: PlatformConfig) -> None:
 
     from llm_platform import cluster, storage
     from llm_platform.runner import run_all
+    from llm_platform.serve import ingress
 
     storage.configure(cfg.storage)
+    ingress.prepare(cfg.serve.ingress)  # a local Ray started next runs Serve with the ingress the serve stage wants
     cluster.connect(cfg.cluster)
     summary = run_all(cfg)
     print(summary.table())
