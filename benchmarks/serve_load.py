@@ -60,14 +60,15 @@ def load(folder: Path):
     return load_model(folder)
 
 
-def hf_generate(model, tok, prompt: str, max_tokens: int) -> float:
-    """Seconds of one in-process HF `generate` of exactly max_tokens tokens (greedy)."""
+def hf_generate(model, tok, prompt: str, max_tokens: int, stopping_criteria=()) -> tuple[float, float, int]:
+    """One in-process HF `generate` of exactly max_tokens tokens (greedy): (start time, seconds, new tokens)."""
     import torch
 
     ids = torch.tensor([tok(prompt).input_ids])
     t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - t0
+    out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                         stopping_criteria=list(stopping_criteria))
+    return t0, time.perf_counter() - t0, out.shape[1] - ids.shape[1]
 
 
 def paired_overhead(model, tok, url: str, prompts: list[str], max_tokens: int) -> dict[str, list[float]]:
@@ -82,7 +83,7 @@ def paired_overhead(model, tok, url: str, prompts: list[str], max_tokens: int) -
     with httpx.Client(timeout=300) as client:
         for i, prompt in enumerate([prompts[0]] + prompts):
             for kind in diffs:
-                base = hf_generate(model, tok, prompt, max_tokens)
+                _, base, _ = hf_generate(model, tok, prompt, max_tokens)
                 t0 = time.perf_counter()
                 with client.stream("POST", f"{url}/v1/completions",
                                    json={**body, "prompt": prompt, "stream": kind == "streamed"}) as resp:
@@ -111,14 +112,11 @@ def in_process(model, tok, prompts: list[str], max_tokens: int) -> dict:
     model.generate(torch.tensor([tok(prompts[0]).input_ids]), max_new_tokens=4, do_sample=False, pad_token_id=0)
     start = time.perf_counter()
     for prompt in prompts:
-        ids = torch.tensor([tok(prompt).input_ids])
         first = FirstToken()
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                             pad_token_id=0, stopping_criteria=[first])
-        latencies.append(time.perf_counter() - t0)
+        t0, seconds, new = hf_generate(model, tok, prompt, max_tokens, [first])
+        latencies.append(seconds)
         ttfts.append(first.at - t0)
-        tokens += out.shape[1] - ids.shape[1]
+        tokens += new
     wall = time.perf_counter() - start
     return {"tokens": tokens, "wall_s": wall, "latencies": latencies, "ttfts": ttfts}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import random
 import threading
@@ -80,14 +81,13 @@ class _Request:
     prompt_sent: bool = False
     prompt_logprobs: list[TokenLogprob] | None = None
     stream: bool = True
-    """False: after the first event (time to first token), deltas are held and delivered with the last one, so a
-    non-streamed request wakes its event loop twice instead of once per token."""
     first_sent: bool = False
     pending: list[SeqDelta] = field(default_factory=list)
-    interval: int = 1
-    """Streamed: after the first event, deltas are held until this many engine steps have gathered (or
-    `max_delay_s` has passed since the oldest held one, or the request ends), so the reader's event loop wakes once
-    per chunk, not once per token."""
+    interval: float = 1
+    """After the first event, deltas are held until this many engine steps have gathered (or `max_delay_s` has
+    passed since the oldest held one, or the request ends), so the reader's event loop wakes once a chunk, not once
+    a token. A non-streamed request holds them to its end (an unbounded interval and delay): its loop wakes twice,
+    at the first token (time to first token) and at the last."""
     max_delay_s: float = 0.0
     held_steps: int = 0
     held_since: float = 0.0
@@ -216,8 +216,9 @@ class Engine:
             raise ValueError(f"n={params.n} exceeds max_batch_size={self.max_batch_size}")
         if self.num_waiting() >= self.max_waiting:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting for a batch slot")
+        hold = (max(1, interval), max_delay_s) if stream else (math.inf, math.inf)
         req = _Request(list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue(), stream=stream,
-                       interval=max(1, interval), max_delay_s=max_delay_s)
+                       interval=hold[0], max_delay_s=hold[1])
         self._inbox.put(req)
         self._wake.set()
         return req
@@ -430,16 +431,12 @@ class Engine:
         for req, deltas in events.values():
             done = req.open_seqs == 0
             if req.first_sent and not done:
-                if not req.stream:
+                if not req.held_steps:
+                    req.held_since = now
+                req.held_steps += 1
+                if req.held_steps < req.interval and now - req.held_since < req.max_delay_s:
                     req.pending += deltas
                     continue
-                if req.interval > 1:
-                    if not req.held_steps:
-                        req.held_since = now
-                    req.held_steps += 1
-                    if req.held_steps < req.interval and now - req.held_since < req.max_delay_s:
-                        req.pending += deltas
-                        continue
             req.held_steps = 0
             out = RequestOutput(_merge_deltas(req.pending + deltas) if req.pending else deltas, req.prompt_logprobs,
                                 finished=done)
