@@ -98,8 +98,7 @@ def cpu_floor(texts: list[str], tok, cfg) -> dict[str, float]:
     import numpy as np
     import pandas as pd
 
-    from llm_platform.data import dedup
-    from llm_platform.data.pipeline import _clean_batch, _key_rows
+    from llm_platform.data.pipeline import _clean_batch, _key_params, _key_rows
 
     n = len(texts)
     df = pd.DataFrame({"doc_id": np.arange(n), "source": "s3://bench/corpus/part-000.jsonl", "line": np.arange(n),
@@ -107,9 +106,7 @@ def cpu_floor(texts: list[str], tok, cfg) -> dict[str, float]:
     t0 = time.process_time()
     cleaned = _clean_batch(df, cfg.data.normalize, cfg.data.scrub_pii, cfg.data.filters)
     clean_s = time.process_time() - t0
-    bands, rows = dedup.lsh_params(cfg.data.dedup.threshold, cfg.data.dedup.num_perm)
-    params = {"exact": cfg.data.dedup.exact, "near": cfg.data.dedup.near, "num_perm": cfg.data.dedup.num_perm,
-              "seed": cfg.data.dedup.seed, "shingle": cfg.data.dedup.shingle_words, "bands": bands, "rows": rows}
+    params = _key_params(cfg.data)
     batch = {k: cleaned[k].to_numpy() for k in ("doc_id", "text", "text_hash", "drop_reason")}
     t0 = time.process_time()
     for i in range(0, n, 1024):  # the stage's batches are about this size

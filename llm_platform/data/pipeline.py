@@ -228,14 +228,12 @@ def _deduplicate(cfg: DataConfig, work: str, resumed: list[str]) -> dict[str, np
     empty = {"doc_id": np.empty(0, np.int64), "dup_of": np.empty(0, np.int64), "exact": np.empty(0, bool)}
     result = empty
     if cfg.dedup.exact or cfg.dedup.near:
-        bands, rows = dedup.lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
-        params = {"exact": cfg.dedup.exact, "near": cfg.dedup.near, "num_perm": cfg.dedup.num_perm,
-                  "seed": cfg.dedup.seed, "shingle": cfg.dedup.shingle_words, "bands": bands, "rows": rows}
+        params = _key_params(cfg)
         ds = _read_clean(work, ["doc_id", "text", "text_hash", "drop_reason"])
         keys = ds.map_batches(_key_rows, batch_format="numpy", fn_kwargs={"params": params}, num_cpus=0.5)
         # Equal keys meet in one block; ~1 partition per 32 MB of key rows keeps blocks whole (see dedup.py).
         num_docs = max(1, _read_clean(work, ["doc_id"]).count())
-        partitions = max(2, math.ceil(num_docs * (bands + 1) * (17 + cfg.dedup.num_perm) / (32 << 20)))
+        partitions = max(2, math.ceil(num_docs * (params["bands"] + 1) * (17 + cfg.dedup.num_perm) / (32 << 20)))
         dups = keys.repartition(partitions, keys=["key"]).map_batches(
             _block_dups, batch_size=None, batch_format="numpy", fn_kwargs={"threshold": cfg.dedup.threshold},
             num_cpus=0.5)
@@ -247,6 +245,13 @@ def _deduplicate(cfg: DataConfig, work: str, resumed: list[str]) -> dict[str, np
     pq.write_table(pa.table(result), buf)
     storage.write_bytes(done, buf.getvalue())
     return result
+
+
+def _key_params(cfg: DataConfig) -> dict:
+    """What `_key_rows` needs from the dedup config, with the LSH banding for its threshold."""
+    bands, rows = dedup.lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
+    return {"exact": cfg.dedup.exact, "near": cfg.dedup.near, "num_perm": cfg.dedup.num_perm, "seed": cfg.dedup.seed,
+            "shingle": cfg.dedup.shingle_words, "bands": bands, "rows": rows}
 
 
 def _key_rows(batch: dict, params: dict) -> dict:
