@@ -61,11 +61,11 @@ resource "helm_release" "cluster_autoscaler" {
     nodeSelector = local.on_cpu_nodes
     extraArgs = {
       # Prefer the cheapest fitting group; remove a node after 10 idle minutes (GPU groups return to zero).
-      expander                        = "least-waste"
-      "balance-similar-node-groups"   = true
-      "skip-nodes-with-system-pods"   = false
-      "scale-down-unneeded-time"      = "10m"
-      "scale-down-delay-after-add"    = "5m"
+      expander                      = "least-waste"
+      "balance-similar-node-groups" = true
+      "skip-nodes-with-system-pods" = false
+      "scale-down-unneeded-time"    = "10m"
+      "scale-down-delay-after-add"  = "5m"
     }
   })]
 

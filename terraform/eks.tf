@@ -82,6 +82,9 @@ resource "aws_eks_addon" "this" {
   addon_name                  = each.key
   resolve_conflicts_on_create = "OVERWRITE"
   resolve_conflicts_on_update = "PRESERVE"
+  # The VPC CNI's network policy agent enforces the NetworkPolicies of cluster/network-policies.yaml; without it
+  # EKS accepts NetworkPolicy objects and silently enforces none of them.
+  configuration_values = each.key == "vpc-cni" ? jsonencode({ enableNetworkPolicy = "true" }) : null
 
   # coredns needs a node to run on.
   depends_on = [aws_eks_node_group.cpu]

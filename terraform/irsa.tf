@@ -1,5 +1,9 @@
 # IAM roles for service accounts (IRSA): pods get short-lived credentials for one role through a projected token.
-# There are no static keys anywhere: Ray pods use the `ray_service_account` role, the cluster autoscaler its own.
+# There are no static keys anywhere. Two roles for the Ray pods, each trusted by its own service accounts only:
+#   training (`ray`): the RayCluster and its jobs (<prefix>-head, <prefix>-worker) read and write the artifacts;
+#   serving (`serve`): the RayService (<prefix>-serve-head, <prefix>-serve-worker) reads registry/ and dataset
+#     manifests and writes nothing, so a compromised replica cannot overwrite datasets, runs or registry/*/LATEST.
+# The cluster autoscaler has its own role.
 
 data "tls_certificate" "oidc" {
   url = aws_eks_cluster.this.identity[0].oidc[0].issuer
@@ -13,9 +17,25 @@ resource "aws_iam_openid_connect_provider" "eks" {
 
 locals {
   oidc_issuer_host = replace(aws_eks_cluster.this.identity[0].oidc[0].issuer, "https://", "")
+
+  # One service account per Ray role. Heads keep a Kubernetes API token: KubeRay binds its autoscaler Role (patch
+  # pods and the RayCluster) to the head's account, and the autoscaler sidecar in the head pod uses it. Workers
+  # never call the API, so their accounts mount no token (IRSA's own token is projected by EKS regardless).
+  ray_service_accounts = {
+    head         = { name = "${var.ray_service_account_prefix}-head", iam_role = "train", api_token = true }
+    worker       = { name = "${var.ray_service_account_prefix}-worker", iam_role = "train", api_token = false }
+    serve-head   = { name = "${var.ray_service_account_prefix}-serve-head", iam_role = "serve", api_token = true }
+    serve-worker = { name = "${var.ray_service_account_prefix}-serve-worker", iam_role = "serve", api_token = false }
+  }
+  ray_service_account_subjects = {
+    for role in ["train", "serve"] : role => [
+      for sa in values(local.ray_service_accounts) : "system:serviceaccount:${var.ray_namespace}:${sa.name}"
+      if sa.iam_role == role
+    ]
+  }
 }
 
-# --- Ray pods: read and write the artifact bucket, nothing else ---------------------------------------------------
+# --- training pods: read and write the artifact bucket, nothing else ----------------------------------------------
 
 data "aws_iam_policy_document" "ray_assume" {
   statement {
@@ -27,7 +47,7 @@ data "aws_iam_policy_document" "ray_assume" {
     condition {
       test     = "StringEquals"
       variable = "${local.oidc_issuer_host}:sub"
-      values   = ["system:serviceaccount:${var.ray_namespace}:${var.ray_service_account}"]
+      values   = local.ray_service_account_subjects["train"]
     }
     condition {
       test     = "StringEquals"
@@ -87,7 +107,86 @@ resource "aws_iam_role_policy_attachment" "ray_bucket" {
   policy_arn = aws_iam_policy.bucket_access.arn
 }
 
-# --- cluster autoscaler: resize this cluster's node groups only -----------------------------------------------------
+# --- serving pods: read the registry and dataset manifests, write nothing -----------------------------------------
+
+data "aws_iam_policy_document" "serve_assume" {
+  statement {
+    actions = ["sts:AssumeRoleWithWebIdentity"]
+    principals {
+      type        = "Federated"
+      identifiers = [aws_iam_openid_connect_provider.eks.arn]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "${local.oidc_issuer_host}:sub"
+      values   = local.ray_service_account_subjects["serve"]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "${local.oidc_issuer_host}:aud"
+      values   = ["sts.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role" "serve" {
+  name               = "${var.name}-serve"
+  assume_role_policy = data.aws_iam_policy_document.serve_assume.json
+}
+
+# What a replica reads (llm_platform/serve): registry/<model>/LATEST and the version's files, and the manifest of
+# the dataset its lineage names (the drift reference). Listing is limited to those two prefixes.
+data "aws_iam_policy_document" "serve_read" {
+  statement {
+    sid       = "ListRegistryAndDatasets"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.artifacts.arn]
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["${local.prefix}/registry/*", "${local.prefix}/datasets/*"]
+    }
+  }
+
+  statement {
+    sid       = "LocateBucket"
+    actions   = ["s3:GetBucketLocation"]
+    resources = [aws_s3_bucket.artifacts.arn]
+  }
+
+  statement {
+    sid     = "ReadRegistryAndDatasetManifests"
+    actions = ["s3:GetObject"]
+    resources = [
+      "${aws_s3_bucket.artifacts.arn}/${local.prefix}/registry/*",
+      "${aws_s3_bucket.artifacts.arn}/${local.prefix}/datasets/*/manifest.json",
+    ]
+  }
+
+  statement {
+    sid       = "DecryptThroughS3"
+    actions   = ["kms:Decrypt"]
+    resources = [aws_kms_key.this.arn]
+    condition {
+      test     = "StringEquals"
+      variable = "kms:ViaService"
+      values   = ["s3.${var.region}.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_policy" "serve_read" {
+  name        = "${var.name}-serve-read"
+  description = "Read llm-platform registry/ and dataset manifests in s3://${local.bucket_name}/${local.prefix}/; no writes"
+  policy      = data.aws_iam_policy_document.serve_read.json
+}
+
+resource "aws_iam_role_policy_attachment" "serve_read" {
+  role       = aws_iam_role.serve.name
+  policy_arn = aws_iam_policy.serve_read.arn
+}
+
+# --- cluster autoscaler: resize this cluster's node groups only ---------------------------------------------------
 
 data "aws_iam_policy_document" "autoscaler_assume" {
   statement {
@@ -160,7 +259,7 @@ resource "aws_iam_role_policy" "cluster_autoscaler" {
   policy = data.aws_iam_policy_document.cluster_autoscaler.json
 }
 
-# --- the Ray namespace and service account that cluster/*.yaml use ------------------------------------------------
+# --- the Ray namespace and service accounts that cluster/*.yaml use -----------------------------------------------
 
 resource "kubernetes_namespace_v1" "ray" {
   metadata {
@@ -171,11 +270,15 @@ resource "kubernetes_namespace_v1" "ray" {
 }
 
 resource "kubernetes_service_account_v1" "ray" {
+  for_each = local.ray_service_accounts
+
   metadata {
-    name      = var.ray_service_account
+    name      = each.value.name
     namespace = kubernetes_namespace_v1.ray.metadata[0].name
     annotations = {
-      "eks.amazonaws.com/role-arn" = aws_iam_role.ray.arn
+      "eks.amazonaws.com/role-arn" = each.value.iam_role == "serve" ? aws_iam_role.serve.arn : aws_iam_role.ray.arn
     }
   }
+
+  automount_service_account_token = each.value.api_token
 }

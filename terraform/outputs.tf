@@ -27,8 +27,13 @@ output "storage_root" {
 }
 
 output "ray_irsa_role_arn" {
-  description = "IAM role that the Ray service account assumes through IRSA."
+  description = "Training IAM role (read/write the artifacts) that the RayCluster's head and worker service accounts assume through IRSA."
   value       = aws_iam_role.ray.arn
+}
+
+output "serve_irsa_role_arn" {
+  description = "Serving IAM role (read registry/ and dataset manifests only) that the RayService's service accounts assume through IRSA."
+  value       = aws_iam_role.serve.arn
 }
 
 output "ray_namespace" {
@@ -36,9 +41,29 @@ output "ray_namespace" {
   value       = kubernetes_namespace_v1.ray.metadata[0].name
 }
 
-output "ray_service_account" {
-  description = "Service account of the Ray pods (annotated with ray_irsa_role_arn)."
-  value       = kubernetes_service_account_v1.ray.metadata[0].name
+output "ray_head_service_account" {
+  description = "Service account of the RayCluster head (training role; keeps an API token for KubeRay's autoscaler)."
+  value       = kubernetes_service_account_v1.ray["head"].metadata[0].name
+}
+
+output "ray_worker_service_account" {
+  description = "Service account of the RayCluster workers (training role; no API token)."
+  value       = kubernetes_service_account_v1.ray["worker"].metadata[0].name
+}
+
+output "serve_head_service_account" {
+  description = "Service account of the RayService head (serving role; keeps an API token for KubeRay's autoscaler)."
+  value       = kubernetes_service_account_v1.ray["serve-head"].metadata[0].name
+}
+
+output "serve_worker_service_account" {
+  description = "Service account of the RayService workers (serving role; no API token)."
+  value       = kubernetes_service_account_v1.ray["serve-worker"].metadata[0].name
+}
+
+output "access_log_bucket_name" {
+  description = "Bucket that receives the S3 server access logs of the artifact bucket (under artifacts/)."
+  value       = aws_s3_bucket.access_logs.bucket
 }
 
 output "gpu_node_groups" {

@@ -158,8 +158,8 @@ data "aws_iam_policy_document" "ray_up_head" {
   }
 
   statement {
-    sid     = "ManageOwnInstances"
-    actions = ["ec2:CreateTags", "ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"]
+    sid       = "ManageOwnInstances"
+    actions   = ["ec2:CreateTags", "ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"]
     resources = ["${local.ec2_arn}:instance/*"]
     condition {
       test     = "StringEquals"
@@ -169,8 +169,8 @@ data "aws_iam_policy_document" "ray_up_head" {
   }
 
   statement {
-    sid       = "PassWorkerRole"
-    actions   = ["iam:PassRole", "iam:GetInstanceProfile"]
+    sid     = "PassWorkerRole"
+    actions = ["iam:PassRole", "iam:GetInstanceProfile"]
     resources = concat(
       [for r in aws_iam_role.ray_up_worker : r.arn],
       [for p in aws_iam_instance_profile.ray_up_worker : p.arn],

@@ -1,5 +1,6 @@
 # The artifact bucket: datasets, checkpoints, sweeps, the model registry and eval reports, all under
-# s3://<bucket>/<storage_prefix>/ (conf/storage/s3.yaml). Private, versioned, KMS-encrypted, TLS only.
+# s3://<bucket>/<storage_prefix>/ (conf/storage/s3.yaml). Private, versioned, KMS-encrypted, TLS only, every request
+# logged to the access-log bucket (s3_access_logs.tf).
 
 locals {
   bucket_name = coalesce(var.bucket_name, "${var.name}-${local.account_id}-${var.region}")
@@ -7,7 +8,6 @@ locals {
 }
 
 resource "aws_s3_bucket" "artifacts" {
-  #checkov:skip=CKV_AWS_18:Server access logs need a second bucket per deployment; audit S3 through the account's CloudTrail data events instead.
   #checkov:skip=CKV_AWS_144:Cross-region replication doubles storage cost for re-creatable training artifacts; enable it per account if required.
   #checkov:skip=CKV2_AWS_62:Nothing consumes bucket events; stages mark completion with a record object (manifest.json, lineage.json) instead.
   bucket        = local.bucket_name

@@ -120,6 +120,17 @@ variable "noncurrent_version_expiration_days" {
   }
 }
 
+variable "access_log_retention_days" {
+  description = "Days the S3 server access logs of the artifact bucket are kept in the access-log bucket."
+  type        = number
+  default     = 365
+
+  validation {
+    condition     = var.access_log_retention_days >= 90
+    error_message = "access_log_retention_days must be at least 90 (an audit trail shorter than a quarter rarely answers the question asked of it)."
+  }
+}
+
 variable "force_destroy_bucket" {
   description = "Let `terraform destroy` delete the bucket with its contents (all datasets, checkpoints and models)."
   type        = bool
@@ -142,9 +153,10 @@ variable "api_allowed_cidrs" {
   type        = list(string)
   default     = []
 
+  # A prefix shorter than /8 (0.0.0.0/0 among them) is a good part of the internet, not an allowlist.
   validation {
-    condition     = alltrue([for c in var.api_allowed_cidrs : can(cidrnetmask(c)) && c != "0.0.0.0/0"])
-    error_message = "api_allowed_cidrs must be valid IPv4 CIDRs and must not contain 0.0.0.0/0."
+    condition     = alltrue([for c in var.api_allowed_cidrs : can(cidrnetmask(c)) && tonumber(split("/", c)[1]) >= 8])
+    error_message = "api_allowed_cidrs must be valid IPv4 CIDRs with a prefix of /8 or longer (0.0.0.0/0 and other huge ranges are refused)."
   }
 }
 
@@ -181,7 +193,7 @@ variable "cpu_node_group" {
 }
 
 variable "gpu_node_groups" {
-  description = "GPU node groups by name (the name becomes the Ray worker group's node selector). min_size = 0 scales the group to zero when idle."
+  description = "GPU node groups by name (the name becomes the Ray worker group's node selector). min_size = 0 scales the group to zero when idle; serving = true marks a group that runs RayService replicas, which must be ON_DEMAND."
   type = map(object({
     instance_types = list(string)
     gpus_per_node  = number
@@ -190,6 +202,7 @@ variable "gpu_node_groups" {
     desired_size   = number
     capacity_type  = string
     disk_size_gb   = number
+    serving        = optional(bool, false)
   }))
   default = {
     gpu-a10g = {
@@ -200,6 +213,7 @@ variable "gpu_node_groups" {
       desired_size   = 0
       capacity_type  = "ON_DEMAND"
       disk_size_gb   = 200
+      serving        = true
     }
   }
 
@@ -222,6 +236,13 @@ variable "gpu_node_groups" {
     ])
     error_message = "each gpu_node_groups entry needs capacity_type ON_DEMAND or SPOT, gpus_per_node >= 1, an instance type and disk_size_gb >= 100."
   }
+
+  # A Spot reclaim takes a serving node with two minutes' notice and drops the requests in flight on it; training
+  # resumes from its last checkpoint, an endpoint's callers do not.
+  validation {
+    condition     = alltrue([for g in values(var.gpu_node_groups) : !g.serving || g.capacity_type == "ON_DEMAND"])
+    error_message = "a gpu_node_groups entry with serving = true must have capacity_type = \"ON_DEMAND\"."
+  }
 }
 
 variable "ray_namespace" {
@@ -235,21 +256,21 @@ variable "ray_namespace" {
   }
 }
 
-variable "ray_service_account" {
-  description = "Kubernetes service account of the Ray pods; IRSA maps it to the bucket role (cluster/*.yaml use it)."
+variable "ray_service_account_prefix" {
+  description = "Prefix of the four Kubernetes service accounts of the Ray pods: <prefix>-head and <prefix>-worker (training cluster, training role), <prefix>-serve-head and <prefix>-serve-worker (RayService, read-only serving role)."
   type        = string
   default     = "ray"
 
   validation {
-    condition     = can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", var.ray_service_account))
-    error_message = "ray_service_account must be a valid Kubernetes service account name."
+    condition     = can(regex("^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$", var.ray_service_account_prefix))
+    error_message = "ray_service_account_prefix must be a valid Kubernetes name of at most 42 characters (the suffixes add up to 13)."
   }
 }
 
 variable "kuberay_operator_chart_version" {
-  description = "Version of the kuberay-operator Helm chart (keep it in step with the CRDs the manifests are checked against)."
+  description = "Version of the kuberay-operator Helm chart; the same KubeRay version as the CRDs in cluster/crds/ that the manifests are checked against (cluster/crds/README.md)."
   type        = string
-  default     = "1.5.0"
+  default     = "1.7.0"
 
   validation {
     condition     = can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.kuberay_operator_chart_version))

@@ -26,13 +26,15 @@ gpu_node_groups = {
     capacity_type  = "ON_DEMAND"
     disk_size_gb   = 1000
   }
+  # Serving (point the RayService's worker group at gpu-l4) and eval: on demand, a Spot reclaim drops live requests.
   gpu-l4 = {
     instance_types = ["g6.12xlarge"]
     gpus_per_node  = 4
     min_size       = 0
     max_size       = 4
     desired_size   = 0
-    capacity_type  = "SPOT"
+    capacity_type  = "ON_DEMAND"
     disk_size_gb   = 500
+    serving        = true
   }
 }
