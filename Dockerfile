@@ -16,12 +16,12 @@ USER ray
 WORKDIR /app
 # pyproject.toml and conf/ beside the package: an editable install finds conf/ at /app/conf (conf_dir() looks
 # next to the package), and LLM_PLATFORM_CONF says so explicitly for anything that runs from another directory.
-COPY --chown=ray:users pyproject.toml README.md /app/
+COPY --chown=ray:users pyproject.toml setup.py README.md /app/
 COPY --chown=ray:users llm_platform /app/llm_platform
 COPY --chown=ray:users conf /app/conf
 
 RUN pip install --no-cache-dir "${TORCH}" \
-    && pip install --no-cache-dir -e /app \
+    && pip install --no-cache-dir -e "/app[harness,tracking]" \
     && python -c "import ray, llm_platform; assert ray.__version__ == '2.60.0', ray.__version__" \
     && llm-platform --help > /dev/null
 

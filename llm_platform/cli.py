@@ -29,7 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     width = max(len(s) for s in STAGES)
-    lines = ["usage: llm-platform <stage> [hydra overrides | --help]", "", "stages:"]
+    lines = ["usage: llm-platform <stage> [-v] [hydra overrides | --help]", "", "stages:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
     return "\n".join(lines)
 
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     if stage == "run":
         args = [args[0], *_stage_flags(args[1:])]
+    # -v / --verbose: Ray's, Ray Data's, Serve's and the workers' own lines on the console too (console.py).
+    args = [("verbose=true" if a in ("-v", "--verbose") else a) for a in args]
     module = importlib.import_module(STAGES[stage][0])
     # Hydra reads sys.argv; make it look like the stage was the program.
     sys.argv = [f"llm-platform {stage}", *args[1:]]

@@ -7,27 +7,51 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
-from llm_platform import storage
+from llm_platform import console, storage
 from llm_platform.config.cluster import ClusterConfig
 
 log = logging.getLogger(__name__)
 
-# Environment that Ray workers need to reach the same storage as the driver. Credentials are never forwarded
-# (runtime envs are logged): workers take them from their own environment, which is IRSA or an instance role on a
-# cluster and the driver's inherited env for a local Ray.
+# Environment that Ray workers need to reach the same storage as the driver. Credentials are never forwarded:
+# Ray writes runtime envs to its logs (runtime_env_agent.log) in plain text and shows them in the dashboard.
+# Workers take credentials from their own environment: on a cluster the pods' (a Kubernetes Secret, IRSA, an
+# instance role; docs/cloud.md), on a local Ray the driver's, which its processes inherit when Ray starts.
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "LLM_PLATFORM_CONF", "HF_HUB_OFFLINE",
                   "OMP_NUM_THREADS")
-# Experiment trackers' own settings (MLFLOW_TRACKING_TOKEN, WANDB_API_KEY, WANDB_MODE...) reach rank 0 this way, as
-# Ray's experiment-tracking guide does it.
-_FORWARDED_PREFIXES = ("MLFLOW_", "WANDB_")
+# Experiment trackers' settings that rank 0 needs and that are not secrets: where the tracker is, which
+# project/experiment, how to talk to it. An allowlist, not a prefix: MLFLOW_TRACKING_TOKEN/PASSWORD/USERNAME,
+# WANDB_API_KEY and any setting added by a later client release stay out until someone reads them and adds them.
+_FORWARDED_TRACKER_ENV = (
+    "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ALLOW_FILE_STORE",
+    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_S3_ENDPOINT_URL",
+    "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_DIR", "WANDB_SILENT", "WANDB_QUIET",
+    "WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_TAGS", "WANDB_NOTES", "WANDB_HTTP_TIMEOUT", "WANDB_INIT_TIMEOUT",
+    "WANDB_DISABLE_CODE", "WANDB_DISABLE_GIT", "WANDB_CONSOLE",
+)
+# Names of variables that hold secrets: never forwarded by `worker_env`, refused by `llm-platform submit --env`.
+# Over-broad on purpose (KEY matches API_KEY, API_KEYS, ACCESS_KEY_ID, PRIVATE_KEY...); TOKENIZERS_PARALLELISM is
+# the one common setting it would otherwise catch.
+SECRET_NAME = re.compile(r"KEY|TOKEN(?!IZER)|SECRET|PASS(?:WORD|WD|PHRASE)|CREDENTIAL|PRIVATE|COOKIE|AUTHORIZATION"
+                         r"|^AWS_PROFILE$", re.I)
+# A URL with a password in it (`https://user:pass@host`), e.g. an MLFLOW_TRACKING_URI with basic auth.
+_URL_WITH_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")
+
+
+def is_secret(name: str, value: str = "") -> bool:
+    """True when an environment variable looks like it holds a credential, by its name or a URL password."""
+    return bool(SECRET_NAME.search(name) or _URL_WITH_PASSWORD.search(value))
 
 
 def worker_env() -> dict[str, str]:
-    """Env vars forwarded to Ray workers so they resolve storage like the driver."""
-    env = {k: v for k, v in os.environ.items() if v and (k in _FORWARDED_ENV or k.startswith(_FORWARDED_PREFIXES))}
+    """Env vars forwarded to Ray workers (allowlisted, never secrets) so they resolve storage and trackers like the
+    driver."""
+    allowed = _FORWARDED_ENV + _FORWARDED_TRACKER_ENV
+    env = {k: os.environ[k] for k in allowed if os.environ.get(k) and not is_secret(k, os.environ[k])}
     endpoint = storage.endpoint_url()
-    if endpoint:
+    if endpoint and not is_secret("AWS_ENDPOINT_URL", endpoint):
         env["AWS_ENDPOINT_URL"] = endpoint
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
@@ -44,7 +68,8 @@ def connect(cfg: ClusterConfig | None = None) -> str:
     runtime_env = {"env_vars": worker_env()}
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=cfg.log_to_driver)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=cfg.log_to_driver and console.verbose())
+        console.adopt_ray_loggers()
         return address
     # Serve's HTTP proxy reads this at start-up: its own plain-text errors become OpenAI-shaped (serve/proxy.py).
     # A local Ray's processes inherit the driver's environment; cluster images set it themselves (Dockerfile).
@@ -71,8 +96,11 @@ def connect(cfg: ClusterConfig | None = None) -> str:
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
-        log_to_driver=cfg.log_to_driver,
+        # Workers' and replicas' own output stays in Ray's session logs unless -v (console.py).
+        log_to_driver=cfg.log_to_driver and console.verbose(),
         configure_logging=True,
-        logging_level=logging.WARNING,
+        # Ray's own start-up warnings (token authentication...) go to the log file unless -v.
+        logging_level=logging.WARNING if console.verbose() else logging.ERROR,
     )
+    console.adopt_ray_loggers()
     return "local"

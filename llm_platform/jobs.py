@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from llm_platform.cluster import is_secret
 from llm_platform.errors import ConfigError, StageError
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ JOB_STAGES = ("data", "train", "tune", "eval", "serve", "run")
 # Where storage is, forwarded to the job when set here. Credentials are deliberately absent.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "LLM_PLATFORM_BUCKET",
                "HF_HUB_OFFLINE")
-# Names of variables that hold secrets; `--env` refuses them.
-SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY|^AWS_PROFILE$", re.I)
 # Never uploaded with the working dir (on top of .gitignore): environments, local artifacts, Terraform state.
 EXCLUDES = [".git", ".venv", ".venv-*", "*.egg-info", "__pycache__", ".pytest_cache", ".llm-platform", "outputs",
             "multirun", "terraform/.terraform", "*.tfstate", "*.tfstate.*"]
@@ -91,9 +90,11 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ConfigError(f"--env {pair!r}: expected KEY=VALUE")
-        if SECRET_NAME.search(key):
+        if is_secret(key, value):
             raise ConfigError(f"--env {key}: credentials are never sent with a job (runtime envs are visible in "
-                              "the dashboard); give the cluster an IAM role (IRSA, instance profile) instead")
+                              "the dashboard and written to Ray's logs); give the cluster an IAM role (IRSA, "
+                              "instance profile) or put the secret in the pods' environment from a Kubernetes "
+                              "Secret (docs/cloud.md)")
         env[key] = value
     return env
 
@@ -102,7 +103,7 @@ def runtime_env(working_dir: str | Path | None, extra_env: dict[str, str] | None
     """The job's runtime env: the code (a working dir to upload, or none for the installed package) and storage env."""
     env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
     env.update(extra_env or {})
-    secrets = sorted(k for k in env if SECRET_NAME.search(k))
+    secrets = sorted(k for k, v in env.items() if is_secret(k, v))
     if secrets:  # only reachable through extra_env from a caller that skipped parse_env
         raise ConfigError(f"refusing to send credentials with a job: {', '.join(secrets)}")
     # Stages call `ray.init(runtime_env={"env_vars": cluster.worker_env()})`, which repeats some of these keys; Ray

@@ -4,7 +4,11 @@ Layout under `<root>/registry/<model>/`:
     v0001/ ... vNNNN/   config.json  model.safetensors  tokenizer files  lineage.json (written last)
     LATEST              the current version's name, replaced atomically (one object write)
 
-A version folder counts only once its lineage.json exists, so an interrupted registration is never listed.
+A version folder counts only once its lineage.json exists, so an interrupted registration is never listed. A
+registration claims its number first with a create-only write of `vNNNN/.claim` (an exclusive create locally, a
+conditional PUT `If-None-Match: *` on S3), so concurrent registrations never share a number: the loser takes the
+next one. Model names follow `llm_platform.names`; versions are `v` and 4+ digits, so neither a reference
+(`registry:<name>/<version>`) nor LATEST can point outside `registry/<model>/`.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_platform import storage
+from llm_platform import names, storage
 from llm_platform.errors import StageError
 
 PREFIX = "registry:"
 LATEST = "LATEST"
 LINEAGE = "lineage.json"
 _VERSION = re.compile(r"^v(\d{4,})$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CLAIM = ".claim"
+# How many numbers one `register` tries when other registrations keep taking them first.
+_CLAIM_ATTEMPTS = 100
 
 
 class RegistryError(StageError):
@@ -45,9 +51,14 @@ class ModelVersion:
 
 
 def _model_uri(root: str, name: str) -> str:
-    if not _NAME.match(name):
-        raise RegistryError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-'")
+    names.check(name, "registry model name", RegistryError)
     return storage.join(root, "registry", name)
+
+
+def _check_version(name: str, version: str) -> str:
+    if not _VERSION.fullmatch(version):
+        raise RegistryError(f"{version!r} is not a version of model {name!r}: versions look like v0001")
+    return version
 
 
 def _versions(root: str, name: str) -> list[str]:
@@ -59,12 +70,12 @@ def _versions(root: str, name: str) -> list[str]:
 
 def model_names(root: str) -> list[str]:
     """Registered model names."""
-    return [n for n in storage.listdir(storage.join(root, "registry")) if _NAME.match(n)]
+    return [n for n in storage.listdir(storage.join(root, "registry")) if names.is_valid(n)]
 
 
 def get(root: str, name: str, version: str) -> ModelVersion:
-    """A version by name; raises RegistryError naming what is missing."""
-    uri = storage.join(_model_uri(root, name), version)
+    """A version by name; raises RegistryError naming what is missing or malformed."""
+    uri = storage.join(_model_uri(root, name), _check_version(name, version))
     lineage_uri = storage.join(uri, LINEAGE)
     if not storage.exists(lineage_uri):
         known = ", ".join(_versions(root, name)) or "none"
@@ -88,8 +99,8 @@ def latest(root: str, name: str) -> ModelVersion:
 
 
 def promote(root: str, name: str, version: str) -> ModelVersion:
-    """Point LATEST at an existing version (one atomic object write)."""
-    mv = get(root, name, version)
+    """Point LATEST at an existing, complete version of this model (one atomic object write)."""
+    mv = get(root, name, version)  # refuses anything but a vNNNN with lineage.json under registry/<name>/
     storage.write_text(storage.join(_model_uri(root, name), LATEST), version + "\n")
     return mv
 
@@ -106,10 +117,7 @@ def register(root: str, name: str, model_uri: str, lineage: dict[str, Any], *, m
     """
     if not storage.exists(storage.join(model_uri, "config.json")):
         raise RegistryError(f"{model_uri} is not an HF-format model folder (no config.json)")
-    existing = [int(_VERSION.match(v).group(1)) for v in storage.listdir(_model_uri(root, name))  # type: ignore
-                if _VERSION.match(v)]
-    # Numbers of incomplete (interrupted) versions are skipped, not reused, so a half copy is never mixed in.
-    version = f"v{(max(existing) + 1) if existing else 1:04d}"
+    version = _claim_version(root, name)
     uri = storage.join(_model_uri(root, name), version)
     with tempfile.TemporaryDirectory(prefix="llmp-reg-") as tmp:
         local = storage.download_dir(model_uri, tmp)
@@ -135,6 +143,22 @@ def register(root: str, name: str, model_uri: str, lineage: dict[str, Any], *, m
     return ModelVersion(name=name, version=version, uri=uri, lineage=record)
 
 
+def _claim_version(root: str, name: str) -> str:
+    """The next free version number, taken with a create-only write so that no concurrent `register` gets it too.
+
+    Numbers of incomplete (interrupted) versions are skipped, not reused, so a half copy is never mixed in.
+    """
+    base = _model_uri(root, name)
+    existing = [int(_VERSION.match(v).group(1)) for v in storage.listdir(base) if _VERSION.match(v)]  # type: ignore
+    number = (max(existing) + 1) if existing else 1
+    for _ in range(_CLAIM_ATTEMPTS):
+        version = f"v{number:04d}"
+        if storage.write_new(storage.join(base, version, CLAIM), b""):
+            return version
+        number += 1  # another registration claimed it between our listing and our write
+    raise RegistryError(f"model {name!r}: could not claim a version number after {_CLAIM_ATTEMPTS} tries")
+
+
 def resolve(ref: str, root: str) -> ModelVersion:
     """`registry:<name>[/<version>]`, a local path or an s3:// URI of an HF-format folder, as a ModelVersion."""
     if ref.startswith(PREFIX):
@@ -152,13 +176,9 @@ def resolve(ref: str, root: str) -> ModelVersion:
 
 
 def materialize(uri: str, cache_dir: str | None = None) -> str:
-    """A local folder with the model's files (s3:// URIs are downloaded to a cache keyed by the URI)."""
+    """A local folder with the model's files. s3:// URIs are downloaded into a cache keyed by their content (a
+    re-uploaded model is fetched again), atomically (concurrent replicas never read a half-written copy), by
+    default in this user's private temporary folder."""
     if not storage.is_remote(uri):
         return storage.filesystem(uri)[1]
-    base = cache_dir or os.path.join(tempfile.gettempdir(), "llmp-models")
-    local = os.path.join(base, storage.fingerprint(uri))
-    marker = os.path.join(local, ".complete")
-    if not os.path.exists(marker):
-        storage.download_dir(uri, local)
-        open(marker, "w").close()
-    return local
+    return storage.download_cached(uri, cache_dir or storage.private_cache_dir("llmp-models"))

@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import posixpath
+import stat
+import tempfile
 import uuid
 from contextlib import contextmanager
 from typing import IO, Any, Iterator
@@ -243,6 +245,33 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_new(uri: str, data: bytes) -> bool:
+    """Create an object only if nothing is at `uri` yet: True if this call created it, False if it existed.
+
+    The check and the write are one step, so of two concurrent writers exactly one gets True: an exclusive create
+    (`O_EXCL`) locally, a conditional PUT (`If-None-Match: *`, which S3 honours since 2024) on S3. For claims and
+    locks (registry version numbers), not for content that must appear whole: a local reader can see the file
+    before its bytes.
+    """
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
@@ -277,17 +306,110 @@ def upload_dir(local_dir: str, uri: str) -> None:
 
 
 def download_dir(uri: str, local_dir: str) -> str:
-    """Copy a URI folder to a local folder (a no-op copy for local URIs returns the path itself)."""
+    """Copy a URI folder to a local folder (a no-op copy for local URIs returns the path itself).
+
+    Every object must land inside `local_dir`: a key with a `..` or `.` segment (S3 keys are plain strings, so
+    `model/../../home/x/.bashrc` is a valid key) is refused, naming it, before anything is written.
+    """
     if not is_remote(uri):
         return filesystem(uri)[1]
     fs, path = filesystem(uri)
-    os.makedirs(local_dir, exist_ok=True)
-    for remote in fs.find(path):
-        rel = posixpath.relpath(remote, path)
-        dest = os.path.join(local_dir, *rel.split("/"))
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fs.get_file(remote, dest)
+    _download_objects(fs, uri, _local_names(uri, path, fs.find(path)), local_dir)
     return local_dir
+
+
+def _local_names(uri: str, path: str, keys: list[str]) -> dict[str, list[str]]:
+    """{object key: its path segments under the folder} for the objects of a folder listing; refuses any key whose
+    segments could leave the folder."""
+    from llm_platform.errors import DataError
+
+    base = path.rstrip("/") + "/"
+    names: dict[str, list[str]] = {}
+    for key in keys:
+        rel = key[len(base):] if key.startswith(base) else None
+        if rel is not None and (not rel or rel.endswith("/")):
+            continue  # a zero-byte "folder" marker that some S3 tools create: nothing to copy
+        parts = (rel or "").split("/")
+        if rel is None or any(p in ("", ".", "..") or "\\" in p or "\x00" in p for p in parts):
+            raise DataError(f"{uri}: refusing to download object {key!r}: its key does not name a file inside the "
+                            f"folder ('..', '.', an empty segment or a backslash)")
+        names[key] = parts
+    return names
+
+
+def _download_objects(fs: fsspec.AbstractFileSystem, uri: str, names: dict[str, list[str]], local_dir: str) -> None:
+    from llm_platform.errors import DataError
+
+    os.makedirs(local_dir, exist_ok=True)
+    root = os.path.realpath(local_dir)
+    for key, parts in names.items():
+        dest = os.path.join(root, *parts)
+        # Belt and braces beside the segment check: a symlink already in local_dir must not redirect a write.
+        if os.path.commonpath([root, os.path.realpath(dest)]) != root:
+            raise DataError(f"{uri}: refusing to download object {key!r} outside {local_dir}")
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get_file(key, dest)
+
+
+def private_cache_dir(name: str) -> str:
+    """`<tmp>/<name>-<uid>`, created mode 0700 and refused when another user owns it or others may write to it: a
+    predictable folder in a shared /tmp must not let another local user plant files that we would then load."""
+    from llm_platform.errors import StageError
+
+    folder = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise StageError(f"cache folder {folder} is not a folder owned by this user and closed to others; remove it "
+                         f"or pass another cache folder")
+    return folder
+
+
+def download_cached(uri: str, cache_dir: str, attempts: int = 3) -> str:
+    """A local copy of the URI folder under `cache_dir`, keyed by its content, downloaded at most once per content.
+
+    The key hashes the URI and every object's key, size and ETag, so a model re-uploaded to the same URI is
+    fetched again. A copy is downloaded into a private temporary folder beside the cache entry and renamed into
+    place only when complete (rename is atomic), so concurrent callers (two replicas on one node) never read files
+    that another is still writing: the loser of the race drops its copy and uses the winner's. The folder is
+    listed again after the download; if an object changed meanwhile, the copy is discarded and fetched anew.
+    """
+    import shutil
+
+    from llm_platform.errors import StageError
+
+    fs, path = filesystem(uri)
+    for _ in range(attempts):
+        key = _content_key(fs, uri, path)
+        final = os.path.join(cache_dir, key)
+        if os.path.isdir(final):
+            return final
+        os.makedirs(cache_dir, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f".{key}.partial-", dir=cache_dir)
+        try:
+            _download_objects(fs, uri, _local_names(uri, path, fs.find(path)), partial)
+            if _content_key(fs, uri, path) != key:
+                continue  # re-uploaded while we copied: discard (finally) and start over
+            try:
+                os.rename(partial, final)
+            except OSError:
+                if not os.path.isdir(final):
+                    raise
+            return final  # ours, or an identical copy another process renamed into place first
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    raise StageError(f"{uri} kept changing while it was downloaded ({attempts} attempts); retry once it is stable")
+
+
+def _content_key(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> str:
+    objects = fs.find(path, detail=True)
+    if not objects:
+        from llm_platform.errors import StageError
+
+        raise StageError(f"{uri}: no such folder, or it is empty")
+    listing = sorted((key, int(info.get("size") or 0), str(info.get("ETag") or info.get("etag") or "").strip('"'))
+                     for key, info in objects.items())
+    return fingerprint({"uri": uri, "objects": listing}, length=32)
 
 
 def fingerprint(obj: Any, length: int = 16) -> str:

@@ -15,16 +15,19 @@ def stage_main(config_name: str) -> Callable[[Callable[[PlatformConfig], object]
     """
     import hydra
 
+    from llm_platform import console
+
     def wrap(fn: Callable[[PlatformConfig], object]) -> Callable[[], None]:
         register()
 
         @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
         def _app(cfg) -> None:
-            typed = to_object(cfg)
-            logging.getLogger().setLevel(typed.log_level)
             from llm_platform.errors import StageError
 
             try:
+                typed = to_object(cfg)  # unknown keys refused, local paths made absolute
+                console.setup(config_name, verbose=typed.verbose, log_dir=typed.log_dir)
+                logging.getLogger("llm_platform").setLevel(typed.log_level)
                 fn(typed)
             except StageError as e:
                 logging.getLogger(f"llm_platform.{config_name}").error("%s", e)

@@ -9,6 +9,32 @@ from llm_platform.commands import stage_main
 from llm_platform.config import PlatformConfig
 
 
+def preflight(cfg: PlatformConfig) -> None:
+    """Every check of the selected stages that needs no earlier stage's output, before the first one starts: a bad
+    train or serve key fails before the data stage has written anything."""
+    from llm_platform.commands.train import check_plan
+    from llm_platform.runner import selected_stages
+
+    todo = selected_stages(cfg)
+    if "data" in todo:
+        from llm_platform.data.pipeline import validate
+
+        validate(cfg.data, cfg.tokenizer)
+    if "train" in todo:
+        from llm_platform.train.launcher import check_config
+
+        check_config(cfg.model, cfg.train, cfg.scaling)
+        if cfg.run.use_tune:
+            from llm_platform.tune.space import parse_space
+
+            parse_space(cfg.tune.space)
+        check_plan(cfg, None)  # GPU memory, from the data config's sequence length
+    if "serve" in todo:
+        from llm_platform.serve import ingress
+
+        ingress.validate(cfg.serve.ingress)
+
+
 @stage_main("run")
 def main(cfg: PlatformConfig) -> None:
     import logging
@@ -19,6 +45,7 @@ def main(cfg: PlatformConfig) -> None:
     from llm_platform.serve import ingress
 
     storage.configure(cfg.storage)
+    preflight(cfg)
     ingress.prepare(cfg.serve.ingress)  # a local Ray started next runs Serve with the ingress the serve stage wants
     cluster.connect(cfg.cluster)
     summary = run_all(cfg)
@@ -27,7 +54,7 @@ def main(cfg: PlatformConfig) -> None:
     if not (summary.endpoint and cfg.run.keep_serving):
         return
     print(f"serving at {summary.endpoint}/v1 (Ctrl-C stops); try: llm-platform query \"{cfg.run.query}\" "
-          f"--url {summary.endpoint}")
+          f"--url {summary.endpoint}", flush=True)  # flushed: a log file or a pipe sees it before the wait
     try:
         while True:
             time.sleep(3600)

@@ -7,6 +7,7 @@ from llm_platform.config import PlatformConfig
 @stage_main("serve")
 def main(cfg: PlatformConfig) -> None:
     import logging
+    import signal
     import time
 
     from llm_platform import cluster, storage
@@ -25,9 +26,16 @@ def main(cfg: PlatformConfig) -> None:
           f"  llm-platform query \"Once upon a time\" --url {url}", flush=True)
     if not cfg.serve.blocking:
         return
+    # SIGTERM (`kill`, systemd, a pod being stopped) drains like Ctrl-C. ray.init installed a SIGTERM handler
+    # that exits at once, which would skip the undeploy below.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:  # Serve runs in Ray's processes; keep the driver alive until interrupted
             time.sleep(3600)
     except KeyboardInterrupt:
         log.info("stopping: finishing in-flight requests")
         undeploy(cfg.serve)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

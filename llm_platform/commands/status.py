@@ -7,7 +7,7 @@ import sys
 def main() -> None:
     from llm_platform import storage
     from llm_platform.config import compose
-    from llm_platform.runner import STATUS
+    from llm_platform.runner import STAGES, STATUS
 
     overrides = [a for a in sys.argv[1:] if "=" in a]
     cfg = compose("run", overrides)
@@ -18,7 +18,9 @@ def main() -> None:
         raise SystemExit(1)
     record = storage.read_json(uri)
     print(f"last run finished at {record['finished_at']}")
-    for name, rec in record["stages"].items():
+    # Records are stored with sorted keys: list the stages in the order they run.
+    stages = sorted(record["stages"].items(), key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else len(STAGES))
+    for name, rec in stages:
         print(f"  {name:<9} {rec['result']:<8} {rec['seconds']:>7.1f}s  {rec.get('output') or ''}")
     print("lineage:")
     for key, value in record["chain"].items():

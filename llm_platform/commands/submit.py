@@ -27,7 +27,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     code.add_argument("--installed", action="store_true",
                       help="upload nothing: run the llm-platform installed in the cluster's image")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for the job (repeatable; credentials are refused)")
+                   help="extra environment for the job (repeatable). Names that look like secrets (KEY, TOKEN, "
+                        "SECRET, PASSWORD, CREDENTIAL...) and URLs with a password are refused: Ray logs runtime "
+                        "envs; secrets come from the cluster's own environment (docs/cloud.md)")
     p.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")
     p.add_argument("--num-gpus", type=float, default=None,
                    help="GPUs to reserve for the driver itself (stages reserve their workers' GPUs on their own)")

@@ -22,21 +22,31 @@ def resolve_dataset_uri(cfg: PlatformConfig) -> str:
     return uri
 
 
-def check_plan(cfg: PlatformConfig, dataset_uri: str) -> None:
-    """On GPUs, refuse a config whose memory estimate does not fit the device (unless plan.force=true)."""
+def check_plan(cfg: PlatformConfig, dataset_uri: str | None) -> None:
+    """On GPUs, refuse a config whose memory estimate does not fit the device (unless plan.force=true).
+
+    Without a dataset yet (`llm-platform run` checks before its data stage), the data and tokenizer configs give
+    the sequence length and vocabulary size.
+    """
     import logging
 
-    from llm_platform.data.dataset import open_dataset
     from llm_platform.errors import ConfigError
     from llm_platform.train.plan import make_plan
 
     if not cfg.scaling.use_gpu:
         return
-    info = open_dataset(dataset_uri)
+    if dataset_uri:
+        from llm_platform.data.dataset import open_dataset
+
+        info = open_dataset(dataset_uri)
+        seq_len, vocab_size = info.seq_len, info.vocab_size
+    else:
+        seq_len, vocab_size = cfg.data.seq_len, cfg.tokenizer.vocab_size
     plan_cfg = cfg.plan
     if cfg.scaling.gpu_type:
         plan_cfg.gpu_type = cfg.scaling.gpu_type
-    plan = make_plan(cfg.model, cfg.train, cfg.scaling, plan_cfg, seq_len=info.seq_len, vocab_size=info.vocab_size)
+    plan = make_plan(cfg.model, cfg.train, cfg.scaling, plan_cfg, seq_len=seq_len, vocab_size=vocab_size,
+                     storage_root=cfg.storage.root)
     if not plan.fits:
         if not cfg.plan.force:
             raise ConfigError("the plan does not fit (plan.force=true launches anyway): " + "; ".join(plan.problems))

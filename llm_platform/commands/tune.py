@@ -7,13 +7,14 @@ from llm_platform.config import PlatformConfig
 @stage_main("tune")
 def main(cfg: PlatformConfig) -> None:
     from llm_platform import cluster, storage
-    from llm_platform.commands.train import resolve_dataset_uri
+    from llm_platform.commands.train import check_plan, resolve_dataset_uri
     from llm_platform.tune.driver import run_sweep
     from llm_platform.tune.space import parse_space
 
     storage.configure(cfg.storage)
     parse_space(cfg.tune.space)  # a bad key fails here, before Ray starts
     dataset_uri = resolve_dataset_uri(cfg)
+    check_plan(cfg, dataset_uri)  # the base config's GPU memory plan, as `train` checks it
     cluster.connect(cfg.cluster)
     result = run_sweep(cfg.tune, cfg.model, cfg.train, cfg.scaling, dataset_uri, cfg.storage.root)
     print(result.table)

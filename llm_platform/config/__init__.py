@@ -15,16 +15,22 @@ SCHEMA_NAME = "platform_schema"
 
 
 def conf_dir() -> Path:
-    """The `conf/` tree: `LLM_PLATFORM_CONF` if set, else the one beside the package (a checkout or editable install)."""
+    """The `conf/` tree: `LLM_PLATFORM_CONF` if set; else the copy inside an installed wheel (`llm_platform/conf`,
+    see setup.py); else the repository's `conf/` beside the package (a checkout, an editable install, a Ray job's
+    uploaded working_dir)."""
     import os
 
+    from llm_platform.errors import ConfigError
+
     env = os.environ.get("LLM_PLATFORM_CONF")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"config tree not found at {path}: set LLM_PLATFORM_CONF to the project's conf/ folder"
-        )
-    return path
+    package = Path(__file__).resolve().parents[1]
+    candidates = [Path(env)] if env else [package / "conf", package.parent / "conf"]
+    for path in candidates:
+        if (path / "base.yaml").is_file():
+            return path
+    where = "LLM_PLATFORM_CONF" if env else "the installed package"
+    raise ConfigError(f"config tree not found at {' or '.join(map(str, candidates))} (from {where}): set "
+                      f"LLM_PLATFORM_CONF to the project's conf/ folder, or reinstall the package")
 
 
 def register() -> None:
@@ -34,13 +40,62 @@ def register() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=PlatformConfig)
 
 
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a composed DictConfig that its dataclass schema does not declare.
+
+    Struct mode refuses `data.sq_len=1`, but Hydra's `+data.sq_len=1` (the form its own error hint suggests) adds
+    the key anyway, and `OmegaConf.to_object` then sets it as a stray attribute that nothing reads.
+    """
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):  # a free-form dict field (tune.space): any key is fine
+        return []
+    declared = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key in node.keys():
+        if key not in declared:
+            found.append(f"{prefix}{key}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            found += unknown_keys(child, f"{prefix}{key}.")
+    return found
+
+
+def _suggest(key: str) -> str:
+    """` (did you mean data.seq_len?)` for `data.sq_len`, or nothing."""
+    import dataclasses
+    import difflib
+    import typing
+
+    *parents, name = key.split(".")
+    node: Any = PlatformConfig
+    for part in parents:
+        node = typing.get_type_hints(node).get(part)
+        if not dataclasses.is_dataclass(node):
+            return ""
+    close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(node)], n=1)
+    return f" (did you mean {'.'.join([*parents, close[0]])}?)" if close else ""
+
+
 def to_object(cfg: Any) -> PlatformConfig:
-    """A composed DictConfig as the typed dataclass tree (interpolations resolved)."""
+    """A composed DictConfig as the typed dataclass tree (interpolations resolved), its keys checked against the
+    schema and its local paths made absolute (`config.paths`)."""
     from omegaconf import OmegaConf
 
+    from llm_platform.config.paths import make_absolute
+    from llm_platform.errors import ConfigError
+
+    stray = unknown_keys(cfg)
+    if stray:
+        raise ConfigError("; ".join(f"unknown config key {key}{_suggest(key)}" for key in stray)
+                          + ": the schema (llm_platform/config/) has no such field")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, PlatformConfig), type(obj)
-    return obj
+    return make_absolute(obj)
 
 
 def compose(stage: str, overrides: list[str] | None = None) -> PlatformConfig:

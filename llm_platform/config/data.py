@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from llm_platform.config.choices import ChatOverflow, DatasetKind, OnError, SourceFormat, TextUnit
+
 
 @dataclass
 class FilterConfig:
@@ -70,20 +72,33 @@ class DataConfig:
     sources: list[str] = field(default_factory=list)
     """Corpus URIs or globs (local or s3://): .jsonl/.json/.parquet/.txt, optionally .gz/.zst, or a saved HF dataset
     folder. Empty uses the built-in sample corpus."""
-    format: str = "auto"
+    format: SourceFormat = SourceFormat.auto
     """Source format: auto (by extension), jsonl, json, parquet, text, hf."""
     text_field: str = "text"
     """Field holding the document text (jsonl/json/parquet/hf)."""
-    text_unit: str = "file"
+    text_unit: TextUnit = TextUnit.file
     """What one document is in plain-text sources: file, paragraph (blank-line separated) or line."""
     max_record_bytes: int = 16_000_000
     """Records (lines, files) larger than this are skipped unread as `record_too_large`."""
-    kind: str = "pretrain"
-    """Record kind: pretrain (packed text), sft (prompt/response with a loss mask), seq2seq (source/target)."""
+    kind: DatasetKind = DatasetKind.pretrain
+    """Record kind: pretrain (packed text), sft (prompt/response with a loss mask), chat (conversations rendered
+    with the tokenizer's chat template, loss on the assistant turns: llm_platform/data/chat.py), seq2seq
+    (source/target)."""
     prompt_field: str = "prompt"
     """Prompt field for sft records."""
     response_field: str = "response"
     """Response field for sft records."""
+    messages_field: str = "messages"
+    """Field of chat records holding OpenAI-style messages (role system/user/assistant, string content)."""
+    instruction_field: str = "instruction"
+    """Alpaca-style chat records: the instruction field (with `input_field` appended when not empty)."""
+    input_field: str = "input"
+    """Alpaca-style chat records: the optional input field."""
+    output_field: str = "output"
+    """Alpaca-style chat records: the answer field."""
+    chat_overflow: ChatOverflow = ChatOverflow.truncate
+    """A chat longer than seq_len tokens: truncate (cut at seq_len; skipped if no assistant token is left) or skip.
+    Both are counted in the manifest."""
     source_field: str = "source"
     """Source field for seq2seq records."""
     target_field: str = "target"
@@ -104,7 +119,7 @@ class DataConfig:
     """Deduplication."""
     sample: SampleCorpusConfig = field(default_factory=SampleCorpusConfig)
     """Built-in sample corpus."""
-    on_error: str = "skip"
+    on_error: OnError = OnError.skip
     """What a bad record does: skip (count and report it) or fail (stop with its file and line)."""
     num_shards: int = 0
     """Output shards per split (0 picks one per ~64 MB of tokens, at least the number of read blocks)."""

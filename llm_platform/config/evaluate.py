@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from llm_platform.config.choices import ExplainMethod
+
 
 @dataclass
 class BiasConfig:
@@ -49,7 +51,7 @@ class HumanConfig:
 class ExplainConfig:
     """Token attributions and attention maps (`llm-platform explain` and the report's saliency example)."""
 
-    method: str = "grad_x_input"
+    method: ExplainMethod = ExplainMethod.grad_x_input
     """Attribution method: grad_x_input or integrated_gradients."""
     ig_steps: int = 16
     """Interpolation steps of integrated gradients."""
@@ -60,11 +62,43 @@ class ExplainConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness (`lm_eval`, the `harness` extra) tasks, scored as `harness/<task>/<metric>`."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Task, group or tag names to run (built-in ones or from `include_path`); empty runs no harness."""
+    include_path: str | None = None
+    """A folder of task YAMLs (local or s3://); relative `data_files` in them name files inside that folder."""
+    include_builtin: bool | None = None
+    """Index lm-eval's ~15k built-in task YAMLs (tens of seconds); None does so only for names not in include_path."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt; None keeps each task's own setting (0 when it has none)."""
+    limit: int | None = None
+    """Documents per task (None: all), for smoke runs; lm-eval marks such scores as not comparable."""
+    apply_chat_template: bool = False
+    """Prompts as chats: the tokenizer's template in process; by endpoint, `/v1/chat/completions` (generation only)."""
+    max_gen_tokens: int | None = None
+    """Overrides every generation task's `max_gen_toks`; None keeps each task's own (lm-eval: 256 if unset)."""
+    max_length_tokens: int | None = None
+    """Context length in tokens; None reads the model's config.json (n_positions / max_position_embeddings)."""
+    device: str = "cpu"
+    """Torch device of the in-process model (`cuda` on a GPU node)."""
+    dtype: str = "float32"
+    """Torch dtype of the in-process model's weights (float32, bfloat16, float16)."""
+    num_concurrent: int = 1
+    """Requests in flight at once through the endpoint."""
+    max_retries: int = 3
+    """Attempts per endpoint request before the evaluation fails."""
+    bootstrap_iters: int = 100000
+    """Bootstrap resamples for the stderr of non-mean metrics (lm-eval's default; 0 skips stderrs)."""
+
+
+@dataclass
 class GateConfig:
     """The promotion gate of `eval.compare_to`."""
 
     guard_metrics: list[str] = field(default_factory=lambda: ["val/perplexity", "gen/rougeL", "gen/bleu"])
-    """Metrics that must not regress; lower is better for names containing loss, perplexity or disparity."""
+    """Metrics that must not regress (`harness/<task>/acc` too); lower is better for loss, perplexity, disparity."""
     max_regression_pct: float = 5.0
     """Largest allowed relative regression of a guard metric, in percent of the baseline value."""
 
@@ -113,5 +147,7 @@ class EvalConfig:
     """Human evaluation export and import."""
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     """Interpretability."""
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    """lm-evaluation-harness tasks (in process, or through `endpoint` when it is set)."""
     gate: GateConfig = field(default_factory=GateConfig)
     """Promotion gate against `compare_to`."""

@@ -2,10 +2,12 @@
 
 from dataclasses import dataclass, field
 
+from llm_platform.config.choices import AttnImplementation, LoraExport
+
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters via peft; merged into the base weights on export."""
+    """LoRA adapters via peft; merged into the base weights on export, or exported as a peft adapter."""
 
     enabled: bool = False
     """Train LoRA adapters instead of all weights."""
@@ -15,8 +17,13 @@ class LoraConfig:
     """Adapter scaling alpha."""
     dropout: float = 0.0
     """Adapter dropout."""
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "q_proj", "v_proj"])
-    """Module names that get adapters (those absent in the architecture are ignored)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module names that get adapters (those absent in the architecture are ignored); empty uses the family's
+    defaults in llm_platform/models/families.py (attention query/value projections)."""
+    export: LoraExport = LoraExport.merged
+    """What the run exports: merged (a plain HF model with the adapters folded in) or adapter (peft's
+    adapter_config.json + adapter_model.safetensors, plus the base's tokenizer files, loadable with
+    `PeftModel.from_pretrained(base, export)`; registering, evaluating and serving want merged)."""
 
 
 @dataclass
@@ -26,9 +33,12 @@ class ModelConfig:
     name: str = "debug"
     """Preset name, used for run and registry names."""
     family: str = "gpt2"
-    """Architecture family: gpt2, llama, t5, bert."""
+    """Architecture family: gpt2, llama, mistral, qwen2, t5, bert (llm_platform/models/families.py); with
+    `pretrained` set, the checkpoint's config.json decides it."""
     pretrained: str | None = None
-    """HF-format checkpoint to start from (local, s3://, or `registry:<model>[/<version>]`); None trains from scratch."""
+    """HF-format checkpoint to start from: a local folder, s3://, `registry:<model>[/<version>]`, or a Hugging Face
+    Hub id where the cluster reaches the Hub; None trains from scratch. Its architecture and weights replace the
+    preset's, and its own tokenizer is the one to build the data with (`tokenizer=model`)."""
     num_layers: int = 2
     """Transformer blocks (encoder and decoder each, for t5)."""
     num_heads: int = 4
@@ -45,7 +55,7 @@ class ModelConfig:
     """Vocabulary size; None follows the dataset's tokenizer (a different value must match it)."""
     rope_theta: float = 10000.0
     """Rotary embedding base (llama)."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa
     """transformers attention kernel: sdpa (fused, default) or eager."""
     dropout: float = 0.0
     """Dropout probability."""

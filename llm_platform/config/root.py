@@ -53,4 +53,9 @@ class PlatformConfig:
     run: RunConfig = field(default_factory=RunConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     log_level: str = "INFO"
-    """Console log level."""
+    """Level of the platform's own log lines."""
+    verbose: bool = False
+    """Also show Ray's, Ray Data's, Serve's and the workers' own log lines on the console (`-v`); they always go to
+    the log file under `log_dir`."""
+    log_dir: str = "${oc.env:LLM_PLATFORM_HOME,.llm-platform}/logs"
+    """Local folder of the per-command log files (`<stage>-<time>.log`)."""

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from llm_platform.config.choices import Ingress, WeightDtype
+
 
 @dataclass
 class ServeConfig:
@@ -23,7 +25,7 @@ class ServeConfig:
     """Proxy-side limit per HTTP request (Serve's `http_options.request_timeout_s`). A request still unanswered then
     (say, its replica died in a way Serve did not notice) ends as a retryable 503 `request_timeout` with
     `Retry-After` instead of hanging. None: no limit."""
-    ingress: str = "proxy"
+    ingress: Ingress = Ingress.proxy
     """How requests reach the replicas: `proxy` (Serve's HTTP proxy, every failure answered in OpenAI's shape) or
     `direct` (each replica serves HTTP itself behind Serve's bundled HAProxy: no Ray hop per request or streamed
     chunk, the lower latency; a replica dying mid-request drops its connections). A property of the Ray cluster:
@@ -63,7 +65,7 @@ class ServeConfig:
     # Engine
     device: str = "cpu"
     """Torch device of the model (`cuda` on a GPU replica)."""
-    dtype: str = "float32"
+    dtype: WeightDtype = WeightDtype.float32
     """Torch dtype of the weights (float32, bfloat16, float16)."""
     max_batch_size: int = 32
     """Sequences decoded together per replica."""
@@ -90,7 +92,13 @@ class ServeConfig:
     api_key_env: str = "LLM_PLATFORM_API_KEYS"
     """Env var holding comma-separated API keys; when it (or `api_key_file`) is set, a Bearer key is required."""
     api_key_file: str | None = None
-    """File with one API key per line (a mounted secret)."""
+    """File with one API key per line (a mounted secret); an empty file is an error."""
+    allow_unauthenticated: bool = False
+    """Serve without any API key even where other hosts can reach the endpoint (not loopback); else refused."""
+    max_prompts_per_request: int = 32
+    """Prompts in one /v1/completions request at most (400 above)."""
+    max_generated_tokens_per_request: int = 32768
+    """Prompts x n x max_tokens of one request at most (400 above): what one request may make the engine do."""
     max_request_bytes: int = 1_000_000
     """Largest request body accepted (413 above)."""
     max_tokens_cap: int = 1024

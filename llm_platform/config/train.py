@@ -2,12 +2,14 @@
 
 from dataclasses import dataclass
 
+from llm_platform.config.choices import MixedPrecision, Objective, OnNonfinite, Parallelism, Placement, Schedule
+
 
 @dataclass
 class TrainConfig:
     """The training loop: objective, optimization, evaluation, checkpoints."""
 
-    objective: str = "clm"
+    objective: Objective = Objective.clm
     """clm (causal LM), sft (prompt/response, loss on the response), seq2seq, mlm."""
     run_name: str | None = None
     """Run folder `runs/<run_name>/`; None derives it from the model and dataset. Reusing a name resumes it."""
@@ -25,7 +27,7 @@ class TrainConfig:
     """Final learning rate as a fraction of the peak."""
     warmup_steps: int = 20
     """Linear warmup steps."""
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
     """Decay after warmup: cosine, linear or constant."""
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to biases, norms and embeddings)."""
@@ -53,15 +55,15 @@ class TrainConfig:
     """Checkpoints kept (the newest)."""
     resume_from: str | None = None
     """Checkpoint URI (`runs/<run>/checkpoint_<step>`) that seeds a new run: its weights, optimizer, step, data."""
-    on_nonfinite_loss: str = "stop"
+    on_nonfinite_loss: OnNonfinite = OnNonfinite.stop
     """A NaN/inf loss: stop the run with a message, or skip the step."""
     max_failures: int = 2
     """Worker failures survived by restarting from the latest checkpoint."""
     nonfinite_injection_step: int | None = None
     """Tests: this step's loss (1-based, as in metrics.jsonl) times NaN before backward, so grads too (None: off)."""
-    parallelism: str = "fsdp"
+    parallelism: Parallelism = Parallelism.fsdp
     """fsdp (FSDP2 fully_shard per block), ddp, or none (single worker)."""
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass."""
@@ -93,7 +95,7 @@ class ScalingConfig:
     """CPUs reserved per worker."""
     gpu_type: str | None = None
     """Accelerator type (H100, A100...) for placement and MFU peaks."""
-    placement_strategy: str = "PACK"
+    placement_strategy: Placement = Placement.PACK
     """Placement group strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
     check_resources: bool = True
     """Refuse a run whose workers the cluster cannot place now (turn off on an autoscaling cluster)."""

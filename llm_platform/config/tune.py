@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_platform.config.choices import Mode, TuneScheduler, TuneSearch
+
 
 @dataclass
 class TuneConfig:
@@ -16,11 +18,11 @@ class TuneConfig:
     """Trials sampled (grid axes multiply it)."""
     metric: str = "val/loss"
     """Metric that ranks trials."""
-    mode: str = "min"
+    mode: Mode = Mode.min
     """min or max."""
-    scheduler: str = "asha"
+    scheduler: TuneScheduler = TuneScheduler.asha
     """asha (early stopping on `metric`), fifo (none) or pbt (losers continue from a winner's checkpoint, mutated)."""
-    search: str = "random"
+    search: TuneSearch = TuneSearch.random
     """random (and grid axes) or optuna (TPE)."""
     seed: int | None = None
     """Seed of the optuna sampler (None: unseeded)."""

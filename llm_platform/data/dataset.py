@@ -2,13 +2,14 @@
 
 Layout (under `datasets/<name>/<fingerprint>/`, see docs/ARCHITECTURE.md):
     manifest.json      written last; a folder without it is incomplete and never read
-    tokenizer/         HF-format tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json)
+    tokenizer/         HF-format tokenizer (tokenizer.json, tokenizer_config.json, ...; a pretrained one byte for byte)
     train/*.parquet    train split shards
     val/*.parquet      validation split shards
 
 Shard columns by `kind`:
     pretrain  input_ids (list<int32>, exactly seq_len tokens; documents joined by EOS)
     sft       input_ids (seq_len, right-padded with pad id), labels (-100 on prompt and padding), attention_mask
+    chat      as sft; labels are -100 except on the assistant turns of the rendered conversation
     seq2seq   input_ids, attention_mask (seq_len, padded), labels (target_len, -100 padded)
 """
 
@@ -24,6 +25,9 @@ from llm_platform.errors import DataError
 
 MANIFEST = "manifest.json"
 SPECIAL_TOKENS = {"eos": "<|endoftext|>", "pad": "<|pad|>", "mask": "<|mask|>"}
+# The files of an HF tokenizer folder (those present are copied; tokenizer.json is the one loaders need).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 @dataclass
@@ -62,9 +66,21 @@ class DatasetInfo:
     def manifest_sha256(self) -> str:
         return storage.fingerprint(self.manifest, length=64)
 
-    def special_token_id(self, name: str) -> int:
-        """`eos`, `pad` or `mask` token id."""
-        return int(self.manifest["tokenizer"][f"{name}_token_id"])
+    @property
+    def base_tokenizer_sha256(self) -> str | None:
+        """Hash of the pretrained tokenizer the dataset's was copied from (None for a tokenizer trained here)."""
+        return self.manifest["tokenizer"].get("base_sha256")
+
+    @property
+    def base_vocab_size(self) -> int | None:
+        """Length of that pretrained tokenizer before `tokenizer.special_tokens` were added (None: trained here)."""
+        value = self.manifest["tokenizer"].get("base_vocab_size")
+        return int(value) if value is not None else None
+
+    def special_token_id(self, name: str) -> int | None:
+        """`eos`, `pad` or `mask` token id (None when the tokenizer has no such token, e.g. no mask)."""
+        value = self.manifest["tokenizer"].get(f"{name}_token_id")
+        return int(value) if value is not None else None
 
     def load_tokenizer(self):
         """The dataset's tokenizer as a `PreTrainedTokenizerFast` (copied locally first for s3://)."""

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from llm_platform import storage
+from llm_platform import console, names, storage
 from llm_platform.config.data import DataConfig
 from llm_platform.config.tokenizer import TokenizerConfig
-from llm_platform.data import clean, dedup, pack, sample, sources
+from llm_platform.data import chat, clean, dedup, pack, sample, sources
 from llm_platform.data import tokenizer as tokenizers
 from llm_platform.data.dataset import MANIFEST, read_parquet
 from llm_platform.data.report import summary_table
@@ -52,15 +52,9 @@ class DatasetResult:
 
 
 def validate(cfg: DataConfig, tok: TokenizerConfig) -> None:
-    """Refuse a config that cannot work, naming the key."""
-    choices = {"data.kind": (cfg.kind, ("pretrain", "sft", "seq2seq")),
-               "data.on_error": (cfg.on_error, ("skip", "fail")),
-               "data.format": (cfg.format, ("auto", "jsonl", "json", "parquet", "text", "hf")),
-               "data.text_unit": (cfg.text_unit, ("file", "paragraph", "line")),
-               "tokenizer.kind": (tok.kind, ("bpe", "pretrained"))}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    """Refuse a config that cannot work, naming the key. (Keys with a set of choices are Enums in the schema:
+    another value never gets here.)"""
+    names.check(cfg.name, "data.name")  # it becomes the folder datasets/<name>/
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
     if cfg.seq_len < 2:
@@ -87,26 +81,26 @@ def _inputs(cfg: DataConfig, root: str, create: bool) -> tuple[list[dict], list[
     return sources.list_inputs(patterns, cfg.format)
 
 
-def fingerprint(cfg: DataConfig, tok: TokenizerConfig, inputs: list[dict]) -> str:
-    """Hash of the inputs (uri, size, etag/mtime), the output-relevant config and the tokenizer config."""
+def fingerprint(cfg: DataConfig, tok: TokenizerConfig, inputs: list[dict], root: str | None = None) -> str:
+    """Hash of the inputs (uri, size, etag/mtime), the output-relevant config and the tokenizer config (with the
+    files of a pretrained tokenizer; `root` resolves a `registry:` tokenizer path)."""
     data = {k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
-    tok_record = asdict(tok)
-    if tok.kind == "pretrained" and tok.path:
-        tok_record["file"] = storage.info(storage.join(tok.path, "tokenizer.json"))
+    tok_record = tokenizers.fingerprint_record(tok, root or ".")
     listing = [(m["uri"], m["size"], m["marker"], m["format"]) for m in inputs]
     return storage.fingerprint({"v": FORMAT_VERSION, "inputs": listing, "data": data, "tokenizer": tok_record})
 
 
 def resolve_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str) -> str | None:
     """The URI of the finished dataset the data stage produces for this config, or None if it does not exist."""
+    names.check(cfg.name, "data.name")
     inputs, _ = _inputs(cfg, root, create=False)
     if not inputs:
         return None
-    uri = storage.join(root, "datasets", cfg.name, fingerprint(cfg, tok, inputs))
+    uri = storage.join(root, "datasets", cfg.name, fingerprint(cfg, tok, inputs, root))
     return uri if storage.exists(storage.join(uri, MANIFEST)) else None
 
 
-def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress: bool = True) -> DatasetResult:
+def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress: bool | None = None) -> DatasetResult:
     """Run the data stage (see the module docstring). Ray must be connected (`cluster.connect`)."""
     import ray.data
 
@@ -118,14 +112,14 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     if not inputs:
         reasons = "; ".join(f"{m['source']}: {m['reason']}" for m in missing) or "data.sources is empty"
         raise DataError(f"no readable input files: {reasons}")
-    fp = fingerprint(cfg, tok, inputs)
+    fp = fingerprint(cfg, tok, inputs, root)
     out = storage.join(root, "datasets", cfg.name, fp)
     if storage.exists(storage.join(out, MANIFEST)):
         log.info("dataset %s is complete; nothing to do", out)
         return DatasetResult(out, storage.read_json(storage.join(out, MANIFEST)), reused=True)
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = console.progress_enabled() if progress is None else progress
     work = storage.join(out, "_work")
     timings: dict[str, float] = {}
     resumed: list[str] = []  # phases found complete from an interrupted earlier run
@@ -137,7 +131,7 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
         dups = _deduplicate(cfg, work, resumed)
         timings["dedup_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        tok_record = _tokenizer(cfg, tok, work, out, dups, resumed)
+        tok_record = _tokenizer(cfg, tok, work, out, dups, resumed, root)
         timings["tokenizer_s"] = time.perf_counter() - t
         t = time.perf_counter()
         shards = _pack(cfg, inputs, work, out, dups, tok_record)
@@ -316,16 +310,23 @@ def _select(batch: dict, dup_ids: np.ndarray, val_fraction: float) -> dict:
 
 
 def _tokenizer(cfg: DataConfig, tok_cfg: TokenizerConfig, work: str, out: str, dups: dict,
-               resumed: list[str]) -> dict:
+               resumed: list[str], root: str) -> dict:
+    from llm_platform.data.dataset import load_tokenizer
+
     uri = storage.join(out, "tokenizer")
+    base: dict[str, Any] = {}
+    if tok_cfg.kind == "pretrained":  # the model's own tokenizer: copied unaltered unless tokens are added
+        tok, source, added = tokenizers.load_pretrained(tok_cfg, root)
+        base = {"source": source, "base_sha256": storage.file_sha256(storage.join(source, "tokenizer.json")),
+                "base_vocab_size": len(tok) - len(added), "added": added}
+        tokenizers.check_usable(tok, cfg.kind, f"tokenizer.path={tok_cfg.path!r}")
     if storage.exists(storage.join(uri, "tokenizer.json")):
         resumed.append("tokenizer")
-        from llm_platform.data.dataset import load_tokenizer
-
-        loaded = load_tokenizer(uri)
-        return tokenizers.describe(loaded, storage.file_sha256(storage.join(uri, "tokenizer.json")))
+        return tokenizers.describe(load_tokenizer(uri), storage.file_sha256(storage.join(uri, "tokenizer.json")),
+                                   **base)
     if tok_cfg.kind == "pretrained":
-        tok = tokenizers.load_pretrained(tok_cfg)
+        sha = tokenizers.save(tok, uri, copy_from=None if base["added"] else base["source"])
+        return tokenizers.describe(tok, sha, **base)
     else:
         docs = _selected_docs(work, dups, cfg.val_fraction, ["text"])
         total = _read_clean(work, ["doc_id"]).count()  # from parquet metadata: an upper bound on kept docs
@@ -354,12 +355,12 @@ def _num_shards(cfg: DataConfig, inputs: list[dict]) -> dict[str, int]:
 
 def _pack(cfg: DataConfig, inputs: list[dict], work: str, out: str, dups: dict, tok_record: dict) -> list[dict]:
     counts = _num_shards(cfg, inputs)
-    docs = _selected_docs(work, dups, cfg.val_fraction, ["text", "prompt", "response"])
+    docs = _selected_docs(work, dups, cfg.val_fraction, ["text", "prompt", "response", "messages"])
     docs = docs.map_batches(_shard_key, batch_format="numpy", fn_kwargs={"counts": counts}, num_cpus=0.25)
     params = {"kind": cfg.kind, "seq_len": cfg.seq_len, "target_len": cfg.target_len, "out": out, "work": work,
               "tokenizer_uri": storage.join(out, "tokenizer"), "eos": tok_record["eos_token_id"],
               "pad": tok_record["pad_token_id"], "vocab": tok_record["vocab_size"],
-              "batch": cfg.tokenize_batch_size, "storage": storage.settings()}
+              "batch": cfg.tokenize_batch_size, "storage": storage.settings(), "chat_overflow": cfg.chat_overflow}
     # One group per output shard: map_groups sees a whole shard, so leftovers carry over inside it.
     stats = docs.groupby("shard", num_partitions=max(1, sum(counts.values()))).map_groups(
         _pack_shard, batch_format="pandas", fn_kwargs={"params": params}, num_cpus=0.5)
@@ -384,6 +385,16 @@ def _encode(uri: str, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
+def _chat_tokenizer(uri: str):
+    """The whole tokenizer (chat template included), loaded once per worker process."""
+    key = "chat:" + uri
+    if key not in _TOKENIZERS:
+        from llm_platform.data.dataset import load_tokenizer
+
+        _TOKENIZERS[key] = load_tokenizer(uri)
+    return _TOKENIZERS[key]
+
+
 def _pack_shard(df, params: dict):
     with storage.using(params["storage"]):  # the driver's endpoint, not the one this pooled worker started with
         return _pack_one_shard(df, params)
@@ -404,7 +415,7 @@ def _pack_one_shard(df, params: dict):
     token_counts = np.zeros(params["vocab"], dtype=np.int64)
     lengths: list[int] = []
     stat = {"shard": name, "split": split, "file": uri_rel, "documents": len(df), "records": 0, "tokens_in": 0,
-            "tokens_out": 0, "remainder": 0, "skipped_prompt_too_long": 0}
+            "tokens_out": 0, "remainder": 0, "skipped_prompt_too_long": 0, "chat": {}}
     columns: dict[str, list] = {"input_ids": []}
     packer = pack.Packer(params["seq_len"], params["eos"])
     blocks: list[np.ndarray] = []  # pretrain: (n, seq_len) int32 arrays
@@ -414,6 +425,20 @@ def _pack_one_shard(df, params: dict):
             ids = _encode(params["tokenizer_uri"], [str(t) for t in chunk["text"]])
             lengths += [len(x) for x in ids]
             blocks.append(packer.add(ids))
+            continue
+        if params["kind"] == "chat":  # rendered with the tokenizer's chat template, loss on assistant turns
+            rows, chat_lengths, chat_counts = chat.pack_chats(
+                _chat_tokenizer(params["tokenizer_uri"]), [str(m) for m in chunk["messages"]],
+                seq_len=params["seq_len"], pad_id=params["pad"], overflow=params["chat_overflow"])
+            lengths += chat_lengths
+            stat["tokens_in"] += sum(chat_lengths)
+            for key, n in chat_counts.items():
+                stat["chat"][key] = stat["chat"].get(key, 0) + n
+            for key, value in rows.items():
+                columns.setdefault(key, []).extend(value)
+            for ids, attended in zip(rows.get("input_ids", []), rows.get("attention_mask", [])):
+                token_counts += np.bincount(ids[attended == 1].astype(np.int64),
+                                            minlength=params["vocab"])[:params["vocab"]]
             continue
         prompts = _encode(params["tokenizer_uri"], [str(t) for t in chunk["prompt"]])
         responses = _encode(params["tokenizer_uri"], [str(t) for t in chunk["response"]])
@@ -465,7 +490,7 @@ def _list_column(rows, item_type):
 # -------------------------------------------------------------------------------------------------- manifest
 def _empty_split() -> dict[str, Any]:
     return {"files": [], "num_records": 0, "num_tokens": 0, "documents": 0, "tokens_in": 0, "remainder_tokens": 0,
-            "skipped_prompt_too_long": 0}
+            "skipped_prompt_too_long": 0, "chat": {}}
 
 
 def _manifest(cfg, tok, fp, inputs, missing, work, dups, tok_record, shards, timings) -> dict:
@@ -504,6 +529,8 @@ def _manifest(cfg, tok, fp, inputs, missing, work, dups, tok_record, shards, tim
         split["tokens_in"] += int(s["tokens_in"])
         split["remainder_tokens"] += int(s["remainder"])
         split["skipped_prompt_too_long"] += int(s["skipped_prompt_too_long"])
+        for key, n in (s.get("chat") or {}).items():  # chat: truncated and skipped conversations by reason
+            split["chat"][key] = split["chat"].get(key, 0) + int(n)
         if s["split"] == "train":
             token_counts += np.asarray(s["token_counts"], dtype=np.int64)
             hist += np.asarray(s["length_hist"], dtype=np.int64)

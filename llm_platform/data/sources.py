@@ -1,7 +1,8 @@
 """Read corpus files into records, one generator per file, so nothing needs the corpus in memory.
 
 A record is a dict with `doc_id` (stable: file index << 32 | line or row), `source` (file URI), `line` (1-based line
-or row), `text` (and `prompt`/`response` for sft and seq2seq records) and `drop_reason`. A bad record is yielded with
+or row), `text` (and `prompt`/`response` for sft and seq2seq records; `messages`, the conversation as JSON, for chat
+records, whose `text` joins the turns for filters and dedup) and `drop_reason`. A bad record is yielded with
 `drop_reason` set (malformed_json, missing_field:<name>, invalid_utf8, record_too_large, corrupt_file...) and an
 empty text, so the stage can count and report it; `on_error=fail` raises a DataError naming the file and line.
 """
@@ -36,6 +37,8 @@ class ReadSpec:
     text_unit: str
     max_record_bytes: int
     on_error: str
+    chat_fields: dict[str, str] | None = None
+    """chat records: field names `messages`, `instruction`, `input`, `output`, `prompt`, `response`."""
 
     @classmethod
     def from_config(cls, cfg) -> "ReadSpec":
@@ -43,8 +46,12 @@ class ReadSpec:
             prompt, response = cfg.source_field, cfg.target_field
         else:
             prompt, response = cfg.prompt_field, cfg.response_field
+        chat_fields = {"messages": cfg.messages_field, "instruction": cfg.instruction_field,
+                       "input": cfg.input_field, "output": cfg.output_field, "prompt": cfg.prompt_field,
+                       "response": cfg.response_field}
         return cls(kind=cfg.kind, text_field=cfg.text_field, prompt_field=prompt, response_field=response,
-                   text_unit=cfg.text_unit, max_record_bytes=cfg.max_record_bytes, on_error=cfg.on_error)
+                   text_unit=cfg.text_unit, max_record_bytes=cfg.max_record_bytes, on_error=cfg.on_error,
+                   chat_fields=chat_fields)
 
 
 def split_extension(uri: str) -> tuple[str, str | None]:
@@ -139,14 +146,14 @@ def read_file(meta: dict, file_index: int, spec: ReadSpec) -> Iterator[dict]:
 
 def _record(file_index: int, uri: str, line: int, fields: dict | None, error: str | None, spec: ReadSpec) -> dict:
     record = {"doc_id": (file_index << 32) | line, "source": uri, "line": line, "text": "", "prompt": "",
-              "response": "", "drop_reason": ""}
+              "response": "", "messages": "", "drop_reason": ""}
     if error is None and fields is not None:
         error = _take_fields(fields, spec, record)
     if error:
         if spec.on_error == "fail":
             raise DataError(f"{uri}:{line}: {error} (data.on_error=fail)")
         # The reason code is what precedes the first colon ("malformed_json"); the detail keeps the rest.
-        record.update(text="", prompt="", response="", drop_reason=error.split(":")[0], detail=error)
+        record.update(text="", prompt="", response="", messages="", drop_reason=error.split(":")[0], detail=error)
     return record
 
 
@@ -159,6 +166,15 @@ def _take_fields(fields: dict, spec: ReadSpec, record: dict) -> str | None:
         if not isinstance(value, str):
             return f"wrong_type:{spec.text_field} is {type(value).__name__}"
         record["text"] = value
+        return None
+    if spec.kind == "chat":
+        from llm_platform.data import chat
+
+        messages, error = chat.parse_record(fields, spec.chat_fields or {})
+        if error:
+            return error
+        record["messages"] = json.dumps(messages, ensure_ascii=False)
+        record["text"] = "\n\n".join(m["content"] for m in messages or [])
         return None
     for name, key in ((spec.prompt_field, "prompt"), (spec.response_field, "response")):
         value = fields.get(name)
@@ -273,7 +289,8 @@ def _read_parquet(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None
     with storage.open_read(meta["uri"], "rb") as f:
         pf = pq.ParquetFile(f)
         names = set(pf.schema_arrow.names)
-        wanted = [spec.text_field] if spec.kind == "pretrain" else [spec.prompt_field, spec.response_field]
+        wanted = ([spec.text_field] if spec.kind == "pretrain" else list((spec.chat_fields or {}).values())
+                  if spec.kind == "chat" else [spec.prompt_field, spec.response_field])
         columns = [c for c in wanted if c in names]
         row = 0
         for batch in pf.iter_batches(batch_size=1024, columns=columns or None):
@@ -356,7 +373,7 @@ def _scalar(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-COLUMNS = ("doc_id", "source", "line", "text", "prompt", "response", "drop_reason", "detail")
+COLUMNS = ("doc_id", "source", "line", "text", "prompt", "response", "messages", "drop_reason", "detail")
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:

@@ -1,22 +1,30 @@
-"""Train a byte-level BPE with Hugging Face `tokenizers`, or load an HF-format tokenizer; save it with the dataset."""
+"""Train a byte-level BPE with Hugging Face `tokenizers`, or take a pretrained model's tokenizer; save it with the
+dataset.
+
+A pretrained tokenizer (`tokenizer.kind=pretrained`, or `tokenizer=model`: the tokenizer of `model.pretrained`) is
+never altered: its files are copied into the dataset byte for byte, so the dataset, the training run's check and
+the export all see the same `tokenizer.json` hash. Only tokens the user lists in `tokenizer.special_tokens` are
+added; the manifest then records the base tokenizer's hash and length, and training gives the added ids embedding
+rows that start at the mean of the existing ones. A tokenizer without a pad token pads with EOS (the padding never
+carries a loss or attention); one without a mask token cannot train MLM.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+from dataclasses import asdict
 from typing import Iterable
 
 from llm_platform import storage
 from llm_platform.config.tokenizer import TokenizerConfig
-from llm_platform.data.dataset import SPECIAL_TOKENS, load_tokenizer
+from llm_platform.data.chat import DEFAULT_CHAT_TEMPLATE
+from llm_platform.data.dataset import SPECIAL_TOKENS, TOKENIZER_FILES, load_tokenizer
 from llm_platform.errors import ConfigError
 
-# A readable default chat format for models trained here (serving uses the tokenizer's own template when it has one).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
+# The chat format of tokenizers trained here: the default that serving and the chat data stage also use.
+CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
 
 
 def special_tokens(cfg: TokenizerConfig) -> list[str]:
@@ -48,27 +56,66 @@ def wrap(tok):
     return fast
 
 
-def load_pretrained(cfg: TokenizerConfig):
-    """Load an HF-format tokenizer folder (local or s3://) and make sure it has EOS, pad and mask tokens."""
+def source_uri(cfg: TokenizerConfig, storage_root: str) -> str:
+    """The folder a pretrained tokenizer is read from: `tokenizer.path` as a folder, or the model folder it names
+    (`registry:<name>[/<version>]` or a Hub id)."""
     if not cfg.path:
-        raise ConfigError("tokenizer.path is required when tokenizer.kind=pretrained")
-    tok = load_tokenizer(cfg.path)
-    missing = {}
-    if tok.eos_token is None:
-        missing["eos_token"] = SPECIAL_TOKENS["eos"]
-    if tok.pad_token is None:
-        missing["pad_token"] = tok.eos_token or SPECIAL_TOKENS["pad"]
-    if tok.mask_token is None:
-        missing["mask_token"] = SPECIAL_TOKENS["mask"]
-    if missing:
-        tok.add_special_tokens(missing)
-    return tok
+        raise ConfigError("tokenizer.kind=pretrained needs tokenizer.path (tokenizer=model takes it from "
+                          "model.pretrained, which is not set)")
+    from llm_platform import registry
+    from llm_platform.models import pretrained
+
+    if cfg.path.startswith(registry.PREFIX) or pretrained.is_hub_id(cfg.path):
+        return pretrained.locate(cfg.path, storage_root)
+    if not storage.exists(storage.join(cfg.path, "tokenizer.json")):
+        raise ConfigError(f"tokenizer.path={cfg.path!r} has no tokenizer.json (a fast tokenizer's file is needed)")
+    return cfg.path
 
 
-def save(tok, uri: str) -> str:
-    """Save to a storage folder (tokenizer.json last); returns the sha256 of tokenizer.json."""
+def fingerprint_record(cfg: TokenizerConfig, storage_root: str) -> dict:
+    """What of the tokenizer config and files decides the dataset's token ids (part of the dataset fingerprint)."""
+    record = asdict(cfg)
+    if cfg.kind == "pretrained":
+        uri = source_uri(cfg, storage_root)
+        record["source"] = uri
+        record["files"] = {name: storage.info(storage.join(uri, name)) for name in TOKENIZER_FILES
+                           if storage.exists(storage.join(uri, name))}
+    return record
+
+
+def load_pretrained(cfg: TokenizerConfig, storage_root: str):
+    """(tokenizer, source URI, tokens added): the pretrained tokenizer, with `tokenizer.special_tokens` added."""
+    uri = source_uri(cfg, storage_root)
+    tok = load_tokenizer(uri)
+    added = [t for t in (cfg.special_tokens or []) if t not in tok.get_vocab()]
+    if added:
+        tok.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+    return tok, uri, added
+
+
+def check_usable(tok, kind: str, where: str) -> None:
+    """Refuse a tokenizer that cannot build `kind` records, naming what it lacks."""
+    from llm_platform.data import chat
+
+    needs_eos = kind in ("pretrain", "sft", "seq2seq") or (kind == "chat" and chat.template_of(tok)[1])
+    if needs_eos and tok.eos_token_id is None:
+        raise ConfigError(f"{where} has no EOS token, which data.kind={kind} needs (documents end with it; with the "
+                          f"default chat template, assistant turns do): use a tokenizer that defines eos_token")
+
+
+def save(tok, uri: str, copy_from: str | None = None) -> str:
+    """Save to a storage folder (tokenizer.json last); returns the sha256 of tokenizer.json.
+
+    With `copy_from` (an unaltered pretrained tokenizer) its files are copied byte for byte instead of re-saved.
+    """
     with tempfile.TemporaryDirectory(prefix="llmp-tok-") as tmp:
-        tok.save_pretrained(tmp)
+        if copy_from:
+            for name in TOKENIZER_FILES:
+                if storage.exists(storage.join(copy_from, name)):
+                    with open(os.path.join(tmp, name), "wb") as f:
+                        f.write(storage.read_bytes(storage.join(copy_from, name)))
+        else:
+            tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "tokenizer.json"), "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         # tokenizer.json is what loaders look for; writing it last means a partial folder never loads.
@@ -81,7 +128,14 @@ def save(tok, uri: str) -> str:
     return digest
 
 
-def describe(tok, sha256: str) -> dict:
-    """The manifest's `tokenizer` record."""
+def describe(tok, sha256: str, *, source: str | None = None, base_sha256: str | None = None,
+             base_vocab_size: int | None = None, added: list[str] | None = None) -> dict:
+    """The manifest's `tokenizer` record.
+
+    `sha256` is the hash of the dataset's tokenizer.json; for a pretrained tokenizer `source`, `base_sha256` and
+    `base_vocab_size` describe the model's own tokenizer (equal to the dataset's unless `added` lists tokens).
+    """
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return {"path": "tokenizer", "sha256": sha256, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id, "mask_token_id": tok.mask_token_id}
+            "pad_token_id": pad, "mask_token_id": tok.mask_token_id, "source": source, "base_sha256": base_sha256,
+            "base_vocab_size": base_vocab_size, "added_tokens": list(added or [])}

@@ -8,6 +8,7 @@ Library entry: `run_eval(cfg.eval, storage_root)` (in `evaluate.run`). One job p
     robustness   seeded prompt perturbations and metric deltas
     human        blinded sample export, rating sheet, ratings -> win rates
     explain      token attributions and attention maps
+    harness      lm-evaluation-harness tasks, in process or through the endpoint
     report       plots, report.md/html, metrics.json
     gate         baseline comparison for promotion
 """

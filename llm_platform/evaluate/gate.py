@@ -2,17 +2,21 @@
 
 A baseline is the `metrics.json` of the same evaluation name on another version of the same model:
 `evals/<model>/<compare_to>/<name>/metrics.json`. Lower is better for names containing `loss` or `perplexity`, and
-for `disparity` the magnitude counts (a gap either way is a bias); higher is better for everything else.
+for `disparity` the magnitude counts (a gap either way is a bias); higher is better for everything else, except the
+lm-evaluation-harness metrics (`harness/<task>/<metric>`) that lm-eval itself marks lower-is-better, which the caller
+passes as `lower_is_better`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from llm_platform.errors import ConfigError
 
 LOWER_IS_BETTER = ("loss", "perplexity")
+HARNESS_PREFIX = "harness/"
 
 
 @dataclass
@@ -45,12 +49,15 @@ class GateResult:
                 "passed": self.passed, "failures": self.failures, "rows": [vars(r) for r in self.rows]}
 
 
-def regression_pct(metric: str, baseline: float, current: float) -> float:
-    """How much worse `current` is than `baseline`, in percent of the baseline (negative: better)."""
+def regression_pct(metric: str, baseline: float, current: float, lower_is_better: bool = False) -> float:
+    """How much worse `current` is than `baseline`, in percent of the baseline (negative: better).
+
+    `lower_is_better` marks a metric whose name does not say so (a harness metric such as `bits_per_byte`).
+    """
     if "disparity" in metric:
         baseline, current = abs(baseline), abs(current)
         worse = current - baseline
-    elif any(s in metric for s in LOWER_IS_BETTER):
+    elif lower_is_better or any(s in metric for s in LOWER_IS_BETTER):
         worse = current - baseline
     else:
         worse = baseline - current
@@ -60,9 +67,22 @@ def regression_pct(metric: str, baseline: float, current: float) -> float:
 
 
 def compare(current: dict[str, float], baseline: dict[str, float], guard_metrics: list[str],
-            max_regression_pct: float, baseline_uri: str = "") -> GateResult:
-    """Side-by-side rows for every metric in either set; guard metrics fail beyond `max_regression_pct`."""
+            max_regression_pct: float, baseline_uri: str = "", *, lower_is_better: Collection[str] = (),
+            expected: Collection[str] = ()) -> GateResult:
+    """Side-by-side rows for every metric in either set; guard metrics fail beyond `max_regression_pct`.
+
+    Args:
+        lower_is_better: names whose regression is an increase although the name does not say so.
+        expected: guard names this evaluation was asked to produce (harness metrics): absent from both sets, they
+            fail as misnamed instead of passing unseen.
+    """
     result = GateResult(baseline_uri=baseline_uri, max_regression_pct=max_regression_pct)
+    for name in sorted(n for n in expected if n not in current and n not in baseline):
+        produced = sorted(k for k in current if k.startswith(HARNESS_PREFIX)) if name.startswith(HARNESS_PREFIX) \
+            else []
+        result.failures.append(f"{name}: guard metric produced by neither evaluation"
+                               + (f" (this one has {', '.join(produced)})" if produced else ""))
+        result.rows.append(GateRow(name, None, None, True, None, "FAIL"))
     for name in sorted(set(current) | set(baseline)):
         base, cur = baseline.get(name), current.get(name)
         guard = name in guard_metrics
@@ -73,7 +93,7 @@ def compare(current: dict[str, float], baseline: dict[str, float], guard_metrics
                 status = "FAIL"
             result.rows.append(GateRow(name, base, cur, guard, None, status))
             continue
-        reg = regression_pct(name, float(base), float(cur))
+        reg = regression_pct(name, float(base), float(cur), name in lower_is_better)
         status = "ok"
         if guard and reg > max_regression_pct:
             status = "FAIL"

@@ -165,7 +165,7 @@ def ray_generator(model_uri: str, max_new_tokens: int, batch_size: int, num_acto
     """Generate as Ray Data batch inference on an actor pool holding the model; outputs keep the prompt order."""
 
     def run(prompts: list[str]) -> list[str]:
-        import ray
+        import ray.data
 
         from llm_platform import storage
 
@@ -177,7 +177,8 @@ def ray_generator(model_uri: str, max_new_tokens: int, batch_size: int, num_acto
             GenerationActor,
             fn_constructor_kwargs={"model_uri": model_uri, "max_new_tokens": max_new_tokens,
                                    "storage_settings": storage.settings()},
-            batch_size=batch_size, batch_format="numpy", concurrency=num_actors, num_cpus=actor_num_cpus,
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),  # `concurrency=` is deprecated
+            num_cpus=actor_num_cpus,
         )
         outs = [""] * len(prompts)
         for row in done.iter_rows():

@@ -1,6 +1,7 @@
 """Human evaluation: export blinded, shuffled samples for rating, and import the ratings into win rates.
 
-Export (a folder): `samples.csv` and `samples.jsonl` (sample_id, prompt, output_1[, output_2]), `rating_sheet.html`
+Export (a folder): `samples.csv` and `samples.jsonl` (sample_id, prompt, output_1[, output_2]; in the CSV a cell
+that would start a spreadsheet formula is prefixed with `'`, the JSONL keeps the exact texts), `rating_sheet.html`
 (a static page with one row per sample that saves `ratings.csv` in the browser), and `key.json`, which maps each
 sample to the system behind each output. Raters never see key.json. With two systems, which one is output_1 is
 drawn at random per sample, so position bias averages out.
@@ -23,6 +24,16 @@ from statistics import NormalDist
 from llm_platform.errors import DataError
 
 KEY = "key.json"
+# A cell starting with one of these is a formula in Excel, LibreOffice and Google Sheets (OWASP, CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A text cell that a spreadsheet shows as text: prefixed with `'` when it would start a formula, as OWASP
+    advises (a model's output or a prompt is untrusted text, and raters open samples.csv in a spreadsheet)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def export_samples(prompts: list[str], systems: dict[str, list[str]], num_samples: int, seed: int,
@@ -47,7 +58,7 @@ def export_samples(prompts: list[str], systems: dict[str, list[str]], num_sample
     with open(os.path.join(folder, "samples.csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)  # samples.jsonl keeps the text
     with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(os.path.join(folder, KEY), "w", encoding="utf-8") as f:

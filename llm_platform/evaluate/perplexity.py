@@ -115,6 +115,8 @@ def ray_perplexity(model_uri: str, files: list[str], *, limit: int | None = None
         num_actors: actors in the pool.
         actor_num_cpus: logical CPUs per actor.
     """
+    import ray.data
+
     from llm_platform import storage
     from llm_platform.data.dataset import read_parquet
 
@@ -131,7 +133,7 @@ def ray_perplexity(model_uri: str, files: list[str], *, limit: int | None = None
         fn_constructor_kwargs={"model_uri": model_uri, "storage_settings": storage.settings()},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=num_actors,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),  # `concurrency=` is deprecated in Ray 2.60
         num_cpus=actor_num_cpus,
     )
     nll_sum, tokens = 0.0, 0

@@ -6,6 +6,8 @@ Plots (each only when its data exists; otherwise the report lists it as skipped 
     metrics.png        generation metrics (percent) and robustness deltas
     bias.png           mean log-likelihood gap per group with its CI (drawn by `bias.plot`)
     saliency.png       a token-attribution example (drawn by `explain.saliency_png`)
+Tables: every metric, the gate (with `eval.compare_to`), and lm-evaluation-harness scores with their standard errors
+and sample counts (`sections["harness"]`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class ReportData:
     model: dict[str, str]
     metrics: dict[str, float]
     skipped: dict[str, str] = field(default_factory=dict)
-    sections: dict[str, Any] = field(default_factory=dict)  # bias, robustness, examples, human, gate details
+    sections: dict[str, Any] = field(default_factory=dict)  # bias, robustness, examples, human, harness
     images: dict[str, str] = field(default_factory=dict)  # caption -> file name in the report folder
     gate_table: str | None = None
 
@@ -129,6 +131,18 @@ def _metrics_rows(metrics: dict[str, float]) -> list[tuple[str, str]]:
     return [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())]
 
 
+HARNESS_COLUMNS = ["task", "metric", "filter", "value", "stderr", "samples", "better"]
+
+
+def _harness_table(section: dict) -> tuple[str, list[list[str]]]:
+    """The lm-evaluation-harness section as a caption and rows of HARNESS_COLUMNS."""
+    fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = [[r["task"], r["metric"], r["filter"], fmt(r["value"]), fmt(r["stderr"]), fmt(r["samples"]),
+             "higher" if r["higher_is_better"] else "lower"] for r in section.get("rows") or []]
+    caption = f"lm-evaluation-harness {section.get('lm_eval_version', '')}, {section.get('mode', '')}"
+    return caption, rows
+
+
 def to_markdown(data: ReportData) -> str:
     lines = [f"# {data.title}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in data.model.items()]
@@ -136,6 +150,11 @@ def to_markdown(data: ReportData) -> str:
     lines += [f"| {k} | {v} |" for k, v in _metrics_rows(data.metrics)]
     if data.gate_table:
         lines += ["", "## Gate", "", "```", data.gate_table, "```"]
+    if data.sections.get("harness"):
+        caption, rows = _harness_table(data.sections["harness"])
+        lines += ["", "## lm-evaluation-harness", "", caption, "", "| " + " | ".join(HARNESS_COLUMNS) + " |",
+                  "|" + "---|" * len(HARNESS_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     if data.skipped:
         lines += ["", "## Skipped", ""] + [f"- **{k}**: {v}" for k, v in data.skipped.items()]
     for caption, name in data.images.items():
@@ -158,6 +177,12 @@ def to_html(data: ReportData) -> str:
     parts.append("</table>")
     if data.gate_table:
         parts += ["<h2>Gate</h2>", f"<pre>{esc(data.gate_table)}</pre>"]
+    if data.sections.get("harness"):
+        caption, rows = _harness_table(data.sections["harness"])
+        parts += ["<h2>lm-evaluation-harness</h2>", f"<p>{esc(caption)}</p>",
+                  "<table><tr>" + "".join(f"<th>{c}</th>" for c in HARNESS_COLUMNS) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
     if data.skipped:
         parts += ["<h2>Skipped</h2>", "<ul>"]
         parts += [f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in data.skipped.items()]

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_platform import storage
+from llm_platform import names, storage
 from llm_platform.config.evaluate import EvalConfig
 from llm_platform.errors import ConfigError, DataError
 
@@ -34,7 +34,8 @@ class EvalResult:
 
     def summary(self) -> str:
         lines = [f"evaluation of {self.model['name']}/{self.model['version']} -> {self.output_uri}"]
-        lines += [f"  {k} = {v:.4g}" for k, v in sorted(self.metrics.items()) if "/" in k and k.count("/") == 1]
+        lines += [f"  {k} = {v:.4g}" for k, v in sorted(self.metrics.items())
+                  if k.count("/") == 1 or k.startswith("harness/")]
         lines += [f"  skipped {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
@@ -109,6 +110,7 @@ def run_eval(cfg: EvalConfig, storage_root: str) -> EvalResult:
     """
     from llm_platform.evaluate import bias, explain, gate, generation, models, report, robustness
 
+    names.check(cfg.name, "eval.name")  # it becomes the folder evals/<model>/<version>/<name>/
     mv = models.resolve(cfg.model, storage_root)
     lineage = mv.lineage or {}
     out_uri = cfg.output_uri or storage.join(storage_root, "evals", mv.name, mv.version, cfg.name)
@@ -125,6 +127,7 @@ def run_eval(cfg: EvalConfig, storage_root: str) -> EvalResult:
         if not cfg.human.export_uri and cfg.human.num_samples <= 0:
             raise ConfigError("eval.human.ratings_uri needs eval.human.export_uri (the export folder with key.json)")
     val_files = _val_files(cfg, lineage, skipped)
+    harness_tasks = _harness_tasks(cfg)
     baseline = None
     if cfg.compare_to:
         baseline = gate.load_baseline(storage_root, mv.name, cfg.compare_to, cfg.name)
@@ -167,6 +170,18 @@ def run_eval(cfg: EvalConfig, storage_root: str) -> EvalResult:
     if tasks is None and cfg.robustness.enabled:
         skipped["robustness"] = "no task file to perturb (set eval.tasks_uri)"
 
+    lower_is_better: list[str] = []
+    if harness_tasks is not None:
+        from llm_platform.evaluate import harness
+
+        scored = harness.run_harness(cfg.harness, harness_tasks, mv.uri, endpoint=cfg.endpoint,
+                                     endpoint_model=cfg.endpoint_model or mv.name, timeout_s=cfg.endpoint_timeout_s,
+                                     batch_size=cfg.batch_size, seed=cfg.seed)
+        metrics.update(scored.metrics)
+        lower_is_better = scored.lower_is_better
+        sections["harness"] = {"mode": scored.mode, "lm_eval_version": scored.lm_eval_version,
+                               "tasks": harness_tasks.names, "lower_is_better": lower_is_better, "rows": scored.rows}
+
     folder = tempfile.mkdtemp(prefix="llmp-eval-")
     images: dict[str, str] = {}
     if pairs is not None:
@@ -204,8 +219,10 @@ def run_eval(cfg: EvalConfig, storage_root: str) -> EvalResult:
 
     gate_result = None
     if baseline is not None:
+        # A harness guard that this evaluation did not produce is a misnamed metric, not a skipped measurement.
         gate_result = gate.compare(metrics, baseline[0], cfg.gate.guard_metrics, cfg.gate.max_regression_pct,
-                                   baseline[1])
+                                   baseline[1], lower_is_better=lower_is_better,
+                                   expected=[g for g in cfg.gate.guard_metrics if g.startswith(gate.HARNESS_PREFIX)])
     model_info = {"name": mv.name, "version": mv.version, "uri": mv.uri}
     data = report.ReportData(title=f"Evaluation {cfg.name}: {mv.name}/{mv.version}", model=model_info,
                              metrics=metrics, skipped=skipped, sections=sections, images=images,
@@ -217,6 +234,21 @@ def run_eval(cfg: EvalConfig, storage_root: str) -> EvalResult:
     report.write_report(data, folder, record)
     report.publish(folder, out_uri)
     return EvalResult(output_uri=out_uri, model=model_info, metrics=metrics, skipped=skipped, gate=gate_result)
+
+
+def _harness_tasks(cfg: EvalConfig):
+    """lm-eval's tasks resolved up front (`harness.prepare`), or None; harness guards need harness tasks."""
+    from llm_platform.evaluate.gate import HARNESS_PREFIX
+
+    named = [g for g in cfg.gate.guard_metrics if g.startswith(HARNESS_PREFIX)]
+    if named and not cfg.harness.tasks:
+        raise ConfigError(f"eval.gate.guard_metrics names {', '.join(named)} but eval.harness.tasks is empty "
+                          f"(set eval.harness.tasks=[...] to produce harness metrics)")
+    if not cfg.harness.tasks:
+        return None
+    from llm_platform.evaluate import harness
+
+    return harness.prepare(cfg.harness)
 
 
 def _ensure_ray(cfg: EvalConfig) -> None:

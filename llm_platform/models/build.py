@@ -1,117 +1,134 @@
-"""Hugging Face models from `ModelConfig`: configs for gpt2/llama/t5/bert, pretrained loads, LoRA adapters.
+"""Hugging Face models from `ModelConfig`: configs from the family table, pretrained loads, LoRA adapters.
 
 Model code here is architecture only; parallelism, activation checkpointing and compile are applied from outside
-(`llm_platform/train/parallelize.py`). Pretrained weights are read only from safetensors, never unpickled.
+(`llm_platform/train/parallelize.py`). What differs per architecture lives in `models/families.py`. Pretrained
+weights are read only from safetensors, never unpickled.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.errors import ConfigError
+from llm_platform.models import families
 
-FAMILIES = ("gpt2", "llama", "t5", "bert")
-# Which objective each family can train, and the dataset kind each objective reads.
-OBJECTIVES = {"gpt2": ("clm", "sft"), "llama": ("clm", "sft"), "t5": ("seq2seq",), "bert": ("mlm",)}
-DATASET_KIND = {"clm": "pretrain", "sft": "sft", "seq2seq": "seq2seq", "mlm": "pretrain"}
+FAMILIES = tuple(families.FAMILIES)
+# Which objective each family can train, and the dataset kinds each objective reads.
+OBJECTIVES = {name: f.objectives for name, f in families.FAMILIES.items()}
+DATASET_KINDS = families.DATASET_KINDS
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
-    """A transformers config for the architecture in `cfg`.
+    """A transformers config for the architecture in `cfg` (training from scratch).
 
     Args:
         cfg: the model node.
         vocab_size: the dataset tokenizer's vocabulary size (used unless `cfg.vocab_size` is set).
         special: `eos`, `pad` (and `mask`) token ids of the tokenizer.
     """
-    if cfg.family not in FAMILIES:
-        raise ConfigError(f"model.family={cfg.family!r}: choose one of {', '.join(FAMILIES)}")
+    family = families.get(cfg.family)
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.hidden_size} is not a multiple of model.num_heads={cfg.num_heads}")
-    vocab = cfg.vocab_size or vocab_size
-    eos, pad = special["eos"], special["pad"]
-    if cfg.family == "gpt2":
-        from transformers import GPT2Config
-
-        return GPT2Config(vocab_size=vocab, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
-                          n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
-                          resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                          bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
-                          tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False)
-    if cfg.family == "llama":
-        from transformers import LlamaConfig
-
-        kv = cfg.num_kv_heads or cfg.num_heads
-        if cfg.num_heads % kv:
-            raise ConfigError(f"model.num_heads={cfg.num_heads} is not a multiple of model.num_kv_heads={kv}")
-        # Llama's MLP is gated (3 matrices), so ~8/3 of the width keeps the FLOPs of a 4x MLP; round to 64.
-        inter = cfg.intermediate_size or 64 * ((int(8 * cfg.hidden_size / 3) + 63) // 64)
-        return LlamaConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=inter,
-                           num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                           num_key_value_heads=kv, max_position_embeddings=cfg.max_position_embeddings,
-                           attention_dropout=cfg.dropout, rope_theta=cfg.rope_theta,
-                           bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
-                           tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False)
-    if cfg.family == "t5":
-        from transformers import T5Config
-
-        return T5Config(vocab_size=vocab, d_model=cfg.hidden_size, d_kv=cfg.hidden_size // cfg.num_heads,
-                        d_ff=cfg.intermediate_size or 4 * cfg.hidden_size, num_layers=cfg.num_layers,
-                        num_decoder_layers=cfg.num_layers, num_heads=cfg.num_heads, dropout_rate=cfg.dropout,
-                        pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad,
-                        tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False)
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
-                      max_position_embeddings=cfg.max_position_embeddings, hidden_dropout_prob=cfg.dropout,
-                      attention_probs_dropout_prob=cfg.dropout, pad_token_id=pad,
-                      tie_word_embeddings=cfg.tie_word_embeddings)
+    return family.make_config(cfg, cfg.vocab_size or vocab_size, special)
 
 
 def model_class(family: str):
-    """The transformers class with the LM head for a family."""
-    import transformers
+    """The transformers class with the LM head for a family name."""
+    return families.model_class(families.get(family))
 
-    if family not in FAMILIES:
-        raise ConfigError(f"model.family={family!r}: choose one of {', '.join(FAMILIES)}")
-    return {"gpt2": transformers.AutoModelForCausalLM, "llama": transformers.AutoModelForCausalLM,
-            "t5": transformers.T5ForConditionalGeneration, "bert": transformers.BertForMaskedLM}[family]
+
+def read_pretrained_config(pretrained_dir: str) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict."""
+    path = os.path.join(pretrained_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"model.pretrained: {pretrained_dir} has no config.json (not an HF-format model folder)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def resolve_family(cfg: ModelConfig, pretrained_config: dict[str, Any] | None = None) -> families.Family:
+    """The family of the model to train: the checkpoint's `model_type` when there is one, else `model.family`."""
+    if pretrained_config is not None:
+        return families.of_model_type(pretrained_config.get("model_type"), f"model.pretrained={cfg.pretrained!r}")
+    return families.get(cfg.family)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int], *, pretrained_dir: str | None = None,
-                seed: int = 0):
+                seed: int = 0, dtype=None, base_vocab_size: int | None = None):
     """A model from scratch (weights seeded by `seed`) or from a local HF-format folder (safetensors only).
+
+    Args:
+        cfg: the model node.
+        vocab_size: the dataset tokenizer's length.
+        special: `eos`, `pad`, `mask` token ids (from scratch only).
+        pretrained_dir: a local HF-format folder to load.
+        seed: weights seed (from scratch, and LoRA's adapter init).
+        dtype: the training's compute dtype. Pretrained weights load in it (bf16 where training is bf16, so a
+            worker never holds an fp32 copy of a frozen base); the parameters that train are then kept in fp32,
+            the optimizer's master copy. None means fp32.
+        base_vocab_size: the length of the checkpoint's own tokenizer when the dataset's tokenizer added tokens to
+            it: the rows of the added ids (resized in when the embedding is too small) start as the mean of the
+            existing rows.
 
     LoRA adapters are added when `cfg.lora.enabled`.
     """
     import torch
 
-    cls = model_class(cfg.family)
+    dtype = dtype or torch.float32
     if pretrained_dir:
+        family = resolve_family(cfg, read_pretrained_config(pretrained_dir))
         if not any(f.endswith(".safetensors") for f in os.listdir(pretrained_dir)):
             raise ConfigError(f"model.pretrained={cfg.pretrained!r} has no .safetensors weights; pickled weights "
                               f"are never loaded")
-        model = cls.from_pretrained(pretrained_dir, use_safetensors=True, attn_implementation=cfg.attn_implementation,
-                                    dtype=torch.float32)
-        if model.config.vocab_size < vocab_size:
+        torch.manual_seed(seed)  # LoRA's adapter init below
+        model = families.model_class(family).from_pretrained(
+            pretrained_dir, use_safetensors=True, attn_implementation=cfg.attn_implementation, dtype=dtype)
+        model.config.use_cache = False
+        if base_vocab_size is not None and vocab_size > base_vocab_size:
+            init_added_rows(model, base_vocab_size, vocab_size)
+        elif model.config.vocab_size < vocab_size:
             raise ConfigError(f"model.pretrained={cfg.pretrained!r} has a vocab of {model.config.vocab_size}, smaller "
                               f"than the dataset tokenizer's {vocab_size}: tokenizer and model do not match")
     else:
+        family = families.get(cfg.family)
         torch.manual_seed(seed)
         config = hf_config(cfg, vocab_size, special)
+        cls = families.model_class(family)
         # Auto classes have `from_config`; concrete ones (T5, BERT) the equivalent `_from_config`.
         make = getattr(cls, "from_config", None) or cls._from_config
         model = make(config, attn_implementation=cfg.attn_implementation, dtype=torch.float32)
     if cfg.lora.enabled:
-        model = add_lora(model, cfg)
+        model = add_lora(model, cfg, family)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # trained weights: fp32 master copy; FSDP2/autocast compute in `dtype`
     return model
 
 
-def lora_targets(model, wanted: list[str]) -> list[str]:
-    """The subset of `wanted` module names that exist in the model (so one preset list serves every family)."""
+def init_added_rows(model, base_vocab_size: int, vocab_size: int) -> None:
+    """Make room for tokens added to the checkpoint's tokenizer and start their rows at the mean of the base rows.
+
+    A checkpoint whose embedding is padded past its tokenizer (Llama 3) already has rows for them; those untrained
+    rows are overwritten too. Input and output embeddings are set separately when they are not tied.
+    """
+    import torch
+
+    if model.config.vocab_size < vocab_size:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        inp = model.get_input_embeddings().weight
+        inp[base_vocab_size:vocab_size] = inp[:base_vocab_size].float().mean(0).to(inp.dtype)
+        out = model.get_output_embeddings()
+        if out is not None and out.weight is not inp:
+            out.weight[base_vocab_size:vocab_size] = out.weight[:base_vocab_size].float().mean(0).to(out.weight.dtype)
+
+
+def lora_targets(model, cfg: ModelConfig, family: families.Family) -> list[str]:
+    """`model.lora.target_modules`, or the family's defaults, keeping those that exist in the model."""
+    wanted = list(cfg.lora.target_modules) or list(family.lora_targets)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     found = [t for t in wanted if t in names]
     if not found:
@@ -120,15 +137,15 @@ def lora_targets(model, wanted: list[str]) -> list[str]:
     return found
 
 
-def add_lora(model, cfg: ModelConfig):
+def add_lora(model, cfg: ModelConfig, family: families.Family | None = None):
     """Wrap the model with peft LoRA adapters; only the adapters (and nothing else) train."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    # peft's GPT-2 Conv1D layers need fan_in_fan_out; it is set from the model type automatically.
+    family = family or families.of_model(model) or families.get(cfg.family)
     lora = PeftLoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=lora_targets(model, list(cfg.lora.target_modules)),
-                          fan_in_fan_out=cfg.family == "gpt2")
+                          target_modules=lora_targets(model, cfg, family),
+                          fan_in_fan_out=family.lora_fan_in_fan_out)
     return get_peft_model(model, lora)
 
 
@@ -140,15 +157,17 @@ def merge_lora(model):
 
 
 def transformer_blocks(model) -> list[Any]:
-    """The repeated blocks of any supported family (gpt2 `h`, llama `layers`, t5 `block`, bert `layer`).
+    """The repeated blocks of the model (its family's block lists: gpt2 `h`, llama `layers`, t5 `block`, ...).
 
     These are the units that FSDP2 shards and that activation checkpointing recomputes.
     """
     import torch.nn as nn
 
+    family = families.of_model(model)
+    names = family.block_lists if family else tuple({n for f in families.FAMILIES.values() for n in f.block_lists})
     blocks: list[Any] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("h", "layers", "layer", "block"):
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in names:
             if len(module) and len({type(m) for m in module}) == 1 and sum(1 for _ in module[0].parameters()) > 2:
                 blocks.extend(module)
     return blocks

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Dense peak throughput (FLOP/s) per device and memory, from the vendors' data sheets (SXM parts, no sparsity).
-# Prices are typical on-demand cloud prices per GPU-hour (late 2025); override them with `plan.gpu_hour_usd`.
+# Dense peak throughput (FLOP/s, no sparsity) and memory per device, from the vendors' data sheets (SXM parts where
+# there are several); keys are Ray's accelerator types, so `scaling.gpu_type` is one name for placement and MFU.
+# A10G (AWS's A10 variant): NVIDIA publishes no sheet; its tensor rate is about 70 TFLOPS (Baseten's A10 vs A10G
+# comparison), against the A10's 125. Prices are typical on-demand cloud prices per GPU-hour (late 2025); override
+# them with `plan.gpu_hour_usd`.
 PEAKS: dict[str, dict[str, float]] = {
+    "A10G": {"bf16": 70e12, "fp32": 35e12, "tf32": 35e12, "memory_gib": 24, "usd_per_hour": 1.0},
+    "L4": {"bf16": 121e12, "fp32": 30.3e12, "tf32": 60e12, "memory_gib": 24, "usd_per_hour": 0.8},
+    "L40S": {"bf16": 362.05e12, "fp32": 91.6e12, "tf32": 183e12, "memory_gib": 48, "usd_per_hour": 1.9},
+    "A100-40G": {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12, "memory_gib": 40, "usd_per_hour": 1.5},
+    "A100-80G": {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12, "memory_gib": 80, "usd_per_hour": 1.8},
     "H100": {"bf16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12, "memory_gib": 80, "usd_per_hour": 3.0},
     "H200": {"bf16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12, "memory_gib": 141, "usd_per_hour": 3.8},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12, "memory_gib": 80, "usd_per_hour": 1.8},
 }
+# Device names (torch.cuda.get_device_name, Ray accelerator types, what people type) -> table key. Checked in
+# order: "L40S" before "L4", "A100" before "A10", and an A100 without "40G" in its name is the 80 GB part.
+_NAMES = (("H200", "H200"), ("H100", "H100"), ("A100-40G", "A100.*40G"), ("A100-80G", "A100"), ("L40S", "L40S"),
+          ("L4", r"\bL4\b"), ("A10G", "A10G"))
 
 GIB = 1024**3
 
@@ -43,9 +54,10 @@ def model_size(hf_config, family: str) -> ModelSize:
     import torch
     import torch.nn as nn
 
-    from llm_platform.models.build import model_class, transformer_blocks
+    from llm_platform.models import families
+    from llm_platform.models.build import transformer_blocks
 
-    cls = model_class(family)
+    cls = families.model_class(families.get(family))
     make = getattr(cls, "from_config", None) or cls._from_config
     with torch.device("meta"):
         model = make(hf_config)
@@ -82,12 +94,14 @@ def peak_flops(gpu_type: str | None, precision: str = "bf16") -> float | None:
 
 
 def normalize_gpu(name: str | None) -> str | None:
-    """Table key for a device name such as `NVIDIA H100 80GB HBM3` or `A100-SXM4-80GB`, else None."""
+    """Table key for a device name such as `NVIDIA H100 80GB HBM3`, `A100-SXM4-40GB` or `NVIDIA L4`, else None."""
+    import re
+
     if not name:
         return None
     upper = name.upper()
-    for key in PEAKS:
-        if key in upper:
+    for key, pattern in _NAMES:
+        if re.search(pattern, upper):
             return key
     return None
 

@@ -20,7 +20,7 @@ from ray import serve
 from llm_platform.config import as_dict, from_dict
 from llm_platform.config.serve import ServeConfig
 from llm_platform.errors import ConfigError
-from llm_platform.serve import ingress
+from llm_platform.serve import auth, ingress
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ class OpenAIServer:
 
         cfg = from_dict(ServeConfig, {k: v for k, v in args.items() if k in ServeConfig.__dataclass_fields__})
         ingress.check(cfg.ingress)  # before the model loads: a mismatch fails the deployment at once, naming the key
+        # Fail closed, also before the model loads: no key and reachable from other hosts (by `serve.host`, or by
+        # where this cluster's Serve really listens, which a RayService's http_options decide) is refused.
+        auth.check_exposure(cfg, auth.load_api_keys(cfg), [cfg.host, auth.serve_http_host()])
         if args.get("storage"):
             storage.configure(args["storage"])
         if cfg.device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
@@ -150,6 +153,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ingress.validate(cfg.ingress)
     if cfg.stream_max_delay_ms < 0:
         raise ConfigError(f"serve.stream_max_delay_ms={cfg.stream_max_delay_ms}: must be >= 0")
+    for key in ("max_prompts_per_request", "max_generated_tokens_per_request"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"serve.{key}={getattr(cfg, key)}: must be >= 1")
     replica_args = {**as_dict(cfg), **{k: args[k] for k in ("storage_root", "storage", "drift_reference")
                                        if k in args}}
     return OpenAIServer.options(**deployment_options(cfg)).bind(replica_args)
@@ -157,10 +163,32 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
 def deploy(cfg: ServeConfig, storage_root: str | None = None, storage_settings: dict | None = None) -> str:
     """Start Serve's HTTP proxy on `cfg.host:cfg.port` (if not running) and deploy the app; returns its base URL."""
+    from llm_platform import console
+
+    console.adopt_ray_loggers()  # Serve's driver-side INFO lines go to the log file (console.py)
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
+    console.adopt_ray_loggers()
     args: dict[str, Any] = {**as_dict(cfg), "storage_root": storage_root, "storage": storage_settings}
-    serve.run(build_app(args), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    try:
+        serve.run(build_app(args), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    except RuntimeError:
+        reason = replica_error(cfg.app_name)
+        if reason is None:
+            raise
+        raise ConfigError(f"serve app {cfg.app_name!r}: its replicas refused to start: {reason}") from None
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def replica_error(app_name: str) -> str | None:
+    """The one-line StageError (a bad key, no API key on an exposed address...) that made the app's replicas fail,
+    from the traceback Serve keeps in the deployment's status; None when the failure was something else."""
+    import re
+
+    app = serve.status().applications.get(app_name)
+    found = []
+    for deployment in (app.deployments.values() if app else []):
+        found += re.findall(r"llm_platform\.[\w.]*Error: (.+)", deployment.message or "")
+    return found[-1].strip() if found else None
 
 
 def undeploy(cfg: ServeConfig) -> None:

@@ -1,11 +1,11 @@
-"""The OpenAI-compatible FastAPI app over an `Engine`: routes, auth, limits, SSE streaming. No Ray.
+"""The OpenAI-compatible FastAPI app over an `Engine`: routes, SSE streaming, errors. No Ray. API keys and the
+fail-closed rule are in `auth.py`, request size limits in `limits.py`.
 
 `app.py` wraps `create_api(get_service)` as a Ray Serve ingress; unit tests drive the same app in-process.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import sys
@@ -16,27 +16,20 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_platform.config.serve import ServeConfig
-from llm_platform.serve import ingress
+from llm_platform.serve import auth, ingress, limits
 from llm_platform.serve.api import (DEFAULT_CHAT_TEMPLATE, APIError, ChatCompletionRequest, CompletionRequest,
-                                    validation_error)
+                                    error_body, validation_error)
 from llm_platform.serve.engine import Engine, EngineOverloaded, EngineStopped, RequestOutput, TokenLogprob
 from llm_platform.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-def load_api_keys(cfg: ServeConfig) -> list[str]:
-    """Keys from `cfg.api_key_env` (comma-separated) and `cfg.api_key_file` (one per line); empty: no auth."""
-    import os
-
-    keys = [k.strip() for k in os.environ.get(cfg.api_key_env, "").split(",") if k.strip()]
-    if cfg.api_key_file:
-        with open(cfg.api_key_file, encoding="utf-8") as f:
-            keys += [line.strip() for line in f if line.strip()]
-    return keys
+# `code` of FastAPI's own errors in OpenAI's shape.
+_HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
 
 
 class Service:
@@ -45,20 +38,14 @@ class Service:
     def __init__(self, engine: Engine, tokenizer, model_id: str, cfg: ServeConfig, monitor=None, metrics=None):
         self.engine, self.tokenizer, self.model_id, self.cfg = engine, tokenizer, model_id, cfg
         self.monitor, self.metrics = monitor, metrics
-        self.api_keys = load_api_keys(cfg)
+        self.api_keys = auth.load_api_keys(cfg)
         self.created = int(time.time())
         self.token_text = lru_cache(maxsize=65536)(lambda i: tokenizer.decode([i]))
 
     def check_key(self, authorization: str | None) -> None:
-        """Raise 401 unless keys are off or the Bearer token equals one of them (constant-time compare)."""
-        if not self.api_keys:
-            return
-        given = (authorization or "")
-        given = given[7:].strip() if given[:7].lower() == "bearer " else ""
-        ok = False
-        for key in self.api_keys:  # no early exit: the time taken does not depend on which key matched
-            ok |= hmac.compare_digest(given.encode(), key.encode())
-        if not ok:
+        """Raise 401 unless no key is configured (a loopback endpoint, or `serve.allow_unauthenticated`) or the
+        Bearer token equals one of them (constant-time compare)."""
+        if self.api_keys and not auth.authorized(self.api_keys, authorization):
             raise APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
                            type="authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
@@ -155,6 +142,11 @@ class Service:
                             for t in tokens]}
 
 
+def _schema_url(request: Request) -> str:
+    """/openapi.json under the app's route prefix (Serve's `route_prefix` arrives as the ASGI root_path)."""
+    return request.scope.get("root_path", "").rstrip("/") + "/openapi.json"
+
+
 def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -181,7 +173,8 @@ async def _chain(first: RequestOutput | None, rest: AsyncIterator[RequestOutput]
 
 def create_api(get_service: Callable[[], Service]) -> FastAPI:
     """The FastAPI app; `get_service` returns the replica's `Service` (looked up per request)."""
-    app = FastAPI(title="llm-platform OpenAI-compatible API", version="1")
+    app = FastAPI(title="llm-platform OpenAI-compatible API", version="1", openapi_url=None, docs_url=None,
+                  redoc_url=None)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -193,6 +186,15 @@ def create_api(get_service: Callable[[], Service]) -> FastAPI:
         err = validation_error(list(exc.errors()))
         _count(400)
         return JSONResponse(err.body(), status_code=400)
+
+    # FastAPI's own errors (a body it cannot parse, such as JSON nested too deep; an unknown route; a wrong method)
+    # would be `{"detail": ...}`: the same OpenAI shape as every other error instead.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        _count(exc.status_code)
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind, code=_HTTP_CODES.get(exc.status_code)),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     def _count(status: int) -> None:
         try:
@@ -207,14 +209,29 @@ def create_api(get_service: Callable[[], Service]) -> FastAPI:
         service.check_key(request.headers.get("authorization"))
         return service
 
+    # Unauthenticated (load balancers and probes call it), so it says healthy or not and nothing else: no model
+    # id or queue depths for an anonymous caller (those are in /v1/monitoring, behind the key).
     @app.get("/health")
     async def health():
         service = get_service()
         if not service.engine.healthy():
-            raise APIError(503, "engine unhealthy", type="server_error", code="unhealthy",
+            raise APIError(503, "unhealthy", type="server_error", code="unhealthy",
                            headers={"Retry-After": str(service.cfg.retry_after_s)})
-        return {"status": "ok", "model": service.model_id, "waiting": service.engine.num_waiting(),
-                "running": service.engine.num_running()}
+        return {"status": "ok"}
+
+    # The schema and its two viewers need the key whenever keys are set (FastAPI's own routes for them take no
+    # dependencies, hence these). The pages load /openapi.json from the browser, which then needs the same header.
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(service: Service = Depends(auth)):
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request, service: Service = Depends(auth)):
+        return get_swagger_ui_html(openapi_url=_schema_url(request), title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request, service: Service = Depends(auth)):
+        return get_redoc_html(openapi_url=_schema_url(request), title=f"{app.title} - ReDoc")
 
     @app.get("/v1/models")
     async def models(service: Service = Depends(auth)):
@@ -238,11 +255,13 @@ def create_api(get_service: Callable[[], Service]) -> FastAPI:
     async def completions(body: CompletionRequest, service: Service = Depends(auth)):
         service.check_model(body.model)
         prompts = body.prompts()
+        limits.check_prompt_count(service.cfg, len(prompts))
         if body.stream and len(prompts) > 1:
             raise APIError(400, "stream supports a single prompt", param="prompt", code="invalid_value")
         encoded = [service.encode_prompt(p) for p in prompts]
         params = [service.sampling(body, len(ids), body.max_tokens, service.cfg.default_max_tokens, body.logprobs,
                                    body.echo) for ids in encoded]
+        limits.check_generation_budget(service.cfg, body.n, [sp.max_tokens for sp in params])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": service.model_id}
 
@@ -316,6 +335,7 @@ def create_api(get_service: Callable[[], Service]) -> FastAPI:
         ids = service.encode_prompt(prompt, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = service.sampling(body, len(ids), body.max_completion_tokens or body.max_tokens, None, top, False)
+        limits.check_generation_budget(service.cfg, body.n, [params.max_tokens])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": service.model_id}
 
@@ -360,44 +380,5 @@ def create_api(get_service: Callable[[], Service]) -> FastAPI:
         return {**head, "object": "chat.completion", "choices": choices,
                 "usage": _usage(len(ids), sum(len(t) for t in tokens.values()))}
 
-    app.add_middleware(BodySizeLimit, max_bytes_getter=lambda: get_service().cfg.max_request_bytes)
+    app.add_middleware(limits.BodySizeLimit, max_bytes_getter=lambda: get_service().cfg.max_request_bytes)
     return app
-
-
-class BodySizeLimit:
-    """ASGI middleware: 413 for a body over the limit, by Content-Length or by counting a chunked body."""
-
-    def __init__(self, app, max_bytes_getter: Callable[[], int]):
-        self.app, self.max_bytes_getter = app, max_bytes_getter
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.max_bytes_getter()
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        too_big = length is not None and (not length.isdigit() or int(length) > limit)
-        chunks, total = [], 0
-        if not too_big and length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-            more = True
-            while more and total <= limit:  # buffer a chunked body up to the limit, then replay it
-                message = await receive()
-                chunks.append(message)
-                total += len(message.get("body", b""))
-                more = message.get("more_body", False)
-            too_big = total > limit
-        if too_big:
-            body = json.dumps(APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-                              .body()).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            return await send({"type": "http.response.body", "body": body})
-        if chunks:
-            pending = list(chunks)
-
-            async def replay():
-                return pending.pop(0) if pending else await receive()
-
-            return await self.app(scope, replay, send)
-        return await self.app(scope, receive, send)

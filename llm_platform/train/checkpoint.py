@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -81,22 +82,62 @@ def load_model_weights(model: torch.nn.Module, directory: str) -> None:
     set_model_state_dict(model, state["model"])
 
 
-def export_hf(model: torch.nn.Module, tokenizer, uri: str, lineage: dict[str, Any]) -> str:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".safetensors.index.json",
+                   ".bin.index.json")
+
+
+def export_hf(model: torch.nn.Module, tokenizer, uri: str, lineage: dict[str, Any], *, base_dir: str | None = None,
+              adapter: bool = False) -> str:
     """Save an HF folder (config.json, model.safetensors, tokenizer files, lineage.json last) to `uri`.
 
-    LoRA adapters are merged into the base weights first, so the export is a plain transformers model.
+    Args:
+        model: the trained model (peft-wrapped with LoRA).
+        tokenizer: the folder (URI) whose tokenizer files are copied byte for byte, or a tokenizer object to save.
+        uri: where the export goes.
+        lineage: the record written last.
+        base_dir: the pretrained checkpoint fine-tuned, if any. Its other files (config.json,
+            generation_config.json, ...) are copied unchanged when the vocabulary is unchanged, and the weights are
+            saved in its dtype, so only the weights differ from the base.
+        adapter: save only the peft LoRA adapter (adapter_config.json, adapter_model.safetensors) instead of a
+            merged model.
     """
     from llm_platform.models.build import merge_lora
 
-    plain = merge_lora(model)
     with tempfile.TemporaryDirectory(prefix="llmp-export-") as tmp:
-        # transformers 5 writes safetensors only; `use_cache` was off for training and is turned on for serving.
-        plain.config.use_cache = True
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        base_config = _read_json(os.path.join(base_dir, "config.json")) if base_dir else {}
+        if adapter:
+            model.save_pretrained(tmp)
+        else:
+            plain = merge_lora(model)
+            dtype = base_config.get("dtype") or base_config.get("torch_dtype")
+            if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+                plain.to(getattr(torch, dtype))
+            # transformers 5 writes safetensors only; `use_cache` was off for training and is turned on for serving.
+            plain.config.use_cache = True
+            plain.save_pretrained(tmp)
+            if base_dir and int(base_config.get("vocab_size", -1)) == plain.config.vocab_size:
+                for name in sorted(os.listdir(base_dir)):  # the base's config files, unchanged
+                    path = os.path.join(base_dir, name)
+                    if os.path.isfile(path) and not name.endswith(WEIGHT_SUFFIXES) and not name.startswith(".") \
+                            and name != LINEAGE:
+                        shutil.copyfile(path, os.path.join(tmp, name))
+        if isinstance(tokenizer, str):
+            from llm_platform.data.dataset import TOKENIZER_FILES
+
+            for name in TOKENIZER_FILES:
+                if storage.exists(storage.join(tokenizer, name)):
+                    with open(os.path.join(tmp, name), "wb") as f:
+                        f.write(storage.read_bytes(storage.join(tokenizer, name)))
+        else:
+            tokenizer.save_pretrained(tmp)
         if not any(name.endswith(".safetensors") for name in os.listdir(tmp)):
             raise RuntimeError("export produced no .safetensors file")
         storage.delete(uri)
         storage.upload_dir(tmp, uri)
     storage.write_json(storage.join(uri, LINEAGE), lineage)  # the record, last
     return uri
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)

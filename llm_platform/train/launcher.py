@@ -18,16 +18,17 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from llm_platform import storage
+from llm_platform import names, storage
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.data.dataset import DatasetInfo, open_dataset, read_parquet
 from llm_platform.errors import ConfigError, StageError
-from llm_platform.models.build import DATASET_KIND, OBJECTIVES, build_model, hf_config
+from llm_platform.models.build import DATASET_KINDS, build_model, hf_config, read_pretrained_config, resolve_family
 from llm_platform.models.flops import flops_per_token, model_size, peak_flops
 from llm_platform.train import checkpoint as ckpt
 from llm_platform.train import tracking
+from llm_platform.train.metrics import FollowMetrics
 
 log = logging.getLogger("llm_platform.train")
 COLUMNS = {"clm": ["input_ids"], "mlm": ["input_ids"], "sft": ["input_ids", "labels", "attention_mask"],
@@ -66,6 +67,7 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
 
     dataset, pretrained_dir = preflight(model, train, scaling, dataset_uri, storage_root)
     run_name = run_name or train.run_name or f"{model.name}-{train.objective}-{dataset.fingerprint[:8]}"
+    names.check(run_name, "train.run_name")  # it becomes the folder runs/<run_name>/
     run_uri = storage.join(storage_root, "runs", run_name)
     config_record = {"model": as_dict(model), "train": as_dict(train), "scaling": as_dict(scaling)}
     done = finished_run(run_uri, config_record)
@@ -95,7 +97,8 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
     )
     log.info("training %s (%s, %s) on %d %s worker(s) -> %s", model.name, train.objective, train.parallelism,
              scaling.num_workers, "GPU" if scaling.use_gpu else "CPU", run_uri)
-    result = trainer.fit()
+    with FollowMetrics(run_uri, train.max_steps):
+        result = trainer.fit()
     stopped = result.return_value or {}  # rank 0's return value: set only when a non-finite loss stopped the run
     if stopped.get("nonfinite_step"):
         raise TrainingError(f"run {run_uri}: the loss became non-finite ({stopped.get('loss')}) at step "
@@ -170,44 +173,47 @@ def _train_fn():
     return train_loop_per_worker
 
 
-def check(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset: DatasetInfo,
-          pretrained_dir: str | None) -> None:
-    """Refuse a config that cannot work, before any worker starts, naming the key."""
-    if train.objective not in OBJECTIVES.get(model.family, ()):
-        raise ConfigError(f"train.objective={train.objective!r} does not fit model.family={model.family!r} "
-                          f"(it trains {', '.join(OBJECTIVES.get(model.family, ()))})")
-    if DATASET_KIND[train.objective] != dataset.kind:
-        raise ConfigError(f"train.objective={train.objective!r} needs a {DATASET_KIND[train.objective]!r} dataset; "
-                          f"{dataset.uri} is {dataset.kind!r} (set data.kind or train.dataset)")
-    positions = model.max_position_embeddings
-    if pretrained_dir:
-        with open(os.path.join(pretrained_dir, "config.json")) as f:
-            pretrained = json.load(f)
-        positions = pretrained.get("max_position_embeddings") or pretrained.get("n_positions") or positions
-        if int(pretrained.get("vocab_size", 0)) < dataset.vocab_size:
-            raise ConfigError(f"model.pretrained={model.pretrained!r} has vocab_size={pretrained.get('vocab_size')}, "
-                              f"but the dataset tokenizer has {dataset.vocab_size}: tokenizer and model do not match")
-    if model.family != "t5" and dataset.seq_len > positions:
-        raise ConfigError(f"data.seq_len={dataset.seq_len} is beyond model.max_position_embeddings={positions}")
-    if model.vocab_size is not None and model.vocab_size != dataset.vocab_size:
-        raise ConfigError(f"model.vocab_size={model.vocab_size} does not match the dataset tokenizer's vocab size "
-                          f"{dataset.vocab_size} (leave model.vocab_size unset to follow the tokenizer)")
+def check_config(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig) -> None:
+    """The checks that need neither the dataset, the checkpoint nor the cluster: `llm-platform run` makes them
+    before its data stage. (A value outside a key's choices never gets here: the schema's Enums refuse it.)"""
     for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval_steps", "eval_interval_steps",
                 "checkpoint_interval_steps", "keep_checkpoints"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
     if train.parallelism == "none" and scaling.num_workers != 1:
         raise ConfigError(f"train.parallelism=none needs scaling.num_workers=1 (got {scaling.num_workers})")
-    if train.parallelism not in ("fsdp", "ddp", "none"):
-        raise ConfigError(f"train.parallelism={train.parallelism!r}: choose fsdp, ddp or none")
-    if train.on_nonfinite_loss not in ("stop", "skip"):
-        raise ConfigError(f"train.on_nonfinite_loss={train.on_nonfinite_loss!r}: choose stop or skip")
-    if train.mixed_precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"train.mixed_precision={train.mixed_precision!r}: choose auto, bf16 or fp32")
-    if train.schedule not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"train.schedule={train.schedule!r}: choose cosine, linear or constant")
+    if model.lora.enabled and model.lora.export == "adapter" and train.register_as:
+        raise ConfigError("model.lora.export=adapter writes a peft adapter, which the registry (and serving) cannot "
+                          "load: unset train.register_as or export merged")
     if train.cpu_offload and train.parallelism != "fsdp":
         raise ConfigError("train.cpu_offload=true needs train.parallelism=fsdp")
+
+
+def check(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset: DatasetInfo,
+          pretrained_dir: str | None) -> None:
+    """Refuse a config that cannot work, before any worker starts, naming the key."""
+    check_config(model, train, scaling)
+    pretrained = read_pretrained_config(pretrained_dir) if pretrained_dir else None
+    family = resolve_family(model, pretrained)
+    where = f"model.pretrained={model.pretrained!r}" if pretrained else f"model.family={model.family!r}"
+    if train.objective not in family.objectives:
+        raise ConfigError(f"train.objective={train.objective!r} does not fit {where} (a {family.name} model; it "
+                          f"trains {', '.join(family.objectives)})")
+    if dataset.kind not in DATASET_KINDS[train.objective]:
+        kinds = " or ".join(map(repr, DATASET_KINDS[train.objective]))
+        raise ConfigError(f"train.objective={train.objective!r} needs a {kinds} dataset; {dataset.uri} is "
+                          f"{dataset.kind!r} (set data.kind or train.dataset)")
+    if train.objective == "mlm" and dataset.special_token_id("mask") is None:
+        raise ConfigError(f"train.objective=mlm needs a mask token; the tokenizer of {dataset.uri} has none")
+    positions = model.max_position_embeddings
+    if pretrained is not None:
+        positions = pretrained.get("max_position_embeddings") or pretrained.get("n_positions") or positions
+        check_tokenizer(model, dataset, pretrained_dir, int(pretrained.get("vocab_size", 0)))
+    if family.name != "t5" and dataset.seq_len > positions:
+        raise ConfigError(f"data.seq_len={dataset.seq_len} is beyond model.max_position_embeddings={positions}")
+    if model.vocab_size is not None and model.vocab_size != dataset.vocab_size:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} does not match the dataset tokenizer's vocab size "
+                          f"{dataset.vocab_size} (leave model.vocab_size unset to follow the tokenizer)")
     rows = train.micro_batch_size * scaling.num_workers
     train_records = int(dataset.manifest["splits"]["train"]["num_records"])
     if train_records < rows:
@@ -238,17 +244,45 @@ def check_placement(scaling: ScalingConfig) -> None:
                           f"has {len(nodes)}")
 
 
+def check_tokenizer(model: ModelConfig, dataset: DatasetInfo, pretrained_dir: str, model_vocab: int) -> None:
+    """Refuse a dataset tokenized with another tokenizer than the checkpoint's own (compared by the hash of
+    tokenizer.json, not by vocab size: two tokenizers of one size give the same ids different meanings).
+
+    A dataset built from the model's tokenizer plus `tokenizer.special_tokens` records the base hash; its added
+    ids get new embedding rows. A checkpoint without tokenizer.json can only be compared by size.
+    """
+    own = os.path.join(pretrained_dir, "tokenizer.json")
+    if not os.path.exists(own):
+        log.warning("model.pretrained=%r has no tokenizer.json: only the vocab sizes of model and dataset %s can be "
+                    "compared", model.pretrained, dataset.uri)
+        if model_vocab < dataset.vocab_size:
+            raise ConfigError(f"model.pretrained={model.pretrained!r} has vocab_size={model_vocab}, but the dataset "
+                              f"tokenizer has {dataset.vocab_size}: tokenizer and model do not match")
+        return
+    own_sha = storage.file_sha256(own)
+    used = dataset.base_tokenizer_sha256 or dataset.tokenizer_sha256
+    if used != own_sha:
+        tok_cfg = (dataset.manifest.get("config") or {}).get("tokenizer") or {}
+        built_with = (f"tokenizer.kind=pretrained from {dataset.manifest['tokenizer'].get('source')}"
+                      if dataset.base_tokenizer_sha256 else f"tokenizer.kind={tok_cfg.get('kind', '?')} (trained on "
+                      f"the corpus)")
+        raise ConfigError(f"the dataset {dataset.uri} was tokenized with {built_with}, tokenizer.json sha256 "
+                          f"{used[:12]}, but model.pretrained={model.pretrained!r} has its own tokenizer, sha256 "
+                          f"{own_sha[:12]}: the ids would mean other tokens. Rebuild the data with the model's "
+                          f"tokenizer (tokenizer=model, as experiment=finetune does) or set train.dataset to such a "
+                          f"dataset")
+    if dataset.base_vocab_size is None and model_vocab < dataset.vocab_size:
+        raise ConfigError(f"model.pretrained={model.pretrained!r} has vocab_size={model_vocab}, smaller than its own "
+                          f"tokenizer's {dataset.vocab_size}")
+
+
 def materialize_pretrained(model: ModelConfig, storage_root: str) -> str | None:
-    """A local folder with the pretrained model (registry reference, s3:// or path), or None from scratch."""
+    """A local folder with the pretrained model (registry reference, s3://, path or Hub id), or None from scratch."""
     if not model.pretrained:
         return None
-    from llm_platform import registry
+    from llm_platform.models import pretrained
 
-    try:
-        version = registry.resolve(model.pretrained, storage_root)
-    except StageError as e:
-        raise ConfigError(f"model.pretrained={model.pretrained!r}: {e}") from None
-    return registry.materialize(version.uri)
+    return pretrained.materialize(model.pretrained, storage_root)
 
 
 def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset: DatasetInfo,
@@ -259,16 +293,26 @@ def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: Scaling
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(pretrained_dir)
+        family = resolve_family(model, read_pretrained_config(pretrained_dir))
     else:
         config = hf_config(model, dataset.vocab_size, special)
-    size = model_size(config, model.family)
+        family = resolve_family(model)
+    size = model_size(config, family.name)
     return {
         "model": as_dict(model), "train": as_dict(train), "storage": storage.settings(), "run_uri": run_uri,
         "special": special, "vocab_size": dataset.vocab_size, "seq_len": dataset.seq_len,
-        "pretrained_dir": pretrained_dir,
+        "pretrained_dir": pretrained_dir, "base_vocab_size": dataset.base_vocab_size if pretrained_dir else None,
+        "compute_dtype": compute_dtype_name(train, scaling),
         "flops_per_token": flops_per_token(size, dataset.seq_len), "num_parameters": size.total,
         "peak_flops": peak_flops(scaling.gpu_type) if scaling.use_gpu else None,
     }
+
+
+def compute_dtype_name(train: TrainConfig, scaling: ScalingConfig) -> str:
+    """The training's compute dtype as a name (`auto` is bf16 on GPU workers, fp32 on CPU ones)."""
+    if train.mixed_precision == "auto":
+        return "bfloat16" if scaling.use_gpu else "float32"
+    return "bfloat16" if train.mixed_precision == "bf16" else "float32"
 
 
 def ray_scaling(scaling: ScalingConfig):
@@ -309,11 +353,21 @@ def data_config():
 
 def export(model: ModelConfig, worker_config: dict, dataset: DatasetInfo, checkpoint_dir: str, uri: str,
            lineage: dict) -> None:
-    """Consolidate the final DCP checkpoint into a plain model on the driver and save it as an HF folder."""
+    """Consolidate the final DCP checkpoint into a plain model on the driver and save it as an HF folder.
+
+    The model is built as the workers built it (same dtypes, same added rows), so the checkpoint loads into it
+    as saved. The tokenizer files are the dataset's, byte for byte (for an unaltered pretrained tokenizer: the
+    checkpoint's own).
+    """
+    import torch
+
     plain = build_model(model, dataset.vocab_size, worker_config["special"],
-                        pretrained_dir=worker_config["pretrained_dir"], seed=0)
+                        pretrained_dir=worker_config["pretrained_dir"], seed=0,
+                        dtype=getattr(torch, worker_config["compute_dtype"]),
+                        base_vocab_size=worker_config["base_vocab_size"])
     ckpt.load_model_weights(plain, checkpoint_dir)
-    ckpt.export_hf(plain, dataset.load_tokenizer(), uri, lineage)
+    ckpt.export_hf(plain, dataset.tokenizer_uri, uri, lineage, base_dir=worker_config["pretrained_dir"],
+                   adapter=model.lora.enabled and model.lora.export == "adapter")
     log.info("exported %s", uri)
 
 

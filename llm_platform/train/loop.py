@@ -57,9 +57,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     special, vocab = config["special"], config["vocab_size"]
     seq_len = config["seq_len"]
 
-    # ---- model, parallelism, optimizer: every rank builds the same seeded weights, then shards them.
-    model = build_model(mcfg, vocab, special, pretrained_dir=config.get("pretrained_dir"), seed=tc.seed)
+    # ---- model, parallelism, optimizer: every rank builds the same seeded weights, then shards them. Pretrained
+    # weights load in the compute dtype; what trains is kept in fp32 (build_model).
     dtype = resolve_dtype(tc.mixed_precision, device)
+    model = build_model(mcfg, vocab, special, pretrained_dir=config.get("pretrained_dir"), seed=tc.seed,
+                        dtype=dtype, base_vocab_size=config.get("base_vocab_size"))
     model = parallelize(model, parallelism=tc.parallelism, device=device, compute_dtype=dtype,
                         activation_checkpointing=tc.activation_checkpointing, compile=tc.compile,
                         cpu_offload=tc.cpu_offload, world_size=world)

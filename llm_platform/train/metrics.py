@@ -112,6 +112,63 @@ class MetricsLogger:
             storage.upload_dir(self.tb_local, self.tb_remote)
 
 
+class FollowMetrics:
+    """On the driver, while `trainer.fit()` runs: print rank 0's new `metrics.jsonl` lines as they land.
+
+    Rank 0 logs them itself, but a quiet console does not forward workers' output (console.py), so the driver
+    shows the run's progress from the record it writes anyway. A no-op when the workers' lines reach the console.
+    """
+
+    def __init__(self, run_uri: str, total_steps: int, *, interval_s: float = 2.0):
+        import threading
+
+        self.uri = storage.join(run_uri, "metrics.jsonl")
+        self.total_steps, self.interval_s = total_steps, interval_s
+        self.shown_step = -1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="follow-metrics", daemon=True)
+
+    def __enter__(self) -> "FollowMetrics":
+        from llm_platform import console
+
+        if not console.verbose():
+            # Lines already in the file (a resumed run) are not news.
+            self.shown_step = max((r.get("step", 0) for r in self._records()), default=-1)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self.show()
+
+    def _records(self) -> list[dict]:
+        try:
+            text = storage.read_text(self.uri) if storage.exists(self.uri) else ""
+        except Exception:  # noqa: BLE001 - progress display only; a partial read is retried next tick
+            return []
+        records = []
+        for line in text.splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+    def show(self) -> None:
+        for record in self._records():
+            step = record.get("step", 0)
+            if step > self.shown_step:
+                self.shown_step = step
+                metrics = {k: v for k, v in record.items() if k not in ("step", "time") and v is not None}
+                log.info("%s", format_console(step, self.total_steps, metrics))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.show()
+
+
 def format_console(step: int, total: int, metrics: dict[str, Any]) -> str:
     """`step 20/200 (10%) train/loss 5.1234 val/loss 5.2 perf/tokens_per_s 1.2e+04 ...`"""
     pct = f" ({100 * step / total:.0f}%)" if total else ""

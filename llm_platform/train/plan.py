@@ -1,7 +1,8 @@
 """Plan a training config before launching it: parameters, FLOPs per token, memory per device, time and cost.
 
 Plain arithmetic over `models/flops.py`; `llm-platform plan` prints it and `llm-platform train` refuses a GPU run
-whose estimate does not fit the device (unless `plan.force=true`).
+whose estimate does not fit the device (unless `plan.force=true`). With `model.pretrained` set, the architecture is
+the checkpoint's config.json (its family from `model_type`, its vocabulary), not the `model` preset.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from dataclasses import dataclass, field
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import PlanConfig, ScalingConfig, TrainConfig
-from llm_platform.models.build import hf_config
-from llm_platform.models.flops import GIB, PEAKS, MemoryEstimate, flops_per_token, memory_per_device, model_size
+from llm_platform.errors import ConfigError
+from llm_platform.models import families
+from llm_platform.models.build import hf_config, resolve_family
+from llm_platform.models.flops import (GIB, PEAKS, MemoryEstimate, flops_per_token, memory_per_device, model_size,
+                                       normalize_gpu)
 
 
 @dataclass
@@ -55,21 +59,23 @@ class Plan:
 
 
 def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, plan: PlanConfig, *, seq_len: int,
-              vocab_size: int) -> Plan:
-    """Estimate a run of `model` under `train`/`scaling` on `plan.num_gpus` x `plan.gpu_type`."""
-    gpu = plan.gpu_type.upper()
-    if gpu not in PEAKS:
-        from llm_platform.errors import ConfigError
+              vocab_size: int, storage_root: str | None = None) -> Plan:
+    """Estimate a run of `model` under `train`/`scaling` on `plan.num_gpus` x `plan.gpu_type`.
 
+    `storage_root` resolves a `registry:` reference in `model.pretrained`.
+    """
+    gpu = normalize_gpu(plan.gpu_type)
+    if gpu is None:
         raise ConfigError(f"plan.gpu_type={plan.gpu_type!r}: choose one of {', '.join(PEAKS)}")
     spec = PEAKS[gpu]
     num_gpus = plan.num_gpus or scaling.num_workers
-    config = hf_config(model, vocab_size, {"eos": 0, "pad": 1, "mask": 2})
-    size = model_size(config, model.family)
+    config, family = architecture(model, vocab_size, storage_root)
+    size = model_size(config, family.name)
     trainable = size.total
     if model.lora.enabled:
         # LoRA adds r * (in + out) per adapted matrix; about 2 * r * d per target per block is close enough here.
-        trainable = 2 * model.lora.rank * size.hidden_size * len(model.lora.target_modules) * size.num_layers
+        targets = list(model.lora.target_modules) or list(family.lora_targets)
+        trainable = 2 * model.lora.rank * size.hidden_size * len(targets) * size.num_layers
     bf16 = train.mixed_precision != "fp32"
     memory = memory_per_device(size, micro_batch_size=train.micro_batch_size, seq_len=seq_len, num_devices=num_gpus,
                                parallelism=train.parallelism, bf16=bf16,
@@ -91,3 +97,16 @@ def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, pl
                 tokens_per_step=train.micro_batch_size * train.grad_accum_steps * seq_len * num_gpus,
                 memory=memory, device_memory_gib=spec["memory_gib"], gpu_type=gpu, num_gpus=num_gpus,
                 token_budget=plan.token_budget, hours=hours, cost_usd=hours * num_gpus * price, problems=problems)
+
+
+def architecture(model: ModelConfig, vocab_size: int, storage_root: str | None) -> tuple[object, families.Family]:
+    """(transformers config, family): the pretrained checkpoint's config.json, else one built from `model`."""
+    if not model.pretrained:
+        return hf_config(model, vocab_size, {"eos": 0, "pad": 1, "mask": 2}), families.get(model.family)
+    from transformers import AutoConfig
+
+    from llm_platform.models import pretrained
+
+    record = dict(pretrained.read_config(model.pretrained, storage_root))
+    family = resolve_family(model, record)
+    return AutoConfig.for_model(record.pop("model_type"), **record), family

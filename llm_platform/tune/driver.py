@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_platform import storage
+from llm_platform import names, storage
 from llm_platform.config import as_dict, from_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
@@ -32,8 +32,6 @@ from llm_platform.tune.summary import ERROR, FINISHED, STOPPED, TrialRecord, sel
 
 log = logging.getLogger("llm_platform.tune")
 RECORD = "sweep.json"
-SCHEDULERS = ("asha", "fifo", "pbt")
-SEARCHES = ("random", "optuna")
 
 
 @dataclass
@@ -74,6 +72,7 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
     """
     from ray import tune
 
+    names.check(tune_cfg.name, "tune.name")  # it becomes the folder sweeps/<name>/
     dims = spaces.parse_space(tune_cfg.space)
     check(tune_cfg, train, scaling, dims)
     sweep_uri = storage.join(storage_root, "sweeps", tune_cfg.name)
@@ -205,12 +204,6 @@ def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims
     """Refuse a sweep that cannot work, before any trial starts, naming the key."""
     import ray
 
-    if tune_cfg.scheduler not in SCHEDULERS:
-        raise ConfigError(f"tune.scheduler={tune_cfg.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    if tune_cfg.search not in SEARCHES:
-        raise ConfigError(f"tune.search={tune_cfg.search!r}: choose one of {', '.join(SEARCHES)}")
-    if tune_cfg.mode not in ("min", "max"):
-        raise ConfigError(f"tune.mode={tune_cfg.mode!r}: choose min or max")
     if tune_cfg.search == "optuna" and any(d.kind == "grid" for d in dims):
         raise ConfigError("tune.search=optuna cannot sample grid axes: use choice instead of grid in tune.space")
     if tune_cfg.scheduler == "pbt":

@@ -17,6 +17,7 @@ domains, nested the way the trial function reads them (`{"train": {"lr": Domain}
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import types
 import typing
@@ -175,6 +176,8 @@ def _accepts(hint: Any, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):  # a choice key (config/choices.py)
+        return value in {m.value for m in hint}
     if origin in (list, tuple):
         return isinstance(value, (list, tuple))
     if origin is dict:
@@ -183,6 +186,8 @@ def _accepts(hint: Any, value: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(m.value for m in hint)
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

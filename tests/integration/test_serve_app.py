@@ -1,6 +1,7 @@
 """The Serve app on the session's local Ray: the openai client, errors and auth, backpressure, drift, a rolling
-update, and a schemathesis run over the app's OpenAPI schema that must find no 5xx. (A replica killed under load is
-in tests/reliability/test_serve_load.py.)"""
+update, a schemathesis run over the app's OpenAPI schema that must find no 5xx, and the fail-closed rule (a replica
+that other hosts could reach refuses to start without a key; on loopback it may serve without one). (A replica
+killed under load, and hostile input, are in tests/reliability/test_serve_load.py.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from serve_fixtures import build_tiny_model, sample_texts
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEY = "sk-serve-test-key"
+# An API-key variable that no environment sets: the app reading it has no key at all.
+UNSET_KEYS_ENV = "LLMP_TEST_UNSET_API_KEYS"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 _COMMON: dict = {}
 
@@ -30,7 +33,8 @@ def main_args(common, **changes):
 
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
-    """Two apps on one Serve instance: `main` (2 replicas) and `single` (1 replica, tiny queue, drift window)."""
+    """Two apps on one Serve instance: `main` (2 replicas, a key file) and `single` (1 replica, tiny queue, drift
+    window, no key: allowed on loopback, which also shows that the replica found where Serve listens)."""
     from ray import serve
 
     from llm_platform.serve.app import build_app
@@ -43,7 +47,8 @@ def served(ray_session, tmp_path_factory):
     common = {"model": str(folder), "model_name": "tiny", "api_key_file": str(key_file), "num_cpus_per_replica": 0.5,
               "max_tokens_cap": 32, "health_check_period_s": 1.0, "graceful_shutdown_timeout_s": 2.0}
     serve.run(build_app(main_args(common)), name="main", route_prefix="/main", blocking=False)
-    serve.run(build_app({**common, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2,
+    serve.run(build_app({**common, "api_key_file": None, "api_key_env": UNSET_KEYS_ENV,
+                         "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2,
                          "drift_reference": sample_texts(400, seed=1), "drift_window_prompts": 30,
                          "drift_min_prompts": 20, "drift_threshold": 0.3}),
               name="single", route_prefix="/single", blocking=False)
@@ -157,7 +162,7 @@ def test_schemathesis_finds_no_5xx(served):
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
 
-    schema = schemathesis.openapi.from_url(f"{served}/main/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{served}/main/openapi.json", headers=AUTH)  # the schema needs the key
     checked = 0
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -172,6 +177,26 @@ def test_schemathesis_finds_no_5xx(served):
         check()
         checked += 1
     assert checked >= 4
+
+
+def test_a_replica_reachable_from_other_hosts_refuses_to_start_without_a_key(served):
+    from llm_platform.config.serve import ServeConfig
+    from llm_platform.errors import ConfigError
+    from llm_platform.serve.app import deploy, undeploy
+
+    # serve.host=0.0.0.0 (Serve itself keeps listening on 127.0.0.1: its HTTP options are set once per instance).
+    cfg = ServeConfig(model=served_common()["model"], model_name="tiny", host="0.0.0.0", app_name="exposed",
+                      route_prefix="/exposed", api_key_env=UNSET_KEYS_ENV, num_cpus_per_replica=0.5)
+    try:
+        with pytest.raises(ConfigError) as e:
+            deploy(cfg)
+        message = str(e.value)
+        assert "replicas refused to start: serving on 0.0.0.0 (reachable from other hosts) without an API key" \
+            in message
+        assert UNSET_KEYS_ENV in message and "serve.api_key_file" in message
+        assert httpx.get(f"{served}/exposed/health", timeout=10).status_code != 200
+    finally:
+        undeploy(cfg)
 
 
 def test_rolling_update_keeps_in_flight_requests(served):

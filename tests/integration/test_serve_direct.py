@@ -1,6 +1,7 @@
 """`llm-platform serve serve.ingress=direct` end to end: the CLI starts its own local Ray with Serve's direct ingress
 behind HAProxy (not the session's Ray: Serve reads the flags when a cluster starts), and the openai client gets the
-same API as through Serve's proxy: completions and chat, streamed and not, errors in OpenAI's shape, auth."""
+same API as through Serve's proxy: completions and chat, streamed and not, errors in OpenAI's shape, auth. At the
+end the CLI gets SIGTERM (as `kill`, systemd or a stopping pod send it) and must drain and exit 0 as on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ KEY = "sk-direct-test-key"
 
 
 def _stop(proc: subprocess.Popen) -> int | None:
-    """Ctrl-C as a user would (the CLI undeploys, then its local Ray goes); returns its exit code (None: it had to be
-    killed). The group SIGKILL then catches any of this Ray instance's processes that outlived it."""
+    """SIGTERM, which the CLI handles as Ctrl-C (it undeploys, then its local Ray goes); returns its exit code (None:
+    it had to be killed). The group SIGKILL then catches any of this Ray instance's processes that outlived it."""
     code = None
     try:
-        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGTERM)
         code = proc.wait(timeout=60)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
@@ -79,7 +80,7 @@ def direct(tmp_path_factory):
         yield base, log
     finally:
         code = _stop(proc)
-    assert code == 0, f"llm-platform serve did not exit cleanly on Ctrl-C ({code}):\n{log.read_text()[-3000:]}"
+    assert code == 0, f"llm-platform serve did not drain and exit on SIGTERM ({code}):\n{log.read_text()[-3000:]}"
 
 
 def test_openai_client_through_direct_ingress(direct):

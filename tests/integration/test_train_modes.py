@@ -7,7 +7,9 @@
   naming the step, and the run folder has no export and no lineage record (it is not a finished run).
 - With `train.on_nonfinite_loss=skip`, a step whose loss and gradients are NaN (`train.nonfinite_injection_step`)
   is skipped and the run goes on exactly as a plain loop that skips that update.
-  That run also logs to MLflow (a file store): params and the finite losses, run finished.
+  That run also logs to MLflow (a file store): params and the finite losses, run finished. Sentinel secrets
+  (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, LLM_PLATFORM_API_KEYS...) in the driver's environment during it appear in
+  no file of Ray's session folder afterwards.
 - `train.resume_from` is checked before any worker starts.
 """
 
@@ -28,6 +30,7 @@ import torch
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.errors import ConfigError
+from secret_fixtures import files_containing, ray_session_dir, sentinel_secrets
 from train_fixtures import make_dataset, plain_pytorch_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,13 +131,18 @@ def test_diverging_run_stops_and_the_cli_exits_2_naming_the_step(ray_session, da
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_skip_drops_the_nonfinite_step_and_training_goes_on(ray_session, dataset, tmp_path, monkeypatch):
+def test_skip_drops_the_nonfinite_step_and_training_goes_on(ray_session, dataset, tmp_path, monkeypatch,
+                                                           reliability_report):
     from mlflow.tracking import MlflowClient
 
     from llm_platform.train.launcher import launch
 
     # The run also logs to MLflow (a file store; the env var reaches rank 0 through the workers' runtime env).
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    # Secrets in the driver's environment must reach no file of Ray's session (runtime envs are logged there).
+    sentinels = sentinel_secrets()
+    for name, value in sentinels.items():
+        monkeypatch.setenv(name, value)
     mlflow_uri = f"file://{tmp_path / 'mlruns'}"
     poisoned = dataclasses.replace(SINGLE, nonfinite_injection_step=2, on_nonfinite_loss="skip",
                                    mlflow_tracking_uri=mlflow_uri)
@@ -153,6 +161,11 @@ def test_skip_drops_the_nonfinite_step_and_training_goes_on(ray_session, dataset
     assert run.data.params["train.on_nonfinite_loss"] == "skip"
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert history == {s: losses[s] for s in (1, 3, 4)}  # the NaN step is not sent
+
+    leaks = files_containing(ray_session_dir(), list(sentinels.values()))
+    reliability_report("secrets: sentinel secrets in the driver's env during a training run",
+                       secrets_set=len(sentinels), files_in_ray_session_with_a_secret=len(leaks))
+    assert not leaks, {path: [n for n, v in sentinels.items() if v in found] for path, found in leaks.items()}
 
 
 def test_resume_from_is_checked_before_any_worker_starts(tmp_path):

@@ -1,7 +1,7 @@
 """A sweep whose driver is killed with SIGKILL, then resumed with `tune.resume=true`.
 
 Load: a grid sweep of 3 trials (tiny GPT-2, 1 worker, 10 steps each, one trial at a time); one trial has a bad
-`train.schedule` and raises.
+`train.micro_batch_size` (0) and raises.
 Fault: the sweep's driver process (a separate driver on the same Ray) gets SIGKILL once the first good trial has
 finished and the next one is training. No graceful shutdown: Tune's experiment state is whatever it last saved.
 What must hold: the rerun with `tune.resume=true` finishes the sweep; the trial that had finished is not trained
@@ -37,8 +37,9 @@ TRAIN = TrainConfig(max_steps=10, micro_batch_size=4, log_interval_steps=5, eval
                     checkpoint_interval_steps=10, eval_batches=2, warmup_steps=2, lr=3e-3, parallelism="none",
                     keep_checkpoints=1)
 SCALING = ScalingConfig(num_workers=1, cpus_per_worker=1)
-# Grid order is the trial order with one trial at a time: "cosine" finishes first, "bogus" raises.
-TUNE = TuneConfig(name="killed", space={"train.schedule": {"grid": ["cosine", "bogus", "linear"]}}, num_samples=1,
+# Grid order is the trial order with one trial at a time: micro-batch 4 finishes first, 0 raises (the trial's own
+# config check refuses it; a value outside a choice key's set would be refused before the sweep starts).
+TUNE = TuneConfig(name="killed", space={"train.micro_batch_size": {"grid": [4, 0, 2]}}, num_samples=1,
                   max_concurrent_trials=1, scheduler="fifo", max_trial_failures=1, resume_errored=False, verbose=0)
 
 DRIVER = """
@@ -98,12 +99,12 @@ def test_sweep_driver_sigkill_then_resume(ray_session, tmp_path, reliability_rep
     resumed_cfg = TuneConfig(**{**as_dict(TUNE), "resume": True})
     result = run_sweep(resumed_cfg, MODEL, TRAIN, SCALING, dataset, root)
 
-    by_schedule = {t.params["train.schedule"]: t for t in result.trials}
-    assert set(by_schedule) == {"bogus", "cosine", "linear"}
-    assert by_schedule["bogus"].status == "error" and "train.schedule" in by_schedule["bogus"].error
-    assert by_schedule["cosine"].status == "finished" and by_schedule["linear"].status == "finished"
+    by_batch = {t.params["train.micro_batch_size"]: t for t in result.trials}
+    assert set(by_batch) == {4, 0, 2}
+    assert by_batch[0].status == "error" and "train.micro_batch_size" in by_batch[0].error
+    assert by_batch[4].status == "finished" and by_batch[2].status == "finished"
     # The trial that finished before the kill was not trained again.
-    assert first.endswith(by_schedule["cosine"].trial_id)
+    assert first.endswith(by_batch[4].trial_id)
     assert open(os.path.join(first_dir, "lineage.json")).read() == record_before
     assert open(os.path.join(first_dir, "metrics.jsonl")).read() == metrics_before
     # The winner is the finished trial with the best final val/loss (its export holds the final weights).
@@ -113,4 +114,4 @@ def test_sweep_driver_sigkill_then_resume(ray_session, tmp_path, reliability_rep
     assert lineage["sweep"]["trial_id"] == result.winner.trial_id and lineage["sweep"]["name"] == "killed"
     reliability_report("tune: 3-trial sweep, driver SIGKILLed after the first finished trial",
                        resumed_and_finished_in_s=round(time.time() - killed_at, 1),
-                       trials={k: t.status for k, t in sorted(by_schedule.items())}, retrained_finished_trials=0)
+                       trials={k: t.status for k, t in sorted(by_batch.items())}, retrained_finished_trials=0)

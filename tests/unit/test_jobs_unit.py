@@ -46,9 +46,13 @@ def test_entrypoint_quotes_overrides_and_refuses_local_tools():
 
 
 def test_parse_env_refuses_credentials_and_malformed_pairs():
-    assert jobs.parse_env(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    assert jobs.parse_env(["A=1", "B=x=y", "TOKENIZERS_PARALLELISM=false", "MLFLOW_TRACKING_URI=https://mlflow"]) \
+        == {"A": "1", "B": "x=y", "TOKENIZERS_PARALLELISM": "false", "MLFLOW_TRACKING_URI": "https://mlflow"}
     for bad in ("AWS_SECRET_ACCESS_KEY=s", "AWS_ACCESS_KEY_ID=k", "AWS_SESSION_TOKEN=t", "HF_TOKEN=t",
-                "AWS_PROFILE=prod", "DB_PASSWORD=p"):
+                "AWS_PROFILE=prod", "DB_PASSWORD=p", "OPENAI_API_KEY=sk", "ANTHROPIC_API_KEY=k", "MY_API_KEYS=a,b",
+                "LLM_PLATFORM_API_KEYS=a", "WANDB_API_KEY=w", "MLFLOW_TRACKING_TOKEN=t", "db_passwd=p",
+                "GITHUB_PAT_PASSPHRASE=p", "SSH_PRIVATE=x", "HTTP_AUTHORIZATION=Bearer x",
+                "MLFLOW_TRACKING_URI=https://user:pw@mlflow.example.com"):
         with pytest.raises(ConfigError, match="credentials are never sent"):
             jobs.parse_env([bad])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
@@ -116,6 +120,16 @@ def test_submit_fails_cleanly_when_the_cluster_is_unreachable(capsys, monkeypatc
     err = capsys.readouterr().err
     assert f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}" in err
     assert "Traceback" not in err
+
+
+def test_submit_refuses_each_secret_env_before_contacting_the_cluster(capsys, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    for name in ("OPENAI_API_KEY", "LLM_PLATFORM_API_KEYS", "SERVICE_API_KEYS", "WANDB_API_KEY"):
+        with pytest.raises(SystemExit) as e:  # port 9: nothing listens; the refusal must come first
+            submit_cmd.main(["data", "--env", f"{name}=sentinel", "--address", "http://127.0.0.1:9", "--no-check"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--env {name}: credentials are never sent" in err and "sentinel" not in err
 
 
 def test_submit_refuses_a_config_typo_before_contacting_the_cluster(capsys, monkeypatch):

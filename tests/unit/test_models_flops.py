@@ -33,12 +33,24 @@ def test_flops_per_token_is_6n_plus_attention():
 
 def test_mfu_against_the_peaks_table():
     assert PEAKS["H100"]["bf16"] == pytest.approx(989.4e12)
-    assert PEAKS["A100"]["bf16"] == pytest.approx(312e12)
+    assert PEAKS["A100-80G"]["bf16"] == pytest.approx(312e12)
     # 8 GPUs at 1e5 tokens/s each, 1e9 FLOPs per token -> 8e14 / (8 * 989.4e12)
     assert mfu(8e5, 1e9, 8, peak_flops("H100")) == pytest.approx(1e14 / 989.4e12)
     assert mfu(1e5, 1e9, 1, None) is None
     assert normalize_gpu("NVIDIA H100 80GB HBM3") == "H100" and normalize_gpu("NVIDIA H200") == "H200"
-    assert normalize_gpu("NVIDIA A100-SXM4-80GB") == "A100" and normalize_gpu("cpu") is None
+    assert normalize_gpu("NVIDIA A100-SXM4-80GB") == "A100-80G" and normalize_gpu("cpu") is None
+
+
+def test_gpu_table_covers_the_cloud_gpus_and_their_device_names():
+    # Ray accelerator types and torch.cuda.get_device_name() spellings of every GPU the Terraform node groups use.
+    names = {"NVIDIA A10G": "A10G", "NVIDIA L4": "L4", "NVIDIA L40S": "L40S", "NVIDIA A100-SXM4-40GB": "A100-40G",
+             "NVIDIA A100 80GB PCIe": "A100-80G", "A100": "A100-80G", "NVIDIA H100 80GB HBM3": "H100",
+             "NVIDIA H200": "H200", "L40S": "L40S", "NVIDIA A10": None}
+    assert {n: normalize_gpu(n) for n in names} == names
+    for key, spec in PEAKS.items():
+        assert spec["bf16"] > spec["fp32"] > 0 and spec["memory_gib"] >= 24, key
+    assert {k: PEAKS[k]["memory_gib"] for k in ("A100-40G", "A100-80G", "H200")} == {
+        "A100-40G": 40, "A100-80G": 80, "H200": 141}
 
 
 def test_fsdp_shards_states_and_checkpointing_cuts_activations():

@@ -176,3 +176,69 @@ def test_build_app_checks_keys_and_the_switch_interval():
         build_app({"model": "m", "stream_interval_tokens": 0})
     with pytest.raises(ConfigError, match="serve.stream_max_delay_ms=-5"):
         build_app({"model": "m", "stream_max_delay_ms": -5})
+
+
+def test_health_says_only_healthy_and_docs_need_the_key(service):
+    async def fn(client, http):
+        key = {"Authorization": f"Bearer {KEY}"}
+        pages = {path: ((await http.get(path)), (await http.get(path, headers=key)))
+                 for path in ("/openapi.json", "/docs", "/redoc")}
+        return (await http.get("/health")), pages
+    health, pages = call(service, fn)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}  # no model id, no queue depths
+    for path, (anonymous, keyed) in pages.items():
+        assert anonymous.status_code == 401, path
+        assert anonymous.json()["error"]["code"] == "invalid_api_key", path
+        assert keyed.status_code == 200, path
+    assert "/v1/completions" in pages["/openapi.json"][1].json()["paths"]
+    assert "/openapi.json" in pages["/docs"][1].text and "/openapi.json" in pages["/redoc"][1].text
+
+
+def test_prompt_count_and_generation_budget_are_capped(service):
+    import dataclasses
+
+    small = Service(service.engine, service.tokenizer, "tiny",
+                    dataclasses.replace(service.cfg, max_prompts_per_request=4, max_generated_tokens_per_request=100))
+
+    async def fn(client, http):
+        app = create_api(lambda: small)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     headers={"Authorization": f"Bearer {KEY}"}) as h:
+            async def post(path, **body):
+                return await h.post(path, json={"model": "tiny", **body})
+            return {
+                "five_prompts": await post("/v1/completions", prompt=["the cat"] * 5, max_tokens=1),
+                "four_prompts": await post("/v1/completions", prompt=["the cat"] * 4, max_tokens=2),
+                "token_prompts": await post("/v1/completions", prompt=[[5, 6]] * 5, max_tokens=1),
+                "budget": await post("/v1/completions", prompt=["a", "b"], n=4, max_tokens=13),  # 2 x 4 x 13 = 104
+                "at_budget": await post("/v1/completions", prompt=["a", "b"], n=2, max_tokens=25),  # 100
+                "chat_budget": await post("/v1/chat/completions", messages=[{"role": "user", "content": "hi"}],
+                                          n=8, max_tokens=13),  # 8 x 13 = 104
+                # No max_tokens: chat defaults to the rest of the context (capped at 64): 2 x 64 > 100.
+                "chat_default": await post("/v1/chat/completions", messages=[{"role": "user", "content": "hi"}],
+                                           n=2),
+            }
+    r = call(service, fn)
+    for name in ("five_prompts", "token_prompts"):
+        assert r[name].status_code == 400, name
+        assert r[name].json()["error"] == {"message": "5 prompts in one request exceed this server's limit of 4 "
+                                                      "prompts per request", "type": "invalid_request_error",
+                                           "param": "prompt", "code": "too_many_prompts"}
+    assert r["four_prompts"].status_code == 200 and len(r["four_prompts"].json()["choices"]) == 4
+    assert r["at_budget"].status_code == 200 and len(r["at_budget"].json()["choices"]) == 4
+    for name in ("budget", "chat_budget", "chat_default"):
+        error = r[name].json()["error"]
+        assert r[name].status_code == 400 and error["code"] == "request_too_large", name
+        assert error["param"] == "max_tokens" and "limit is 100 tokens per request" in error["message"], name
+
+
+def test_fastapi_own_errors_are_openai_shaped(service):
+    async def fn(client, http):
+        key = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        nested = "[" * 1500 + "]" * 1500  # past json's recursion limit: FastAPI answers 400 {"detail": ...}
+        return [await http.post("/v1/completions", content=f'{{"model": "tiny", "prompt": {nested}}}', headers=key),
+                await http.get("/v1/no-such-route", headers=key),
+                await http.get("/v1/completions", headers=key)]
+    for response, status in zip(call(service, fn), (400, 404, 405)):
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text

@@ -51,7 +51,7 @@ def test_pretrained_model_with_a_smaller_vocab(pretrain, tmp_path):
 def test_objective_must_fit_family_and_dataset(pretrain, tmp_path):
     with pytest.raises(ConfigError, match="train.objective='mlm' does not fit model.family='gpt2'"):
         run(pretrain, str(tmp_path), train=TrainConfig(objective="mlm"))
-    with pytest.raises(ConfigError, match="needs a 'sft' dataset"):
+    with pytest.raises(ConfigError, match="needs a 'sft' or 'chat' dataset"):
         run(pretrain, str(tmp_path), train=TrainConfig(objective="sft"))
 
 
