@@ -30,6 +30,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
+def copy_tokenizer_files(src: str, local_dir: str) -> None:
+    """The tokenizer files present in storage folder `src`, copied byte for byte into `local_dir` (a released
+    checkpoint's tokenizer is shipped as it came, never re-saved)."""
+    for name in TOKENIZER_FILES:
+        if storage.exists(storage.join(src, name)):
+            with open(os.path.join(local_dir, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join(src, name)))
+
+
 @dataclass
 class DatasetInfo:
     """What a consumer needs from a dataset folder."""

@@ -20,7 +20,7 @@ from typing import Iterable
 from llm_platform import storage
 from llm_platform.config.tokenizer import TokenizerConfig
 from llm_platform.data.chat import DEFAULT_CHAT_TEMPLATE
-from llm_platform.data.dataset import SPECIAL_TOKENS, TOKENIZER_FILES, load_tokenizer
+from llm_platform.data.dataset import SPECIAL_TOKENS, TOKENIZER_FILES, copy_tokenizer_files, load_tokenizer
 from llm_platform.errors import ConfigError
 
 # The chat format of tokenizers trained here: the default that serving and the chat data stage also use.
@@ -110,10 +110,7 @@ def save(tok, uri: str, copy_from: str | None = None) -> str:
     """
     with tempfile.TemporaryDirectory(prefix="llmp-tok-") as tmp:
         if copy_from:
-            for name in TOKENIZER_FILES:
-                if storage.exists(storage.join(copy_from, name)):
-                    with open(os.path.join(tmp, name), "wb") as f:
-                        f.write(storage.read_bytes(storage.join(copy_from, name)))
+            copy_tokenizer_files(copy_from, tmp)
         else:
             tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "tokenizer.json"), "rb") as f:

@@ -122,12 +122,9 @@ def export_hf(model: torch.nn.Module, tokenizer, uri: str, lineage: dict[str, An
                             and name != LINEAGE:
                         shutil.copyfile(path, os.path.join(tmp, name))
         if isinstance(tokenizer, str):
-            from llm_platform.data.dataset import TOKENIZER_FILES
+            from llm_platform.data.dataset import copy_tokenizer_files
 
-            for name in TOKENIZER_FILES:
-                if storage.exists(storage.join(tokenizer, name)):
-                    with open(os.path.join(tmp, name), "wb") as f:
-                        f.write(storage.read_bytes(storage.join(tokenizer, name)))
+            copy_tokenizer_files(tokenizer, tmp)
         else:
             tokenizer.save_pretrained(tmp)
         if not any(name.endswith(".safetensors") for name in os.listdir(tmp)):

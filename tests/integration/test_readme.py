@@ -276,6 +276,9 @@ def _check(cmd: str, out: subprocess.CompletedProcess, work: Path) -> None:
     elif cmd.startswith("llm-platform tune "):
         assert "winner:" in text and "registered: registry:debug/" in text
         assert list((work / ".llm-platform" / "storage" / "sweeps").iterdir())
+        # Trials run in Ray's own working directories: their records still land in runs/<run>/ of this folder.
+        trials = list((work / ".llm-platform" / "storage" / "runs").glob("debug-sweep-*"))
+        assert trials and all((t / "metrics.jsonl").is_file() for t in trials), trials
     elif cmd.startswith("llm-platform registry list"):
         assert "debug" in text
     elif cmd.startswith("curl "):
