@@ -37,3 +37,20 @@ def stage_main(config_name: str) -> Callable[[Callable[[PlatformConfig], object]
         return _app
 
     return wrap
+
+
+def wait_until_interrupted() -> None:
+    """Block until Ctrl-C or SIGTERM (`kill`, systemd, a pod being stopped), both raised as KeyboardInterrupt so the
+    caller drains the same way. ray.init installed a SIGTERM handler that exits at once (skipping any clean-up),
+    and a process started in the background by a shell inherits SIGINT ignored: both handlers are set here."""
+    import signal
+    import time
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    while True:  # Serve runs in Ray's processes; keep the driver alive until interrupted
+        time.sleep(3600)
+

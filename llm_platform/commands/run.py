@@ -5,7 +5,7 @@ skipped when its output for the same inputs and config exists, so a second run i
 interrupted unless `run.keep_serving=false`.
 """
 
-from llm_platform.commands import stage_main
+from llm_platform.commands import stage_main, wait_until_interrupted
 from llm_platform.config import PlatformConfig
 
 
@@ -38,7 +38,6 @@ def preflight(cfg: PlatformConfig) -> None:
 @stage_main("run")
 def main(cfg: PlatformConfig) -> None:
     import logging
-    import time
 
     from llm_platform import cluster, storage
     from llm_platform.runner import run_all
@@ -56,8 +55,7 @@ def main(cfg: PlatformConfig) -> None:
     print(f"serving at {summary.endpoint}/v1 (Ctrl-C stops); try: llm-platform query \"{cfg.run.query}\" "
           f"--url {summary.endpoint}", flush=True)  # flushed: a log file or a pipe sees it before the wait
     try:
-        while True:
-            time.sleep(3600)
+        wait_until_interrupted()  # Ctrl-C or SIGTERM
     except KeyboardInterrupt:
         from llm_platform.serve.app import undeploy
 

@@ -1,14 +1,12 @@
 """`llm-platform serve`: model version -> OpenAI-compatible Ray Serve endpoint (local Ray, or a cluster)."""
 
-from llm_platform.commands import stage_main
+from llm_platform.commands import stage_main, wait_until_interrupted
 from llm_platform.config import PlatformConfig
 
 
 @stage_main("serve")
 def main(cfg: PlatformConfig) -> None:
     import logging
-    import signal
-    import time
 
     from llm_platform import cluster, storage
     from llm_platform.serve import ingress
@@ -26,16 +24,9 @@ def main(cfg: PlatformConfig) -> None:
           f"  llm-platform query \"Once upon a time\" --url {url}", flush=True)
     if not cfg.serve.blocking:
         return
-    # SIGTERM (`kill`, systemd, a pod being stopped) drains like Ctrl-C. ray.init installed a SIGTERM handler
-    # that exits at once, which would skip the undeploy below.
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        while True:  # Serve runs in Ray's processes; keep the driver alive until interrupted
-            time.sleep(3600)
+        wait_until_interrupted()  # Ctrl-C or SIGTERM
     except KeyboardInterrupt:
         log.info("stopping: finishing in-flight requests")
         undeploy(cfg.serve)
 
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")

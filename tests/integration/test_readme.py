@@ -153,14 +153,21 @@ class Story:
         pytest.fail(f"{command} not ready after {timeout}s:\n{Path(log.name).read_text()[-4000:]}")
 
     @staticmethod
-    def stop(proc: subprocess.Popen) -> tuple[int, str]:
-        """Ctrl-C, as a user stops it; returns the exit code and the output."""
-        os.killpg(proc.pid, signal.SIGINT)
+    def stop(proc: subprocess.Popen) -> tuple[int | None, str]:
+        """Ctrl-C, as a user stops it: SIGINT to the CLI (whose handler drains it even when the shell that started
+        it made SIGINT ignored); returns the exit code (None: it had to be killed) and the output. A group SIGKILL
+        then takes any of its local Ray's processes that outlived it."""
+        code = None
         try:
+            os.kill(proc.pid, signal.SIGINT)
             code = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
-            code = proc.wait()
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
         return code, Path(proc.log.name).read_text()  # type: ignore[attr-defined]
 
 

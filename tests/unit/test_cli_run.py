@@ -1,7 +1,9 @@
 """CLI dispatch and the `run` stage selection (no Ray)."""
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -49,3 +51,21 @@ def test_stage_selection():
     assert selected_stages(compose("run", ["run.until_stage=data"])) == ["data"]
     with pytest.raises(ConfigError, match="run.from_stage"):
         selected_stages(compose("run", ["run.from_stage=deploy"]))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serving_commands_stop_cleanly_on_ctrl_c_or_sigterm_even_if_sigint_was_ignored(signum):
+    """`run` and `serve` wait in `wait_until_interrupted`: both signals drain (KeyboardInterrupt), also when the
+    shell that started the command left SIGINT ignored (a background job, a CI runner)."""
+    code = ("import signal, sys\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "from llm_platform.commands import wait_until_interrupted\n"
+            "print('waiting', flush=True)\n"
+            "try:\n    wait_until_interrupted()\n"
+            "except KeyboardInterrupt:\n    print('drained', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "waiting"
+    time.sleep(1.0)  # the handlers are set right after the print
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=30)
+    assert out.strip() == "drained" and proc.returncode == 0
