@@ -57,6 +57,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def connect(cfg: ClusterConfig | None = None) -> str:
     """Join or start Ray once per process; returns the address in use ("local" for a started instance)."""
     import ray
@@ -82,7 +90,29 @@ def connect(cfg: ClusterConfig | None = None) -> str:
     temp_dir = cfg.temp_dir or os.environ.get("RAY_TMPDIR")
     if temp_dir:
         os.makedirs(temp_dir, exist_ok=True)
+    # Ray Train V2's placement-group cleaner asks the State API whether a run's controller is still alive. Given no
+    # address, Ray's State API client scans this machine for Ray instances and, finding two (a `llm-platform serve`
+    # beside a `llm-platform tune`, or a test's Ray beside a CLI's), raises; the cleaner's thread dies, a killed
+    # controller's workers (an ASHA-stopped trial's) keep their CPUs, and a sweep deadlocks once Ray Data has no CPU
+    # left. So this instance's processes are told which API server is theirs: they inherit the variable from the
+    # environment `ray.init` starts them with. It is set only for that call: a process this one starts later (a
+    # test's other Ray, a `ray start`) must not inherit an address that is not its own.
+    dashboard_port = _free_port()
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     log.info("starting a local Ray (%s logical CPUs)", cfg.num_cpus)
+    try:
+        _init_local(ray, cfg, temp_dir, dashboard_port, runtime_env)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
+    console.adopt_ray_loggers()
+    return "local"
+
+
+def _init_local(ray, cfg: ClusterConfig, temp_dir: str | None, dashboard_port: int, runtime_env: dict) -> None:
     ray.init(
         # "local" always starts a new instance; None would attach to any cluster a `ray start` left on this machine.
         address="local",
@@ -95,6 +125,7 @@ def connect(cfg: ClusterConfig | None = None) -> str:
         # workers' CPUs forever, and a sweep with more trials than CPUs deadlocks. Bound to 127.0.0.1.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
         runtime_env=runtime_env,
         # Workers' and replicas' own output stays in Ray's session logs unless -v (console.py).
         log_to_driver=cfg.log_to_driver and console.verbose(),
@@ -102,5 +133,3 @@ def connect(cfg: ClusterConfig | None = None) -> str:
         # Ray's own start-up warnings (token authentication...) go to the log file unless -v.
         logging_level=logging.WARNING if console.verbose() else logging.ERROR,
     )
-    console.adopt_ray_loggers()
-    return "local"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,16 +118,8 @@ def register(root: str, name: str, model_uri: str, lineage: dict[str, Any], *, m
         raise RegistryError(f"{model_uri} is not an HF-format model folder (no config.json)")
     version = _claim_version(root, name)
     uri = storage.join(_model_uri(root, name), version)
-    with tempfile.TemporaryDirectory(prefix="llmp-reg-") as tmp:
-        local = storage.download_dir(model_uri, tmp)
-        for dirpath, _, files in os.walk(local):
-            for fname in sorted(files):
-                if fname == LINEAGE:
-                    continue
-                src = os.path.join(dirpath, fname)
-                rel = os.path.relpath(src, local).replace(os.sep, "/")
-                with open(src, "rb") as f:
-                    storage.write_bytes(storage.join(uri, rel), f.read())
+    # File by file, streaming: server-side on S3, chunked between local and S3; memory does not grow with the model.
+    storage.copy_dir(model_uri, uri, skip=(LINEAGE,))
     record = dict(lineage)
     record.update({
         "kind": "model_version",

@@ -93,7 +93,9 @@ def run_all(cfg: PlatformConfig) -> RunSummary:
 
     def train():
         if not dataset_uri:
-            raise StageError("no dataset for training: run the data stage first (run.from_stage=data)")
+            raise StageError(f"no finished dataset for data.name={cfg.data.name!r} with this data and tokenizer config "
+                             f"under {root}: start the run at the data stage (--from data), give the same overrides "
+                             f"as the run that built it, or set train.dataset=<dataset folder>")
         if cfg.run.use_tune:
             from llm_platform.tune.driver import run_sweep
 

@@ -294,15 +294,67 @@ def delete(uri: str, recursive: bool = True) -> None:
         fs.rm(path, recursive=recursive)
 
 
-def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy a local folder's files to a URI folder (files keep their relative paths)."""
+# S3 multipart uploads and ranged downloads: parts of UPLOAD_CHUNK_BYTES, UPLOAD_CONCURRENCY in flight. What a copy holds in memory is
+# about their product (plus the S3 client's own copies), whatever the file's size.
+UPLOAD_CHUNK_BYTES = 8 * 2**20
+UPLOAD_CONCURRENCY = 4
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy one file between any two of local and S3, streaming: memory does not grow with the file's size.
+
+    S3 to S3 is a server-side copy (CopyObject; multipart copy past 5 GB): no byte passes through this process.
+    Local to S3 is a multipart upload (`UPLOAD_CHUNK_BYTES` parts, `UPLOAD_CONCURRENCY` in flight), S3 to local a
+    chunked download; a local
+    destination is written beside itself and renamed into place, so a reader never sees half a file.
+    """
+    import shutil
+
+    src_fs, src_path = filesystem(src)
+    dst_fs, dst_path = filesystem(dst)
+    if is_remote(src) and is_remote(dst):
+        src_fs.copy(src_path, dst_path)
+        return
+    if not is_remote(src) and is_remote(dst):
+        dst_fs.put_file(src_path, dst_path, chunksize=UPLOAD_CHUNK_BYTES, max_concurrency=UPLOAD_CONCURRENCY)
+        return
+    os.makedirs(os.path.dirname(dst_path) or ".", exist_ok=True)
+    tmp = f"{dst_path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        if is_remote(src):
+            _get_file(src_fs, src_path, tmp)
+        else:
+            shutil.copyfile(src_path, tmp)
+        os.replace(tmp, dst_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def list_files(uri: str) -> list[str]:
+    """The files under a folder URI as relative `a/b.txt` names (sorted). For S3, every key is checked as
+    `download_dir` checks it: a key that could leave the folder (`..`, `.`, an empty segment) is refused."""
     fs, path = filesystem(uri)
-    for root, _, files in os.walk(local_dir):
-        for name in sorted(files):
-            src = os.path.join(root, name)
-            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-            with open(src, "rb") as f:
-                write_bytes(join(uri, rel), f.read())
+    if is_remote(uri):
+        return sorted("/".join(parts) for parts in _local_names(uri, path, fs.find(path)).values())
+    out = []
+    for root, _, files in os.walk(path):
+        out += [os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/") for name in files]
+    return sorted(out)
+
+
+def copy_dir(src: str, dst: str, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy every file of a folder URI to another (local or S3, either way), streaming each (`copy_file`).
+    Files whose relative name is in `skip` stay behind. Returns the relative names copied."""
+    names = [n for n in list_files(src) if n not in skip]
+    for name in names:
+        copy_file(join(src, name), join(dst, name))
+    return names
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder's files to a URI folder (files keep their relative paths), streaming each file."""
+    copy_dir(local_dir, uri)
 
 
 def download_dir(uri: str, local_dir: str) -> str:
@@ -348,7 +400,13 @@ def _download_objects(fs: fsspec.AbstractFileSystem, uri: str, names: dict[str, 
         if os.path.commonpath([root, os.path.realpath(dest)]) != root:
             raise DataError(f"{uri}: refusing to download object {key!r} outside {local_dir}")
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fs.get_file(key, dest)
+        _get_file(fs, key, dest)
+
+
+def _get_file(fs: fsspec.AbstractFileSystem, path: str, dest: str) -> None:
+    """An S3 object to a local file in `UPLOAD_CHUNK_BYTES` ranges, `UPLOAD_CONCURRENCY` at a time (s3fs's
+    defaults hold ten 50 MB parts at once)."""
+    fs.get_file(path, dest, chunksize=UPLOAD_CHUNK_BYTES, max_concurrency=UPLOAD_CONCURRENCY)
 
 
 def private_cache_dir(name: str) -> str:

@@ -78,6 +78,34 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture
+def another_ray_instance(tmp_path_factory):
+    """A second, idle local Ray on this machine (its own process group), as when a user's `llm-platform serve` runs
+    beside another command: Ray's address discovery then finds two instances."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    temp_dir = tempfile.mkdtemp(prefix="llmp-2nd-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    ready = os.path.join(temp_dir, "ready")
+    code = ("import ray, time, pathlib\n"
+            f"ray.init(address='local', num_cpus=1, include_dashboard=False, _temp_dir={temp_dir!r})\n"
+            f"pathlib.Path({ready!r}).write_text('up')\n"
+            "time.sleep(3600)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not os.path.exists(ready):
+        assert proc.poll() is None and time.time() < deadline, "the second Ray instance did not start"
+        time.sleep(0.5)
+    yield proc
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 _RELIABILITY_FIGURES: list[tuple[str, dict]] = []
 
 
@@ -100,18 +128,18 @@ def pytest_runtest_logreport(report):
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
-    """Last before the final line, so that the tail of a CI log shows them: seconds per test file (setup, call
-    and teardown together), and the reliability figures."""
+    """Last before the final line, so that the tail of a CI log shows them: the reliability figures, then the
+    slowest test files (setup, call and teardown together) and the total."""
+    if _RELIABILITY_FIGURES:
+        terminalreporter.section("reliability figures")
+        for scenario, figures in _RELIABILITY_FIGURES:
+            terminalreporter.write_line(f"{scenario}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
     if _SECONDS_BY_TEST:
         by_file: dict[str, float] = {}
         for nodeid, seconds in _SECONDS_BY_TEST.items():
             name = nodeid.split("::")[0]
             by_file[name] = by_file.get(name, 0.0) + seconds
         terminalreporter.section("seconds per test file")
-        for name, seconds in sorted(by_file.items(), key=lambda kv: -kv[1])[:20]:
+        for name, seconds in sorted(by_file.items(), key=lambda kv: -kv[1])[:12]:
             terminalreporter.write_line(f"{seconds:8.1f}  {name}")
         terminalreporter.write_line(f"{sum(by_file.values()):8.1f}  all {len(_SECONDS_BY_TEST)} tests")
-    if _RELIABILITY_FIGURES:
-        terminalreporter.section("reliability figures")
-        for scenario, figures in _RELIABILITY_FIGURES:
-            terminalreporter.write_line(f"{scenario}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))

@@ -73,6 +73,13 @@ class ServeConfig:
     """Prompt tokens prefilled per engine iteration at most."""
     max_waiting_requests: int = 256
     """Requests waiting for a batch slot before the replica answers 429."""
+    max_batch_tokens: int | None = None
+    """KV-cache budget of a replica in tokens: the running batch (rows x its longest prompt + max_tokens) is kept
+    within it, so memory is bounded by config, not by traffic. A request that could never fit gets a 400, one that
+    does not fit now waits for room. None: `kv_memory_fraction` of the free accelerator memory after the weights
+    (of available RAM on CPU) over the model's KV bytes per token."""
+    kv_memory_fraction: float = 0.5
+    """With `max_batch_tokens` unset: the share of free memory the KV cache may take."""
     gil_switch_interval_ms: float = 0.5
     """CPython's GIL switch interval in the replica (`sys.setswitchinterval`; 0 keeps Python's 5 ms). The engine
     thread and the request event loop share the GIL, and each waits up to this long for the other: on an H100
@@ -115,3 +122,6 @@ class ServeConfig:
     """Jensen-Shannon divergence (base 2, 0..1) of prompt tokens vs the training data that logs an alert."""
     drift_psi_threshold: float = 0.25
     """Population stability index of prompt lengths that logs an alert."""
+    drift_perplexity_every: int = 4
+    """The drift monitor's prompt perplexity is measured on every Nth request (0: never). It costs a pass of the
+    output head over the prompt (a chunk of positions at a time); token and length drift see every prompt."""

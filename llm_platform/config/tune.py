@@ -42,7 +42,8 @@ class TuneConfig:
     """Resume an interrupted sweep of the same name (finished trials are not rerun)."""
     resume_errored: bool = True
     """On resume, also rerun trials that errored (from their run's latest checkpoint)."""
-    verbose: int = 1
-    """Ray Tune console verbosity: 0 silent, 1 status, 2 every report."""
+    verbose: int = 0
+    """Ray Tune's own console output: 0 none (a line per trial event instead), 1 its status tables, 2 every
+    report."""
     register_as: str | None = None
     """Registry model name for the winner (None uses the model preset name)."""

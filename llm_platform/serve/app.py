@@ -85,7 +85,9 @@ class OpenAIServer:
         model, tokenizer = load_model(folder, cfg.device, cfg.dtype)
         if cfg.gil_switch_interval_ms > 0:  # this process is the replica: the engine is its main workload
             sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000)
-        self.engine = Engine(model, tokenizer, cfg.max_batch_size, cfg.max_waiting_requests, cfg.max_prefill_tokens)
+        self.engine = Engine(model, tokenizer, cfg.max_batch_size, cfg.max_waiting_requests, cfg.max_prefill_tokens,
+                             max_batch_tokens=cfg.max_batch_tokens, kv_memory_fraction=cfg.kv_memory_fraction,
+                             score_prompts_every=cfg.drift_perplexity_every)
         self.engine.start()
         metrics = ServeMetrics(self.engine)
         reference = args.get("drift_reference") or reference_for_model(folder)

@@ -40,6 +40,78 @@ class EngineStopped(Exception):
     """The engine is draining or stopped (the API answers 503)."""
 
 
+class RequestTooLarge(ValueError):
+    """A request whose KV cache could never fit the replica's budget, even alone (the API answers 400)."""
+
+
+LOGIT_CHUNK = 256
+"""Prompt positions whose full-vocabulary logits exist at once when prompt log-probabilities are computed."""
+
+
+class PositionLogits:
+    """Logits of any prompt positions of a prefill, computed on demand from the hidden states (or sliced from
+    logits a model computed whole)."""
+
+    def __init__(self, hidden: torch.Tensor | None = None, head=None, logits: torch.Tensor | None = None):
+        self.hidden, self.head, self.logits = hidden, head, logits
+
+    def rows(self, row: int, start: int, end: int) -> torch.Tensor:
+        """(end - start, V) logits of positions [start, end) of batch row `row`."""
+        if self.logits is not None:
+            return self.logits[row, start:end]
+        return self.head(self.hidden[row, start:end])
+
+
+def split_model(model) -> tuple[object | None, object | None]:
+    """(base model, output head) when the causal LM's logits are exactly the head over the base's last hidden
+    state (GPT-2, Llama, Mistral, Qwen2...), checked on a few tokens; else (None, None) and the engine asks the model
+    for the positions it needs (`logits_to_keep`)."""
+    base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or head is None or base is model:
+        return None, None
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 5, device=device)[None, :] % max(int(model.config.vocab_size), 2)
+    try:
+        with torch.no_grad():
+            want = model(input_ids=ids).logits.float()
+            got = head(base(input_ids=ids).last_hidden_state).float()
+    except Exception:  # noqa: BLE001 - an unusual model: use its own forward
+        return None, None
+    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+        return None, None
+    return base, head
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token takes in every layer (keys and values, the model's dtype)."""
+    cfg = model.config
+    layers = int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 1))
+    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1))
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    hidden = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", heads))
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+    itemsize = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize
+
+
+def default_batch_tokens(model, per_token: int, memory_fraction: float = 0.5) -> int:
+    """KV-cache tokens a replica may hold: `memory_fraction` of the accelerator's free memory after the weights
+    (CUDA), or of the machine's available memory (CPU), over the bytes a token takes; at least one full context."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        except ImportError:  # pragma: no cover - psutil comes with Ray
+            free = 8 * 2**30
+    context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
+    return max(context, int(free * memory_fraction) // max(per_token, 1))
+
+
 @dataclass
 class TokenLogprob:
     """A token and its log-probability under the model, with the most likely alternatives."""
@@ -80,6 +152,7 @@ class _Request:
     cancelled: bool = False
     prompt_sent: bool = False
     prompt_logprobs: list[TokenLogprob] | None = None
+    score_prompt: bool = False
     stream: bool = True
     first_sent: bool = False
     pending: list[SeqDelta] = field(default_factory=list)
@@ -100,6 +173,7 @@ class _Seq:
         self.stream = TextStream(tokenizer, req.prompt_ids)
         self.stop = StopMatcher(req.params.stop)
         self.generator = torch.Generator().manual_seed(seed)
+        self.final_length = len(req.prompt_ids) + req.params.max_tokens  # its longest: what admission reserves
 
 
 def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
@@ -151,15 +225,27 @@ class Engine:
         max_batch_size: sequences decoded together at most.
         max_waiting: requests allowed to wait for a slot before `submit` raises `EngineOverloaded`.
         max_prefill_tokens: prompt tokens prefilled in one iteration at most (bounds the decode stall).
+        max_batch_tokens: KV-cache budget in tokens (rows x longest final length of the running batch); None
+            derives it from free memory (`default_batch_tokens`).
+        score_prompts_every: compute the prompt log-probabilities of every Nth request (the drift monitor's
+            perplexity samples them; 0: none), besides those of requests that ask (`echo` with `logprobs`).
+        kv_memory_fraction: with `max_batch_tokens` None, the share of free memory the cache may take.
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_waiting: int = 256,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 4096, max_batch_tokens: int | None = None, score_prompts_every: int = 1,
+                 kv_memory_fraction: float = 0.5):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_waiting, self.max_prefill_tokens = max_batch_size, max_waiting, max_prefill_tokens
         self.device = next(model.parameters()).device
         self.max_positions = int(getattr(model.config, "max_position_embeddings", None)
                                  or getattr(model.config, "n_positions", 2048))
+        self.kv_bytes_per_token = kv_bytes_per_token(model)
+        self.max_batch_tokens = int(max_batch_tokens or default_batch_tokens(model, self.kv_bytes_per_token,
+                                                                             kv_memory_fraction))
+        self.score_prompts_every = score_prompts_every  # the drift monitor's prompt perplexity samples prompts
+        self._admitted_requests = 0
+        self._base, self._head = split_model(model)
         self.eos_token_id = tokenizer.eos_token_id
         self._inbox: queue.Queue[_Request] = queue.Queue()
         self._cancels: queue.Queue[_Request] = queue.Queue()
@@ -214,6 +300,10 @@ class Engine:
             raise EngineStopped("the engine is shutting down or unhealthy")
         if params.n > self.max_batch_size:  # it could never be admitted
             raise ValueError(f"n={params.n} exceeds max_batch_size={self.max_batch_size}")
+        if self.footprint(params.n, len(prompt_ids) + params.max_tokens) > self.max_batch_tokens:
+            raise RequestTooLarge(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) needs more "
+                f"KV cache than this replica's budget of {self.max_batch_tokens} tokens (serve.max_batch_tokens)")
         if self.num_waiting() >= self.max_waiting:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting for a batch slot")
         hold = (max(1, interval), max_delay_s) if stream else (math.inf, math.inf)
@@ -279,12 +369,23 @@ class Engine:
             self._keep([s for s in self._running if s.req is not req])
         admitted: list[_Seq] = []
         budget = self.max_prefill_tokens
+        # The cache is one left-padded (B, T) block, so what a batch can come to hold is its row count times its
+        # longest row at the end (prompt + max_tokens): admission keeps that within `max_batch_tokens`.
+        longest = max((s.final_length for s in self._running), default=0)
         while self._waiting and len(self._running) + len(admitted) + self._waiting[0].params.n <= self.max_batch_size:
             req = self._waiting[0]
             if admitted and len(req.prompt_ids) * req.params.n > budget:
                 break
+            final = len(req.prompt_ids) + req.params.max_tokens
+            rows = len(self._running) + len(admitted) + req.params.n
+            if self.footprint(rows, max(longest, final)) > self.max_batch_tokens:
+                break  # it waits until finished sequences make room (submit refused any that never could fit)
+            longest = max(longest, final)
             self._waiting.pop(0)
             budget -= len(req.prompt_ids) * req.params.n
+            every = self.score_prompts_every
+            req.score_prompt = bool(every) and self._admitted_requests % every == 0
+            self._admitted_requests += 1
             base = req.params.seed if req.params.seed is not None else random.getrandbits(62)
             seqs = [_Seq(req, i, self.tokenizer, base + i) for i in range(req.params.n)]
             req.open_seqs = len(seqs)
@@ -297,11 +398,35 @@ class Engine:
             self._wake.wait(timeout=0.1)
             self._wake.clear()
 
-    def _forward(self, input_ids, mask, cache):
+    def footprint(self, rows: int, longest: int) -> int:
+        """KV-cache tokens of a batch of `rows` sequences whose longest is `longest` tokens (the padded block)."""
+        return rows * longest
+
+    def _forward(self, input_ids, mask, cache, all_positions: bool = False):
+        """One forward pass; returns (position logits, last-position logits (B, V), cache).
+
+        Only the last position's logits are computed for generation. `all_positions` (prompt log-probs wanted)
+        also returns a `PositionLogits` that computes the rest a chunk at a time, so a long prompt never has its
+        full (L, V) logits in memory at once.
+        """
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True)
-        return out.logits, out.past_key_values
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=True)
+        if self._base is not None:
+            out = self._base(**kwargs)
+            hidden = out.last_hidden_state  # (B, L, H): small next to (B, L, V)
+            scores = PositionLogits(hidden=hidden, head=self._head) if all_positions else None
+            return scores, self._head(hidden[:, -1, :]), out.past_key_values
+        # A model whose logits are not just its output head over the last hidden state (a soft cap, a scale):
+        # transformers' own `logits_to_keep` (0 keeps all positions).
+        out = self.model(**kwargs, logits_to_keep=0 if all_positions else 1)
+        scores = PositionLogits(logits=out.logits) if all_positions else None
+        return scores, out.logits[:, -1, :], out.past_key_values
+
+    def _wants_prompt_logprobs(self, seq: "_Seq") -> bool:
+        p = seq.req.params
+        return seq.index == 0 and not seq.req.prompt_sent and (
+            seq.req.score_prompt or (p.echo and p.logprobs is not None))
 
     def _prefill(self, seqs: list[_Seq]) -> None:
         from transformers import DynamicCache
@@ -314,25 +439,37 @@ class Engine:
             ids[row, width - lengths[row]:] = torch.tensor(s.req.prompt_ids)
             mask[row, width - lengths[row]:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        logits, cache = self._forward(ids, mask, DynamicCache())  # logits (b, L, V)
+        scores, last, cache = self._forward(ids, mask, DynamicCache(),
+                                            all_positions=any(self._wants_prompt_logprobs(s) for s in seqs))
         for row, s in enumerate(seqs):
             if s.index == 0 and not s.req.prompt_sent:
+                if self._wants_prompt_logprobs(s):
+                    s.req.prompt_logprobs = self._prompt_logprobs(scores, row, width - lengths[row],
+                                                                  s.req.prompt_ids, s.req.params)
                 s.req.prompt_sent = True
                 self.stats["prompt_tokens"] += lengths[row]
                 self.stats["requests"] += 1
-                s.req.prompt_logprobs = self._prompt_logprobs(logits[row, width - lengths[row]:],
-                                                              s.req.prompt_ids, s.req.params)
+        del scores
         self._merge(cache, mask, seqs)
-        self._step_tokens(logits[:, -1, :], seqs)
+        self._step_tokens(last, seqs)
 
-    def _prompt_logprobs(self, logits: torch.Tensor, ids: list[int], params: SamplingParams) -> list[TokenLogprob]:
-        """Log-probability of each prompt token given the ones before it (None for the first); (L, V) logits."""
-        target = torch.tensor(ids[1:], device=logits.device)
-        logp = logits[:-1].float().log_softmax(dim=-1)  # (L-1, V)
-        chosen = logp.gather(1, target[:, None]).squeeze(1).tolist() if len(ids) > 1 else []
-        k = params.logprobs or 0
-        tops = [list(zip(i.tolist(), v.tolist())) for v, i in zip(*logp.topk(k, dim=-1))] if k and params.echo \
-            else [[] for _ in chosen]
+    def _prompt_logprobs(self, scores: "PositionLogits", row: int, start: int, ids: list[int],
+                         params: SamplingParams) -> list[TokenLogprob]:
+        """Log-probability of each prompt token given the ones before it (None for the first), computed over
+        `LOGIT_CHUNK` positions at a time; the prompt starts at column `start` of row `row`."""
+        k = (params.logprobs or 0) if params.echo else 0
+        chosen: list[float] = []
+        tops: list[list[tuple[int, float]]] = []
+        for a in range(0, len(ids) - 1, LOGIT_CHUNK):
+            b = min(a + LOGIT_CHUNK, len(ids) - 1)
+            logp = scores.rows(row, start + a, start + b).float().log_softmax(dim=-1)  # (b - a, V)
+            target = torch.tensor(ids[a + 1:b + 1], device=logp.device)
+            chosen += logp.gather(1, target[:, None]).squeeze(1).tolist()
+            if k:
+                values, indices = logp.topk(k, dim=-1)
+                tops += [list(zip(i.tolist(), v.tolist())) for v, i in zip(values, indices)]
+            else:
+                tops += [[] for _ in range(b - a)]
         return [TokenLogprob(ids[0], None)] + [TokenLogprob(t, lp, top) for t, lp, top in zip(ids[1:], chosen, tops)]
 
     def _merge(self, new_cache, new_mask: torch.Tensor, seqs: list[_Seq]) -> None:
@@ -379,8 +516,8 @@ class Engine:
     def _decode(self) -> None:
         last = torch.tensor([[s.tokens[-1]] for s in self._running], device=self.device)  # (B, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._running), 1))], dim=1)
-        logits, self._cache = self._forward(last, self._mask, self._cache)
-        self._step_tokens(logits[:, -1, :], self._running)
+        _, logits, self._cache = self._forward(last, self._mask, self._cache)
+        self._step_tokens(logits, self._running)
 
     def _step_tokens(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
         """Sample one token for each of `seqs` (rows of `logits`, (B, V)), deliver deltas, drop finished ones."""

@@ -24,7 +24,8 @@ from llm_platform.config.serve import ServeConfig
 from llm_platform.serve import auth, ingress, limits
 from llm_platform.serve.api import (DEFAULT_CHAT_TEMPLATE, APIError, ChatCompletionRequest, CompletionRequest,
                                     error_body, validation_error)
-from llm_platform.serve.engine import Engine, EngineOverloaded, EngineStopped, RequestOutput, TokenLogprob
+from llm_platform.serve.engine import (Engine, EngineOverloaded, EngineStopped, RequestOutput, RequestTooLarge,
+                                       TokenLogprob)
 from llm_platform.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ class Service:
         if prompt_len + max_tokens > context:
             raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds this model's "
                            f"context length of {context}", param="max_tokens", code="context_length_exceeded")
+        if self.engine.footprint(req.n, prompt_len + max_tokens) > self.engine.max_batch_tokens:
+            raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) x n ({req.n}) needs more "
+                           f"KV cache than this server holds ({self.engine.max_batch_tokens} tokens)",
+                           param="max_tokens", code="context_length_exceeded")
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=max(req.top_k, 0), stop=req.stop or [], seed=req.seed, n=req.n,
                               logprobs=logprobs, echo=echo, ignore_eos=req.ignore_eos)
@@ -104,8 +109,8 @@ class Service:
                                    headers={"Retry-After": str(self.cfg.retry_after_s)})
                 if first is None:
                     first = time.perf_counter()
-                    if self.monitor is not None and out.prompt_logprobs is not None:
-                        self.monitor.observe_prompt(prompt_ids, [t.logprob for t in out.prompt_logprobs[1:]])
+                    if self.monitor is not None:  # every prompt's tokens; the log-probs of those scored
+                        self.monitor.observe_prompt(prompt_ids, [t.logprob for t in (out.prompt_logprobs or [])[1:]])
                 if not params.max_tokens:
                     for d in out.deltas:
                         d.text, d.tokens, d.finish_reason = "", [], "length"
@@ -114,6 +119,8 @@ class Service:
         except EngineOverloaded as e:
             raise APIError(429, f"server overloaded: {e}; retry later", type="rate_limit_error",
                            code="overloaded", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+        except RequestTooLarge as e:
+            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
         except EngineStopped as e:
             raise APIError(503, f"server unavailable: {e}", type="server_error", code="unavailable",
                            headers={"Retry-After": str(self.cfg.retry_after_s)}) from None

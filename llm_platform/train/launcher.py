@@ -386,13 +386,12 @@ def finished_run(run_uri: str, config_record: dict) -> TrainResult | None:
 
 
 def last_logged(run_uri: str) -> dict:
-    """The latest value of each metric in metrics.jsonl."""
-    uri = storage.join(run_uri, "metrics.jsonl")
+    """The latest value of each metric in the run's metric records."""
+    from llm_platform.train.metrics import read_metrics
+
     out: dict = {}
-    if storage.exists(uri):
-        for line in storage.read_text(uri).splitlines():
-            if line.strip():
-                out.update({k: v for k, v in json.loads(line).items() if v is not None and k != "time"})
+    for record in read_metrics(run_uri):
+        out.update({k: v for k, v in record.items() if v is not None and k != "time"})
     return out
 
 

@@ -1,8 +1,15 @@
 """Training metrics: throughput and MFU arithmetic, and the rank-0 sinks (console, metrics.jsonl, TensorBoard).
 
 `metrics.jsonl` holds one JSON object per logged step (`step` plus `train/loss`, `val/loss`, `perf/tokens_per_s`...).
-It is rewritten whole on each log (one PUT on S3, a rename locally) so a reader never sees a torn line; on resume
-the lines after the checkpoint's step are dropped, so the file always tells one consistent history.
+Writing it costs what each line costs, never the whole history again:
+
+- local storage: each line is appended (one write of a whole line; `read_metrics` skips a torn last line);
+- S3, which cannot append: lines go to parts `metrics.parts/part-NNNNNN.jsonl` of at most `PART_LINES` lines (the
+  open part is re-PUT on each log, so a log costs at most `PART_LINES` lines), and `close` consolidates them into
+  `metrics.jsonl` with one PUT and removes the parts.
+
+On resume the lines after the checkpoint's step are dropped (one rewrite per restart), so the record always tells
+one consistent history. `read_metrics` reads a run's records in either state (finished, or still going on S3).
 """
 
 from __future__ import annotations
@@ -62,18 +69,59 @@ def device_memory() -> dict[str, float]:
         return {}
 
 
+PART_LINES = 100
+PARTS = "metrics.parts"
+
+
+def _parse_lines(text: str) -> list[str]:
+    """The complete JSON lines of `text` (a torn last line, from a reader racing an append, is left out)."""
+    lines = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except ValueError:
+            continue
+        lines.append(line)
+    return lines
+
+
+def _metrics_lines(run_uri: str) -> list[str]:
+    uri = storage.join(run_uri, "metrics.jsonl")
+    lines = _parse_lines(storage.read_text(uri)) if storage.exists(uri) else []
+    if storage.is_remote(run_uri):
+        seen = set(lines)  # a reader between `close`'s consolidation and its removal of the parts sees both
+        for part in sorted(storage.glob(storage.join(run_uri, PARTS, "part-*.jsonl"))):
+            lines += [line for line in _parse_lines(storage.read_text(part)) if line not in seen]
+    return lines
+
+
+def read_metrics(run_uri: str) -> list[dict]:
+    """A run's metric records in order: `metrics.jsonl` and, for a run still going on S3, its open parts."""
+    return [json.loads(line) for line in _metrics_lines(run_uri)]
+
+
 class MetricsLogger:
     """Rank 0's sinks. Values that are not finite numbers are written as null in JSON."""
 
     def __init__(self, run_uri: str, *, resume_step: int = 0, total_steps: int = 0, trackers=None):
+        self.run_uri = run_uri
         self.uri = storage.join(run_uri, "metrics.jsonl")
+        self.remote = storage.is_remote(run_uri)
         self.trackers = trackers  # tracking.Trackers (MLflow, W&B) or None
         self.total_steps = total_steps
-        self.lines: list[str] = []
-        if resume_step and storage.exists(self.uri):
-            for line in storage.read_text(self.uri).splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
-                    self.lines.append(line)
+        self.part: list[str] = []  # S3: the lines of the open part
+        self.part_index = 0
+        kept = [line for line in _metrics_lines(run_uri) if json.loads(line).get("step", 0) <= resume_step]
+        if self.remote:
+            # A restart: what earlier attempts logged up to the checkpoint becomes metrics.jsonl (one PUT), and
+            # new lines start new parts.
+            if kept or storage.exists(self.uri):
+                storage.write_text(self.uri, "".join(f"{line}\n" for line in kept))
+            storage.delete(storage.join(run_uri, PARTS))
+        elif kept or storage.exists(self.uri):
+            storage.write_text(self.uri, "".join(f"{line}\n" for line in kept))  # one rewrite per restart
         # TensorBoard writes event files locally; for s3:// storage they are uploaded at `close`.
         self.tb_remote = storage.join(run_uri, "tensorboard")
         self.tb_local = (tempfile.mkdtemp(prefix="llmp-tb-") if storage.is_remote(run_uri)
@@ -92,8 +140,7 @@ class MetricsLogger:
         record = {"step": step, "time": time.time()}
         for key, value in metrics.items():
             record[key] = value if not isinstance(value, float) or math.isfinite(value) else None
-        self.lines.append(json.dumps(record, sort_keys=True))
-        storage.write_text(self.uri, "\n".join(self.lines) + "\n")
+        self._append(json.dumps(record, sort_keys=True))
         writer = self._writer()
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -103,7 +150,28 @@ class MetricsLogger:
             self.trackers.log(step, metrics)
         log.info("%s", format_console(step, self.total_steps, metrics))
 
+    def _append(self, line: str) -> None:
+        if not self.remote:
+            path = storage.filesystem(self.uri)[1]
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")  # one write of the whole line
+            return
+        self.part.append(line)
+        storage.write_text(storage.join(self.run_uri, PARTS, f"part-{self.part_index:06d}.jsonl"),
+                           "".join(f"{x}\n" for x in self.part))
+        if len(self.part) >= PART_LINES:
+            self.part, self.part_index = [], self.part_index + 1
+
+    def consolidate(self) -> None:
+        """S3: the parts become `metrics.jsonl` (one PUT of the whole record, once), then the parts go."""
+        if self.remote:
+            storage.write_text(self.uri, "".join(f"{line}\n" for line in _metrics_lines(self.run_uri)))
+            storage.delete(storage.join(self.run_uri, PARTS))
+            self.part, self.part_index = [], 0
+
     def close(self, status: str = "FINISHED") -> None:
+        self.consolidate()
         if self.trackers is not None:
             self.trackers.close(status)
         if self._tb is not None:
@@ -122,7 +190,7 @@ class FollowMetrics:
     def __init__(self, run_uri: str, total_steps: int, *, interval_s: float = 2.0):
         import threading
 
-        self.uri = storage.join(run_uri, "metrics.jsonl")
+        self.run_uri = run_uri
         self.total_steps, self.interval_s = total_steps, interval_s
         self.shown_step = -1
         self._stop = threading.Event()
@@ -145,16 +213,9 @@ class FollowMetrics:
 
     def _records(self) -> list[dict]:
         try:
-            text = storage.read_text(self.uri) if storage.exists(self.uri) else ""
+            return read_metrics(self.run_uri)
         except Exception:  # noqa: BLE001 - progress display only; a partial read is retried next tick
             return []
-        records = []
-        for line in text.splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        return records
 
     def show(self) -> None:
         for record in self._records():

@@ -116,7 +116,9 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
             run_config=tune.RunConfig(
                 name=tune_cfg.name, storage_path=parent, storage_filesystem=parent_fs,
                 failure_config=tune.FailureConfig(max_failures=tune_cfg.max_trial_failures),
-                callbacks=list(callbacks or []), verbose=tune_cfg.verbose,
+                callbacks=[TrialLines(tune_cfg.metric, [d.key for d in dims], train.max_steps,
+                                      expected_trials(tune_cfg, dims)), *(callbacks or [])],
+                verbose=tune_cfg.verbose,
             ),
         )
     grid = tuner.fit()
@@ -131,7 +133,7 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
                          f"with tune.resume=true to finish it (finished trials are kept)")
     winner = select_winner(trials, tune_cfg.metric, tune_cfg.mode)
     table = write_summary(sweep_uri, trials, tune_cfg.metric, tune_cfg.mode, winner)
-    log.info("sweep %s:\n%s", sweep_uri, table)
+    log.debug("sweep %s:\n%s", sweep_uri, table)  # the command prints the table
     if winner is None:
         raise StageError(f"no trial of sweep {tune_cfg.name!r} finished (see {storage.join(sweep_uri, 'summary.csv')})")
     version = None
@@ -151,6 +153,43 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
     storage.write_json(record_uri, record)  # the sweep's record, last
     return SweepResult(name=tune_cfg.name, uri=sweep_uri, trials=trials, winner=winner, model_version=version,
                        table=table, record=record)
+
+
+def _trial_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class TrialLines(_trial_callback_base()):
+    """One console line per trial event (started, finished, stopped early, failed), in place of Ray Tune's status
+    tables (`tune.verbose=1` brings those back)."""
+
+    def __init__(self, metric: str, keys: list[str], max_steps: int, total: int):
+        self.metric, self.keys, self.max_steps, self.total, self.done = metric, keys, max_steps, total, 0
+
+    def _params(self, trial) -> str:
+        return " ".join(f"{k}={_short(v)}" for k, v in spaces.flatten_params(trial.config, self.keys).items())
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        log.info("trial %s started: %s", trial.trial_id, self._params(trial))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        last = trial.last_result or {}
+        how = "stopped early" if int(last.get("step") or 0) < self.max_steps else "finished"
+        value = last.get(self.metric)
+        log.info("trial %s %s (%d/%d): %s=%s after %s steps", trial.trial_id, how, self.done, self.total,
+                 self.metric, _short(value), last.get("step", "?"))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        log.warning("trial %s failed (%d/%d): see %s", trial.trial_id, self.done, self.total,
+                    getattr(trial, "error_file", None) or "its error file in the sweep folder")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _trial_name(trial) -> str:

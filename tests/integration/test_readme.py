@@ -90,7 +90,8 @@ def installed(tmp_path_factory) -> dict:
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
                     "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True)
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTHON", "LLM_PLATFORM", "AWS_ENDPOINT", "PYTEST", "VIRTUAL_ENV", "RAY_ADDRESS"))}
+           if not k.startswith(("PYTHON", "LLM_PLATFORM", "AWS_ENDPOINT", "PYTEST", "VIRTUAL_ENV", "RAY_ADDRESS",
+                                "RAY_API_SERVER_ADDRESS"))}
     env.update(PATH=f"{venv / 'bin'}:{env.get('PATH', '')}", RAY_TMPDIR=f"/tmp/llmp-readme-{os.getpid()}",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return {"wheel": wheel, "venv": venv, "bin": venv / "bin", "env": env, "site": site}
@@ -127,10 +128,22 @@ class Story:
         self.seconds: list[tuple[float, str]] = []
 
     def sh(self, command: str, *, timeout: float = 900, ok_codes=(0,)) -> subprocess.CompletedProcess:
+        """Run a command to its end in its own process group; on a timeout, the group is killed and the failure
+        shows the command's last output and the tail of the newest stage log (where Ray's own lines went)."""
         start = time.perf_counter()
-        done = subprocess.run(["bash", "-c", command], cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.Popen(["bash", "-c", command], cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate(timeout=60)
+            logs = sorted((self.cwd / ".llm-platform" / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
+            tail = logs[-1].read_text(errors="replace")[-6000:] if logs else "(no log file)"
+            pytest.fail(f"README command still running after {timeout}s: {command}\n--- stdout\n{stdout[-4000:]}\n"
+                        f"--- stderr\n{stderr[-2000:]}\n--- {logs[-1] if logs else 'log'}\n{tail}")
         self.seconds.append((time.perf_counter() - start, command[:70]))
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         assert done.returncode in ok_codes, (f"README command failed ({done.returncode}): {command}\n"
                                              f"--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-4000:]}")
         return done

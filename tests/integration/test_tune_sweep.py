@@ -37,7 +37,7 @@ def dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp("data")), "pretrain", seq_len=32)
 
 
-def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_path):
+def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_path, another_ray_instance):
     root = str(tmp_path / "store")
     # The tiny learning rate comes last, so the two good trials have set ASHA's first rung when it reports.
     cfg = TuneConfig(name="lr-sweep", space={"train.lr": {"grid": [1e-2, 3e-3, 1e-6]}}, num_samples=1,
@@ -81,7 +81,8 @@ def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_
 
     # The stopped trial's Ray Train workers gave their CPUs back: Ray Train V2's cleaner removes the placement group
     # of a killed controller, which needs the State API (the local Ray runs its dashboard for this). Leaked groups
-    # deadlocked a sweep with more trials than CPUs.
+    # deadlocked a sweep with more trials than CPUs. Another Ray instance runs on this machine meanwhile (fixture):
+    # the cleaner must still find its own instance's API server (cluster.connect), not give up on finding two.
     import ray
 
     deadline = time.time() + 60

@@ -242,3 +242,27 @@ def test_fastapi_own_errors_are_openai_shaped(service):
     for response, status in zip(call(service, fn), (400, 404, 405)):
         assert response.status_code == status
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text
+
+
+def test_a_request_that_can_never_fit_the_kv_budget_is_a_400_naming_max_tokens(service):
+    small = Service(Engine(service.engine.model, service.tokenizer, max_batch_tokens=40), service.tokenizer, "tiny",
+                    service.cfg)
+    small.engine.start()
+
+    async def fn(client, http):
+        app = create_api(lambda: small)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as h:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            too_big = await h.post("/v1/completions", json={"model": "tiny", "prompt": "the cat", "max_tokens": 32,
+                                                             "n": 2}, headers=headers)
+            fits = await h.post("/v1/completions", json={"model": "tiny", "prompt": "the cat", "max_tokens": 8},
+                                headers=headers)
+        return too_big, fits
+    try:
+        too_big, fits = call(service, fn)
+    finally:
+        small.engine.shutdown(1)
+    assert too_big.status_code == 400, too_big.text
+    error = too_big.json()["error"]
+    assert error["param"] == "max_tokens" and "40 tokens" in error["message"]
+    assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] <= 8

@@ -299,3 +299,125 @@ def test_weights_only_from_safetensors(tmp_path, tiny):
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_model(tmp_path)
+
+
+def _head_inputs(model) -> tuple[list[tuple[int, ...]], object]:
+    """Shapes of every input to the model's output head (the full-vocabulary projection), and the hook handle."""
+    shapes: list[tuple[int, ...]] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    return shapes, handle
+
+
+def test_generation_computes_logits_only_at_the_last_position(tiny):
+    _, model, tok = tiny
+    eng = Engine(model, tok, max_batch_size=8, score_prompts_every=0)
+    assert eng._base is not None  # GPT-2: logits are the head over the base's last hidden state
+    shapes, handle = _head_inputs(model)
+    eng.start()
+    try:
+        long_prompt = tok("the cat sat on the mat " * 12).input_ids
+        async def both():
+            return await asyncio.wait_for(asyncio.gather(
+                run(eng, long_prompt, max_tokens=5, temperature=0, ignore_eos=True),
+                run(eng, long_prompt[:7], max_tokens=5, temperature=0, ignore_eos=True)), 60)
+        results = asyncio.run(both())
+    finally:
+        eng.shutdown(drain_timeout_s=5)
+        handle.remove()
+    assert all(len(r[1][0]) == 5 for r in results) and all(r[3] is None for r in results)
+    # Each call projects one position per running sequence: (rows, hidden), never (rows, prompt length, hidden).
+    assert shapes and all(len(s) == 2 and s[0] <= 2 for s in shapes), shapes
+    assert results[0][1][0] and [t.token_id for t in results[0][1][0]] == hf_greedy(model, long_prompt, 5)
+
+
+def test_prompt_logprobs_are_exact_and_computed_a_chunk_at_a_time(tiny, monkeypatch):
+    from llm_platform.serve import engine as engine_mod
+
+    _, model, tok = tiny
+    monkeypatch.setattr(engine_mod, "LOGIT_CHUNK", 4)
+    eng = Engine(model, tok, max_batch_size=8, score_prompts_every=0)
+    shapes, handle = _head_inputs(model)
+    eng.start()
+    ids = tok("a big red dog ran over the lazy river and back again").input_ids
+    try:
+        _, _, _, prompt_lp = asyncio.run(asyncio.wait_for(
+            run(eng, ids, max_tokens=1, temperature=0, logprobs=2, echo=True), 60))
+    finally:
+        eng.shutdown(drain_timeout_s=5)
+        handle.remove()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    assert prompt_lp[0].logprob is None and len(prompt_lp) == len(ids)
+    got = torch.tensor([t.logprob for t in prompt_lp[1:]])
+    torch.testing.assert_close(got, want.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1), atol=1e-4, rtol=0)
+    assert [i for i, _ in prompt_lp[3].top] == want[2].topk(2).indices.tolist()
+    assert max(s[0] for s in shapes if len(s) == 2) <= 4  # never more than a chunk of positions at once
+
+
+def test_a_model_that_is_not_head_over_hidden_uses_its_own_forward(tiny, monkeypatch):
+    from llm_platform.serve import engine as engine_mod
+
+    _, model, tok = tiny
+    ids = tok("once upon a time").input_ids
+    split = Engine(model, tok, max_batch_size=4, score_prompts_every=1)
+    monkeypatch.setattr(engine_mod, "split_model", lambda m: (None, None))
+    whole = Engine(model, tok, max_batch_size=4, score_prompts_every=1)
+    assert split._base is not None and whole._base is None
+    outs = []
+    for eng in (split, whole):
+        eng.start()
+        try:
+            outs.append(asyncio.run(asyncio.wait_for(run(eng, ids, max_tokens=4, temperature=0, ignore_eos=True,
+                                                         logprobs=0), 60)))
+        finally:
+            eng.shutdown(drain_timeout_s=5)
+    assert [t.token_id for t in outs[0][1][0]] == [t.token_id for t in outs[1][1][0]]
+    for a, b in zip(outs[0][3][1:], outs[1][3][1:]):  # prompt log-probs, scored for the drift monitor
+        assert abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_admission_keeps_the_batch_within_the_kv_budget(tiny):
+    from llm_platform.serve.engine import RequestTooLarge
+
+    _, model, tok = tiny
+    ids = tok("the cat sat").input_ids
+    final = len(ids) + 6
+    eng = Engine(model, tok, max_batch_size=8, max_batch_tokens=2 * final + 1, score_prompts_every=0)
+    running: list[int] = []
+    real_step = eng._step_tokens
+
+    def spy(logits, seqs):
+        running.append(len(seqs))
+        assert eng.footprint(len(seqs), max(s.final_length for s in seqs)) <= eng.max_batch_tokens
+        real_step(logits, seqs)
+
+    eng._step_tokens = spy
+    eng.start()
+    try:
+        async def go():
+            with pytest.raises(RequestTooLarge, match="serve.max_batch_tokens"):  # alone it could never fit
+                await run(eng, ids, max_tokens=2 * final, temperature=0)
+            return await asyncio.gather(*[run(eng, ids, max_tokens=6, temperature=0, ignore_eos=True)
+                                          for _ in range(5)])
+        results = asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        eng.shutdown(drain_timeout_s=5)
+    assert all(len(r[1][0]) == 6 for r in results)  # the ones that waited for room all finished
+    assert max(running) == 2  # never three at once: 3 x final > the budget
+
+
+def test_kv_budget_default_comes_from_the_model_and_free_memory(tiny):
+    from llm_platform.serve.engine import default_batch_tokens, kv_bytes_per_token
+
+    _, model, _ = tiny
+    cfg = model.config
+    assert kv_bytes_per_token(model) == 2 * cfg.n_layer * cfg.n_embd * 4  # GPT-2: no GQA, fp32
+    per_token = kv_bytes_per_token(model)
+    import psutil
+
+    before = psutil.virtual_memory().available
+    tokens = default_batch_tokens(model, per_token, memory_fraction=0.5)
+    after = psutil.virtual_memory().available
+    assert min(before, after) * 0.5 * 0.9 <= tokens * per_token <= max(before, after) * 0.5 * 1.1
+    # A model whose one context does not fit the fraction still gets one full context.
+    assert default_batch_tokens(model, per_token, memory_fraction=1e-15) == cfg.n_positions
