@@ -4,6 +4,7 @@ concurrency 1, 8 and 32, on the same model and prompts, in one run.
     python benchmarks/serve_load.py [--model FOLDER] [--requests 64] [--max-tokens 32] [--rounds 3]
     python benchmarks/serve_load.py --variant every_token:stream_interval_tokens=1   # compare a config change
     python benchmarks/serve_load.py --ingress direct   # replicas serve HTTP behind HAProxy (serve.ingress)
+    python benchmarks/serve_load.py --shape gpt2-124m --requests 32 --rounds 1   # a model-bound step (goal >= 8)
 
 Without --model, a small GPT-2 (4 layers, width 128) with a ByteLevel BPE tokenizer is built in a temp folder.
 Every request generates exactly --max-tokens tokens (greedy, EOS ignored) on both sides, so tokens/s compare.
@@ -38,15 +39,21 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def build_model(folder: Path) -> Path:
-    """A GPT-2 a bit larger than the test one, so the model, not Python, is a visible part of each step."""
+SHAPES = {"small": (4, 128, 4), "gpt2-124m": (12, 768, 12)}
+"""(layers, width, heads): `small` (a decode step of about 1 ms on a CPU core: it measures the serving overhead)
+and GPT-2 124M's shape (random init; a step the model dominates, so it measures batching)."""
+
+
+def build_model(folder: Path, shape: str = "small") -> Path:
+    """A GPT-2 of `shape` with the test tokenizer (ByteLevel BPE, 1,000 tokens: the 124M shape keeps its layers and
+    width, not its 50,257-token vocabulary)."""
     from serve_fixtures import build_tiny_model
 
     path = build_tiny_model(folder, vocab_size=1000, n_positions=256)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config.from_pretrained(path)
-    config.n_layer, config.n_embd, config.n_head = 4, 128, 4
+    config.n_layer, config.n_embd, config.n_head = SHAPES[shape]
     GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
     return path
 
@@ -190,7 +197,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="HF-format folder (default: build a small GPT-2)")
+    ap.add_argument("--model", type=Path, default=None, help="HF-format folder (default: build a GPT-2 of --shape)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small",
+                    help="the built GPT-2's layers and width: small (overhead-bound) or gpt2-124m (model-bound)")
     ap.add_argument("--requests", type=int, default=64, help="requests per setting and round")
     ap.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request")
     ap.add_argument("--batch", type=int, default=32, help="engine max_batch_size")
@@ -207,7 +216,7 @@ def main() -> None:
     from conftest import free_port
     from serve_fixtures import sample_texts
 
-    folder = args.model or build_model(Path(tempfile.mkdtemp(prefix="llmp-bench-")) / "model")
+    folder = args.model or build_model(Path(tempfile.mkdtemp(prefix="llmp-bench-")) / "model", args.shape)
     prompts = sample_texts(args.requests, seed=11)
 
     import ray

@@ -87,6 +87,9 @@ def connect(cfg: ClusterConfig | None = None) -> str:
     # One machine has no spot nodes to be preempted: skip Ray Train's per-run preemption-watcher actor (one process
     # fewer per training run). Clusters keep it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The raylet warns on the console whenever more worker processes start than a few times its concurrency limit
+    # (the physical cores): on a laptop that is every pipeline. Let as many start at once as logical CPUs are given.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(int(cfg.num_cpus or 1), 1)))
     temp_dir = cfg.temp_dir or os.environ.get("RAY_TMPDIR")
     if temp_dir:
         os.makedirs(temp_dir, exist_ok=True)

@@ -126,9 +126,24 @@ def read_rows(uri: str, split: str = "train") -> dict[str, np.ndarray]:
 
 
 
+def ordered_rows(uri: str, partitions: int, *, seed: int = 0, shuffle_buffer_rows: int = 0, epoch: int = 0,
+                 split: str = "train") -> dict[str, np.ndarray]:
+    """A split's rows in the order training takes them (train/reader.py) for a run with `partitions` data partitions
+    (by default micro_batch_size x num_workers): global micro-batch k is rows [k * G, (k + 1) * G)."""
+    from llm_platform.data.dataset import open_dataset
+    from llm_platform.train.reader import SplitFiles, epoch_rows
+
+    files = open_dataset(uri).files[split]
+    fs, path = storage.pyarrow_filesystem(files[0])
+    columns = pq.ParquetFile(fs.open_input_file(path)).schema_arrow.names
+    return epoch_rows(SplitFiles(files, columns), partitions=partitions, seed=seed, epoch=epoch,
+                      shuffle=bool(shuffle_buffer_rows), window_rows=shuffle_buffer_rows or 1)
+
+
 def plain_pytorch_run(dataset_uri: str, model_cfg, tc, global_batch: int, *, poison_step: int | None = None):
-    """The platform's causal-LM training written as one plain PyTorch process: `global_batch` rows per step in file
-    order, the same seeded model, AdamW groups, clipping and schedule. Step `poison_step` (1-based) gets a NaN loss
+    """The platform's causal-LM training written as one plain PyTorch process: `global_batch` rows per step in the
+    platform's data order (`ordered_rows`, with the run's partitions: `global_batch` over the accumulation steps),
+    the same seeded model, AdamW groups, clipping and schedule. Step `poison_step` (1-based) gets a NaN loss
     and NaN gradients; a non-finite step updates nothing. Returns (model, per-step losses)."""
     import math
 
@@ -141,7 +156,9 @@ def plain_pytorch_run(dataset_uri: str, model_cfg, tc, global_batch: int, *, poi
 
     info = open_dataset(dataset_uri)
     special = {n: info.special_token_id(n) for n in ("eos", "pad", "mask")}
-    rows = torch.as_tensor(read_rows(dataset_uri)["input_ids"])
+    partitions = tc.data_partitions or global_batch // tc.grad_accum_steps
+    rows = torch.as_tensor(ordered_rows(dataset_uri, partitions, seed=tc.seed,
+                                        shuffle_buffer_rows=tc.shuffle_buffer_rows)["input_ids"])
     model = build_model(model_cfg, info.vocab_size, special, seed=tc.seed)
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
     losses = []

@@ -40,7 +40,12 @@ class TrainConfig:
     seed: int = 0
     """Seed of weights init, data order and dropout."""
     shuffle_buffer_rows: int = 1024
-    """Rows in the per-epoch local shuffle buffer (seeded by seed and epoch); 0 keeps the shard order."""
+    """Shuffling (seeded by seed and epoch): blocks of rows are shuffled each epoch and rows within windows of about
+    this many rows (over all data partitions); 0 keeps the shard order."""
+    data_partitions: int | None = None
+    """Data partitions P of the epoch order (train/reader.py): each worker reads only its partitions when P is a
+    multiple of micro_batch_size x num_workers. None: that product at the run's start; checkpoints keep P, so a
+    resumed run follows the same order whatever its worker count."""
     mlm_probability: float = 0.15
     """Masked token fraction for the mlm objective."""
     eval_interval_steps: int = 50

@@ -400,6 +400,9 @@ def _pack_shard(df, params: dict):
         return _pack_one_shard(df, params)
 
 
+SHARD_ROW_GROUP_ROWS = 256
+
+
 def _pack_one_shard(df, params: dict):
     import pandas as pd
     import pyarrow as pa
@@ -469,7 +472,9 @@ def _pack_one_shard(df, params: dict):
         table = pa.table({k: _list_column(vals, pa.int8() if k == "attention_mask" else pa.int32())
                           for k, vals in columns.items()})
         buf = io.BytesIO()
-        pq.write_table(table, buf)
+        # Small row groups: a training worker reads whole groups, and only those of its own partitions
+        # (train/reader.py), so a group is the unit of what it reads beyond its share.
+        pq.write_table(table, buf, row_group_size=SHARD_ROW_GROUP_ROWS)
         storage.write_bytes(storage.join(params["out"], uri_rel), buf.getvalue())
     stat["token_counts"] = token_counts.tolist()
     stat["length_hist"] = pack.length_histogram(lengths)

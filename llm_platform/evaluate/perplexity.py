@@ -88,15 +88,24 @@ def direct_perplexity(model, records: dict[str, Any], *, is_seq2seq: bool = Fals
 class NLLScorer:
     """Ray Data actor: loads the model once, then returns (nll_sum, num_tokens) for each batch it is given."""
 
-    def __init__(self, model_uri: str, storage_settings: dict | None = None):
+    MODEL_URI: str = ""
+    STORAGE_SETTINGS: dict | None = None
+
+    def __init__(self, model_uri: str | None = None, storage_settings: dict | None = None):
         import torch
 
         from llm_platform import storage
         from llm_platform.evaluate.models import load
 
         torch.set_num_threads(1)  # fractional-CPU actors share cores; one thread each avoids oversubscription
-        storage.configure(storage_settings)
-        self.loaded = load(model_uri)
+        storage.configure(storage_settings or self.STORAGE_SETTINGS)
+        self.loaded = load(model_uri or self.MODEL_URI)
+
+    @classmethod
+    def bound(cls, model_uri: str, storage_settings: dict | None) -> type:
+        """A subclass that carries its arguments: Ray Data then has no constructor arguments to put in the object
+        store (with them, Ray's core worker prints an error-level warning about restarting the actor pool)."""
+        return type(cls.__name__, (cls,), {"MODEL_URI": model_uri, "STORAGE_SETTINGS": storage_settings})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         s, c = score_batch(self.loaded.model, batch, self.loaded.is_seq2seq)
@@ -129,8 +138,7 @@ def ray_perplexity(model_uri: str, files: list[str], *, limit: int | None = None
     if limit is not None:
         ds = ds.limit(limit)
     scored = ds.map_batches(
-        NLLScorer,
-        fn_constructor_kwargs={"model_uri": model_uri, "storage_settings": storage.settings()},
+        NLLScorer.bound(model_uri, storage.settings()),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),  # `concurrency=` is deprecated in Ray 2.60

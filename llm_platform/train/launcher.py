@@ -22,7 +22,7 @@ from llm_platform import names, storage
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
-from llm_platform.data.dataset import DatasetInfo, open_dataset, read_parquet
+from llm_platform.data.dataset import DatasetInfo, open_dataset
 from llm_platform.errors import ConfigError, StageError
 from llm_platform.models.build import DATASET_KINDS, build_model, hf_config, read_pretrained_config, resolve_family
 from llm_platform.models.flops import flops_per_token, model_size, peak_flops
@@ -90,8 +90,7 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
             callbacks=list(callbacks or []),
             worker_runtime_env={"env_vars": cluster.worker_env()},
         ),
-        datasets=read_splits(dataset, train.objective),
-        dataset_config=data_config(),
+        # No Ray Data here: each worker reads its own share of the split files (train/reader.py).
         # No `resume_from_checkpoint`: Ray Train V2 refuses it. `train.resume_from` reaches the workers in the loop
         # config and the loop loads it when the run has no checkpoint of its own (loop.py).
     )
@@ -305,6 +304,8 @@ def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: Scaling
         "compute_dtype": compute_dtype_name(train, scaling),
         "flops_per_token": flops_per_token(size, dataset.seq_len), "num_parameters": size.total,
         "peak_flops": peak_flops(scaling.gpu_type) if scaling.use_gpu else None,
+        "files": {split: list(dataset.files.get(split) or []) for split in ("train", "val")},
+        "columns": COLUMNS[train.objective],
     }
 
 
@@ -324,31 +325,6 @@ def ray_scaling(scaling: ScalingConfig):
     return ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                    resources_per_worker=resources, placement_strategy=scaling.placement_strategy,
                                    accelerator_type=scaling.gpu_type if scaling.use_gpu else None)
-
-
-def read_splits(dataset: DatasetInfo, objective: str) -> dict:
-    """Ray Data datasets over the split shards (only the columns the objective reads)."""
-    import ray.data
-
-    # Workers' Ray Data progress bars would interleave with the training log; the loop logs progress itself.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    out = {}
-    for split in ("train", "val"):
-        files = dataset.files.get(split) or []
-        if not files:
-            continue
-        fs, _ = storage.pyarrow_filesystem(files[0])
-        paths = [storage.pyarrow_filesystem(f)[1] for f in files]
-        out[split] = read_parquet(paths, fs, columns=COLUMNS[objective])
-    return out
-
-
-def data_config():
-    """Every worker gets the whole (unsplit) stream in a preserved order; the loop takes its rows (see loop.py)."""
-    import ray.train
-    from ray.data import ExecutionOptions
-
-    return ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
 
 
 def export(model: ModelConfig, worker_config: dict, dataset: DatasetInfo, checkpoint_dir: str, uri: str,

@@ -1,13 +1,14 @@
 """The per-worker training loop, top to bottom: build -> parallelize -> resume -> (step, log, eval, checkpoint)*.
 
-Ray appears only in `get_context`, `get_dataset_shard`, `get_checkpoint` and `report`; everything else is plain
-torch and the helpers beside this module.
+Ray appears only in `get_context`, `get_checkpoint` and `report`; everything else is plain torch and the helpers
+beside this module.
 
-Data order. Every worker iterates the same Ray Data stream of the split (shuffled per epoch with a seeded local
-buffer, in a preserved order) in global batches of `micro_batch_size * num_workers` rows and keeps its own slice.
-So step k sees the same rows whatever the number of workers, a run matches a single-process run on the same data,
-and the data position in a checkpoint is one number: global batches consumed in the epoch. Token shards are small
-next to the compute they feed (a worker at 100k tokens/s reads 400 KB/s), so reading the whole stream is cheap.
+Data order (train/reader.py). An epoch's order is fixed by the seed and the run's data partitions P, not by the
+number of workers: global micro-batches of `micro_batch_size * num_workers` consecutive positions, each rank taking
+its slice, and each rank reading only the partitions its slices come from (1/world of the data when P is the global
+micro-batch). So step k sees the same rows whatever the number of workers, a run matches a single-process loop over
+the same order, and the data position in a checkpoint is one number: global micro-batches consumed in the epoch
+(with P kept beside it). Resuming seeks to it without reading what comes before.
 
 Loss. Each step's loss is the mean over every target token of every micro-batch on every worker: the token count is
 all-reduced before the backward passes, each worker backpropagates `sum * world / count`, and FSDP/DDP's gradient
@@ -15,6 +16,8 @@ average over workers turns that into the global token mean.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import contextlib
 import logging
@@ -37,6 +40,7 @@ from llm_platform.train.metrics import MetricsLogger, Throughput, device_memory
 from llm_platform.train.objectives import count_targets, loss_sum, prepare_batch
 from llm_platform.train.optim import build_optimizer, lr_factor
 from llm_platform.train.parallelize import needs_autocast, parallelize, resolve_dtype
+from llm_platform.train.reader import RankReader, SplitFiles
 
 log = logging.getLogger("llm_platform.train")
 
@@ -70,13 +74,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     # ---- resume: this run's latest checkpoint (a restart, or a run name reused), else `train.resume_from`.
     rows_per_batch = tc.micro_batch_size * world  # one global micro-batch: the unit of the data position
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "rows_per_batch": rows_per_batch}
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "rows_per_batch": rows_per_batch,
+             "data_partitions": tc.data_partitions or rows_per_batch}
     checkpoint = ray.train.get_checkpoint() or explicit_checkpoint(tc.resume_from)
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = ckpt.load(model, optimizer, directory)
         state["batches_in_epoch"] = ckpt.data_position(state, rows_per_batch)
         state["rows_per_batch"] = rows_per_batch
+        # The epoch order is the checkpoint's (older checkpoints: one partition per row of a global micro-batch).
+        state["data_partitions"] = int(state.get("data_partitions") or tc.data_partitions or rows_per_batch)
         log.info("rank %d resumed at step %d (epoch %d, batch %d) from %s", rank, state["step"], state["epoch"],
                  state["batches_in_epoch"], checkpoint.path)
 
@@ -96,7 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     throughput = Throughput(config["flops_per_token"], peak, world)
     autocast = (torch.autocast(device.type, dtype=dtype) if needs_autocast(tc.parallelism, dtype)
                 else contextlib.nullcontext())
-    batches = global_batches(ray.train.get_dataset_shard("train"), tc, rank, world, state)
+    batches = rank_reader(config, "train", tc, rank, world, state["data_partitions"]).batches(state)
     last_val: dict[str, float] = {}
     val_batches: list[dict] | None = None
     step = state["step"]
@@ -161,7 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         save_now = step % tc.checkpoint_interval_steps == 0 or step == tc.max_steps
         if evaluate_now:
             if val_batches is None:  # the same rows at every validation: read them once
-                val_batches = take_val_batches(ray.train.get_dataset_shard("val"), tc, rank, world)
+                val_batches = take_val_batches(config, tc, rank, world, state["data_partitions"])
             last_val = validate(model, val_batches, tc, special, vocab, device, autocast)
             if logger and last_val:
                 logger.log(step, last_val)
@@ -190,50 +197,27 @@ def explicit_checkpoint(uri: str | None):
     return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
-def global_batches(shard, tc: TrainConfig, rank: int, world: int, state: dict[str, int]) -> Iterator[dict]:
-    """This rank's micro-batches, forever (epoch after epoch), resuming at `state`'s data position.
-
-    Updates `state["epoch"]` and `state["batches_in_epoch"]` as it goes; they are saved in checkpoints.
-    """
-    rows = tc.micro_batch_size
-    skip = state["batches_in_epoch"]
-    while True:
-        yielded = 0
-        for batch in shard.iter_batches(batch_size=rows * world, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=tc.shuffle_buffer_rows or None,
-                                        local_shuffle_seed=tc.seed + state["epoch"] if tc.shuffle_buffer_rows else None):
-            yielded += 1
-            if skip:
-                skip -= 1
-                continue
-            state["batches_in_epoch"] += 1
-            yield my_rows(batch, rank, rows)
-        if not yielded:
-            raise RuntimeError(f"the train split has fewer than micro_batch_size * num_workers = {rows * world} rows")
-        state["epoch"] += 1
-        state["batches_in_epoch"] = 0
-        skip = 0
+def rank_reader(config: dict[str, Any], split: str, tc: TrainConfig, rank: int, world: int, partitions: int,
+                shuffle: bool | None = None) -> RankReader:
+    """This rank's reader of a split (train/reader.py): its share of each epoch, in the run's order."""
+    files = SplitFiles(config["files"][split], config["columns"])
+    on = bool(tc.shuffle_buffer_rows) if shuffle is None else shuffle
+    return RankReader(files, partitions=partitions, micro_batch_size=tc.micro_batch_size, rank=rank, world=world,
+                      seed=tc.seed, shuffle=on, window_rows=tc.shuffle_buffer_rows or 1)
 
 
-def my_rows(batch: dict[str, np.ndarray], rank: int, rows: int) -> dict[str, np.ndarray]:
-    """This rank's slice of a global batch. List columns arrive as object arrays of rows: stack them to (rows, T)."""
-    return {k: np.stack(v[rank * rows:(rank + 1) * rows]).astype(np.int64) for k, v in batch.items()}
-
-
-def take_val_batches(shard, tc: TrainConfig, rank: int, world: int) -> list[dict[str, np.ndarray]]:
-    """This rank's rows of the first `eval_batches` global batches of the val split (empty without one)."""
-    if shard is None:
+def take_val_batches(config: dict[str, Any], tc: TrainConfig, rank: int, world: int,
+                     partitions: int) -> list[dict[str, np.ndarray]]:
+    """This rank's rows of the first `eval_batches` global micro-batches of the val split, unshuffled (empty
+    without a val split or with fewer rows than one global micro-batch)."""
+    if not config["files"].get("val"):
         return []
-    rows = tc.micro_batch_size
-    out = []
-    for batch in shard.iter_batches(batch_size=rows * world, batch_format="numpy", drop_last=True):
-        out.append(my_rows(batch, rank, rows))
-        if len(out) >= tc.eval_batches:
-            break
-    return out
+    reader = rank_reader(config, "val", tc, rank, world, partitions, shuffle=False)
+    count = min(tc.eval_batches, reader.batches_per_epoch())
+    state = {"epoch": 0, "batches_in_epoch": 0}
+    return list(itertools.islice(reader.batches(state), count))  # exactly `count`: no read beyond
 
 
-@torch.no_grad()
 def validate(model, batches: list[dict], tc: TrainConfig, special: dict[str, int], vocab: int,
              device: torch.device, autocast) -> dict[str, float]:
     """`val/loss` and `val/perplexity` over this rank's val batches, summed over all ranks (a collective)."""

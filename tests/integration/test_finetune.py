@@ -18,7 +18,7 @@ from llm_platform import storage
 from llm_platform.config import compose
 from llm_platform.data.dataset import open_dataset
 from llm_platform.train.objectives import count_targets, loss_sum, prepare_batch
-from train_fixtures import read_rows
+from train_fixtures import ordered_rows, read_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SPECIAL = {"eos": 0, "pad": 0, "mask": None}
@@ -80,7 +80,7 @@ def test_full_finetune_of_a_gpt2_layout(ray_session, tmp_path, chats):
     assert (Path(export) / "config.json").read_bytes() == (base / "config.json").read_bytes()  # vocab unchanged
     # Step 1's loss (before any update, 2 workers x 4 rows) is the HF model's own loss on those 8 rows.
     rows = read_rows(data.uri, "train")
-    first = {k: v[:8] for k, v in rows.items()}
+    first = {k: v[:8] for k, v in ordered_rows(data.uri, partitions=8).items()}  # its first global micro-batch
     metrics = storage.read_text(storage.join(result.run_uri, "metrics.jsonl")).splitlines()
     logged = [r for r in map(json.loads, metrics) if r.get("step") == 1 and "train/loss" in r]
     assert logged[0]["train/loss"] == pytest.approx(mean_loss(base, first), abs=1e-5)
