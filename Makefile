@@ -46,8 +46,10 @@ $(CHECKS_VENV)/.installed: | $(UV)
 demo: setup
 	$(VENV)/bin/llm-platform run debug=smoke run.keep_serving=false
 
+# Two pytest-xdist workers: the README story (a third of the suite, started first) on one, the rest on the other
+# and then both. Much of the suite waits on processes starting (Ray, servers), so two workers overlap well on 2 cores.
 test: setup setup-checks
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"

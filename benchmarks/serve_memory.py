@@ -7,7 +7,8 @@ The model is GPT-2-shaped (random init, default the 124M shape) and served by `s
 no HTTP: the engine is what holds the memory). `--concurrency` requests of `--prompt-tokens` random tokens arrive at
 once; the KV budget (`serve.max_batch_tokens`) is set to `--rows` full requests, so the engine must queue the rest.
 Each configuration runs in a fresh process that reports its resident-set growth from before the model was built
-to its peak (`ru_maxrss`, which sees every allocation: weights, KV cache, activations, logits):
+to its peak (`ru_maxrss`, which sees every allocation: weights, KV cache, activations, logits), or with
+`--device cuda` the peak of the accelerator memory it allocated:
 
 - `ours`: the engine as shipped (last-position logits, prompt log-probs a chunk at a time for 1 in 4 prompts,
   admission against the budget);
@@ -56,7 +57,11 @@ def child(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=args.layers, n_embd=args.hidden, n_head=args.hidden // 64, vocab_size=args.vocab,
                         n_positions=max(2048, args.prompt_tokens + args.max_tokens))
-    model = GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(config).eval().to(args.device)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     vocab = {f"t{i}": i for i in range(args.vocab)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
@@ -90,7 +95,10 @@ def child(args: argparse.Namespace) -> dict:
     generated = sum(asyncio.run(all_()))
     seconds = time.perf_counter() - t0
     engine.shutdown(drain_timeout_s=5)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start_rss
+    if cuda:  # accelerator memory: everything the replica allocated there, weights included
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start_rss
     return {"mode": args.mode, "weights_mb": weights_mb, "kv_budget_mb": kv_mb, "budget_tokens": budget,
             "peak_mb": peak_mb, "seconds": seconds, "generated": generated}
 
@@ -104,6 +112,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rows", type=int, default=8, help="the KV budget in full requests")
+    parser.add_argument("--device", default="cpu", help="cpu (peak RSS growth) or cuda (peak allocated memory)")
     parser.add_argument("--mode", choices=["ours", "before"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:

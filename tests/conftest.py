@@ -8,8 +8,11 @@ import uuid
 
 import pytest
 
-# Before anything imports Ray or torch: quiet, offline, single-threaded, our own Ray temp dir.
+# Before anything imports Ray or torch: quiet, offline, single-threaded, our own Ray temp dir (one per pytest-xdist
+# worker: each worker starts its own session Ray).
 os.environ.setdefault("RAY_TMPDIR", "/tmp/llmp-ray")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = f"{os.environ['RAY_TMPDIR']}-{os.environ['PYTEST_XDIST_WORKER']}"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -28,6 +31,20 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+    if not os.environ.get("PYTEST_XDIST_WORKER") and "LLMP_FIGURES_FILE" not in os.environ:
+        # Reliability figures recorded in xdist workers reach the controller (which prints them) through a file.
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="llmp-figures-", suffix=".jsonl")
+        os.close(fd)
+        os.environ["LLMP_FIGURES_FILE"] = path
+
+
+def pytest_collection_modifyitems(config, items):
+    """The README story first: it is the longest test, so with pytest-xdist (`make test`) its worker starts on it at
+    once while the other worker takes everything else."""
+    first = [i for i in items if i.nodeid.startswith("tests/integration/test_readme.py")]
+    items[:] = first + [i for i in items if i not in first]
 
 
 def free_port() -> int:
@@ -114,7 +131,14 @@ def reliability_report():
     """`reliability_report(scenario, **figures)`: figures printed at the end of the run (the README quotes them)."""
 
     def record(scenario: str, **figures):
-        _RELIABILITY_FIGURES.append((scenario, figures))
+        path = os.environ.get("LLMP_FIGURES_FILE")
+        if path:
+            import json
+
+            with open(path, "a") as f:
+                f.write(json.dumps([scenario, figures], default=str) + "\n")
+        else:
+            _RELIABILITY_FIGURES.append((scenario, figures))
 
     return record
 
@@ -130,6 +154,13 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter):
     """Last before the final line, so that the tail of a CI log shows them: the reliability figures, then the
     slowest test files (setup, call and teardown together) and the total."""
+    figures_file = os.environ.get("LLMP_FIGURES_FILE")
+    if figures_file and os.path.exists(figures_file):
+        import json
+
+        with open(figures_file) as f:
+            _RELIABILITY_FIGURES.extend(tuple(json.loads(line)) for line in f if line.strip())
+        os.remove(figures_file)
     if _RELIABILITY_FIGURES:
         terminalreporter.section("reliability figures")
         for scenario, figures in _RELIABILITY_FIGURES:

@@ -46,5 +46,11 @@ PART=train_mfu_1b; want "$@" && part $PART 240 python3 benchmarks/gpu/train_mfu.
 PART=train_mfu_1b_mb16
 want "$@" && part $PART 240 python3 benchmarks/gpu/train_mfu.py --model llama-1b --micro-batch 16
 PART=train_mfu_350m; want "$@" && part $PART 150 python3 benchmarks/gpu/train_mfu.py --model llama-350m --micro-batch 16
+# Fine-tuning a Llama-3.2-1B-shaped model (#15): LoRA here; full fine-tuning's step is train_mfu_1b's.
+PART=finetune_lora_1b; want "$@" && part $PART 240 python3 benchmarks/gpu/train_mfu.py --model llama-1b --lora \
+    --micro-batch 8
 PART=serve_engine; want "$@" && part $PART 240 python3 benchmarks/gpu/serve_engine.py --model llama-1b
+# Serving memory against weights + KV budget (#17): a 1.2B GPT-2-shaped model, 128k vocabulary, 2k-token prompts.
+PART=serve_memory; want "$@" && part $PART 240 python3 benchmarks/serve_memory.py --device cuda --layers 24 \
+    --hidden 2048 --vocab 128256 --prompt-tokens 2048 --concurrency 32 --rows 8
 exit 0

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu/train_mfu.py                       # llama-1b, seq 2048, micro-batch 8, compile on
     python benchmarks/gpu/train_mfu.py --model llama-350m --no-compile --steps 20
+    python benchmarks/gpu/train_mfu.py --lora                # LoRA fine-tuning step (adapters r=16 on q/v)
 
 Uses the platform's own pieces (model presets from conf/model, `parallelize` = AC -> compile -> FSDP2, AdamW groups)
 on random tokens, so it measures the training step alone (no data loading, no Ray). One process, world size 1:
@@ -30,6 +31,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8, help="steps excluded from timing (compile, allocator)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--ac", action="store_true", help="activation checkpointing")
+    parser.add_argument("--lora", action="store_true",
+                        help="LoRA fine-tuning (r=16 on the family's attention projections): frozen base weights "
+                             "get no weight gradients, so MFU is also given at 4N FLOPs per token")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke run of the same code (gloo, fp32) to check the script without a GPU")
     args = parser.parse_args()
@@ -52,7 +56,8 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
-    cfg = compose("train", [f"model={args.model}", f"data.seq_len={args.seq_len}"]).model
+    lora = ["model.lora.enabled=true", "model.lora.rank=16", "model.lora.alpha=32"] if args.lora else []
+    cfg = compose("train", [f"model={args.model}", f"data.seq_len={args.seq_len}", *lora]).model
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.seq_len)
     special = {"eos": 0, "pad": 1, "mask": 2}
     size = model_size(hf_config(cfg, args.vocab, special), cfg.family)
@@ -70,7 +75,7 @@ def main() -> None:
         logits = model(input_ids=inputs).logits  # (B, T, V) in bf16
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, args.vocab), targets.reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -97,6 +102,10 @@ def main() -> None:
             ("tokens/s", f"{tokens_per_s:,.0f}"),
             ("peak memory", f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if on_gpu else "n/a"),
             ("final loss", f"{float(loss):.3f}"), ("MFU", f"{mfu:.3f}")]
+    if args.lora:  # forward + input gradients only through the frozen base: about 4N, not 6N, FLOPs per token
+        rows.insert(3, ("training", f"LoRA r=16, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+                                    f"trainable parameters"))
+        rows.append(("MFU at 4N + attention", f"{mfu * (fpt - 2 * size.total) / fpt:.3f}"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     dist.destroy_process_group()

@@ -10,6 +10,6 @@ def main(cfg: PlatformConfig) -> None:
     from llm_platform.data.pipeline import build_dataset
 
     storage.configure(cfg.storage)
-    cluster.connect(cfg.cluster)
-    result = build_dataset(cfg.data, cfg.tokenizer, cfg.storage.root)
+    # Ray starts only if there is work: re-running a finished data stage answers at once.
+    result = build_dataset(cfg.data, cfg.tokenizer, cfg.storage.root, connect=lambda: cluster.connect(cfg.cluster))
     print(result.summary())

@@ -62,8 +62,9 @@ def main(cfg: PlatformConfig) -> None:
     dataset_uri = resolve_dataset_uri(cfg)
     preflight(cfg.model, cfg.train, cfg.scaling, dataset_uri, cfg.storage.root)  # bad config: fail before Ray
     check_plan(cfg, dataset_uri)
-    cluster.connect(cfg.cluster)
-    result = launch(cfg.model, cfg.train, cfg.scaling, dataset_uri, cfg.storage.root)
+    # Ray starts only if there is training to do: a run already finished with this config answers at once.
+    result = launch(cfg.model, cfg.train, cfg.scaling, dataset_uri, cfg.storage.root,
+                    connect=lambda: cluster.connect(cfg.cluster))
     shown = {k: v for k, v in sorted(result.metrics.items()) if k.startswith(("train/loss", "val/", "perf/"))}
     print(f"run: {result.run_uri}\nexport: {result.export_uri}\ncheckpoint: {result.checkpoint_uri}")
     for key, value in shown.items():

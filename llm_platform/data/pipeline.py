@@ -100,8 +100,10 @@ def resolve_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str) -> str | N
     return uri if storage.exists(storage.join(uri, MANIFEST)) else None
 
 
-def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress: bool | None = None) -> DatasetResult:
-    """Run the data stage (see the module docstring). Ray must be connected (`cluster.connect`)."""
+def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress: bool | None = None,
+                  connect=None) -> DatasetResult:
+    """Run the data stage (see the module docstring). Ray must be connected (`cluster.connect`), or `connect` given:
+    it is called only when there is work for Ray (a dataset already complete is returned without starting Ray)."""
     import ray.data
 
     validate(cfg, tok)
@@ -117,6 +119,8 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     if storage.exists(storage.join(out, MANIFEST)):
         log.info("dataset %s is complete; nothing to do", out)
         return DatasetResult(out, storage.read_json(storage.join(out, MANIFEST)), reused=True)
+    if connect is not None:
+        connect()
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = console.progress_enabled() if progress is None else progress

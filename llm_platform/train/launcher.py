@@ -51,7 +51,8 @@ class TrainResult:
 
 
 def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str, storage_root: str, *,
-           run_name: str | None = None, callbacks: list | None = None, extra_lineage: dict | None = None) -> TrainResult:
+           run_name: str | None = None, callbacks: list | None = None, extra_lineage: dict | None = None,
+           connect=None) -> TrainResult:
     """Train `model` on the dataset at `dataset_uri` and return the run's outputs.
 
     Args:
@@ -61,6 +62,8 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
         run_name: overrides `train.run_name`; None derives `<model>-<objective>-<dataset fingerprint>`.
         callbacks: extra Ray Train `RunConfig` callbacks (e.g. Tune's `TuneReportCallback`).
         extra_lineage: merged into lineage.json (e.g. `{"sweep": {...}}`).
+        connect: called before Ray is needed (not for a run already finished with this config); None: Ray is
+            connected already.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -74,6 +77,8 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
     if done:
         log.info("run %s already finished with this config; nothing to do", run_uri)
         return done
+    if connect is not None:
+        connect()
 
     worker_config = build_worker_config(model, train, scaling, dataset, run_uri, pretrained_dir)
     fs, runs_path = storage.pyarrow_filesystem(storage.join(storage_root, "runs"))
