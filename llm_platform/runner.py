@@ -65,8 +65,12 @@ def model_name(cfg: PlatformConfig) -> str:
     return cfg.tune.register_as or cfg.train.register_as or cfg.model.name
 
 
-def run_all(cfg: PlatformConfig) -> RunSummary:
-    """Run the selected stages; a stage whose output exists with the same inputs and config is skipped."""
+def run_all(cfg: PlatformConfig, connect=None) -> RunSummary:
+    """Run the selected stages; a stage whose output exists with the same inputs and config is skipped.
+
+    `connect` (the entry point's `cluster.connect(cfg.cluster)`) is called when a stage first needs Ray, so a run
+    whose stages are all done starts none; None: Ray is connected already."""
+    connect = connect or (lambda: None)
     from llm_platform.data.pipeline import build_dataset, resolve_dataset
 
     summary = RunSummary()
@@ -85,7 +89,7 @@ def run_all(cfg: PlatformConfig) -> RunSummary:
         log.info("%s: %s in %.1fs -> %s", name, summary.stages[name]["result"], summary.stages[name]["seconds"], output)
 
     def data():
-        result = build_dataset(cfg.data, cfg.tokenizer, root)
+        result = build_dataset(cfg.data, cfg.tokenizer, root, connect=connect)
         return result.uri, result.reused, result.uri
 
     stage("data", data)
@@ -99,12 +103,14 @@ def run_all(cfg: PlatformConfig) -> RunSummary:
         if cfg.run.use_tune:
             from llm_platform.tune.driver import run_sweep
 
+            connect()
             sweep = run_sweep(cfg.tune, cfg.model, cfg.train, cfg.scaling, dataset_uri, root)
             return sweep, False, sweep.uri
         from llm_platform.train.launcher import launch
 
         started = time.time()
-        result = launch(cfg.model, dataclasses.replace(cfg.train, register_as=None), cfg.scaling, dataset_uri, root)
+        result = launch(cfg.model, dataclasses.replace(cfg.train, register_as=None), cfg.scaling, dataset_uri, root,
+                        connect=connect)
         reused = result.lineage.get("created_at", "") < dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat()
         return result, reused, result.export_uri
 
@@ -137,7 +143,7 @@ def run_all(cfg: PlatformConfig) -> RunSummary:
         out = storage.join(root, "evals", mv.name, mv.version, eval_cfg.name, "metrics.json")
         if storage.exists(out):
             return {"uri": out, "metrics": storage.read_json(out), "gate": None}, True, out
-        result = run_eval(eval_cfg, root)
+        result = run_eval(eval_cfg, root, connect=connect)
         return {"uri": result.output_uri, "metrics": result.metrics, "gate": result.gate}, False, result.output_uri
 
     stage("eval", evaluate)
@@ -152,6 +158,7 @@ def run_all(cfg: PlatformConfig) -> RunSummary:
         from llm_platform.serve.app import deploy
 
         serve_cfg = dataclasses.replace(cfg.serve, model=f"registry:{model_name(cfg)}")
+        connect()
         url = deploy(serve_cfg, root, storage.settings())
         summary.endpoint = url
         summary.sample = sample_query(url, cfg.run.query, cfg.serve.api_key_env)

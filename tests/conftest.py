@@ -31,7 +31,7 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
-    if not os.environ.get("PYTEST_XDIST_WORKER") and "LLMP_FIGURES_FILE" not in os.environ:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # a controller (or a plain run) has its own, even when nested
         # Reliability figures recorded in xdist workers reach the controller (which prints them) through a file.
         import tempfile
 

@@ -17,9 +17,8 @@ def main(cfg: PlatformConfig) -> None:
     from llm_platform.evaluate.run import run_eval
 
     storage.configure(cfg.storage)
-    if cfg.eval.use_ray and not cfg.eval.endpoint:
-        cluster.connect(cfg.cluster)
-    result = run_eval(cfg.eval, cfg.storage.root)
+    # Ray starts only if the evaluation takes the Ray Data path (eval.use_ray; by default only for large inputs).
+    result = run_eval(cfg.eval, cfg.storage.root, connect=lambda: cluster.connect(cfg.cluster))
     print(result.summary())
     if result.gate is not None:
         print(format_table(result.gate))

@@ -45,9 +45,9 @@ def main(cfg: PlatformConfig) -> None:
 
     storage.configure(cfg.storage)
     preflight(cfg)
-    ingress.prepare(cfg.serve.ingress)  # a local Ray started next runs Serve with the ingress the serve stage wants
-    cluster.connect(cfg.cluster)
-    summary = run_all(cfg)
+    ingress.prepare(cfg.serve.ingress)  # a local Ray started later runs Serve with the ingress the serve stage wants
+    # Ray starts when a stage first needs it: a slice whose stages are all done answers at once.
+    summary = run_all(cfg, connect=lambda: cluster.connect(cfg.cluster))
     print(summary.table())
     print("lineage: " + " -> ".join(f"{k}={v}" for k, v in summary.chain.items() if v))
     if not (summary.endpoint and cfg.run.keep_serving):

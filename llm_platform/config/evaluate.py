@@ -121,8 +121,16 @@ class EvalConfig:
     """Tokens generated per prompt (greedy)."""
     batch_size: int = 8
     """Records per batch for scoring and generation."""
-    use_ray: bool = True
-    """Run perplexity and generation as Ray Data batch inference; False computes in this process."""
+    use_ray: bool | None = None
+    """Perplexity and generation as Ray Data batch inference on an actor pool (True) or in this process (False).
+    None (auto): Ray when there is enough work to spread (more than `ray_min_records` val records and task prompts,
+    perturbed ones included) or the model is too big to load beside the driver (weights over `ray_min_model_gb`),
+    else in this process: for a few hundred records of a small model, starting a pool that loads the model in every
+    actor costs more than the scoring."""
+    ray_min_records: int = 2000
+    """With `use_ray` unset: the records (val records to score plus prompts to generate for) above which Ray is used."""
+    ray_min_model_gb: float = 2.0
+    """With `use_ray` unset: safetensors weights above this many GB are evaluated on Ray (not in the driver)."""
     num_actors: int = 2
     """Actors in the Ray Data pool that holds the model."""
     actor_num_cpus: float = 0.5

@@ -8,6 +8,7 @@ with the reason instead of failing the evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import tempfile
@@ -95,12 +96,14 @@ def _records(lineage: dict, section: str, filename: str, skipped: dict[str, str]
     return rows
 
 
-def run_eval(cfg: EvalConfig, storage_root: str) -> EvalResult:
+def run_eval(cfg: EvalConfig, storage_root: str, *, connect=None) -> EvalResult:
     """Evaluate `cfg.model` and write the report to `evals/<model>/<version>/<name>/` (or `cfg.output_uri`).
 
     Args:
         cfg: the `eval` config node.
         storage_root: `storage.root`, for registry references, baselines and the default report folder.
+        connect: joins or starts Ray (the entry point's `cluster.connect(cfg.cluster)`), called only if the Ray
+            path is taken and Ray is not connected yet; None starts a default local Ray then.
 
     Returns:
         The metrics, what was skipped and why, and the gate result when `cfg.compare_to` is set.
@@ -139,8 +142,14 @@ def run_eval(cfg: EvalConfig, storage_root: str) -> EvalResult:
             cache["model"] = models.load(mv.uri)
         return cache["model"]
 
+    if cfg.use_ray is None:
+        records = _records_to_score(cfg, val_files, tasks)
+        weights_gb = sum(storage.info(f)["size"] for f in storage.glob(storage.join(mv.uri, "*.safetensors"))) / 1e9
+        cfg = dataclasses.replace(cfg, use_ray=records > cfg.ray_min_records or weights_gb > cfg.ray_min_model_gb)
+        log.info("eval: %d records to score and prompts to generate for, %.2f GB of weights: %s (set eval.use_ray "
+                 "to choose)", records, weights_gb, "Ray Data actor pools" if cfg.use_ray else "in this process")
     if val_files is not None or tasks is not None:
-        _ensure_ray(cfg)
+        _ensure_ray(cfg, connect)
 
     if val_files is not None:
         if cfg.endpoint:
@@ -251,16 +260,37 @@ def _harness_tasks(cfg: EvalConfig):
     return harness.prepare(cfg.harness)
 
 
-def _ensure_ray(cfg: EvalConfig) -> None:
-    """Ray Data paths need a Ray; join the one the entry point started, or start a local one."""
+def _records_to_score(cfg: EvalConfig, val_files: list[str] | None, tasks) -> int:
+    """Val records perplexity would score (from the shards' parquet footers) plus the prompts generation would run,
+    perturbed copies included."""
+    total = 0
+    if val_files and not cfg.endpoint:
+        import pyarrow.parquet as pq
+
+        for uri in val_files:
+            fs, path = storage.pyarrow_filesystem(uri)
+            with fs.open_input_file(path) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        if cfg.max_val_records is not None:
+            total = min(total, cfg.max_val_records)
+    if tasks:
+        copies = 1 + (len(cfg.robustness.perturbations) if cfg.robustness.enabled else 0)
+        total += len(tasks) * copies
+    return total
+
+
+def _ensure_ray(cfg: EvalConfig, connect=None) -> None:
+    """Ray Data paths need a Ray; join the one the entry point started, or start one (`connect`)."""
     if not cfg.use_ray or cfg.endpoint:
         return
     import ray
 
     if not ray.is_initialized():
-        from llm_platform import cluster
+        if connect is None:
+            from llm_platform import cluster
 
-        cluster.connect()
+            connect = cluster.connect
+        connect()
 
 
 def _plain(cfg: EvalConfig) -> dict:

@@ -67,7 +67,7 @@ def test_run_eval_writes_a_complete_report(ray_session, world):
     from llm_platform.data.dataset import open_dataset
     from llm_platform.evaluate import run_eval
 
-    cfg = EvalConfig(model=world["model"], tasks_uri=world["tasks"], max_new_tokens=6, batch_size=4,
+    cfg = EvalConfig(model=world["model"], tasks_uri=world["tasks"], max_new_tokens=6, batch_size=4, use_ray=True,
                      bias=BiasConfig(bootstrap_samples=200), human=HumanConfig(num_samples=3))
     result = run_eval(cfg, world["root"])
     out = os.path.join(world["root"], "evals", "tiny", "v0002", "default")
@@ -164,7 +164,7 @@ def test_seq2seq_over_ray_data_and_skips_are_reported(ray_session, tmp_path):
     model = str(tmp_path / "t5")
     fx.build_t5(model)
     tasks = fx.write_tasks(str(tmp_path / "t.jsonl"), TASKS)
-    result = run_eval(EvalConfig(model=model, tasks_uri=tasks, max_new_tokens=4,
+    result = run_eval(EvalConfig(model=model, tasks_uri=tasks, max_new_tokens=4, use_ray=True,
                                  robustness=RobustnessConfig(perturbations=["casing"]),
                                  bias=BiasConfig(bootstrap_samples=100)), str(tmp_path / "root"))
     assert "gen/rougeL" in result.metrics and "robust/casing/rougeL_delta" in result.metrics
