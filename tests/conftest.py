@@ -31,7 +31,9 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
-    if not os.environ.get("PYTEST_XDIST_WORKER"):  # a controller (or a plain run) has its own, even when nested
+    # A controller (or a plain run) has its own file, also when it is a pytest started by a test (which inherits a
+    # worker's environment, PYTEST_XDIST_WORKER included): only a real xdist worker has `workerinput`.
+    if not hasattr(config, "workerinput"):
         # Reliability figures recorded in xdist workers reach the controller (which prints them) through a file.
         import tempfile
 

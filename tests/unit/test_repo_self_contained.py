@@ -151,7 +151,9 @@ def test_data_file_tests_pass_in_a_copy_with_nothing_beside_it(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
     assert (clone / "cluster" / "crds" / "ray.io_rayclusters.yaml").is_file(), "the CRDs are not part of the repo"
-    env = {k: v for k, v in os.environ.items() if k not in ("LLM_PLATFORM_CONF", "PYTHONPATH")}
+    # Not this run's: its config path, its xdist worker identity, its reliability-figures file.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LLM_PLATFORM_CONF", "PYTHONPATH", "LLMP_FIGURES_FILE") and not k.startswith("PYTEST_XDIST")}
     # The copy's own package and conf/ must be the ones imported (the working folder comes first on sys.path).
     probe = subprocess.run([sys.executable, "-c", "import llm_platform.config as c; print(c.conf_dir())"],
                            cwd=clone, env=env, capture_output=True, text=True, timeout=120)
