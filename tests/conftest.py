@@ -156,6 +156,8 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter):
     """Last before the final line, so that the tail of a CI log shows them: the reliability figures, then the
     slowest test files (setup, call and teardown together) and the total."""
+    if hasattr(terminalreporter.config, "workerinput"):
+        return  # an xdist worker: its figures are in the file, for the controller to print
     figures_file = os.environ.get("LLMP_FIGURES_FILE")
     if figures_file and os.path.exists(figures_file):
         import json
