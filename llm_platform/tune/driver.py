@@ -116,8 +116,8 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
             run_config=tune.RunConfig(
                 name=tune_cfg.name, storage_path=parent, storage_filesystem=parent_fs,
                 failure_config=tune.FailureConfig(max_failures=tune_cfg.max_trial_failures),
-                callbacks=[TrialLines(tune_cfg.metric, [d.key for d in dims], train.max_steps,
-                                      expected_trials(tune_cfg, dims)), *(callbacks or [])],
+                callbacks=[trial_lines(tune_cfg.metric, [d.key for d in dims], train.max_steps,
+                                       expected_trials(tune_cfg, dims)), *(callbacks or [])],
                 verbose=tune_cfg.verbose,
             ),
         )
@@ -155,37 +155,35 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
                        table=table, record=record)
 
 
-def _trial_callback_base():
+def trial_lines(metric: str, keys: list[str], max_steps: int, total: int):
+    """A Ray Tune callback printing one console line per trial event (started, finished, stopped early, failed), in
+    place of Ray Tune's status tables (`tune.verbose=1` brings those back). Built here so that importing this module
+    does not import Ray Tune."""
     from ray.tune import Callback
 
-    return Callback
+    class TrialLines(Callback):
+        def __init__(self):
+            self.done = 0
 
+        def _params(self, trial) -> str:
+            return " ".join(f"{k}={_short(v)}" for k, v in spaces.flatten_params(trial.config, keys).items())
 
-class TrialLines(_trial_callback_base()):
-    """One console line per trial event (started, finished, stopped early, failed), in place of Ray Tune's status
-    tables (`tune.verbose=1` brings those back)."""
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log.info("trial %s started: %s", trial.trial_id, self._params(trial))
 
-    def __init__(self, metric: str, keys: list[str], max_steps: int, total: int):
-        self.metric, self.keys, self.max_steps, self.total, self.done = metric, keys, max_steps, total, 0
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            last = trial.last_result or {}
+            how = "stopped early" if int(last.get("step") or 0) < max_steps else "finished"
+            log.info("trial %s %s (%d/%d): %s=%s after %s steps", trial.trial_id, how, self.done, total, metric,
+                     _short(last.get(metric)), last.get("step", "?"))
 
-    def _params(self, trial) -> str:
-        return " ".join(f"{k}={_short(v)}" for k, v in spaces.flatten_params(trial.config, self.keys).items())
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            log.warning("trial %s failed (%d/%d): see %s", trial.trial_id, self.done, total,
+                        getattr(trial, "error_file", None) or "its error file in the sweep folder")
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        log.info("trial %s started: %s", trial.trial_id, self._params(trial))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        last = trial.last_result or {}
-        how = "stopped early" if int(last.get("step") or 0) < self.max_steps else "finished"
-        value = last.get(self.metric)
-        log.info("trial %s %s (%d/%d): %s=%s after %s steps", trial.trial_id, how, self.done, self.total,
-                 self.metric, _short(value), last.get("step", "?"))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
-        log.warning("trial %s failed (%d/%d): see %s", trial.trial_id, self.done, self.total,
-                    getattr(trial, "error_file", None) or "its error file in the sweep folder")
+    return TrialLines()
 
 
 def _short(value) -> str:
