@@ -141,30 +141,39 @@ def test_empty_blocks(n):
 
 
 def test_packed_shard_counts_every_documents_tokens_and_conserves_them(tmp_path):
-    """One pretraining shard through `_pack_one_shard` (what each Ray group runs), on local storage: the token
-    frequencies it reports are the documents' own tokens (no EOS it added), and the parquet blocks hold them all."""
+    """One pretraining shard through the stage's own calls on local storage (a cleaned file -> `encode_file` ->
+    `pack_shard`, what the Ray tasks run): the token frequencies it reports are the documents' own tokens (no EOS
+    it added), and the parquet blocks hold them all, in document order."""
     import io
 
-    import pandas as pd
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from llm_platform import storage
     from llm_platform.config.tokenizer import TokenizerConfig
-    from llm_platform.data import pipeline
+    from llm_platform.data import shards
     from llm_platform.data import tokenizer as tokenizers
+    from llm_platform.data.exchange import segments
 
     texts = [d["text"] for d in sample.generate(120, seed=5)] + ["", "<|endoftext|> inside a document"]
     tok = tokenizers.train_bpe(texts, TokenizerConfig(vocab_size=300))
     tok_uri = str(tmp_path / "tok")
     tokenizers.save(tok, tok_uri)
     record = tokenizers.describe(tok, "x")
-    params = {"kind": "pretrain", "seq_len": 16, "target_len": 0, "out": str(tmp_path / "out"),
-              "work": str(tmp_path / "work"), "tokenizer_uri": tok_uri, "eos": record["eos_token_id"],
-              "pad": record["pad_token_id"], "vocab": record["vocab_size"], "batch": 7, "storage": {}}
-    df = pd.DataFrame({"shard": "train-00000", "doc_id": range(len(texts)), "text": texts})
-    stat = pipeline._pack_one_shard(df, params).iloc[0]
+    work = tmp_path / "work"
+    (work / "clean").mkdir(parents=True)
+    n = len(texts)
+    # Two row groups, so the documents reach the packer across batches (leftovers carried over).
+    pq.write_table(pa.table({"doc_id": np.arange(n, dtype=np.int64), "text_hash": np.zeros(n, np.int64),
+                             "text": texts}), work / "clean" / "000000.parquet", row_group_size=50)
+    spec = shards.ShardSpec(kind="pretrain", seq_len=16, target_len=0, val_fraction=0.0, counts={"train": 1},
+                            tokenizer_uri=tok_uri, eos=record["eos_token_id"], pad=record["pad_token_id"],
+                            vocab=record["vocab_size"], batch=7, chat_overflow="truncate", work=str(work),
+                            out=str(tmp_path / "out"))
+    encoded = shards.encode_file(0, np.empty(0, np.int64), spec)
+    stat = shards.pack_shard("train-00000", segments(encoded["runs"], 0), spec)
 
-    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]  # doc_id order, as the shard sorts
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]  # doc_id order
     expected = np.bincount(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]), minlength=record["vocab_size"])
     assert stat["token_counts"] == expected.tolist()
     assert stat["documents"] == len(texts) and stat["tokens_in"] == sum(map(len, ids)) + len(texts)

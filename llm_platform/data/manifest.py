@@ -1,0 +1,70 @@
+"""The dataset's manifest: what went in, what was dropped and why, what came out (written last by the stage)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from llm_platform.data import pack
+from llm_platform.data.exchange import sum_counters
+
+FORMAT_VERSION = 2  # bump when the shard layout or any phase's semantics change: it is part of the fingerprint
+
+
+def _empty_split() -> dict[str, Any]:
+    return {"files": [], "num_records": 0, "num_tokens": 0, "documents": 0, "tokens_in": 0, "remainder_tokens": 0,
+            "skipped_prompt_too_long": 0, "chat": {}}
+
+
+def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], files: list[dict], dups: dict,
+          tok_record: dict, shards: list[dict], timings: dict[str, float]) -> dict[str, Any]:
+    """The manifest from the stage's per-file counts (`prepare.prepare_file`), the duplicates, the tokenizer's
+    record and the shards' entries (`shards.pack_shard`)."""
+    counts: dict[str, Any] = {"files": len(inputs), "records_in": sum(int(f["records"]) for f in files),
+                              "dropped": sum_counters([f["dropped"] for f in files]),
+                              "pii_replacements": sum(int(f["pii_replacements"]) for f in files)}
+    # The sample of skipped records is the first ones by (file, line), whatever order the files finished in, so
+    # the same inputs always give the same manifest.
+    limit = max(0, cfg.max_records_reported - len(missing))
+    dropped = sorted((r for f in files for r in f["skipped"]), key=lambda r: (r["source"], r["line"]))[:limit]
+    skipped = list(missing) + dropped
+    for m in missing:
+        reason = m["reason"].split(":")[0]
+        counts["dropped"][reason] = counts["dropped"].get(reason, 0) + 1
+    counts["exact_duplicates"] = int(dups["exact"].sum())
+    counts["near_duplicates"] = int((~dups["exact"]).sum())
+    splits: dict[str, dict] = {}
+    token_counts = np.zeros(tok_record["vocab_size"], dtype=np.int64)
+    hist = np.zeros(len(pack.LENGTH_EDGES) - 1, dtype=np.int64)
+    for s in sorted(shards, key=lambda r: r["shard"]):
+        split = splits.setdefault(s["split"], _empty_split())
+        if s["records"]:
+            split["files"].append(s["file"])
+        split["num_records"] += int(s["records"])
+        split["num_tokens"] += int(s["tokens_out"])
+        split["documents"] += int(s["documents"])
+        split["tokens_in"] += int(s["tokens_in"])
+        split["remainder_tokens"] += int(s["remainder"])
+        split["skipped_prompt_too_long"] += int(s["skipped_prompt_too_long"])
+        for key, n in (s.get("chat") or {}).items():  # chat: truncated and skipped conversations by reason
+            split["chat"][key] = split["chat"].get(key, 0) + int(n)
+        if s["split"] == "train":
+            token_counts += np.asarray(s["token_counts"], dtype=np.int64)
+            hist += np.asarray(s["length_hist"], dtype=np.int64)
+    for name in ("train", "val"):
+        splits.setdefault(name, _empty_split())
+    counts["documents_kept"] = sum(s["documents"] for s in splits.values())
+    total = max(1, int(token_counts.sum()))
+    return {
+        "name": cfg.name, "fingerprint": fp, "format_version": FORMAT_VERSION, "kind": cfg.kind,
+        "seq_len": cfg.seq_len, "target_len": cfg.target_len, "tokenizer": tok_record, "splits": splits,
+        "counts": counts, "skipped": skipped[: cfg.max_records_reported],
+        "inputs": [{k: m[k] for k in ("uri", "size", "marker", "format")} for m in inputs],
+        "config": {"data": asdict(cfg), "tokenizer": asdict(tok)},
+        "stats": {"token_frequencies": (token_counts / total).tolist(),
+                  "doc_length_tokens": {"edges": pack.LENGTH_EDGES, "counts": hist.tolist()}},
+        "timings_s": timings, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,236 @@
+"""The data stage's first pass, one input file per call, no Ray: read, clean, and the dedup keys, in one pass.
+
+Each call reads its file once and writes, under `<work>/`:
+
+    clean/<file>.parquet    the kept records (doc_id, text_hash, text, prompt, response, messages), in file order
+    keys/<file>-<n>.bin     dedup keys bucketed by partition (exchange.py): exact (text hash) and LSH band keys
+    sigs/<file>-<n>.bin     the kept documents' b-bit MinHash signatures, read back only for candidate pairs
+    clean/<file>.json       the file's counts (read, dropped by reason, the first skipped records), written last:
+                            a resumed stage skips every file that has it
+
+Dedup then works on keys alone (`dedup_partition`): equal keys meet in one reduce task, which returns exact
+duplicates and near *candidate* pairs; `verify_pairs` fetches the signatures of the candidates only. Before, every
+band row carried its document's signature through a shuffle: 15 rows x 145 bytes a document, eight times the text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llm_platform import storage
+from llm_platform.config.data import FilterConfig
+from llm_platform.data import clean, dedup, sources
+from llm_platform.data.exchange import PartitionedWriter, read_segments
+
+READ_BATCH_ROWS = 2048
+CLEAN_COLUMNS = ("doc_id", "text_hash", "text", "prompt", "response", "messages")
+
+
+@dataclass(frozen=True)
+class KeyParams:
+    """What the dedup keys need from `data.dedup`, with the LSH banding for its threshold."""
+
+    exact: bool
+    near: bool
+    num_perm: int
+    seed: int
+    shingle_words: int
+    bands: int
+    rows: int
+    threshold: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "KeyParams":
+        bands, rows = dedup.lsh_params(cfg.threshold, cfg.num_perm)
+        return cls(exact=cfg.exact, near=cfg.near, num_perm=cfg.num_perm, seed=cfg.seed,
+                   shingle_words=cfg.shingle_words, bands=bands, rows=rows, threshold=cfg.threshold)
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """Everything a prepare call needs (plain values: it pickles to Ray workers as is)."""
+
+    read: sources.ReadSpec
+    normalize: str
+    scrub_pii: bool
+    filters: FilterConfig
+    keys: KeyParams
+    partitions: int
+    """Dedup key partitions (reduce tasks)."""
+    work: str
+    max_reported: int
+
+
+def clean_records(records: list[dict], spec: PrepareSpec) -> list[dict]:
+    """Normalize, scrub and filter each record (`clean.clean_record`); a kept one gets its `text_hash`."""
+    out = []
+    for r in records:
+        c = clean.clean_record(r, spec.normalize, spec.scrub_pii, spec.filters)
+        c["text_hash"] = dedup.text_hash(c["text"]) if not c["drop_reason"] else 0
+        out.append(c)
+    return out
+
+
+def dedup_keys(doc_ids: np.ndarray, hashes: np.ndarray, texts: list[str], params: KeyParams
+               ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The kept documents' dedup keys and their b-bit signatures (None without near dedup).
+
+    Keys: `exact_key`/`exact_doc` (the text hash, one per document) and `near_key`/`near_doc` (one per LSH band).
+    """
+    keys: dict[str, np.ndarray] = {}
+    sigs = None
+    if params.exact:
+        keys["exact_key"], keys["exact_doc"] = hashes.astype(np.int64), doc_ids.astype(np.int64)
+    if params.near and len(texts):
+        a, b = dedup.permutations(params.num_perm, params.seed)
+        full = dedup.signatures(texts, a, b, params.shingle_words)  # (n, num_perm) uint32
+        keys["near_key"] = dedup.band_keys(full, params.bands, params.rows).reshape(-1)  # (n * bands,)
+        keys["near_doc"] = np.repeat(doc_ids.astype(np.int64), params.bands)
+        sigs = dedup.bbit(full)  # (n, num_perm) uint8
+    return keys, sigs
+
+
+def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
+    return (keys.view(np.uint64) % np.uint64(partitions)).astype(np.int64)
+
+
+def _write_keys(writer: PartitionedWriter, keys: dict[str, np.ndarray], partitions: int) -> None:
+    for kind in ("exact", "near"):
+        if f"{kind}_key" not in keys:
+            continue
+        k, d = keys[f"{kind}_key"], keys[f"{kind}_doc"]
+        part = partition_of(k, partitions)
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+        for p in range(partitions):
+            sel = order[bounds[p]:bounds[p + 1]]
+            if sel.shape[0]:
+                writer.add(p, {f"{kind}_key": k[sel], f"{kind}_doc": d[sel]})
+
+
+def prepare_file(meta: dict[str, Any], file_index: int, spec: PrepareSpec) -> dict[str, Any]:
+    """Read, clean and key one input file (see the module docstring); returns its counts and run indexes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = f"{file_index:06d}"
+    done = storage.join(spec.work, "clean", f"{name}.json")
+    if storage.exists(done):  # an interrupted earlier run finished this file
+        return {**storage.read_json(done), "resumed": True}
+    clean_uri = storage.join(spec.work, "clean", f"{name}.parquet")
+    keys = PartitionedWriter(storage.join(spec.work, "keys", name))
+    sigs = PartitionedWriter(storage.join(spec.work, "sigs", name))
+    stats: dict[str, Any] = {"file_index": file_index, "records": 0, "kept": 0, "dropped": {},
+                             "pii_replacements": 0, "skipped": []}
+    schema = pa.schema([("doc_id", pa.int64()), ("text_hash", pa.int64())] +
+                       [(c, pa.string()) for c in CLEAN_COLUMNS[2:]])
+    fs, path = storage.pyarrow_filesystem(clean_uri)
+    if not storage.is_remote(clean_uri):
+        storage.makedirs(storage.join(spec.work, "clean"))
+    with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
+        for records in _batches(sources.read_file(meta, file_index, spec.read), READ_BATCH_ROWS):
+            cleaned = clean_records(records, spec)
+            stats["records"] += len(cleaned)
+            stats["pii_replacements"] += sum(int(r.get("pii_replacements") or 0) for r in cleaned)
+            kept = [r for r in cleaned if not r["drop_reason"]]
+            for r in cleaned:
+                if r["drop_reason"]:
+                    stats["dropped"][r["drop_reason"]] = stats["dropped"].get(r["drop_reason"], 0) + 1
+                    if len(stats["skipped"]) < spec.max_reported:  # the file's first ones, by line
+                        stats["skipped"].append({"source": r["source"], "line": int(r["line"]),
+                                                 "reason": r.get("detail") or r["drop_reason"]})
+            if not kept:
+                continue
+            stats["kept"] += len(kept)
+            columns = {c: [r.get(c) or "" for r in kept] for c in CLEAN_COLUMNS[2:]}
+            doc_ids = np.fromiter((r["doc_id"] for r in kept), np.int64, len(kept))
+            hashes = np.fromiter((r["text_hash"] for r in kept), np.int64, len(kept))
+            writer.write_table(pa.table({"doc_id": doc_ids, "text_hash": hashes, **columns}, schema=schema))
+            found, signatures = dedup_keys(doc_ids, hashes, columns["text"], spec.keys)
+            _write_keys(keys, found, spec.partitions)
+            if signatures is not None:
+                sigs.add(0, {"doc": doc_ids, "sig": signatures})
+    stats["key_runs"], stats["sig_runs"] = keys.close(), sigs.close()
+    storage.write_json(done, stats)
+    return {**stats, "resumed": False}
+
+
+def _batches(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ----------------------------------------------------------------------------------------------------- dedup
+def dedup_partition(segs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """One key partition: exact duplicates (`exact_doc` duplicates `exact_of`) and near candidate pairs
+    (`near_doc`, `near_first`): every document that shares a band key with a smaller one, paired with the
+    smallest document of that key (what `dedup.block_duplicates` compares each row with)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for arrays, _ in read_segments(segs):
+        for k, v in arrays.items():
+            parts.setdefault(k, []).append(v)
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    empty = np.empty(0, np.int64)
+    out = {"exact_doc": empty, "exact_of": empty, "near_doc": empty, "near_first": empty}
+    if "exact_key" in cat:
+        out["exact_doc"], out["exact_of"] = dedup.block_duplicates(cat["exact_key"], cat["exact_doc"])
+    if "near_key" in cat:
+        out["near_doc"], out["near_first"] = candidate_pairs(cat["near_key"], cat["near_doc"])
+    return out
+
+
+def candidate_pairs(keys: np.ndarray, doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(doc, first) for every row whose key group's smallest doc id `first` is another document."""
+    order = np.lexsort((doc_ids, keys))
+    keys, doc_ids = keys[order], doc_ids[order]
+    starts = np.ones(keys.shape[0], dtype=bool)
+    starts[1:] = keys[1:] != keys[:-1]
+    first = np.maximum.accumulate(np.where(starts, np.arange(keys.shape[0]), 0))
+    candidate = (~starts) & (doc_ids != doc_ids[first])
+    return doc_ids[candidate], doc_ids[first][candidate]
+
+
+def verify_pairs(docs: np.ndarray, firsts: np.ndarray, sig_runs: dict[int, list[dict]], threshold: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs whose estimated Jaccard (b-bit signatures, chance matches removed) meets `threshold`,
+    one per duplicate, pointing at its smallest original. Reads the signature runs of the files that hold a
+    candidate (`sig_runs`: file index -> runs) and keeps only the candidates' rows."""
+    if docs.shape[0] == 0:
+        return docs, firsts
+    needed = np.unique(np.concatenate([docs, firsts]))
+    ids, rows = [], []
+    for file_index in np.unique(needed >> 32):
+        for arrays, _ in read_segments([{"uri": r["uri"], **r["parts"]["0"]} for r in sig_runs.get(int(file_index), [])]):
+            sel = np.isin(arrays["doc"], needed)
+            ids.append(arrays["doc"][sel]), rows.append(arrays["sig"][sel])
+    ids_all, sig_all = np.concatenate(ids), np.concatenate(rows)
+    order = np.argsort(ids_all)
+    ids_all, sig_all = ids_all[order], sig_all[order]
+    a, b = sig_all[np.searchsorted(ids_all, docs)], sig_all[np.searchsorted(ids_all, firsts)]
+    chance = 2.0 ** (-8 * a.dtype.itemsize)
+    similarity = ((a == b).mean(axis=1) - chance) / (1.0 - chance)
+    keep = similarity >= threshold
+    docs, firsts = docs[keep], firsts[keep]
+    order = np.lexsort((firsts, docs))  # per duplicate, its smallest original first
+    docs, firsts = docs[order], firsts[order]
+    one = np.ones(docs.shape[0], dtype=bool)
+    one[1:] = docs[1:] != docs[:-1]
+    return docs[one], firsts[one]
+
+
+def one_row_per_dup(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A document found by several partitions keeps one row; exact beats near (it is the stronger reason)."""
+    order = np.lexsort((~d["exact"], d["doc_id"]))
+    d = {k: v[order] for k, v in d.items()}
+    keep = np.ones(d["doc_id"].shape[0], dtype=bool)
+    keep[1:] = d["doc_id"][1:] != d["doc_id"][:-1]
+    return {k: v[keep] for k, v in d.items()}

@@ -1,0 +1,226 @@
+"""The data stage's last pass, no Ray: tokenize each cleaned file, then pack each output shard.
+
+`encode_file` (one per cleaned input file) keeps the documents that are not duplicates, gives each its split and
+shard by its text hash, tokenizes them, and writes the tokens bucketed by shard (exchange.py): flat token arrays and
+lengths for pretraining, finished padded records for sft, chat and seq2seq. `pack_shard` (one per output shard)
+reads its segment of every file's runs in file order, which is document order (doc ids are file index << 32 | line),
+so it packs exactly what sorting the shard's documents by id would give, without shuffling any text or sorting.
+
+    pretrain   documents joined by EOS, cut into seq_len blocks; the last partial block is the remainder
+    sft        prompt + response + EOS, loss on the response, padded (pack.supervised)
+    seq2seq    source and target padded apart (pack.seq2seq)
+    chat       rendered with the tokenizer's chat template, loss on assistant turns (chat.pack_chats)
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llm_platform import storage
+from llm_platform.data import chat, dedup, pack
+from llm_platform.data.exchange import PartitionedWriter, read_segments, sum_counters
+
+SHARD_ROW_GROUP_ROWS = 256
+_COLUMN = "col:"  # prefix of the arrays that become parquet columns (in the order they are added)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What the encode and pack calls need (plain values: it pickles to Ray workers as is)."""
+
+    kind: str
+    seq_len: int
+    target_len: int
+    val_fraction: float
+    counts: dict[str, int]
+    """Output shards per split."""
+    tokenizer_uri: str
+    eos: int
+    pad: int
+    vocab: int
+    batch: int
+    chat_overflow: str
+    work: str
+    out: str
+
+    def shard_names(self) -> list[str]:
+        """Every shard's name, in partition order: train-00000 ... then val-00000 ..."""
+        return [f"{s}-{i:05d}" for s in ("train", "val") for i in range(self.counts.get(s, 0))]
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _backend(uri: str):
+    """The trained or copied tokenizer's `tokenizers` backend, loaded once per worker process."""
+    if uri not in _TOKENIZERS:
+        from llm_platform.data.dataset import load_tokenizer
+
+        _TOKENIZERS[uri] = load_tokenizer(uri)
+    return _TOKENIZERS[uri]
+
+
+def encode(uri: str, texts: list[str]) -> list[list[int]]:
+    backend = _backend(uri).backend_tokenizer
+    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in batch(texts, add_special_tokens=False)]
+
+
+def split_and_shard(hashes: np.ndarray, spec: ShardSpec) -> np.ndarray:
+    """Each document's shard as an index into `spec.shard_names()` (by its text hash: stable across runs)."""
+    train, val = spec.counts.get("train", 0), spec.counts.get("val", 0)
+    out = np.empty(hashes.shape[0], np.int64)
+    for i, h in enumerate(hashes.tolist()):
+        if dedup.split_of(h, spec.val_fraction) == "val":
+            out[i] = train + h % max(1, val)
+        else:
+            out[i] = h % max(1, train)
+    return out
+
+
+def read_clean(uri: str, columns: list[str]):
+    """Record batches of a cleaned file (one parquet row group at a time)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        yield from pq.ParquetFile(f).iter_batches(columns=columns, batch_size=8192)
+
+
+def encode_file(file_index: int, dup_ids: np.ndarray, spec: ShardSpec) -> dict[str, Any]:
+    """Tokenize one cleaned file's kept, non-duplicate documents into runs bucketed by shard."""
+    name = f"{file_index:06d}"
+    done = storage.join(spec.work, "tokens", f"{name}.json")
+    if storage.exists(done):
+        return {**storage.read_json(done), "resumed": True}
+    fields = {"pretrain": ["text"], "sft": ["prompt", "response"], "seq2seq": ["prompt", "response"],
+              "chat": ["messages"]}[spec.kind]
+    writer = PartitionedWriter(storage.join(spec.work, "tokens", name))
+    token_dtype = np.uint16 if spec.vocab <= 1 << 16 else np.int32
+    for batch in read_clean(storage.join(spec.work, "clean", f"{name}.parquet"), ["doc_id", "text_hash", *fields]):
+        doc_ids = batch.column("doc_id").to_numpy()
+        keep = ~np.isin(doc_ids, dup_ids)
+        hashes = batch.column("text_hash").to_numpy()[keep]
+        shards = split_and_shard(hashes, spec)
+        values = {f: np.asarray(batch.column(f).to_pylist(), dtype=object)[keep] for f in fields}
+        for start in range(0, hashes.shape[0], spec.batch):
+            part = shards[start:start + spec.batch]
+            chunk = {f: [str(v) for v in values[f][start:start + spec.batch]] for f in fields}
+            _encode_chunk(writer, part, chunk, spec, token_dtype)
+    runs = writer.close()
+    storage.write_json(done, {"file_index": file_index, "runs": runs})
+    return {"file_index": file_index, "runs": runs, "resumed": False}
+
+
+def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str, list[str]], spec: ShardSpec,
+                  token_dtype) -> None:
+    """Encode one batch of documents and hand each shard its share, in document order."""
+    if spec.kind == "pretrain":
+        ids = encode(spec.tokenizer_uri, chunk["text"])
+        for p in np.unique(shards):
+            sel = np.nonzero(shards == p)[0]
+            docs = [ids[i] for i in sel]
+            flat = np.fromiter((t for d in docs for t in d), token_dtype, sum(len(d) for d in docs))
+            writer.add(int(p), {"length": np.asarray([len(d) for d in docs], np.int32), "tokens": flat},
+                       {"documents": len(docs)})
+        return
+    for p in np.unique(shards):
+        sel = np.nonzero(shards == p)[0]
+        rows: dict[str, list[np.ndarray]] = {}
+        meta: dict[str, Any] = {"documents": len(sel), "tokens_in": 0, "skipped_prompt_too_long": 0}
+        lengths: list[int] = []
+        counted: list[np.ndarray] = []  # the tokens whose frequencies the manifest reports
+        if spec.kind == "chat":
+            found, lengths, counts = chat.pack_chats(_backend(spec.tokenizer_uri), [chunk["messages"][i] for i in sel],
+                                                     seq_len=spec.seq_len, pad_id=spec.pad,
+                                                     overflow=spec.chat_overflow)
+            meta["tokens_in"], meta["chat"] = sum(lengths), counts
+            for ids, attended in zip(found.get("input_ids", []), found.get("attention_mask", [])):
+                counted.append(np.asarray(ids)[np.asarray(attended) == 1])
+            for key, value in found.items():
+                rows.setdefault(key, []).extend(value)
+        else:
+            prompts = encode(spec.tokenizer_uri, [chunk["prompt"][i] for i in sel])
+            responses = encode(spec.tokenizer_uri, [chunk["response"][i] for i in sel])
+            for p_ids, r_ids in zip(prompts, responses):
+                lengths.append(len(p_ids))
+                counted.append(np.asarray(p_ids + r_ids, dtype=np.int64))
+                meta["tokens_in"] += len(p_ids) + len(r_ids) + 1
+                rec = (pack.supervised(p_ids, r_ids, spec.seq_len, spec.eos, spec.pad) if spec.kind == "sft"
+                       else pack.seq2seq(p_ids, r_ids, spec.seq_len, spec.target_len, spec.eos, spec.pad))
+                if isinstance(rec, str):
+                    meta["skipped_prompt_too_long"] += 1
+                    continue
+                for key, value in rec.items():
+                    rows.setdefault(key, []).append(value)
+        arrays = {_COLUMN + k: np.stack(v) for k, v in rows.items()}
+        arrays["length"] = np.asarray(lengths, np.int32)
+        arrays["counted"] = (np.concatenate(counted) if counted else np.empty(0, np.int64)).astype(np.int64)
+        writer.add(int(p), arrays, meta)
+
+
+def pack_shard(name: str, segs: list[dict[str, Any]], spec: ShardSpec) -> dict[str, Any]:
+    """Write output shard `name` from its segments (in document order); returns its manifest entry."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    split, index = name.rsplit("-", 1)
+    done = storage.join(spec.work, "shards", f"{name}.json")
+    if storage.exists(done):  # resumed run: this shard was written before the interruption
+        return {**storage.read_json(done), "resumed": True}
+    parts: dict[str, list[np.ndarray]] = {}
+    metas = []
+    for arrays, meta in read_segments(segs):
+        metas.append(meta)
+        for k, v in arrays.items():
+            parts.setdefault(k, []).append(v)
+    meta = sum_counters(metas)
+    lengths = np.concatenate(parts["length"]) if parts else np.empty(0, np.int32)
+    uri_rel = f"{split}/part-{index}.parquet"
+    stat: dict[str, Any] = {"shard": name, "split": split, "file": uri_rel, "documents": int(meta.get("documents", 0)),
+                            "records": 0, "tokens_in": int(meta.get("tokens_in", 0)), "tokens_out": 0, "remainder": 0,
+                            "skipped_prompt_too_long": int(meta.get("skipped_prompt_too_long", 0)),
+                            "chat": meta.get("chat", {})}
+    if spec.kind == "pretrain":
+        tokens = np.concatenate(parts["tokens"]).astype(np.int32) if parts else np.empty(0, np.int32)
+        # The stream: each document's tokens, then EOS (what pack.Packer builds), cut into seq_len blocks.
+        stream = np.empty(tokens.shape[0] + lengths.shape[0], np.int32)
+        eos_at = np.cumsum(lengths.astype(np.int64) + 1) - 1
+        is_eos = np.zeros(stream.shape[0], dtype=bool)
+        is_eos[eos_at] = True
+        stream[is_eos], stream[~is_eos] = spec.eos, tokens
+        blocks = stream.shape[0] // spec.seq_len
+        columns = {"input_ids": stream[: blocks * spec.seq_len].reshape(blocks, spec.seq_len)}  # (blocks, seq_len)
+        stat.update(tokens_in=int(stream.shape[0]), remainder=int(stream.shape[0] - blocks * spec.seq_len))
+        counted = tokens.astype(np.int64)
+    else:
+        columns = {k[len(_COLUMN):]: np.concatenate(v) for k, v in parts.items() if k.startswith(_COLUMN)}
+        counted = np.concatenate(parts["counted"]) if parts else np.empty(0, np.int64)
+    stat["records"] = int(len(next(iter(columns.values())))) if columns else 0
+    stat["tokens_out"] = stat["records"] * spec.seq_len
+    if stat["records"]:
+        table = pa.table({k: _list_column(v, pa.int8() if k == "attention_mask" else pa.int32())
+                          for k, v in columns.items()})
+        buf = io.BytesIO()
+        # Small row groups: a training worker reads whole groups, and only those of its own partitions
+        # (train/reader.py), so a group is the unit of what it reads beyond its share.
+        pq.write_table(table, buf, row_group_size=SHARD_ROW_GROUP_ROWS)
+        storage.write_bytes(storage.join(spec.out, uri_rel), buf.getvalue())
+    stat["token_counts"] = np.bincount(counted, minlength=spec.vocab)[:spec.vocab].tolist()
+    stat["length_hist"] = pack.length_histogram(lengths.tolist())
+    storage.write_json(done, stat)
+    return {**stat, "resumed": False}
+
+
+def _list_column(rows: np.ndarray, item_type):
+    """A list<item_type> column from a (rows, width) array, built from flat buffers (a Python list per row cost
+    about as much CPU as the BPE encode of its tokens)."""
+    import pyarrow as pa
+
+    flat = np.asarray(rows).reshape(len(rows), -1)
+    offsets = np.arange(0, flat.size + 1, flat.shape[1], dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.reshape(-1), type=item_type))
