@@ -112,9 +112,9 @@ def main() -> None:
         "experiment=finetune-lora", f"model.pretrained={base}", f"data.sources=[{chats}]", f"storage.root={root}",
         f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}",
         f"train.log_interval_steps={interval}", f"train.eval_interval_steps={args.steps}",
-        f"train.checkpoint_interval_steps={args.steps}", "train.eval_batches=1", "train.export=false",
-        "train.parallelism=none", "train.max_failures=0", "scaling.num_workers=1", f"model.lora.rank={args.rank}",
-        f"model.lora.alpha={2 * args.rank}"])
+        f"train.checkpoint.interval_steps={args.steps}", "train.eval_batches=1", "train.export=false",
+        "train.parallelism.strategy=none", "train.max_failures=0", "scaling.num_workers=1",
+        f"model.lora.rank={args.rank}", f"model.lora.alpha={2 * args.rank}"])
     cluster.connect(ClusterConfig(num_cpus=4, log_to_driver=False))
     uri = build_dataset(cfg.data, cfg.tokenizer, str(root), progress=False).uri
     rows = read_rows(uri, "train")

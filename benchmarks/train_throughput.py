@@ -66,13 +66,14 @@ def plain_loop(uri: str, model_cfg, steps: int, warmup: int, micro_batch: int) -
 
 
 def ours(uri: str, root: str, model_cfg, steps: int, micro_batch: int, workers: int) -> float:
-    from llm_platform.config.train import ScalingConfig, TrainConfig
+    from llm_platform.config.train import CheckpointConfig, ParallelismConfig, ScalingConfig, TrainConfig
     from llm_platform.train.launcher import launch
 
     interval = max(1, steps // 8)
     tc = TrainConfig(max_steps=steps, micro_batch_size=micro_batch, log_interval_steps=interval,
-                     eval_interval_steps=steps, checkpoint_interval_steps=steps, eval_batches=1, export=False,
-                     parallelism="none" if workers == 1 else "fsdp", max_failures=0)
+                     eval_interval_steps=steps, eval_batches=1, export=False, max_failures=0,
+                     checkpoint=CheckpointConfig(interval_steps=steps),
+                     parallelism=ParallelismConfig(strategy="none" if workers == 1 else "fsdp"))
     name = f"bench-{workers}w-{int(time.time())}"
     launch(model_cfg, tc, ScalingConfig(num_workers=workers, cpus_per_worker=1), uri, root, run_name=name)
     lines = [json.loads(x) for x in open(os.path.join(root, "runs", name, "metrics.jsonl")) if x.strip()]

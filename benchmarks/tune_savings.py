@@ -46,7 +46,8 @@ def main() -> None:
     from llm_platform import cluster
     from llm_platform.config.cluster import ClusterConfig
     from llm_platform.config.model import ModelConfig
-    from llm_platform.config.train import ScalingConfig, TrainConfig
+    from llm_platform.config.train import (CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig,
+                                           TrainConfig)
     from llm_platform.config.tune import TuneConfig
     from llm_platform.tune.driver import run_sweep
 
@@ -56,8 +57,9 @@ def main() -> None:
     model = ModelConfig(name="bench", family="gpt2", num_layers=2, num_heads=4, hidden_size=32,
                         max_position_embeddings=64)
     train = TrainConfig(max_steps=args.max_steps, micro_batch_size=4, log_interval_steps=args.eval_every,
-                        eval_interval_steps=args.eval_every, checkpoint_interval_steps=args.max_steps,
-                        eval_batches=2, warmup_steps=2, parallelism="none", keep_checkpoints=1)
+                        eval_interval_steps=args.eval_every, eval_batches=2,
+                        checkpoint=CheckpointConfig(interval_steps=args.max_steps, keep_latest=1),
+                        optimizer=OptimizerConfig(warmup_steps=2), parallelism=ParallelismConfig(strategy="none"))
     scaling = ScalingConfig(num_workers=1, cpus_per_worker=1)
     # The same configs for both sweeps: a seeded shuffle of log-spaced learning rates (1e-5 .. 3e-2).
     lrs = [float(f"{1e-5 * (3e3 ** (i / max(args.trials - 1, 1))):.3g}") for i in range(args.trials)]
@@ -66,7 +68,7 @@ def main() -> None:
 
     rows = []
     for scheduler in ("fifo", "asha"):
-        cfg = TuneConfig(name=f"bench-{scheduler}", space={"train.lr": {"grid": lrs}}, num_samples=1,
+        cfg = TuneConfig(name=f"bench-{scheduler}", space={"train.optimizer.lr": {"grid": lrs}}, num_samples=1,
                          max_concurrent_trials=args.concurrency, scheduler=scheduler, grace_period=1,
                          reduction_factor=args.reduction_factor, verbose=0)
         start = time.perf_counter()
@@ -80,7 +82,7 @@ def main() -> None:
             "iterations": sum(t.iterations for t in trials),
             "steps": sum(max((int(r.get("step", 0)) for r in t.reports), default=0) for t in trials),
             "best val/loss": result.winner.last("val/loss"),
-            "best lr": result.winner.params["train.lr"],
+            "best lr": result.winner.params["train.optimizer.lr"],
             "wall s": wall,
         })
     cols = list(rows[0])

@@ -160,7 +160,8 @@ def plain_pytorch_run(dataset_uri: str, model_cfg, tc, global_batch: int, *, poi
     rows = torch.as_tensor(ordered_rows(dataset_uri, partitions, seed=tc.seed,
                                         shuffle_buffer_rows=tc.shuffle_buffer_rows)["input_ids"])
     model = build_model(model_cfg, info.vocab_size, special, seed=tc.seed)
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    oc = tc.optimizer
+    opt = torch.optim.AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=(oc.beta1, oc.beta2))
     losses = []
     for step in range(tc.max_steps):
         batch = rows[step * global_batch:(step + 1) * global_batch]  # (B, T)
@@ -170,10 +171,10 @@ def plain_pytorch_run(dataset_uri: str, model_cfg, tc, global_batch: int, *, poi
             loss = loss * float("nan")
         loss.backward()
         if math.isfinite(loss.item()):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
             for group in opt.param_groups:
-                group["lr"] = tc.lr * lr_factor(step, max_steps=tc.max_steps, warmup_steps=tc.warmup_steps,
-                                                schedule=tc.schedule, min_lr_ratio=tc.min_lr_ratio)
+                group["lr"] = oc.lr * lr_factor(step, max_steps=tc.max_steps, warmup_steps=oc.warmup_steps,
+                                                schedule=oc.schedule, min_lr_ratio=oc.min_lr_ratio)
             opt.step()
         opt.zero_grad()
         losses.append(loss.item())

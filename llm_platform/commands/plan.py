@@ -20,7 +20,7 @@ def main(cfg: PlatformConfig) -> None:
     vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
     plan = make_plan(cfg.model, cfg.train, cfg.scaling, cfg.plan, seq_len=cfg.data.seq_len, vocab_size=vocab,
                      storage_root=cfg.storage.root)
-    print(f"model {cfg.model.name} ({cfg.model.family}), {cfg.train.parallelism}, micro-batch "
+    print(f"model {cfg.model.name} ({cfg.model.family}), {cfg.train.parallelism.strategy}, micro-batch "
           f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, grad accum {cfg.train.grad_accum_steps}")
     print(plan.table())
     if not plan.fits and not cfg.plan.force:

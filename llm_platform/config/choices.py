@@ -1,8 +1,8 @@
 """Config keys that take one of a fixed set of values, as Enums: OmegaConf refuses any other value at compose time
-with the key and the allowed values named (`train.parallelism=fdsp` fails before anything runs), so no stage
+with the key and the allowed values named (`train.parallelism.strategy=fdsp` fails before anything runs), so no stage
 repeats a hand-written "choose one of" check.
 
-Members compare, hash, print and serialize as their strings (`train.parallelism == "fsdp"`, JSON records,
+Members compare, hash, print and serialize as their strings (`train.parallelism.strategy == "fsdp"`, JSON records,
 fingerprints), because each member's name is its value.
 """
 

@@ -1,8 +1,8 @@
 """Local paths in a config made absolute on the driver, before anything crosses into Ray.
 
 Ray runs Train workers, Tune trials, Data tasks and Serve replicas in working directories of their own, so a
-relative `storage.root` (the default, `.llm-platform/storage`) or `train.resume_from` would name another folder in
-each of them: a trial would not find its dataset and rank 0's `metrics.jsonl` would land under Ray's temp folder.
+relative `storage.root` (the default, `.llm-platform/storage`) or `train.checkpoint.resume_from` would name another
+folder in each of them: a trial would not find its dataset and rank 0's `metrics.jsonl` would land under Ray's temp folder.
 Entry points call `make_absolute` on the composed config (`config.to_object` does), so everything below them
 only ever sees absolute paths or URIs.
 """
@@ -19,7 +19,7 @@ LOCAL_PATH_KEYS = (
     "cluster.temp_dir",
     "data.sources",
     "train.dataset",
-    "train.resume_from",
+    "train.checkpoint.resume_from",
     "eval.dataset_uri",
     "eval.tasks_uri",
     "eval.output_uri",
@@ -28,7 +28,7 @@ LOCAL_PATH_KEYS = (
     "eval.human.export_uri",
     "eval.explain.output_uri",
     "eval.harness.include_path",
-    "serve.api_key_file",
+    "serve.auth.api_key_file",
 )
 # Keys that also take names that are not paths (`registry:<name>`, a Hugging Face Hub id such as
 # `meta-llama/Llama-3.2-1B`, an MLflow server): made absolute only when the value is clearly a local path (starts

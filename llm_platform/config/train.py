@@ -1,26 +1,14 @@
-"""Schemas of the `train` and `scaling` groups."""
+"""Schemas of the `train` group (with its optimizer, checkpoint and parallelism sub-groups), `scaling` and `plan`."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llm_platform.config.choices import MixedPrecision, Objective, OnNonfinite, Parallelism, Placement, Schedule
 
 
 @dataclass
-class TrainConfig:
-    """The training loop: objective, optimization, evaluation, checkpoints."""
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule (train/optim.py)."""
 
-    objective: Objective = Objective.clm
-    """clm (causal LM), sft (prompt/response, loss on the response), seq2seq, mlm."""
-    run_name: str | None = None
-    """Run folder `runs/<run_name>/`; None derives it from the model and dataset. Reusing a name resumes it."""
-    dataset: str | None = None
-    """Dataset URI (a data stage output folder); None resolves it from the data and tokenizer configs."""
-    max_steps: int = 200
-    """Optimizer steps."""
-    micro_batch_size: int = 8
-    """Sequences per worker per forward pass."""
-    grad_accum_steps: int = 1
-    """Micro-batches per optimizer step."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -37,6 +25,53 @@ class TrainConfig:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 disables)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints of a run (train/checkpoint.py), and the one a new run starts from."""
+
+    interval_steps: int = 100
+    """Sharded checkpoint every N steps (and at the end)."""
+    keep_latest: int = 2
+    """Checkpoints kept (the newest)."""
+    resume_from: str | None = None
+    """Checkpoint URI (`runs/<run>/checkpoint_<step>`) that seeds a new run: its weights, optimizer, step, data."""
+
+
+@dataclass
+class ParallelismConfig:
+    """How the model is spread over the workers and computed (train/parallelize.py)."""
+
+    strategy: Parallelism = Parallelism.fsdp
+    """fsdp (FSDP2 fully_shard per block), ddp, or none (single worker)."""
+    mixed_precision: MixedPrecision = MixedPrecision.auto
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in the backward pass."""
+    cpu_offload: bool = False
+    """FSDP2 CPU offload of parameters and gradients."""
+    compile: bool = False
+    """torch.compile each block."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: objective, batches, evaluation, outputs; optimizer, checkpoints and parallelism in their
+    own groups."""
+
+    objective: Objective = Objective.clm
+    """clm (causal LM), sft (prompt/response, loss on the response), seq2seq, mlm."""
+    run_name: str | None = None
+    """Run folder `runs/<run_name>/`; None derives it from the model and dataset. Reusing a name resumes it."""
+    dataset: str | None = None
+    """Dataset URI (a data stage output folder); None resolves it from the data and tokenizer configs."""
+    max_steps: int = 200
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
     seed: int = 0
     """Seed of weights init, data order and dropout."""
     shuffle_buffer_rows: int = 1024
@@ -54,28 +89,10 @@ class TrainConfig:
     """Micro-batches per validation pass."""
     log_interval_steps: int = 10
     """Metrics to console, metrics.jsonl and TensorBoard every N steps."""
-    checkpoint_interval_steps: int = 100
-    """Sharded checkpoint every N steps (and at the end)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept (the newest)."""
-    resume_from: str | None = None
-    """Checkpoint URI (`runs/<run>/checkpoint_<step>`) that seeds a new run: its weights, optimizer, step, data."""
     on_nonfinite_loss: OnNonfinite = OnNonfinite.stop
     """A NaN/inf loss: stop the run with a message, or skip the step."""
     max_failures: int = 2
     """Worker failures survived by restarting from the latest checkpoint."""
-    nonfinite_injection_step: int | None = None
-    """Tests: this step's loss (1-based, as in metrics.jsonl) times NaN before backward, so grads too (None: off)."""
-    parallelism: Parallelism = Parallelism.fsdp
-    """fsdp (FSDP2 fully_shard per block), ddp, or none (single worker)."""
-    mixed_precision: MixedPrecision = MixedPrecision.auto
-    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
-    activation_checkpointing: bool = False
-    """Recompute block activations in the backward pass."""
-    cpu_offload: bool = False
-    """FSDP2 CPU offload of parameters and gradients."""
-    compile: bool = False
-    """torch.compile each block."""
     export: bool = True
     """Export the final model as HF safetensors with its tokenizer and lineage."""
     register_as: str | None = None
@@ -86,6 +103,12 @@ class TrainConfig:
     """MLflow experiment of the runs."""
     wandb_project: str | None = None
     """Also log config and metrics to this Weights & Biases project (rank 0; needs wandb; WANDB_* env applies)."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW and the LR schedule: `train.optimizer.lr`, `.warmup_steps`, ..."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints: `train.checkpoint.interval_steps`, `.keep_latest`, `.resume_from`."""
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    """Parallelism and precision: `train.parallelism.strategy`, `.mixed_precision`, `.compile`, ..."""
 
 
 @dataclass

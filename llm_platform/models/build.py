@@ -16,9 +16,6 @@ from llm_platform.errors import ConfigError
 from llm_platform.models import families
 
 FAMILIES = tuple(families.FAMILIES)
-# Which objective each family can train, and the dataset kinds each objective reads.
-OBJECTIVES = {name: f.objectives for name, f in families.FAMILIES.items()}
-DATASET_KINDS = families.DATASET_KINDS
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):

@@ -110,8 +110,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("t5", ("t5",), ("seq2seq",), "T5ForConditionalGeneration", ("block",), ("q", "v"), _t5),
     Family("bert", ("bert",), ("mlm",), "BertForMaskedLM", ("layer",), ("query", "value"), _bert),
 )}
-# The dataset kinds each objective reads (sft reads prompt/response records and rendered chats alike).
-DATASET_KINDS = {"clm": ("pretrain",), "sft": ("sft", "chat"), "seq2seq": ("seq2seq",), "mlm": ("pretrain",)}
 
 
 def get(name: str) -> Family:

@@ -1,9 +1,10 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP), and the HF export of a finished run.
 
 A checkpoint folder holds every rank's DCP shard files (`__<rank>_0.distcp`), DCP's `.metadata`, and
-`train_state.json` (step, data position, tokens seen) as plain JSON. Ray Train merges the folders reported by all
-ranks into one `checkpoint_<step>/` under the run and registers it only when every rank's upload is done, so an
-interrupted save never counts. The LR schedule is a pure function of the step, so it needs no state of its own.
+`train_state.json` (`TrainState`: step, tokens seen, data position) as plain JSON. Ray Train merges the folders
+reported by all ranks into one `checkpoint_<step>/` under the run and registers it only when every rank's upload is
+done, so an interrupted save never counts. The LR schedule is a pure function of the step, so it needs no state of
+its own.
 
 DCP's `.metadata` is a pickle; it is only ever read from this platform's own run folders. Exports and pretrained
 models are safetensors, which hold tensors only.
@@ -11,6 +12,7 @@ models are safetensors, which hold tensors only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,12 +23,39 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from llm_platform import storage
+from llm_platform.train.reader import DataPosition
 
 TRAIN_STATE = "train_state.json"
 LINEAGE = "lineage.json"
 
 
-def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any], directory: str,
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """A run's progress beside its shards: `train_state.json`, one flat JSON object (the same keys as ever)."""
+
+    step: int
+    """Optimizer steps done."""
+    tokens: int
+    """Training tokens seen (all workers)."""
+    data: DataPosition
+    """Where the next micro-batch comes from."""
+
+    def to_json(self) -> dict[str, int]:
+        return {"step": self.step, "tokens": self.tokens, **dataclasses.asdict(self.data)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], *, rows_per_batch: int, data_partitions: int) -> TrainState:
+        """A saved state in this run's global micro-batches of `rows_per_batch` rows (see `data_position`).
+
+        `data_partitions` is only for checkpoints older than the field: the epoch order is always the checkpoint's.
+        """
+        position = DataPosition(epoch=int(record["epoch"]), batches_in_epoch=data_position(record, rows_per_batch),
+                                rows_per_batch=rows_per_batch,
+                                data_partitions=int(record.get("data_partitions") or data_partitions))
+        return cls(step=int(record["step"]), tokens=int(record["tokens"]), data=position)
+
+
+def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, directory: str,
          *, rank: int) -> None:
     """Write this rank's shards (collective: every rank calls it) and, from rank 0, the train state."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -35,7 +64,7 @@ def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: 
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
     if rank == 0:
         with open(os.path.join(directory, TRAIN_STATE), "w") as f:
-            json.dump(train_state, f, indent=2, sort_keys=True)
+            json.dump(state.to_json(), f, indent=2, sort_keys=True)
 
 
 def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> dict[str, Any]:
@@ -57,19 +86,17 @@ def read_train_state(directory: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def data_position(state: dict[str, int], rows_per_batch: int) -> int:
-    """The checkpoint's data position in this run's global micro-batches (`micro_batch_size * num_workers` rows).
+def data_position(state: dict[str, Any], rows_per_batch: int) -> int:
+    """A saved state's data position in this run's global micro-batches (`micro_batch_size * num_workers` rows).
 
     A checkpoint counts the global micro-batches it consumed, so resuming with another worker count or micro-batch
-    size must convert it, or the run would re-read or skip rows. Checkpoints without the field used this run's size.
+    size must convert it, or the run would re-read or skip rows (a ValueError when that cannot be done). Checkpoints
+    without `rows_per_batch` used this run's size.
     """
     saved = int(state.get("rows_per_batch") or rows_per_batch)
-    rows = int(state["batches_in_epoch"]) * saved
-    if rows % rows_per_batch:
-        raise ValueError(f"the checkpoint stopped after {rows} rows of its epoch, which is not a whole number of "
-                         f"train.micro_batch_size * scaling.num_workers = {rows_per_batch} rows: resume with a "
-                         f"micro-batch size and worker count whose product divides {rows}")
-    return rows // rows_per_batch
+    position = DataPosition(epoch=int(state.get("epoch", 0)), batches_in_epoch=int(state["batches_in_epoch"]),
+                            rows_per_batch=saved)
+    return position.rebased(rows_per_batch).batches_in_epoch
 
 
 def load_model_weights(model: torch.nn.Module, directory: str) -> None:

@@ -5,13 +5,14 @@
 Run folder `runs/<run_name>/` (under the storage root): Ray Train writes `checkpoint_<step>/` there (it is the
 run's `storage_path/name`), rank 0 writes `metrics.jsonl` and `tensorboard/`, the driver writes `export/` and, last,
 `lineage.json`. A run that reuses a name resumes from its latest checkpoint; a finished run with the same config is
-returned as is; `train.resume_from` seeds a new run with another run's checkpoint. A non-finite loss (with
+returned as is; `train.checkpoint.resume_from` seeds a new run with another run's checkpoint. A non-finite loss (with
 `train.on_nonfinite_loss=stop`) raises `TrainingError` naming the step.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -24,15 +25,14 @@ from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.data.dataset import DatasetInfo, open_dataset
 from llm_platform.errors import ConfigError, StageError
-from llm_platform.models.build import DATASET_KINDS, build_model, hf_config, read_pretrained_config, resolve_family
+from llm_platform.models.build import build_model, hf_config, read_pretrained_config, resolve_family
 from llm_platform.models.flops import flops_per_token, model_size, peak_flops
 from llm_platform.train import checkpoint as ckpt
-from llm_platform.train import tracking
+from llm_platform.train import objectives, tracking
+from llm_platform.train.loop import WorkerConfig
 from llm_platform.train.metrics import FollowMetrics
 
 log = logging.getLogger("llm_platform.train")
-COLUMNS = {"clm": ["input_ids"], "mlm": ["input_ids"], "sft": ["input_ids", "labels", "attention_mask"],
-           "seq2seq": ["input_ids", "labels", "attention_mask"]}
 
 
 class TrainingError(StageError):
@@ -85,30 +85,30 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
     from llm_platform import cluster
 
     trainer = TorchTrainer(
-        _train_fn(),
-        train_loop_config=worker_config,
+        # The typed WorkerConfig travels pickled with the function; no `train_loop_config` dict to rebuild.
+        functools.partial(_train_fn(), worker_config),
         scaling_config=ray_scaling(scaling),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=runs_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoint.keep_latest),
             callbacks=list(callbacks or []),
             worker_runtime_env={"env_vars": cluster.worker_env()},
         ),
         # No Ray Data here: each worker reads its own share of the split files (train/reader.py).
-        # No `resume_from_checkpoint`: Ray Train V2 refuses it. `train.resume_from` reaches the workers in the loop
-        # config and the loop loads it when the run has no checkpoint of its own (loop.py).
+        # No `resume_from_checkpoint`: Ray Train V2 refuses it. `train.checkpoint.resume_from` reaches the workers in
+        # their WorkerConfig and the loop loads it when the run has no checkpoint of its own (loop.py).
     )
-    log.info("training %s (%s, %s) on %d %s worker(s) -> %s", model.name, train.objective, train.parallelism,
-             scaling.num_workers, "GPU" if scaling.use_gpu else "CPU", run_uri)
+    log.info("training %s (%s, %s) on %d %s worker(s) -> %s", model.name, train.objective,
+             train.parallelism.strategy, scaling.num_workers, "GPU" if scaling.use_gpu else "CPU", run_uri)
     with FollowMetrics(run_uri, train.max_steps):
         result = trainer.fit()
     stopped = result.return_value or {}  # rank 0's return value: set only when a non-finite loss stopped the run
     if stopped.get("nonfinite_step"):
         raise TrainingError(f"run {run_uri}: the loss became non-finite ({stopped.get('loss')}) at step "
                             f"{stopped['nonfinite_step']} of train.max_steps={train.max_steps}; training stopped "
-                            f"without an export. Lower train.lr, raise train.warmup_steps or train.grad_clip, or set "
-                            f"train.on_nonfinite_loss=skip")
+                            f"without an export. Lower train.optimizer.lr, raise train.optimizer.warmup_steps or "
+                            f"train.optimizer.grad_clip, or set train.on_nonfinite_loss=skip")
     metrics = {**last_logged(run_uri), **dict(result.metrics or {})}
     checkpoint_uri = storage.join(run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
     lineage = {
@@ -153,22 +153,23 @@ def preflight(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, da
 
 
 def check_resume_from(train: TrainConfig, scaling: ScalingConfig) -> None:
-    """Refuse a `train.resume_from` that is not a training checkpoint, is already at `train.max_steps`, or whose
-    data position this run's batch shape cannot continue."""
-    if not train.resume_from:
+    """Refuse a `train.checkpoint.resume_from` that is not a training checkpoint, is already at `train.max_steps`, or
+    whose data position this run's batch shape cannot continue."""
+    uri = train.checkpoint.resume_from
+    if not uri:
         return
-    state_uri = storage.join(train.resume_from, ckpt.TRAIN_STATE)
+    state_uri = storage.join(uri, ckpt.TRAIN_STATE)
     if not storage.exists(state_uri):
-        raise ConfigError(f"train.resume_from={train.resume_from!r} is not a training checkpoint ({ckpt.TRAIN_STATE} "
+        raise ConfigError(f"train.checkpoint.resume_from={uri!r} is not a training checkpoint ({ckpt.TRAIN_STATE} "
                           f"is missing): give a runs/<run>/checkpoint_<step> folder")
     state = storage.read_json(state_uri)
     if int(state["step"]) >= train.max_steps:
-        raise ConfigError(f"train.resume_from={train.resume_from!r} is at step {state['step']}, not below "
+        raise ConfigError(f"train.checkpoint.resume_from={uri!r} is at step {state['step']}, not below "
                           f"train.max_steps={train.max_steps}: nothing to train (raise train.max_steps)")
     try:
         ckpt.data_position(state, train.micro_batch_size * scaling.num_workers)
     except ValueError as e:
-        raise ConfigError(f"train.resume_from={train.resume_from!r}: {e}") from None
+        raise ConfigError(f"train.checkpoint.resume_from={uri!r}: {e}") from None
 
 
 def _train_fn():
@@ -180,17 +181,20 @@ def _train_fn():
 def check_config(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig) -> None:
     """The checks that need neither the dataset, the checkpoint nor the cluster: `llm-platform run` makes them
     before its data stage. (A value outside a key's choices never gets here: the schema's Enums refuse it.)"""
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval_steps", "eval_interval_steps",
-                "checkpoint_interval_steps", "keep_checkpoints"):
-        if getattr(train, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
-    if train.parallelism == "none" and scaling.num_workers != 1:
-        raise ConfigError(f"train.parallelism=none needs scaling.num_workers=1 (got {scaling.num_workers})")
+    counts = {f"train.{key}": getattr(train, key) for key in ("max_steps", "micro_batch_size", "grad_accum_steps",
+                                                               "log_interval_steps", "eval_interval_steps")}
+    counts["train.checkpoint.interval_steps"] = train.checkpoint.interval_steps
+    counts["train.checkpoint.keep_latest"] = train.checkpoint.keep_latest
+    for key, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if train.parallelism.strategy == "none" and scaling.num_workers != 1:
+        raise ConfigError(f"train.parallelism.strategy=none needs scaling.num_workers=1 (got {scaling.num_workers})")
     if model.lora.enabled and model.lora.export == "adapter" and train.register_as:
         raise ConfigError("model.lora.export=adapter writes a peft adapter, which the registry (and serving) cannot "
                           "load: unset train.register_as or export merged")
-    if train.cpu_offload and train.parallelism != "fsdp":
-        raise ConfigError("train.cpu_offload=true needs train.parallelism=fsdp")
+    if train.parallelism.cpu_offload and train.parallelism.strategy != "fsdp":
+        raise ConfigError("train.parallelism.cpu_offload=true needs train.parallelism.strategy=fsdp")
 
 
 def check(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset: DatasetInfo,
@@ -203,8 +207,9 @@ def check(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datase
     if train.objective not in family.objectives:
         raise ConfigError(f"train.objective={train.objective!r} does not fit {where} (a {family.name} model; it "
                           f"trains {', '.join(family.objectives)})")
-    if dataset.kind not in DATASET_KINDS[train.objective]:
-        kinds = " or ".join(map(repr, DATASET_KINDS[train.objective]))
+    kinds = objectives.get(train.objective).dataset_kinds
+    if dataset.kind not in kinds:
+        kinds = " or ".join(map(repr, kinds))
         raise ConfigError(f"train.objective={train.objective!r} needs a {kinds} dataset; {dataset.uri} is "
                           f"{dataset.kind!r} (set data.kind or train.dataset)")
     if train.objective == "mlm" and dataset.special_token_id("mask") is None:
@@ -290,8 +295,8 @@ def materialize_pretrained(model: ModelConfig, storage_root: str) -> str | None:
 
 
 def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset: DatasetInfo,
-                        run_uri: str, pretrained_dir: str | None) -> dict:
-    """Plain data for the workers: config nodes as dicts, token ids, and the model's FLOPs per token."""
+                        run_uri: str, pretrained_dir: str | None) -> WorkerConfig:
+    """What the workers receive: their config nodes, the dataset's files and token ids, the model's FLOPs per token."""
     special = {name: dataset.special_token_id(name) for name in ("eos", "pad", "mask")}
     if pretrained_dir:
         from transformers import AutoConfig
@@ -302,23 +307,20 @@ def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: Scaling
         config = hf_config(model, dataset.vocab_size, special)
         family = resolve_family(model)
     size = model_size(config, family.name)
-    return {
-        "model": as_dict(model), "train": as_dict(train), "storage": storage.settings(), "run_uri": run_uri,
-        "special": special, "vocab_size": dataset.vocab_size, "seq_len": dataset.seq_len,
-        "pretrained_dir": pretrained_dir, "base_vocab_size": dataset.base_vocab_size if pretrained_dir else None,
-        "compute_dtype": compute_dtype_name(train, scaling),
-        "flops_per_token": flops_per_token(size, dataset.seq_len), "num_parameters": size.total,
-        "peak_flops": peak_flops(scaling.gpu_type) if scaling.use_gpu else None,
-        "files": {split: list(dataset.files.get(split) or []) for split in ("train", "val")},
-        "columns": COLUMNS[train.objective],
-    }
+    return WorkerConfig(
+        model=model, train=train, storage=storage.settings(), run_uri=run_uri, special=special,
+        vocab_size=dataset.vocab_size, seq_len=dataset.seq_len,
+        files={split: list(dataset.files.get(split) or []) for split in ("train", "val")},
+        flops_per_token=flops_per_token(size, dataset.seq_len), compute_dtype=compute_dtype_name(train, scaling),
+        pretrained_dir=pretrained_dir, base_vocab_size=dataset.base_vocab_size if pretrained_dir else None,
+        peak_flops_per_s=peak_flops(scaling.gpu_type) if scaling.use_gpu else None)
 
 
 def compute_dtype_name(train: TrainConfig, scaling: ScalingConfig) -> str:
     """The training's compute dtype as a name (`auto` is bf16 on GPU workers, fp32 on CPU ones)."""
-    if train.mixed_precision == "auto":
+    if train.parallelism.mixed_precision == "auto":
         return "bfloat16" if scaling.use_gpu else "float32"
-    return "bfloat16" if train.mixed_precision == "bf16" else "float32"
+    return "bfloat16" if train.parallelism.mixed_precision == "bf16" else "float32"
 
 
 def ray_scaling(scaling: ScalingConfig):
@@ -332,7 +334,7 @@ def ray_scaling(scaling: ScalingConfig):
                                    accelerator_type=scaling.gpu_type if scaling.use_gpu else None)
 
 
-def export(model: ModelConfig, worker_config: dict, dataset: DatasetInfo, checkpoint_dir: str, uri: str,
+def export(model: ModelConfig, worker_config: WorkerConfig, dataset: DatasetInfo, checkpoint_dir: str, uri: str,
            lineage: dict) -> None:
     """Consolidate the final DCP checkpoint into a plain model on the driver and save it as an HF folder.
 
@@ -342,12 +344,12 @@ def export(model: ModelConfig, worker_config: dict, dataset: DatasetInfo, checkp
     """
     import torch
 
-    plain = build_model(model, dataset.vocab_size, worker_config["special"],
-                        pretrained_dir=worker_config["pretrained_dir"], seed=0,
-                        dtype=getattr(torch, worker_config["compute_dtype"]),
-                        base_vocab_size=worker_config["base_vocab_size"])
+    plain = build_model(model, dataset.vocab_size, worker_config.special,
+                        pretrained_dir=worker_config.pretrained_dir, seed=0,
+                        dtype=getattr(torch, worker_config.compute_dtype),
+                        base_vocab_size=worker_config.base_vocab_size)
     ckpt.load_model_weights(plain, checkpoint_dir)
-    ckpt.export_hf(plain, dataset.tokenizer_uri, uri, lineage, base_dir=worker_config["pretrained_dir"],
+    ckpt.export_hf(plain, dataset.tokenizer_uri, uri, lineage, base_dir=worker_config.pretrained_dir,
                    adapter=model.lora.enabled and model.lora.export == "adapter")
     log.info("exported %s", uri)
 

@@ -1,25 +1,45 @@
-"""Training objectives as plain functions: a dataset batch -> model inputs and targets; logits -> summed loss.
+"""Training objectives: one `ObjectiveSpec` record each (what it reads, how a batch becomes inputs and targets).
 
 Targets are always aligned with the logits (shifted here for causal models), with -100 where no loss is taken, so
-the loop computes every objective's loss the same way and can normalise by the number of target tokens across all
-workers and micro-batches of a step.
+the loop computes every objective's loss the same way (`loss_sum`) and can normalise by the number of target tokens
+across all workers and micro-batches of a step. That is why the record has no loss of its own.
 
     clm      pretrain blocks; predict token t+1 from tokens <= t
     sft      prompt/response records; as clm, but the dataset's labels are -100 on the prompt and padding
     seq2seq  source -> target (T5); the decoder reads the target shifted right behind the start token (pad)
     mlm      pretrain blocks; BERT masking: 15% of tokens chosen, 80% -> <|mask|>, 10% random, 10% unchanged
+
+Adding an objective: a member of `config.choices.Objective`, a record in `OBJECTIVES`, and the objective in the
+`objectives` of the model families that can train it (`models/families.py`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_platform.errors import ConfigError
+
 IGNORE = -100
-OBJECTIVES = ("clm", "sft", "seq2seq", "mlm")
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One training objective, as every module reads it (the launcher's checks, the workers' reader and steps)."""
+
+    name: str
+    """The `train.objective` value."""
+    dataset_kinds: tuple[str, ...]
+    """Data-stage dataset kinds it trains on (`data.kind`)."""
+    columns: tuple[str, ...]
+    """Dataset columns a batch is read with."""
+    prepare: Callable[..., Batch]
+    """Collate: `(rows, *, special, vocab_size, mlm_probability, generator)` -> (model inputs, aligned targets)."""
 
 
 def _tensor(x: Any) -> torch.Tensor:
@@ -54,9 +74,51 @@ def mask_tokens(input_ids: torch.Tensor, *, probability: float, mask_id: int, pa
     return masked, targets
 
 
+def _clm(batch: dict[str, Any], **_) -> Batch:
+    input_ids = _tensor(batch["input_ids"])
+    return {"input_ids": input_ids}, shift_left(input_ids)
+
+
+def _sft(batch: dict[str, Any], **_) -> Batch:
+    inputs = {"input_ids": _tensor(batch["input_ids"]), "attention_mask": _tensor(batch["attention_mask"])}
+    return inputs, shift_left(_tensor(batch["labels"]))
+
+
+def _seq2seq(batch: dict[str, Any], *, special: dict[str, int], **_) -> Batch:
+    labels = _tensor(batch["labels"])
+    inputs = {"input_ids": _tensor(batch["input_ids"]), "attention_mask": _tensor(batch["attention_mask"]),
+              "decoder_input_ids": shift_right(labels, special["pad"])}
+    return inputs, labels
+
+
+def _mlm(batch: dict[str, Any], *, special: dict[str, int], vocab_size: int, mlm_probability: float,
+         generator: torch.Generator | None) -> Batch:
+    input_ids = _tensor(batch["input_ids"])
+    gen = generator or torch.Generator().manual_seed(0)
+    masked, targets = mask_tokens(input_ids, probability=mlm_probability, mask_id=special["mask"],
+                                  pad_id=special["pad"], vocab_size=vocab_size, generator=gen)
+    return {"input_ids": masked, "attention_mask": (input_ids != special["pad"]).long()}, targets
+
+
+_TOKENS = ("input_ids",)
+_RECORDS = ("input_ids", "labels", "attention_mask")
+OBJECTIVES: dict[str, ObjectiveSpec] = {o.name: o for o in (
+    ObjectiveSpec("clm", ("pretrain",), _TOKENS, _clm),
+    ObjectiveSpec("sft", ("sft", "chat"), _RECORDS, _sft),  # rendered chats are prompt/response records too
+    ObjectiveSpec("seq2seq", ("seq2seq",), _RECORDS, _seq2seq),
+    ObjectiveSpec("mlm", ("pretrain",), _TOKENS, _mlm),
+)}
+
+
+def get(name: str) -> ObjectiveSpec:
+    """The record of `train.objective`; a ConfigError lists the choices."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"train.objective={name!r}: choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
 def prepare_batch(objective: str, batch: dict[str, Any], *, special: dict[str, int], vocab_size: int,
-                  mlm_probability: float = 0.15, generator: torch.Generator | None = None
-                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                  mlm_probability: float = 0.15, generator: torch.Generator | None = None) -> Batch:
     """Model keyword inputs and aligned targets for one micro-batch of dataset rows.
 
     Args:
@@ -67,23 +129,10 @@ def prepare_batch(objective: str, batch: dict[str, Any], *, special: dict[str, i
         mlm_probability: fraction of tokens chosen for MLM.
         generator: seeded RNG for MLM masking (deterministic per step, so resumes replay the same masks).
     """
-    input_ids = _tensor(batch["input_ids"])
-    if objective == "clm":
-        return {"input_ids": input_ids}, shift_left(input_ids)
-    if objective == "sft":
-        inputs = {"input_ids": input_ids, "attention_mask": _tensor(batch["attention_mask"])}
-        return inputs, shift_left(_tensor(batch["labels"]))
-    if objective == "seq2seq":
-        labels = _tensor(batch["labels"])
-        inputs = {"input_ids": input_ids, "attention_mask": _tensor(batch["attention_mask"]),
-                  "decoder_input_ids": shift_right(labels, special["pad"])}
-        return inputs, labels
-    if objective == "mlm":
-        gen = generator or torch.Generator().manual_seed(0)
-        masked, targets = mask_tokens(input_ids, probability=mlm_probability, mask_id=special["mask"],
-                                      pad_id=special["pad"], vocab_size=vocab_size, generator=gen)
-        return {"input_ids": masked, "attention_mask": (input_ids != special["pad"]).long()}, targets
-    raise ValueError(f"train.objective={objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"train.objective={objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[objective].prepare(batch, special=special, vocab_size=vocab_size,
+                                         mlm_probability=mlm_probability, generator=generator)
 
 
 def count_targets(targets: torch.Tensor) -> int:

@@ -40,7 +40,7 @@ def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, mi
     cosine, linear, or none (constant).
     """
     if schedule not in ("cosine", "linear", "constant"):
-        raise ValueError(f"train.schedule={schedule!r}: choose cosine, linear or constant")
+        raise ValueError(f"train.optimizer.schedule={schedule!r}: choose cosine, linear or constant")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":

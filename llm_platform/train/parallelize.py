@@ -20,7 +20,7 @@ def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
     if mixed_precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if mixed_precision not in ("bf16", "fp32"):
-        raise ValueError(f"train.mixed_precision={mixed_precision!r}: choose auto, bf16 or fp32")
+        raise ValueError(f"train.parallelism.mixed_precision={mixed_precision!r}: choose auto, bf16 or fp32")
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
 
 
@@ -72,9 +72,9 @@ def parallelize(model: torch.nn.Module, *, parallelism: str, device: torch.devic
         return DistributedDataParallel(model, device_ids=ids)
     if parallelism == "none":
         if world_size > 1:
-            raise ValueError("train.parallelism=none needs scaling.num_workers=1")
+            raise ValueError("train.parallelism.strategy=none needs scaling.num_workers=1")
         return model
-    raise ValueError(f"train.parallelism={parallelism!r}: choose fsdp, ddp or none")
+    raise ValueError(f"train.parallelism.strategy={parallelism!r}: choose fsdp, ddp or none")
 
 
 def needs_autocast(parallelism: str, compute_dtype: torch.dtype) -> bool:

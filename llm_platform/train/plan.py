@@ -76,10 +76,10 @@ def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, pl
         # LoRA adds r * (in + out) per adapted matrix; about 2 * r * d per target per block is close enough here.
         targets = list(model.lora.target_modules) or list(family.lora_targets)
         trainable = 2 * model.lora.rank * size.hidden_size * len(targets) * size.num_layers
-    bf16 = train.mixed_precision != "fp32"
+    bf16 = train.parallelism.mixed_precision != "fp32"
     memory = memory_per_device(size, micro_batch_size=train.micro_batch_size, seq_len=seq_len, num_devices=num_gpus,
-                               parallelism=train.parallelism, bf16=bf16,
-                               activation_checkpointing=train.activation_checkpointing,
+                               parallelism=train.parallelism.strategy, bf16=bf16,
+                               activation_checkpointing=train.parallelism.activation_checkpointing,
                                trainable_fraction=min(1.0, trainable / size.total))
     fpt = flops_per_token(size, seq_len)
     seconds = plan.token_budget * fpt / (spec["bf16" if bf16 else "tf32"] * plan.assumed_mfu * num_gpus)
@@ -90,9 +90,10 @@ def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, pl
     if memory.total > limit:
         problems.append(f"needs {memory.total / GIB:.1f} GiB per device, over {plan.memory_headroom:.0%} of the "
                         f"{gpu}'s {spec['memory_gib']} GiB: lower train.micro_batch_size, set "
-                        f"train.activation_checkpointing=true, use train.parallelism=fsdp or more GPUs")
-    if train.parallelism == "none" and num_gpus > 1:
-        problems.append("train.parallelism=none runs on one device only")
+                        f"train.parallelism.activation_checkpointing=true, use train.parallelism.strategy=fsdp or "
+                        f"more GPUs")
+    if train.parallelism.strategy == "none" and num_gpus > 1:
+        problems.append("train.parallelism.strategy=none runs on one device only")
     return Plan(parameters=size.total, trainable_parameters=int(trainable), flops_per_token=fpt,
                 tokens_per_step=train.micro_batch_size * train.grad_accum_steps * seq_len * num_gpus,
                 memory=memory, device_memory_gib=spec["memory_gib"], gpu_type=gpu, num_gpus=num_gpus,

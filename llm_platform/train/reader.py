@@ -26,11 +26,42 @@ import itertools
 
 import collections
 import dataclasses
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
 from llm_platform import storage
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where a run is in its training data, in units that do not depend on the worker count. Every checkpoint keeps
+    it (train/checkpoint.py), so a resumed run continues at the exact sample."""
+
+    epoch: int = 0
+    """Epochs finished."""
+    batches_in_epoch: int = 0
+    """Global micro-batches of `rows_per_batch` rows consumed in `epoch` (its positions consumed / rows_per_batch)."""
+    rows_per_batch: int = 1
+    """Rows of one global micro-batch (micro_batch_size x num_workers) of the run that took this position."""
+    data_partitions: int = 1
+    """P, the partitions of the epoch order (fixed when a run starts; see the module docstring)."""
+
+    @property
+    def rows_in_epoch(self) -> int:
+        """Positions of the epoch consumed."""
+        return self.batches_in_epoch * self.rows_per_batch
+
+    def rebased(self, rows_per_batch: int) -> DataPosition:
+        """The same position in global micro-batches of `rows_per_batch` rows (another worker count or micro-batch
+        size); a ValueError when it falls inside one."""
+        if self.rows_in_epoch % rows_per_batch:
+            raise ValueError(f"the checkpoint stopped after {self.rows_in_epoch} rows of its epoch, which is not a "
+                             f"whole number of train.micro_batch_size * scaling.num_workers = {rows_per_batch} rows: "
+                             f"resume with a micro-batch size and worker count whose product divides "
+                             f"{self.rows_in_epoch}")
+        return dataclasses.replace(self, batches_in_epoch=self.rows_in_epoch // rows_per_batch,
+                                   rows_per_batch=rows_per_batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +204,7 @@ class RankReader:
         self.blocks = files.blocks(partitions)
         block_rows = max(1, files.num_rows // max(1, len(self.blocks)))
         self.window_blocks = max(1, window_rows // max(1, partitions) // block_rows) if shuffle else 1
+        self.position = DataPosition(rows_per_batch=micro_batch_size * world, data_partitions=partitions)
 
     def order(self, epoch: int) -> EpochOrder:
         return EpochOrder(self.blocks, self.partitions, self.seed, epoch, self.shuffle, self.window_blocks)
@@ -180,29 +212,36 @@ class RankReader:
     def batches_per_epoch(self, epoch: int = 0) -> int:
         return self.order(epoch).positions // (self.m * self.world)
 
-    def batches(self, state: dict[str, int]) -> Iterator[dict[str, np.ndarray]]:
-        """Forever: this rank's rows of each global micro-batch, starting at `state`'s epoch and position; updates
-        `state["epoch"]` and `state["batches_in_epoch"]` (global micro-batches) as it goes."""
+    def batches(self, start: DataPosition | Mapping[str, int]) -> Iterator[dict[str, np.ndarray]]:
+        """Forever: this rank's rows of each global micro-batch, from `start`'s epoch and position on.
+
+        `self.position` is the position after the last micro-batch yielded: what a checkpoint saves.
+        """
         g = self.m * self.world
+        if isinstance(start, Mapping):  # {"epoch", "batches_in_epoch"} in this reader's global micro-batches
+            start = DataPosition(int(start["epoch"]), int(start["batches_in_epoch"]), g, self.partitions)
+        if start.rows_per_batch != g:
+            raise ValueError(f"a position in batches of {start.rows_per_batch} rows for a reader of {g}: rebase it")
+        self.position = dataclasses.replace(start, data_partitions=self.partitions)
         while True:
-            order = self.order(state["epoch"])
+            epoch = self.position.epoch
+            order = self.order(epoch)
             per_epoch = order.positions // g
             if per_epoch == 0:
                 raise RuntimeError(f"the train split has fewer than micro_batch_size * num_workers = {g} rows per "
                                    f"round of its {self.partitions} data partitions")
             cursors: dict[int, PartitionCursor] = {}
-            while state["batches_in_epoch"] < per_epoch:
-                first = state["batches_in_epoch"] * g + self.rank * self.m
+            for batch in range(self.position.batches_in_epoch, per_epoch):
+                first = batch * g + self.rank * self.m
                 rows = []
                 for pos in range(first, first + self.m):
                     p = pos % self.partitions
                     if p not in cursors:
                         cursors[p] = PartitionCursor(self.files, order, p)
                     rows.append(cursors[p].take(pos // self.partitions))
-                state["batches_in_epoch"] += 1
+                self.position = dataclasses.replace(self.position, batches_in_epoch=batch + 1)
                 yield {c: np.stack([r[c] for r in rows]) for c in rows[0]}
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
+            self.position = dataclasses.replace(self.position, epoch=epoch + 1, batches_in_epoch=0)
 
 
 def epoch_rows(files: SplitFiles, *, partitions: int, seed: int, epoch: int, shuffle: bool,
@@ -210,6 +249,6 @@ def epoch_rows(files: SplitFiles, *, partitions: int, seed: int, epoch: int, shu
     """Every row of an epoch in global order (what a single-process reference loop iterates; small data only)."""
     reader = RankReader(files, partitions=partitions, micro_batch_size=1, rank=0, world=1, seed=seed,
                         shuffle=shuffle, window_rows=window_rows)
-    state = {"epoch": epoch, "batches_in_epoch": 0}
-    rows = list(itertools.islice(reader.batches(state), reader.batches_per_epoch(epoch)))
+    start = DataPosition(epoch=epoch, rows_per_batch=1, data_partitions=partitions)
+    rows = list(itertools.islice(reader.batches(start), reader.batches_per_epoch(epoch)))
     return {c: np.concatenate([r[c] for r in rows]) for c in rows[0]}

@@ -37,7 +37,8 @@ def check(train: TrainConfig) -> None:
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"train": {"lr": 0.1}}` -> `{"train.lr": 0.1}`; lists and None as strings (both trackers take scalars)."""
+    """`{"train": {"optimizer": {"lr": 0.1}}}` -> `{"train.optimizer.lr": 0.1}`; lists and None as strings (both
+    trackers take scalars)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):

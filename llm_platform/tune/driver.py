@@ -11,7 +11,7 @@ Each trial trains the run `runs/<sweep>-<trial_id>/`. With ASHA and FIFO, Tune s
 (`Result.checkpoint` is empty), so the run and export URIs are derived from that name; a retried or resumed trial
 reuses the name and so resumes from its run's latest checkpoint. With PBT (`tune/pbt.py`) every report carries a small
 Tune checkpoint pointing at the run's checkpoint; a trial restarted from one (a PBT exploit) trains a new run with
-`train.resume_from`, and the trial's last pointer names its final run.
+`train.checkpoint.resume_from`, and the trial's last pointer names its final run.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def _trial(config: dict, *, base: dict, keys: list[str], dataset_uri: str, stora
         return
     if pointer:
         name = pbt_.resumed_run_name(name, pointer)
-        groups["train"]["resume_from"] = pointer["checkpoint_uri"]
+        groups["train"]["checkpoint"]["resume_from"] = pointer["checkpoint_uri"]
         log.info("trial %s continues %s's run checkpoint %s as run %s", trial_id, pointer["trial_id"],
                  pointer["checkpoint_uri"], name)
     pbt_.train_reporting_pointers(
@@ -246,7 +246,7 @@ def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims
     if tune_cfg.scheduler == "pbt":
         from llm_platform.tune import pbt
 
-        ckpt_steps = bound(train, dims, "checkpoint_interval_steps", min)
+        ckpt_steps = bound(train, dims, "checkpoint.interval_steps", min)
         pbt.check(tune_cfg, train, dims, reports_per_trial(bound(train, dims, "max_steps", max), ckpt_steps,
                                                            ckpt_steps))
         if tune_cfg.max_concurrent_trials < expected_trials(tune_cfg, dims):
@@ -262,10 +262,10 @@ def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims
     # Every report must carry the metric (Tune refuses a result without it): a checkpoint-only report happens
     # before the first validation when checkpoints come more often than validations.
     eval_steps = bound(train, dims, "eval_interval_steps", max)
-    ckpt_steps = bound(train, dims, "checkpoint_interval_steps", min)
+    ckpt_steps = bound(train, dims, "checkpoint.interval_steps", min)
     if tune_cfg.metric.startswith("val/") and ckpt_steps < eval_steps and ckpt_steps < bound(train, dims, "max_steps",
                                                                                              min):
-        raise ConfigError(f"train.checkpoint_interval_steps={ckpt_steps} is below train.eval_interval_steps="
+        raise ConfigError(f"train.checkpoint.interval_steps={ckpt_steps} is below train.eval_interval_steps="
                           f"{eval_steps}: the first report would have no {tune_cfg.metric} to rank trials by "
                           f"(make the checkpoint interval a multiple of the eval interval)")
     if ray.is_initialized() and scaling.check_resources:
@@ -280,11 +280,15 @@ def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims
 
 
 def bound(train: TrainConfig, dims: list[spaces.Dimension], key: str, pick) -> int:
-    """`pick` (min or max) over a train key's values: the base value, or the space's values when it is tuned."""
+    """`pick` (min or max) over a train key's values (`key` dotted below `train`, as `checkpoint.interval_steps`):
+    the base value, or the space's values when it is tuned."""
     for d in dims:
         if d.key == f"train.{key}":
             return int(pick(d.values))
-    return int(getattr(train, key))
+    node = train
+    for part in key.split("."):
+        node = getattr(node, part)
+    return int(node)
 
 
 def reports_per_trial(max_steps: int, eval_interval: int, checkpoint_interval: int) -> int:
@@ -313,7 +317,7 @@ def make_scheduler(tune_cfg: TuneConfig, train: TrainConfig, dims: list[spaces.D
 
         return pbt.make_scheduler(tune_cfg, dims)
     reports = reports_per_trial(bound(train, dims, "max_steps", max), bound(train, dims, "eval_interval_steps", min),
-                                bound(train, dims, "checkpoint_interval_steps", min))
+                                bound(train, dims, "checkpoint.interval_steps", min))
     if tune_cfg.grace_period >= reports:
         log.warning("tune.grace_period=%d is not below the %d reports of a full trial: ASHA stops nothing",
                     tune_cfg.grace_period, reports)

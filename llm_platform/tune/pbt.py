@@ -9,12 +9,12 @@ could never clone a trial. Here, in PBT mode only:
 Each Tune checkpoint is a folder with one small JSON (`POINTER`): the URI of the run checkpoint that the report
 carried, the run name, the trial and the step; no weights are copied. When PBT exploits, the losing trial restarts
 with the winner's pointer (`tune.get_checkpoint()`) and its mutated config, and starts a *new* run
-(`<sweep>-<trial>-from-<source trial>-<step>`) with `train.resume_from` = the pointed checkpoint. A trial restarted
-from its own pointer (Tune retrying it, or synchronous PBT pausing it) does the same, so the run continues exactly
-from the state Tune recorded.
+(`<sweep>-<trial>-from-<source trial>-<step>`) with `train.checkpoint.resume_from` = the pointed checkpoint. A trial
+restarted from its own pointer (Tune retrying it, or synchronous PBT pausing it) does the same, so the run continues
+exactly from the state Tune recorded.
 
 Because PBT reads a checkpoint some time after it was reported, the runs must keep every checkpoint
-(`train.keep_checkpoints`) and every report must carry one (see `check`).
+(`train.checkpoint.keep_latest`) and every report must carry one (see `check`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from llm_platform.tune import space as spaces
 
 log = logging.getLogger("llm_platform.tune")
 POINTER = "train_checkpoint.json"
-MUTABLE_KEYS = ("train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.schedule", "train.weight_decay",
-                "train.beta1", "train.beta2", "train.grad_clip", "train.mlm_probability")
+MUTABLE_KEYS = ("train.optimizer.lr", "train.optimizer.min_lr_ratio", "train.optimizer.warmup_steps",
+                "train.optimizer.schedule", "train.optimizer.weight_decay", "train.optimizer.beta1",
+                "train.optimizer.beta2", "train.optimizer.grad_clip", "train.mlm_probability")
 """Keys PBT may change when a trial continues from a checkpoint: optimizer and schedule knobs. The other keys of
 the space (the model's shape, batch sizes, steps) are sampled once and copied from the cloned trial with its weights."""
 
@@ -54,24 +55,24 @@ def check(tune_cfg: TuneConfig, train: TrainConfig, dims: list[spaces.Dimension]
         raise ConfigError(f"tune.perturbation_interval_reports={tune_cfg.perturbation_interval_reports} must be at "
                           f"least 1")
     for d in dims:
-        if d.key in ("train.eval_interval_steps", "train.checkpoint_interval_steps", "train.keep_checkpoints") and \
-                d.kind != "fixed":
+        fixed_keys = ("train.eval_interval_steps", "train.checkpoint.interval_steps", "train.checkpoint.keep_latest")
+        if d.key in fixed_keys and d.kind != "fixed":
             raise ConfigError(f"tune.scheduler=pbt: tune.space.{d.key} must be a fixed value (PBT compares trials "
                               f"report by report)")
-    eval_steps, ckpt_steps = train.eval_interval_steps, train.checkpoint_interval_steps
+    eval_steps, ckpt_steps = train.eval_interval_steps, train.checkpoint.interval_steps
     for d in dims:
         if d.key == "train.eval_interval_steps":
             eval_steps = d.args[0]
-        if d.key == "train.checkpoint_interval_steps":
+        if d.key == "train.checkpoint.interval_steps":
             ckpt_steps = d.args[0]
     if eval_steps % ckpt_steps:
         raise ConfigError(f"tune.scheduler=pbt clones a trial at any report, so every report needs a checkpoint: make "
-                          f"train.eval_interval_steps={eval_steps} a multiple of train.checkpoint_interval_steps="
+                          f"train.eval_interval_steps={eval_steps} a multiple of train.checkpoint.interval_steps="
                           f"{ckpt_steps}")
-    keep = next((d.args[0] for d in dims if d.key == "train.keep_checkpoints"), train.keep_checkpoints)
+    keep = next((d.args[0] for d in dims if d.key == "train.checkpoint.keep_latest"), train.checkpoint.keep_latest)
     if keep < checkpoints_per_trial:
         raise ConfigError(f"tune.scheduler=pbt resumes trials from other trials' run checkpoints, so a run must not "
-                          f"delete them: train.keep_checkpoints={keep} is below the {checkpoints_per_trial} "
+                          f"delete them: train.checkpoint.keep_latest={keep} is below the {checkpoints_per_trial} "
                           f"checkpoints of a full trial")
 
 

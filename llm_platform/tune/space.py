@@ -2,16 +2,16 @@
 
     tune:
       space:
-        train.lr: {loguniform: [1.0e-4, 1.0e-2]}   # or nested: train: {lr: {loguniform: [...]}}
-        train.warmup_steps: {randint: [0, 10]}      # integers, upper bound excluded
-        train.weight_decay: {uniform: [0.0, 0.2]}
-        train.schedule: {choice: [cosine, linear]}
-        model.hidden_size: {grid: [32, 64]}         # every value, in every sample
-        train.grad_clip: 1.0                        # a plain value: fixed for every trial
+        train.optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}   # or nested: train: {optimizer: {lr: {...}}}
+        train.optimizer.warmup_steps: {randint: [0, 10]}      # integers, upper bound excluded
+        train.optimizer.weight_decay: {uniform: [0.0, 0.2]}
+        train.optimizer.schedule: {choice: [cosine, linear]}
+        model.hidden_size: {grid: [32, 64]}                   # every value, in every sample
+        train.optimizer.grad_clip: 1.0                        # a plain value: fixed for every trial
       # the same specs as strings (handy on the command line): "loguniform(1e-4, 1e-2)", "grid(32, 64)"
 
 Parsing and validation are plain Python (unit-tested without Ray); `to_param_space` turns the result into Ray Tune
-domains, nested the way the trial function reads them (`{"train": {"lr": Domain}}`).
+domains, nested the way the trial function reads them (`{"train": {"optimizer": {"lr": Domain}}}`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Dimension:
     """One axis of the search space."""
 
     key: str
-    """Dotted config key, e.g. `train.lr`."""
+    """Dotted config key, e.g. `train.optimizer.lr`."""
     kind: str
     """loguniform, uniform, choice, randint, grid, or fixed (a plain value)."""
     args: tuple
@@ -69,13 +69,14 @@ def parse_space(spec: dict[str, Any] | None, schema: type = PlatformConfig) -> l
     """
     dims = [_parse_one(key, value, schema) for key, value in _flatten(dict(spec or {}))]
     if not dims:
-        raise ConfigError("tune.space is empty: give at least one key, e.g. tune.space={train.lr: "
+        raise ConfigError("tune.space is empty: give at least one key, e.g. tune.space={train.optimizer.lr: "
                           "{loguniform: [1e-4, 1e-2]}} (see conf/tune/debug.yaml)")
     return dims
 
 
 def _flatten(spec: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """`{"train": {"lr": {...}}}` and `{"train.lr": {...}}` both as `("train.lr", {...})`."""
+    """`{"train": {"optimizer": {"lr": {...}}}}` and `{"train.optimizer.lr": {...}}` both as
+    `("train.optimizer.lr", {...})`."""
     out = []
     for key, value in spec.items():
         full = f"{prefix}{key}"

@@ -26,8 +26,8 @@ SPECIAL = {"eos": 0, "pad": 0, "mask": None}
 
 def short(extra: list[str]) -> list[str]:
     return ["data.seq_len=96", "data.val_fraction=0.1", "train.micro_batch_size=4", "train.max_steps=8",
-            "train.warmup_steps=0", "train.log_interval_steps=1", "train.eval_interval_steps=8",
-            "train.checkpoint_interval_steps=8", "train.eval_batches=1", "train.shuffle_buffer_rows=0",
+            "train.optimizer.warmup_steps=0", "train.log_interval_steps=1", "train.eval_interval_steps=8",
+            "train.checkpoint.interval_steps=8", "train.eval_batches=1", "train.shuffle_buffer_rows=0",
             "train.max_failures=0", "scaling.num_workers=2", *extra]
 
 
@@ -61,7 +61,7 @@ def test_full_finetune_of_a_gpt2_layout(ray_session, tmp_path, chats):
     path, bad = chats
     root = str(tmp_path / "store")
     cfg = compose("train", short(["experiment=finetune", f"model.pretrained={base}", f"data.sources=[{path}]",
-                                  f"storage.root={root}", "train.lr=3e-3"]))
+                                  f"storage.root={root}", "train.optimizer.lr=3e-3"]))
     data = build_dataset(cfg.data, cfg.tokenizer, root, progress=False)
     manifest = data.manifest
     # Bad records: counted per reason, named by file and line; every good record kept.
@@ -100,8 +100,8 @@ def test_run_finetune_lora_end_to_end_then_chat(ray_session, tmp_path, chats):
     path, _ = chats
     root = str(tmp_path / "store")
     overrides = short(["experiment=finetune-lora", f"model.pretrained={base}", f"data.sources=[{path}]",
-                       f"storage.root={root}", f"serve.port={free_port()}", "run.keep_serving=false",
-                       "eval.bias.bootstrap_samples=50", "train.lr=2e-2", "model.lora.rank=8"])
+                       f"storage.root={root}", f"serve.http.port={free_port()}", "run.keep_serving=false",
+                       "eval.bias.bootstrap_samples=50", "train.optimizer.lr=2e-2", "model.lora.rank=8"])
     try:
         summary = run_all(compose("run", overrides))
         assert [s["result"] for s in summary.stages.values()] == ["ran"] * 5, summary.stages

@@ -1,16 +1,16 @@
 """Training modes beside the FSDP path of test_train_pretrain.py, each checked against a plain PyTorch loop.
 
 - DDP with 2 workers (and 2 accumulated micro-batches, so `no_sync` is used) matches the plain loop; a new run
-  seeded with its step-2 checkpoint (`train.resume_from`, another run name, a single process with another
+  seeded with its step-2 checkpoint (`train.checkpoint.resume_from`, another run name, a single process with another
   micro-batch shape) continues at step 3 with the same losses and ends with the same weights.
 - A diverging run (a learning rate of 1e30) stops with `train.on_nonfinite_loss=stop`: `llm-platform train` exits 2
   naming the step, and the run folder has no export and no lineage record (it is not a finished run).
-- With `train.on_nonfinite_loss=skip`, a step whose loss and gradients are NaN (`train.nonfinite_injection_step`)
+- With `train.on_nonfinite_loss=skip`, a step whose loss and gradients are NaN (the test wraps the workers' loss)
   is skipped and the run goes on exactly as a plain loop that skips that update.
   That run also logs to MLflow (a file store): params and the finite losses, run finished. Sentinel secrets
   (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, LLM_PLATFORM_API_KEYS...) in the driver's environment during it appear in
   no file of Ray's session folder afterwards.
-- `train.resume_from` is checked before any worker starts.
+- `train.checkpoint.resume_from` is checked before any worker starts.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from llm_platform.config.model import ModelConfig
-from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.errors import ConfigError
 from secret_fixtures import files_containing, ray_session_dir, sentinel_secrets
 from train_fixtures import make_dataset, plain_pytorch_run
@@ -37,12 +37,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
 # 8 rows per step: 2 workers x 2 rows x 2 micro-batches. Checkpoints at steps 2 and 4, validation at 4.
 DDP = TrainConfig(max_steps=4, micro_batch_size=2, grad_accum_steps=2, log_interval_steps=1, eval_interval_steps=4,
-                  checkpoint_interval_steps=2, eval_batches=1, warmup_steps=2, lr=3e-3, shuffle_buffer_rows=0,
-                  keep_checkpoints=2, parallelism="ddp")
+                  eval_batches=1, shuffle_buffer_rows=0, checkpoint=CheckpointConfig(interval_steps=2, keep_latest=2),
+                  optimizer=OptimizerConfig(warmup_steps=2, lr=3e-3), parallelism=ParallelismConfig(strategy="ddp"))
 # One process, 4 rows per step, no validation until the end.
-SINGLE = TrainConfig(max_steps=4, micro_batch_size=4, log_interval_steps=1, eval_interval_steps=4,
-                     checkpoint_interval_steps=4, eval_batches=1, warmup_steps=0, lr=3e-3, shuffle_buffer_rows=0,
-                     keep_checkpoints=1, parallelism="none")
+SINGLE = TrainConfig(max_steps=4, micro_batch_size=4, log_interval_steps=1, eval_interval_steps=4, eval_batches=1,
+                     shuffle_buffer_rows=0, checkpoint=CheckpointConfig(interval_steps=4, keep_latest=1),
+                     optimizer=OptimizerConfig(warmup_steps=0, lr=3e-3), parallelism=ParallelismConfig(strategy="none"))
+
+
+def poisoned_loop(poison_step: int):
+    """The workers' loop with the loss of step `poison_step` (1-based) times NaN before backward, so its gradients
+    too. The platform has no such switch: this wraps the loop's `loss_sum` inside the worker process (the nested
+    function is pickled by value with the trainer)."""
+    def train_fn(config):
+        from llm_platform.train import loop
+
+        real, calls = loop.loss_sum, [0]
+
+        def loss_sum(logits, targets):
+            calls[0] += 1  # one call per step with 1 worker and 1 micro-batch; validation comes after the last step
+            loss = real(logits, targets)
+            return loss * float("nan") if calls[0] == poison_step else loss
+
+        loop.loss_sum = loss_sum
+        return loop.train_loop_per_worker(config)
+
+    return train_fn
 
 
 def plain_pytorch_losses(dataset_uri: str, tc: TrainConfig, global_batch: int, *, poison_step: int | None = None):
@@ -85,12 +105,14 @@ def test_ddp_matches_plain_pytorch_and_resume_from_continues_it(ray_session, dat
     # A new run seeded with the step-2 checkpoint: one process, 2 rows x 4 micro-batches (the same 8 rows a step;
     # the data position is converted from the checkpoint's 4-row global micro-batches to 2-row ones).
     source = os.path.join(ddp_dir, "checkpoint_00000002")
-    seeded = dataclasses.replace(DDP, parallelism="none", micro_batch_size=2, grad_accum_steps=4, resume_from=source)
+    seeded = dataclasses.replace(DDP, micro_batch_size=2, grad_accum_steps=4,
+                                 parallelism=ParallelismConfig(strategy="none"),
+                                 checkpoint=dataclasses.replace(DDP.checkpoint, resume_from=source))
     second = launch(MODEL, seeded, ScalingConfig(num_workers=1), dataset, root, run_name="seeded")
     resumed = logged(os.path.join(root, "runs", "seeded"))
     assert list(resumed) == [3, 4]  # it continued at step 3: no step was trained twice
     np.testing.assert_allclose(list(resumed.values()), [losses[3], losses[4]], rtol=0, atol=1e-5)
-    assert second.lineage["run"]["config"]["train"]["resume_from"] == source
+    assert second.lineage["run"]["config"]["train"]["checkpoint"]["resume_from"] == source
     ours, theirs = exported_weights(second.export_uri), exported_weights(first.export_uri)
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -100,7 +122,7 @@ def test_ddp_matches_plain_pytorch_and_resume_from_continues_it(ray_session, dat
 @pytest.mark.ray
 @pytest.mark.slow
 def test_diverging_run_stops_and_the_cli_exits_2_naming_the_step(ray_session, dataset, tmp_path):
-    diverging = dataclasses.replace(SINGLE, lr=1e30)
+    diverging = dataclasses.replace(SINGLE, optimizer=dataclasses.replace(SINGLE.optimizer, lr=1e30))
     _, reference = plain_pytorch_losses(dataset, diverging, global_batch=SINGLE.micro_batch_size)
     first_bad = next(i + 1 for i, loss in enumerate(reference) if not math.isfinite(loss))
     assert first_bad < SINGLE.max_steps
@@ -111,7 +133,11 @@ def test_diverging_run_stops_and_the_cli_exits_2_naming_the_step(ray_session, da
                  f"model.max_position_embeddings={MODEL.max_position_embeddings}", "scaling.num_workers=1",
                  *(f"train.{k}={getattr(diverging, k)}" for k in (
                      "max_steps", "micro_batch_size", "log_interval_steps", "eval_interval_steps",
-                     "checkpoint_interval_steps", "warmup_steps", "lr", "shuffle_buffer_rows", "parallelism"))]
+                     "shuffle_buffer_rows")),
+                 f"train.checkpoint.interval_steps={diverging.checkpoint.interval_steps}",
+                 f"train.optimizer.warmup_steps={diverging.optimizer.warmup_steps}",
+                 f"train.optimizer.lr={diverging.optimizer.lr}",
+                 f"train.parallelism.strategy={diverging.parallelism.strategy}"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.run([sys.executable, "-m", "llm_platform", "train", *overrides], capture_output=True,
                           text=True, timeout=600, cwd=REPO, env=env)
@@ -135,8 +161,10 @@ def test_skip_drops_the_nonfinite_step_and_training_goes_on(ray_session, dataset
                                                            reliability_report):
     from mlflow.tracking import MlflowClient
 
+    from llm_platform.train import launcher
     from llm_platform.train.launcher import launch
 
+    monkeypatch.setattr(launcher, "_train_fn", lambda: poisoned_loop(2))
     # The run also logs to MLflow (a file store; the env var reaches rank 0 through the workers' runtime env).
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     # Secrets in the driver's environment must reach no file of Ray's session (runtime envs are logged there).
@@ -144,8 +172,7 @@ def test_skip_drops_the_nonfinite_step_and_training_goes_on(ray_session, dataset
     for name, value in sentinels.items():
         monkeypatch.setenv(name, value)
     mlflow_uri = f"file://{tmp_path / 'mlruns'}"
-    poisoned = dataclasses.replace(SINGLE, nonfinite_injection_step=2, on_nonfinite_loss="skip",
-                                   mlflow_tracking_uri=mlflow_uri)
+    poisoned = dataclasses.replace(SINGLE, on_nonfinite_loss="skip", mlflow_tracking_uri=mlflow_uri)
     result = launch(MODEL, poisoned, ScalingConfig(num_workers=1), dataset, str(tmp_path), run_name="skip")
     _, reference = plain_pytorch_losses(dataset, poisoned, global_batch=SINGLE.micro_batch_size, poison_step=2)
     losses = logged(result.run_uri)
@@ -173,13 +200,16 @@ def test_resume_from_is_checked_before_any_worker_starts(tmp_path):
     from llm_platform.train.launcher import check_resume_from
 
     folder = tmp_path / "checkpoint_00000003"
-    with pytest.raises(ConfigError, match="train.resume_from=.*train_state.json is missing"):
-        check_resume_from(dataclasses.replace(SINGLE, resume_from=str(folder)), ScalingConfig(num_workers=1))
+    def resuming(uri: str) -> TrainConfig:
+        return dataclasses.replace(SINGLE, checkpoint=dataclasses.replace(SINGLE.checkpoint, resume_from=uri))
+
+    with pytest.raises(ConfigError, match="train.checkpoint.resume_from=.*train_state.json is missing"):
+        check_resume_from(resuming(str(folder)), ScalingConfig(num_workers=1))
     folder.mkdir()
     # 3 global micro-batches of 2 workers x 2 rows: 12 rows into the epoch.
     state = {"step": 3, "epoch": 0, "batches_in_epoch": 3, "rows_per_batch": 4, "tokens": 0}
     (folder / "train_state.json").write_text(json.dumps(state))
-    at = dataclasses.replace(SINGLE, resume_from=str(folder))
+    at = resuming(str(folder))
     check_resume_from(dataclasses.replace(at, micro_batch_size=3), ScalingConfig(num_workers=2))  # 6-row batches
     assert ckpt.data_position(state, 6) == 2 and ckpt.data_position(state, 1) == 12
     with pytest.raises(ConfigError, match="train.micro_batch_size \\* scaling.num_workers = 8"):

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
 
     from llm_platform import storage
     from llm_platform.config.model import ModelConfig
-    from llm_platform.config.train import ScalingConfig, TrainConfig
+    from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ScalingConfig, TrainConfig
     from llm_platform.train.launcher import launch
     from train_fixtures import make_dataset
 
@@ -44,8 +44,9 @@ SCRIPT = textwrap.dedent("""
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}})
     try:
-        tc = TrainConfig(max_steps=4, micro_batch_size=4, log_interval_steps=2, eval_interval_steps=4,
-                         checkpoint_interval_steps=2, eval_batches=1, warmup_steps=1, max_failures=0)
+        tc = TrainConfig(max_steps=4, micro_batch_size=4, log_interval_steps=2, eval_interval_steps=4, eval_batches=1,
+                         max_failures=0, checkpoint=CheckpointConfig(interval_steps=2),
+                         optimizer=OptimizerConfig(warmup_steps=1))
         result = launch(ModelConfig(hidden_size=32, max_position_embeddings=64), tc,
                         ScalingConfig(num_workers=2, placement_strategy="STRICT_SPREAD"), dataset, root,
                         run_name="spread")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm_platform.config.model import LoraConfig, ModelConfig
-from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ScalingConfig, TrainConfig
 from llm_platform.data.dataset import open_dataset
 from llm_platform.models.build import build_model, model_class
 from llm_platform.train.objectives import count_targets, loss_sum, prepare_batch
@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def short_run(objective: str) -> TrainConfig:
     return TrainConfig(objective=objective, max_steps=3, micro_batch_size=4, log_interval_steps=1,
-                       eval_interval_steps=3, checkpoint_interval_steps=3, eval_batches=1, warmup_steps=1, lr=3e-3,
-                       shuffle_buffer_rows=0, max_failures=0)
+                       eval_interval_steps=3, eval_batches=1, shuffle_buffer_rows=0, max_failures=0,
+                       checkpoint=CheckpointConfig(interval_steps=3),
+                       optimizer=OptimizerConfig(warmup_steps=1, lr=3e-3))
 
 
 def export_val_loss(export_uri: str, family: str, dataset_uri: str, tc: TrainConfig) -> float:

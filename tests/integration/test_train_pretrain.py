@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llm_platform.config.model import ModelConfig
-from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.data.dataset import open_dataset
 from train_fixtures import make_dataset, plain_pytorch_run, read_rows
 
@@ -23,9 +23,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
 # Reports at steps 2, 3 (checkpoint), 4, 6 (checkpoint).
-TRAIN = TrainConfig(max_steps=6, micro_batch_size=4, log_interval_steps=1, eval_interval_steps=2,
-                    checkpoint_interval_steps=3, eval_batches=1, warmup_steps=2, lr=3e-3, shuffle_buffer_rows=0,
-                    keep_checkpoints=1, max_failures=0, parallelism="fsdp")
+TRAIN = TrainConfig(max_steps=6, micro_batch_size=4, log_interval_steps=1, eval_interval_steps=2, eval_batches=1,
+                    shuffle_buffer_rows=0, max_failures=0, checkpoint=CheckpointConfig(interval_steps=3, keep_latest=1),
+                    optimizer=OptimizerConfig(warmup_steps=2, lr=3e-3), parallelism=ParallelismConfig(strategy="fsdp"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from llm_platform import registry
 from llm_platform.config.model import ModelConfig
-from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 from llm_platform.tune.driver import run_sweep
 from train_fixtures import make_dataset
@@ -26,9 +26,9 @@ from train_fixtures import make_dataset
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
-TRAIN = TrainConfig(max_steps=20, micro_batch_size=4, log_interval_steps=5, eval_interval_steps=5,
-                    checkpoint_interval_steps=10, eval_batches=2, warmup_steps=2, lr=3e-3, parallelism="none",
-                    keep_checkpoints=1)
+TRAIN = TrainConfig(max_steps=20, micro_batch_size=4, log_interval_steps=5, eval_interval_steps=5, eval_batches=2,
+                    checkpoint=CheckpointConfig(interval_steps=10, keep_latest=1),
+                    optimizer=OptimizerConfig(warmup_steps=2, lr=3e-3), parallelism=ParallelismConfig(strategy="none"))
 SCALING = ScalingConfig(num_workers=1, cpus_per_worker=1)
 
 
@@ -40,19 +40,19 @@ def dataset(tmp_path_factory):
 def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_path, another_ray_instance):
     root = str(tmp_path / "store")
     # The tiny learning rate comes last, so the two good trials have set ASHA's first rung when it reports.
-    cfg = TuneConfig(name="lr-sweep", space={"train.lr": {"grid": [1e-2, 3e-3, 1e-6]}}, num_samples=1,
+    cfg = TuneConfig(name="lr-sweep", space={"train.optimizer.lr": {"grid": [1e-2, 3e-3, 1e-6]}}, num_samples=1,
                      max_concurrent_trials=2, scheduler="asha", grace_period=1, reduction_factor=2,
                      register_as="tiny-tuned", verbose=0)
     result = run_sweep(cfg, MODEL, TRAIN, SCALING, dataset, root)
 
-    by_lr = {t.params["train.lr"]: t for t in result.trials}
+    by_lr = {t.params["train.optimizer.lr"]: t for t in result.trials}
     assert set(by_lr) == {1e-2, 3e-3, 1e-6}
     bad = by_lr[1e-6]
     assert bad.status == "stopped" and bad.iterations < 4, (bad.status, bad.reports)
     # ASHA is asynchronous: of the two good trials running together, the one behind at a rung may be stopped too.
     finished = [t for t in result.trials if t.status == "finished"]
     assert finished and all(t.iterations == 4 and t.reports[-1]["step"] == 20 for t in finished)
-    assert all(t.params["train.lr"] != 1e-6 for t in finished)
+    assert all(t.params["train.optimizer.lr"] != 1e-6 for t in finished)
 
     # The winner: the lowest final val/loss, recomputed here from the sweep's own trials.jsonl.
     sweep_dir = os.path.join(root, "sweeps", "lr-sweep")
@@ -70,10 +70,10 @@ def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_
     assert version.version == "v0001" == result.model_version.version
     lineage = version.lineage
     assert lineage["sweep"]["trial_id"] == expected and lineage["sweep"]["name"] == "lr-sweep"
-    assert lineage["sweep"]["params"] == {"train.lr": result.winner.params["train.lr"]}
+    assert lineage["sweep"]["params"] == {"train.optimizer.lr": result.winner.params["train.optimizer.lr"]}
     assert lineage["sweep"]["uri"] == os.path.join(root, "sweeps", "lr-sweep")
     assert lineage["run"]["name"] == f"lr-sweep-{expected}"
-    assert lineage["run"]["config"]["train"]["lr"] == result.winner.params["train.lr"]
+    assert lineage["run"]["config"]["train"]["optimizer"]["lr"] == result.winner.params["train.optimizer.lr"]
     assert lineage["run"]["metrics"]["val/loss"] == pytest.approx(final[expected])
     assert lineage["dataset"]["manifest_sha256"] and lineage["code_version"]
     assert os.path.exists(os.path.join(version.uri, "config.json"))

@@ -157,15 +157,16 @@ def test_data_stage_under_s3_faults_matches_a_clean_run(ray_session, s3_server, 
 
 def train_config(max_steps: int = 4):
     from llm_platform.config.model import ModelConfig
-    from llm_platform.config.train import ScalingConfig, TrainConfig
+    from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ScalingConfig, TrainConfig
 
     model = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32,
                         max_position_embeddings=64)
     # Checkpoints at steps 2 and 4 (the newest kept). No restarts allowed: the faults must be absorbed by retries,
     # not by Ray Train replacing a worker.
     train = TrainConfig(max_steps=max_steps, micro_batch_size=4, log_interval_steps=1, eval_interval_steps=2,
-                        checkpoint_interval_steps=2, eval_batches=1, warmup_steps=1, lr=3e-3, shuffle_buffer_rows=0,
-                        keep_checkpoints=1, max_failures=0)
+                        eval_batches=1, shuffle_buffer_rows=0, max_failures=0,
+                        checkpoint=CheckpointConfig(interval_steps=2, keep_latest=1),
+                        optimizer=OptimizerConfig(warmup_steps=1, lr=3e-3))
     return model, train, ScalingConfig(num_workers=1, cpus_per_worker=1)
 
 

@@ -24,7 +24,7 @@ import pytest
 from llm_platform import registry
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
-from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError
 from llm_platform.tune.driver import run_sweep
@@ -33,9 +33,9 @@ from train_fixtures import make_dataset
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
-TRAIN = TrainConfig(max_steps=10, micro_batch_size=4, log_interval_steps=5, eval_interval_steps=5,
-                    checkpoint_interval_steps=10, eval_batches=2, warmup_steps=2, lr=3e-3, parallelism="none",
-                    keep_checkpoints=1)
+TRAIN = TrainConfig(max_steps=10, micro_batch_size=4, log_interval_steps=5, eval_interval_steps=5, eval_batches=2,
+                    checkpoint=CheckpointConfig(interval_steps=10, keep_latest=1),
+                    optimizer=OptimizerConfig(warmup_steps=2, lr=3e-3), parallelism=ParallelismConfig(strategy="none"))
 SCALING = ScalingConfig(num_workers=1, cpus_per_worker=1)
 # Grid order is the trial order with one trial at a time: micro-batch 4 finishes first, 0 raises (the trial's own
 # config check refuses it; a value outside a choice key's set would be refused before the sweep starts).

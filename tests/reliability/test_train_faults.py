@@ -27,15 +27,15 @@ import pytest
 
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
-from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 from train_fixtures import make_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
-TRAIN = TrainConfig(max_steps=12, micro_batch_size=4, log_interval_steps=2, eval_interval_steps=12,
-                    checkpoint_interval_steps=4, eval_batches=1, warmup_steps=2, lr=3e-3, shuffle_buffer_rows=0,
-                    keep_checkpoints=2, max_failures=2, parallelism="fsdp")
+TRAIN = TrainConfig(max_steps=12, micro_batch_size=4, log_interval_steps=2, eval_interval_steps=12, eval_batches=1,
+                    shuffle_buffer_rows=0, max_failures=2, checkpoint=CheckpointConfig(interval_steps=4, keep_latest=2),
+                    optimizer=OptimizerConfig(warmup_steps=2, lr=3e-3), parallelism=ParallelismConfig(strategy="fsdp"))
 SCALING = ScalingConfig(num_workers=2, cpus_per_worker=1)
 
 DRIVER = """
@@ -114,7 +114,7 @@ def assert_resumed_from_a_checkpoint(run_dir: str, fault_time: float) -> list[fl
     assert [line["step"] for line in lines] == list(range(2, TRAIN.max_steps + 1, 2))
     kept = [line["step"] for line in lines if line["time"] < fault_time]
     assert kept and kept == list(range(2, kept[-1] + 1, 2)), kept
-    assert kept[-1] >= 4 and kept[-1] % TRAIN.checkpoint_interval_steps == 0, f"resumed from step {kept[-1]}"
+    assert kept[-1] >= 4 and kept[-1] % TRAIN.checkpoint.interval_steps == 0, f"resumed from step {kept[-1]}"
     assert kept[-1] < TRAIN.max_steps, "the fault came after the run had finished"
     assert os.path.isdir(os.path.join(run_dir, "checkpoint_00000012"))
     assert os.path.exists(os.path.join(run_dir, "export", "model.safetensors"))

@@ -18,8 +18,12 @@ from llm_platform.errors import ConfigError
 def test_a_key_added_with_plus_that_the_schema_lacks_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"unknown config key data\.sq_len \(did you mean data\.seq_len\?\)"):
         compose("data", ["+data.sq_len=1"])
-    with pytest.raises(ConfigError, match=r"unknown config key train\.optimizer:"):
-        compose("train", ["+train.optimizer.lr=1"])
+    with pytest.raises(ConfigError, match=r"unknown config key train\.optim \(did you mean train\.optimizer\?\)"):
+        compose("train", ["+train.optim.lr=1"])
+    # A typo inside a train sub-group is refused the same way, naming the full key.
+    with pytest.raises(ConfigError,
+                       match=r"unknown config key train\.optimizer\.lrr \(did you mean train\.optimizer\.lr\?\)"):
+        compose("train", ["+train.optimizer.lrr=1"])
 
 
 def test_free_form_dict_fields_still_take_any_key():
@@ -31,12 +35,13 @@ def test_relative_local_paths_become_absolute_on_the_driver(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LLM_PLATFORM_HOME", raising=False)
     (tmp_path / "tok").mkdir()  # a tokenizer folder here (tokenizer.path may also be a Hub id, like model.pretrained)
-    cfg = compose("run", ["train.resume_from=runs/a/checkpoint_00000004", "data.sources=[docs/*.jsonl,s3://b/c.jsonl]",
-                          "tokenizer.path=tok", "eval.tasks_uri=file:tasks.jsonl", "serve.model=registry:debug",
+    cfg = compose("run", ["train.checkpoint.resume_from=runs/a/checkpoint_00000004",
+                          "data.sources=[docs/*.jsonl,s3://b/c.jsonl]", "tokenizer.path=tok",
+                          "eval.tasks_uri=file:tasks.jsonl", "serve.model=registry:debug",
                           "model.pretrained=meta-llama/Llama-3.2-1B"])
     assert cfg.storage.root == str(tmp_path / ".llm-platform" / "storage")
     assert cfg.log_dir == str(tmp_path / ".llm-platform" / "logs")
-    assert cfg.train.resume_from == str(tmp_path / "runs/a/checkpoint_00000004")
+    assert cfg.train.checkpoint.resume_from == str(tmp_path / "runs/a/checkpoint_00000004")
     assert cfg.data.sources == [str(tmp_path / "docs/*.jsonl"), "s3://b/c.jsonl"]
     assert cfg.tokenizer.path == str(tmp_path / "tok")
     assert cfg.eval.tasks_uri == f"file:{tmp_path / 'tasks.jsonl'}"
@@ -111,13 +116,14 @@ def test_a_choice_outside_its_set_fails_at_compose_time_naming_key_and_values():
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException) as err:
-        compose("run", ["train.parallelism=fdsp"])
+        compose("run", ["train.parallelism.strategy=fdsp"])
     text = f"{err.value} {err.value.__cause__}"
-    assert "train.parallelism" in text and "fsdp, ddp, none" in text
-    cfg = compose("run", ["train.parallelism=ddp", "tune.scheduler=pbt"])
+    assert "train.parallelism.strategy" in text and "fsdp, ddp, none" in text
+    cfg = compose("run", ["train.parallelism.strategy=ddp", "tune.scheduler=pbt"])
     # Members behave as their strings everywhere the code and the records use them.
-    assert cfg.train.parallelism == "ddp" and f"{cfg.train.parallelism}" == "ddp" and {"ddp": 1}[cfg.train.parallelism]
-    assert json.loads(json.dumps(dataclasses.asdict(cfg.train)))["parallelism"] == "ddp"
+    strategy = cfg.train.parallelism.strategy
+    assert strategy == "ddp" and f"{strategy}" == "ddp" and {"ddp": 1}[strategy]
+    assert json.loads(json.dumps(dataclasses.asdict(cfg.train)))["parallelism"]["strategy"] == "ddp"
 
 
 def test_every_choice_member_is_named_by_its_value():

@@ -3,7 +3,7 @@
 import pytest
 
 from llm_platform.config.model import ModelConfig
-from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.train import ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.errors import ConfigError, DataError
 from llm_platform.train.launcher import preflight
 from train_fixtures import make_dataset
@@ -61,5 +61,6 @@ def test_more_rows_per_step_than_the_split(pretrain, tmp_path):
 
 
 def test_single_worker_mode_with_many_workers(pretrain, tmp_path):
-    with pytest.raises(ConfigError, match="train.parallelism=none needs scaling.num_workers=1"):
-        run(pretrain, str(tmp_path), train=TrainConfig(parallelism="none"), scaling=ScalingConfig(num_workers=2))
+    with pytest.raises(ConfigError, match="train.parallelism.strategy=none needs scaling.num_workers=1"):
+        run(pretrain, str(tmp_path), train=TrainConfig(parallelism=ParallelismConfig(strategy="none")),
+            scaling=ScalingConfig(num_workers=2))

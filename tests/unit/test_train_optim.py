@@ -37,7 +37,7 @@ def test_linear_and_constant():
 
 
 def test_unknown_schedule_names_the_key():
-    with pytest.raises(ValueError, match="train.schedule"):
+    with pytest.raises(ValueError, match="train.optimizer.schedule"):
         lr_factor(0, max_steps=10, warmup_steps=0, schedule="step", min_lr_ratio=0.1)
 
 

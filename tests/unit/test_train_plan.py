@@ -25,8 +25,8 @@ def test_llama_1b_on_8_h100_fits_and_costs_what_the_arithmetic_says():
 
 
 def test_a_config_that_cannot_fit_is_refused_with_the_reason():
-    plan = plan_for(["experiment=llama-1b-h100", "tokenizer.vocab_size=32000", "train.activation_checkpointing=false",
-                     "train.micro_batch_size=32"])
+    plan = plan_for(["experiment=llama-1b-h100", "tokenizer.vocab_size=32000",
+                     "train.parallelism.activation_checkpointing=false", "train.micro_batch_size=32"])
     assert not plan.fits
     assert "GiB per device" in plan.problems[0] and "train.micro_batch_size" in plan.problems[0]
 
@@ -45,12 +45,12 @@ def cli(*args, timeout=300):
 
 def test_plan_command_prints_the_plan_and_refuses_what_cannot_fit():
     # (A config that fits: the tests above, in process. Each CLI run here is a fresh interpreter, ~10 s.)
-    refused = cli("plan", "experiment=llama-1b-h100", "train.activation_checkpointing=false",
+    refused = cli("plan", "experiment=llama-1b-h100", "train.parallelism.activation_checkpointing=false",
                   "train.micro_batch_size=32")
     assert refused.returncode == 2
     assert "FLOPs per token" in refused.stdout and "verdict" in refused.stdout  # the plan is printed, then refused
     assert "does not fit" in refused.stdout + refused.stderr
-    forced = cli("plan", "experiment=llama-1b-h100", "train.activation_checkpointing=false",
+    forced = cli("plan", "experiment=llama-1b-h100", "train.parallelism.activation_checkpointing=false",
                  "train.micro_batch_size=32", "plan.force=true")
     assert forced.returncode == 0
 

@@ -4,7 +4,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from llm_platform.config import as_dict, compose, from_dict
-from llm_platform.config.train import TrainConfig
+from llm_platform.config.train import CheckpointConfig, TrainConfig
 from llm_platform.errors import ConfigError
 from llm_platform.tune.driver import check, expected_trials, make_scheduler, reports_per_trial
 from llm_platform.config.train import ScalingConfig
@@ -14,28 +14,30 @@ from llm_platform.tune.space import apply_params, flatten_params, parse_space, t
 
 def test_every_distribution_dotted_nested_and_string_forms():
     dims = parse_space({
-        "train.lr": {"loguniform": [1e-4, 1e-2]},
-        "train": {"weight_decay": {"uniform": [0, 0.2]}, "warmup_steps": "randint(0, 10)"},
-        "train.schedule": {"choice": ["cosine", "linear"]},
+        "train.optimizer.lr": {"loguniform": [1e-4, 1e-2]},
+        "train": {"optimizer": {"weight_decay": {"uniform": [0, 0.2]}, "warmup_steps": "randint(0, 10)"}},
+        "train.optimizer.schedule": {"choice": ["cosine", "linear"]},
         "model.hidden_size": "grid(32, 64)",
-        "train.grad_clip": 0.5,
+        "train.optimizer.grad_clip": 0.5,
     })
     by_key = {d.key: d for d in dims}
-    assert set(by_key) == {"train.lr", "train.weight_decay", "train.warmup_steps", "train.schedule",
-                           "model.hidden_size", "train.grad_clip"}
-    assert (by_key["train.lr"].kind, by_key["train.lr"].args) == ("loguniform", (1e-4, 1e-2))
-    assert (by_key["train.warmup_steps"].kind, by_key["train.warmup_steps"].args) == ("randint", (0, 10))
+    assert set(by_key) == {"train.optimizer.lr", "train.optimizer.weight_decay", "train.optimizer.warmup_steps",
+                           "train.optimizer.schedule", "model.hidden_size", "train.optimizer.grad_clip"}
+    assert (by_key["train.optimizer.lr"].kind, by_key["train.optimizer.lr"].args) == ("loguniform", (1e-4, 1e-2))
+    warmup = by_key["train.optimizer.warmup_steps"]
+    assert (warmup.kind, warmup.args) == ("randint", (0, 10))
     assert by_key["model.hidden_size"].args == (32, 64) and by_key["model.hidden_size"].kind == "grid"
-    assert by_key["train.grad_clip"].kind == "fixed"
+    assert by_key["train.optimizer.grad_clip"].kind == "fixed"
 
     from ray.tune.search.sample import Categorical, Float, Integer
 
     space = to_param_space(dims)
-    assert isinstance(space["train"]["lr"], Float) and space["train"]["lr"].lower == 1e-4
-    assert isinstance(space["train"]["warmup_steps"], Integer) and space["train"]["warmup_steps"].upper == 10
-    assert isinstance(space["train"]["schedule"], Categorical)
+    optimizer = space["train"]["optimizer"]
+    assert isinstance(optimizer["lr"], Float) and optimizer["lr"].lower == 1e-4
+    assert isinstance(optimizer["warmup_steps"], Integer) and optimizer["warmup_steps"].upper == 10
+    assert isinstance(optimizer["schedule"], Categorical)
     assert space["model"]["hidden_size"] == {"grid_search": [32, 64]}
-    assert space["train"]["grad_clip"] == 0.5
+    assert optimizer["grad_clip"] == 0.5
 
 
 @pytest.mark.parametrize("spec, needle", [
@@ -44,13 +46,13 @@ def test_every_distribution_dotted_nested_and_string_forms():
     ({"model.lora.rnk": {"choice": [4, 8]}}, "model.lora.rnk"),
     ({"serve.port": {"choice": [1, 2]}}, "serve.port"),
     ({"model.lora": {"choice": [1]}}, "model.lora"),
-    ({"train.lr": {"lognormal": [1, 2]}}, "lognormal"),
-    ({"train.lr": {"loguniform": [0, 1e-2]}}, "positive"),
-    ({"train.lr": {"uniform": [0.2, 0.1]}}, "lower < upper"),
+    ({"train.optimizer.lr": {"lognormal": [1, 2]}}, "lognormal"),
+    ({"train.optimizer.lr": {"loguniform": [0, 1e-2]}}, "positive"),
+    ({"train.optimizer.lr": {"uniform": [0.2, 0.1]}}, "lower < upper"),
     ({"train.max_steps": {"uniform": [10, 20]}}, "integer"),
     ({"train.max_steps": {"choice": [10, "many"]}}, "'many'"),
-    ({"train.schedule": {"choice": ["cosine", 3]}}, "train.schedule"),
-    ({"train.warmup_steps": {"randint": [0.5, 3]}}, "integers"),
+    ({"train.optimizer.schedule": {"choice": ["cosine", 3]}}, "train.optimizer.schedule"),
+    ({"train.optimizer.warmup_steps": {"randint": [0.5, 3]}}, "integers"),
     ({}, "empty"),
 ])
 def test_bad_space_names_the_key(spec, needle):
@@ -68,32 +70,36 @@ def test_shipped_spaces_compose_and_parse():
 
 def test_apply_params_overrides_only_the_named_keys():
     base = {"model": {"hidden_size": 64, "lora": {"rank": 8}}, "train": as_dict(TrainConfig()), "scaling": {}}
-    params = flatten_params({"train": {"lr": 0.01}, "model": {"lora": {"rank": 4}}}, ["train.lr", "model.lora.rank"])
-    assert params == {"train.lr": 0.01, "model.lora.rank": 4}
+    params = flatten_params({"train": {"optimizer": {"lr": 0.01}}, "model": {"lora": {"rank": 4}}},
+                            ["train.optimizer.lr", "model.lora.rank"])
+    assert params == {"train.optimizer.lr": 0.01, "model.lora.rank": 4}
     out = apply_params(base, params)
-    assert out["train"]["lr"] == 0.01 and out["model"]["lora"]["rank"] == 4 and out["model"]["hidden_size"] == 64
-    assert base["train"]["lr"] == TrainConfig().lr  # the base is not mutated
-    assert from_dict(TrainConfig, out["train"]).lr == 0.01
+    assert out["train"]["optimizer"]["lr"] == 0.01 and out["model"]["lora"]["rank"] == 4 \
+        and out["model"]["hidden_size"] == 64
+    assert base["train"]["optimizer"]["lr"] == TrainConfig().optimizer.lr  # the base is not mutated
+    assert from_dict(TrainConfig, out["train"]).optimizer.lr == 0.01
 
 
 def test_asha_max_t_counts_reports_and_checks_refuse_bad_sweeps():
     assert reports_per_trial(20, 5, 10) == 4
     assert reports_per_trial(21, 5, 10) == 5  # the end always reports
-    train = TrainConfig(max_steps=20, eval_interval_steps=5, checkpoint_interval_steps=10)
+    train = TrainConfig(max_steps=20, eval_interval_steps=5, checkpoint=CheckpointConfig(interval_steps=10))
     dims = parse_space({"train.max_steps": {"choice": [20, 40]}})
     assert make_scheduler(TuneConfig(), train, dims)._max_t == 9  # one beyond the longest trial's 8 reports
-    ok = parse_space({"train.lr": {"loguniform": [1e-4, 1e-2]}})
+    ok = parse_space({"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}})
     with pytest.raises(ConfigCompositionException, match="tune.scheduler"):  # an Enum: refused at compose time
         compose("tune", ["tune.scheduler=hyperband"])
     with pytest.raises(ConfigError, match="grid"):
-        check(TuneConfig(search="optuna"), train, ScalingConfig(), parse_space({"train.lr": "grid(0.1, 0.2)"}))
-    with pytest.raises(ConfigError, match="train.checkpoint_interval_steps"):
-        check(TuneConfig(), TrainConfig(max_steps=20, eval_interval_steps=10, checkpoint_interval_steps=5),
+        check(TuneConfig(search="optuna"), train, ScalingConfig(),
+              parse_space({"train.optimizer.lr": "grid(0.1, 0.2)"}))
+    with pytest.raises(ConfigError, match="train.checkpoint.interval_steps"):
+        check(TuneConfig(), TrainConfig(max_steps=20, eval_interval_steps=10,
+                                        checkpoint=CheckpointConfig(interval_steps=5)),
               ScalingConfig(), ok)
     assert type(make_scheduler(TuneConfig(scheduler="pbt"), train, ok)).__name__ == "PopulationBasedTraining"
 
 
 def test_expected_trials_multiplies_grid_axes():
-    dims = parse_space({"train.lr": "grid(0.1, 0.2, 0.3)", "model.hidden_size": "grid(32, 64)",
-                        "train.weight_decay": "uniform(0, 0.1)"})
+    dims = parse_space({"train.optimizer.lr": "grid(0.1, 0.2, 0.3)", "model.hidden_size": "grid(32, 64)",
+                        "train.optimizer.weight_decay": "uniform(0, 0.1)"})
     assert expected_trials(TuneConfig(num_samples=2), dims) == 12
