@@ -38,6 +38,10 @@ SECRET_NAME = re.compile(r"KEY|TOKEN(?!IZER)|SECRET|PASS(?:WORD|WD|PHRASE)|CREDE
                          r"|^AWS_PROFILE$", re.I)
 # A URL with a password in it (`https://user:pass@host`), e.g. an MLFLOW_TRACKING_URI with basic auth.
 _URL_WITH_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")
+# The variable Serve's HTTP proxy reads for its middlewares, and our callback (serve/proxy.py, named by import path
+# so that this module, below serving, never imports it).
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "llm_platform.serve.proxy:middlewares"
 
 
 def is_secret(name: str, value: str = "") -> bool:
@@ -81,8 +85,6 @@ def connect(cfg: ClusterConfig | None = None) -> str:
         return address
     # Serve's HTTP proxy reads this at start-up: its own plain-text errors become OpenAI-shaped (serve/proxy.py).
     # A local Ray's processes inherit the driver's environment; cluster images set it themselves (Dockerfile).
-    from llm_platform.serve.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
-
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     # One machine has no spot nodes to be preempted: skip Ray Train's per-run preemption-watcher actor (one process
     # fewer per training run). Clusters keep it.

@@ -12,13 +12,14 @@ whose body is not JSON) into `{"error": {"message", "type", "param", "code"}}`:
   which is a transient, retryable condition for the client and not a bug in its input;
 - a request that the proxy ends without any response (what Serve 2.60 does when the replica handling it dies: uvicorn
   would then write a bare plain-text 500 outside every middleware) gets the same 503 `replica_failed`;
-- 408 (a request that ran past `serve.request_timeout_s`, which Serve's proxy cancels) becomes 503 `request_timeout`
-  with `Retry-After`: the service could not answer in time, a transient condition like a gateway timeout;
+- 408 (a request that ran past `serve.http.request_timeout_s`, which Serve's proxy cancels) becomes 503
+  `request_timeout` with `Retry-After`: the service could not answer in time, a transient condition like a gateway
+  timeout;
 - 404 keeps its code.
 
-Serve loads it in every proxy from the environment variable that `PROXY_CALLBACK_ENV` names (set before Ray starts:
-`cluster.connect` does it for a local Ray; the Docker image, which the KubeRay and ray-up configs run, sets it for
-clusters).
+Serve loads it in every proxy from the environment variable that `llm_platform.cluster.PROXY_CALLBACK_ENV` names
+(set before Ray starts: `cluster.connect` does it for a local Ray; the Docker image, which the KubeRay and ray-up
+configs run, sets it for clusters).
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from typing import Any
 
 log = logging.getLogger("ray.serve")
 
-PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-PROXY_CALLBACK = "llm_platform.serve.proxy:middlewares"
 DEFAULT_RETRY_AFTER_S = 1
 
 _SHAPES = {
