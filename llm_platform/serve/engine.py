@@ -23,11 +23,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterable
 
 import torch
 
-from llm_platform.serve.sampling import SamplingParams, StopMatcher, TextStream, sample_rows
+from llm_platform.serve.sampling import SamplingParams, StopMatcher, TextStream, TokenLogprob, sample_step
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +113,6 @@ def default_batch_tokens(model, per_token: int, memory_fraction: float = 0.5) ->
 
 
 @dataclass
-class TokenLogprob:
-    """A token and its log-probability under the model, with the most likely alternatives."""
-
-    token_id: int
-    logprob: float | None
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
 class SeqDelta:
     """New output of one sequence (choice `index`) since the previous event."""
 
@@ -142,31 +133,54 @@ class RequestOutput:
 
 
 @dataclass
+class ChunkHold:
+    """When a request's deltas go out. The first event at once; after it, deltas are held until `interval` engine
+    steps have gathered (or `max_delay_s` has passed since the oldest held one, or the request ends), so the reader's
+    event loop wakes once a chunk, not once a token. A non-streamed request holds them to its end (an unbounded
+    interval and delay): its loop wakes twice, at the first token (time to first token) and at the last."""
+
+    interval: float = 1
+    max_delay_s: float = 0.0
+    first_sent: bool = False
+    pending: list[SeqDelta] = field(default_factory=list)
+    held_steps: int = 0
+    held_since: float = 0.0
+
+    def release(self, deltas: list[SeqDelta], done: bool, now: float) -> list[SeqDelta] | None:
+        """The deltas to send now (the held ones merged in), or None while this step's are held too."""
+        if self.first_sent and not done:
+            if not self.held_steps:
+                self.held_since = now
+            self.held_steps += 1
+            if self.held_steps < self.interval and now - self.held_since < self.max_delay_s:
+                self.pending += deltas
+                return None
+        self.held_steps = 0
+        out = _merge_deltas(self.pending + deltas) if self.pending else deltas
+        self.pending, self.first_sent = [], True
+        return out
+
+
+@dataclass
 class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    arrival_s: float = field(default_factory=time.perf_counter)
+    stream: bool = True
+    hold: ChunkHold = field(default_factory=ChunkHold)
     open_seqs: int = 0
     cancelled: bool = False
+    score_prompt: bool = False
+    """Its prompt log-probabilities are computed (the drift monitor samples them, or `echo` with `logprobs`)."""
     prompt_sent: bool = False
     prompt_logprobs: list[TokenLogprob] | None = None
-    score_prompt: bool = False
-    stream: bool = True
-    first_sent: bool = False
-    pending: list[SeqDelta] = field(default_factory=list)
-    interval: float = 1
-    """After the first event, deltas are held until this many engine steps have gathered (or `max_delay_s` has
-    passed since the oldest held one, or the request ends), so the reader's event loop wakes once a chunk, not once
-    a token. A non-streamed request holds them to its end (an unbounded interval and delay): its loop wakes twice,
-    at the first token (time to first token) and at the last."""
-    max_delay_s: float = 0.0
-    held_steps: int = 0
-    held_since: float = 0.0
+    """Computed at prefill; sent with the first event, then dropped."""
 
 
 class _Seq:
+    """One sequence (choice `index`) of a request: its tokens, text stream, stop matcher and generator."""
+
     def __init__(self, req: _Request, index: int, tokenizer, seed: int):
         self.req, self.index = req, index
         self.tokens: list[int] = []
@@ -174,6 +188,20 @@ class _Seq:
         self.stop = StopMatcher(req.params.stop)
         self.generator = torch.Generator().manual_seed(seed)
         self.final_length = len(req.prompt_ids) + req.params.max_tokens  # its longest: what admission reserves
+
+    def advance(self, info: TokenLogprob, eos_token_id: int | None, max_positions: int) -> SeqDelta:
+        """Append the sampled token; its new text (detokenized, cut at a stop string) and why it ends, if it does."""
+        token, p = info.token_id, self.req.params
+        self.tokens.append(token)
+        if token == eos_token_id and not p.ignore_eos:
+            return SeqDelta(self.index, self.stop.feed(self.stream.flush(), final=True), [info], "stop")
+        at_limit = len(self.tokens) >= p.max_tokens or len(self.req.prompt_ids) + len(self.tokens) >= max_positions
+        text = self.stop.feed(self.stream.push(token), final=at_limit)
+        if self.stop.stopped:
+            return SeqDelta(self.index, text, [info], "stop")
+        if at_limit:
+            return SeqDelta(self.index, text + self.stop.feed(self.stream.flush(), final=True), [info], "length")
+        return SeqDelta(self.index, text, [info])
 
 
 def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
@@ -303,12 +331,12 @@ class Engine:
         if self.footprint(params.n, len(prompt_ids) + params.max_tokens) > self.max_batch_tokens:
             raise RequestTooLarge(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) needs more "
-                f"KV cache than this replica's budget of {self.max_batch_tokens} tokens (serve.max_batch_tokens)")
+                f"KV cache than this replica's budget of {self.max_batch_tokens} tokens (serve.engine.max_batch_tokens)")
         if self.num_waiting() >= self.max_waiting:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting for a batch slot")
         hold = (max(1, interval), max_delay_s) if stream else (math.inf, math.inf)
         req = _Request(list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue(), stream=stream,
-                       interval=hold[0], max_delay_s=hold[1])
+                       hold=ChunkHold(interval=hold[0], max_delay_s=hold[1]))
         self._inbox.put(req)
         self._wake.set()
         return req
@@ -520,77 +548,46 @@ class Engine:
         self._step_tokens(logits, self._running)
 
     def _step_tokens(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
-        """Sample one token for each of `seqs` (rows of `logits`, (B, V)), deliver deltas, drop finished ones."""
-        params = [s.req.params for s in seqs]
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
-        top_k = torch.tensor([p.top_k for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=logits.device)
-        uniforms = torch.cat([torch.rand(1, generator=s.generator) for s in seqs]).to(logits.device)
-        tokens = sample_rows(logits, temperature, top_k, top_p, uniforms).tolist()
-        want = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        if want is not None:
-            logp = logits.float().log_softmax(dim=-1)
-            chosen = logp.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1).tolist()
-            top_v, top_i = logp.topk(want, dim=-1) if want else (None, None)
+        """One token for each of `seqs` (rows of `logits`, (B, V)): sample, advance each sequence, send what each
+        request's chunking lets go, and drop the finished sequences from the batch."""
+        infos = sample_step(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
         self.stats["steps"] += 1
         self.stats["generated_tokens"] += len(seqs)
-        events: dict[int, tuple[_Request, list[SeqDelta]]] = {}
+        by_request: dict[int, tuple[_Request, list[SeqDelta]]] = {}
         finished: set[int] = set()
-        for row, (seq, token) in enumerate(zip(seqs, tokens)):
-            seq.tokens.append(token)
-            p = seq.req.params
-            info = TokenLogprob(token, None)
-            if p.logprobs is not None:
-                info.logprob = chosen[row]
-                if p.logprobs:
-                    info.top = list(zip(top_i[row, :p.logprobs].tolist(), top_v[row, :p.logprobs].tolist()))
-            reason = None
-            if token == self.eos_token_id and not p.ignore_eos:
-                reason, text = "stop", seq.stop.feed(seq.stream.flush(), final=True)
-            else:
-                at_limit = len(seq.tokens) >= p.max_tokens or len(seq.req.prompt_ids) + len(seq.tokens) >= \
-                    self.max_positions
-                text = seq.stop.feed(seq.stream.push(token), final=at_limit)
-                if seq.stop.stopped:
-                    reason = "stop"
-                elif at_limit:
-                    text += seq.stop.feed(seq.stream.flush(), final=True)
-                    reason = "length"
-            if reason:
+        for seq, info in zip(seqs, infos):
+            delta = seq.advance(info, self.eos_token_id, self.max_positions)
+            if delta.finish_reason:
                 finished.add(id(seq))
                 seq.req.open_seqs -= 1
-            if seq.req.cancelled:
-                continue
-            delta = SeqDelta(seq.index, text, [info], reason)
-            events.setdefault(id(seq.req), (seq.req, []))[1].append(delta)
+            if not seq.req.cancelled:
+                by_request.setdefault(id(seq.req), (seq.req, []))[1].append(delta)
+        self._send(by_request.values())
+        if finished:
+            self._keep([s for s in self._running if id(s) not in finished])
+
+    def _send(self, step: Iterable[tuple[_Request, list[SeqDelta]]]) -> None:
+        """Each request's event of this step, unless its chunking holds the deltas back."""
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         now = time.monotonic()
-        for req, deltas in events.values():
+        for req, deltas in step:
             done = req.open_seqs == 0
-            if req.first_sent and not done:
-                if not req.held_steps:
-                    req.held_since = now
-                req.held_steps += 1
-                if req.held_steps < req.interval and now - req.held_since < req.max_delay_s:
-                    req.pending += deltas
-                    continue
-            req.held_steps = 0
-            out = RequestOutput(_merge_deltas(req.pending + deltas) if req.pending else deltas, req.prompt_logprobs,
-                                finished=done)
-            req.pending, req.first_sent, req.prompt_logprobs = [], True, None
-            deliveries.setdefault(req.loop, []).append((req.queue, out))
+            released = req.hold.release(deltas, done, now)
+            if released is None:
+                continue
+            deliveries.setdefault(req.loop, []).append((req.queue, RequestOutput(released, req.prompt_logprobs,
+                                                                                  finished=done)))
+            req.prompt_logprobs = None
         # One wake-up per event loop per step, not one per request: each call_soon_threadsafe writes the loop's
         # self-pipe and makes the loop thread contend for the GIL with this one.
         for loop, items in deliveries.items():
             loop.call_soon_threadsafe(_deliver, items)
-        if finished:
-            self._keep([s for s in self._running if id(s) not in finished])
 
     def _fail_all(self, message: str) -> None:
         reqs = {id(s.req): s.req for s in self._running} | {id(r): r for r in self._waiting}
         for req in reqs.values():
-            if req.pending and req.stream:  # tokens held for a streamed chunk go out before the error
-                req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestOutput(_merge_deltas(req.pending)))
-                req.pending = []
+            if req.hold.pending and req.stream:  # tokens held for a streamed chunk go out before the error
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestOutput(_merge_deltas(req.hold.pending)))
+                req.hold.pending = []
             req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestOutput([], finished=True, error=message))
         self._running, self._waiting, self._cache, self._mask = [], [], None, None

@@ -395,7 +395,7 @@ def test_admission_keeps_the_batch_within_the_kv_budget(tiny):
     eng.start()
     try:
         async def go():
-            with pytest.raises(RequestTooLarge, match="serve.max_batch_tokens"):  # alone it could never fit
+            with pytest.raises(RequestTooLarge, match="serve.engine.max_batch_tokens"):  # alone it could never fit
                 await run(eng, ids, max_tokens=2 * final, temperature=0)
             return await asyncio.gather(*[run(eng, ids, max_tokens=6, temperature=0, ignore_eos=True)
                                           for _ in range(5)])
