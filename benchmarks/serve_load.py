@@ -2,8 +2,8 @@
 concurrency 1, 8 and 32, on the same model and prompts, in one run.
 
     python benchmarks/serve_load.py [--model FOLDER] [--requests 64] [--max-tokens 32] [--rounds 3]
-    python benchmarks/serve_load.py --variant every_token:stream_interval_tokens=1   # compare a config change
-    python benchmarks/serve_load.py --ingress direct   # replicas serve HTTP behind HAProxy (serve.ingress)
+    python benchmarks/serve_load.py --variant every_token:engine.stream_interval_tokens=1   # compare a config change
+    python benchmarks/serve_load.py --ingress direct   # replicas serve HTTP behind HAProxy (serve.http.ingress)
     python benchmarks/serve_load.py --shape gpt2-124m --requests 32 --rounds 1   # a model-bound step (goal >= 8)
 
 Without --model, a small GPT-2 (4 layers, width 128) with a ByteLevel BPE tokenizer is built in a temp folder.
@@ -184,15 +184,28 @@ def row(name: str, r: dict) -> float:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """`name:key=value,key=value` -> (name, serve overrides); values are read as YAML scalars."""
+    """`name:engine.key=value,...` -> (name, serve overrides as nested dicts, as `build_app` takes them); keys are
+    the serve config's, dotted below `serve.`; values are read as YAML scalars."""
     import yaml
 
     name, _, pairs = text.partition(":")
-    overrides = {}
+    overrides: dict = {}
     for pair in filter(None, pairs.split(",")):
         key, _, value = pair.partition("=")
-        overrides[key.strip()] = yaml.safe_load(value)
+        *nodes, leaf = key.strip().split(".")
+        node = overrides
+        for part in nodes:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     return name, overrides
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied, nested dicts (config nodes) merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def main() -> None:
@@ -207,10 +220,10 @@ def main() -> None:
                     help="rounds of (in-process, each endpoint at c=1, 8, 32); the ratio is the median of the "
                          "rounds' ratios, so a slow minute on a noisy machine hits both sides of one ratio")
     ap.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
-                    help="serve.ingress of every endpoint (a property of the Ray instance this script starts)")
+                    help="serve.http.ingress of every endpoint (a property of the Ray instance this script starts)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                     help="also deploy the app with these serve config overrides at /NAME and measure it in the "
-                         "same rounds (e.g. every_token:stream_interval_tokens=1)")
+                         "same rounds (e.g. every_token:engine.stream_interval_tokens=1)")
     args = ap.parse_args()
 
     from conftest import free_port
@@ -233,9 +246,10 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name, overrides in variants:
-        serve.run(build_app({"model": str(folder), "model_name": "bench", "num_cpus_per_replica": 1,
-                             "max_batch_size": args.batch, "max_ongoing_requests": 64, "ingress": args.ingress,
-                             **overrides}),
+        base = {"model": str(folder), "model_name": "bench", "http": {"ingress": args.ingress},
+                "deployment": {"num_cpus_per_replica": 1, "max_ongoing_requests": 64},
+                "engine": {"max_batch_size": args.batch}}
+        serve.run(build_app(merged(base, overrides)),
                   name=name, route_prefix=f"/{name}", blocking=False)
     url = f"http://127.0.0.1:{port}"
 

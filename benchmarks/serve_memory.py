@@ -5,8 +5,8 @@
 
 The model is GPT-2-shaped (random init, default the 124M shape) and served by `serve/engine.py` in-process (no Ray,
 no HTTP: the engine is what holds the memory). `--concurrency` requests of `--prompt-tokens` random tokens arrive at
-once; the KV budget (`serve.max_batch_tokens`) is set to `--rows` full requests, so the engine must queue the rest.
-Each configuration runs in a fresh process that reports its resident-set growth from before the model was built
+once; the KV budget (`serve.engine.max_batch_tokens`) is set to `--rows` full requests, so the engine must queue the
+rest. Each configuration runs in a fresh process that reports its resident-set growth from before the model was built
 to its peak (`ru_maxrss`, which sees every allocation: weights, KV cache, activations, logits), or with
 `--device cuda` the peak of the accelerator memory it allocated:
 
@@ -16,7 +16,7 @@ to its peak (`ru_maxrss`, which sees every allocation: weights, KV cache, activa
   over them for the drift monitor (`split_model` disabled, every prompt scored, no chunking).
 
 The allowed memory is weights + budget x KV bytes per token. Last line: `ratio=<ours peak / allowed>` (goal: at most
-1.2). Activations of a prefill (bounded by `serve.max_prefill_tokens`) come on top of the allowance, so the goal
+1.2). Activations of a prefill (bounded by `serve.engine.max_prefill_tokens`) come on top of the allowance, so the goal
 leaves them 20%.
 """
 

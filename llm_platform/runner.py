@@ -161,7 +161,7 @@ def run_all(cfg: PlatformConfig, connect=None) -> RunSummary:
         connect()
         url = deploy(serve_cfg, root, storage.settings())
         summary.endpoint = url
-        summary.sample = sample_query(url, cfg.run.query, cfg.serve.api_key_env)
+        summary.sample = sample_query(url, cfg.run.query, cfg.serve.auth.api_key_env)
         return url, False, url
 
     stage("serve", serve)

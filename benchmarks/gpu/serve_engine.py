@@ -89,7 +89,7 @@ def sequential(model, prompts: list[list[int]], max_tokens: int, pad: int, sync)
 
 async def engine_run(engine, prompts: list[list[int]], max_tokens: int, concurrency: int, interval: int = 1) -> dict:
     """`len(prompts)` requests through the engine, `concurrency` in flight at a time, streamed (`interval` tokens a
-    chunk after the first, as `serve.stream_interval_tokens`)."""
+    chunk after the first, as `serve.engine.stream_interval_tokens`)."""
     from llm_platform.serve.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)

@@ -32,7 +32,7 @@ def preflight(cfg: PlatformConfig) -> None:
     if "serve" in todo:
         from llm_platform.serve import ingress
 
-        ingress.validate(cfg.serve.ingress)
+        ingress.validate(cfg.serve.http.ingress)
 
 
 @stage_main("run")
@@ -45,7 +45,7 @@ def main(cfg: PlatformConfig) -> None:
 
     storage.configure(cfg.storage)
     preflight(cfg)
-    ingress.prepare(cfg.serve.ingress)  # a local Ray started later runs Serve with the ingress the serve stage wants
+    ingress.prepare(cfg.serve.http.ingress)  # a local Ray started later runs Serve with the ingress the serve stage wants
     # Ray starts when a stage first needs it: a slice whose stages are all done answers at once.
     summary = run_all(cfg, connect=lambda: cluster.connect(cfg.cluster))
     print(summary.table())

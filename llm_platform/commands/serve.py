@@ -14,10 +14,10 @@ def main(cfg: PlatformConfig) -> None:
 
     log = logging.getLogger("llm_platform.serve")
     storage.configure(cfg.storage)
-    ingress.prepare(cfg.serve.ingress)  # a local Ray started next runs Serve with this ingress
+    ingress.prepare(cfg.serve.http.ingress)  # a local Ray started next runs Serve with this ingress
     address = cluster.connect(cfg.cluster)
     url = deploy(cfg.serve, cfg.storage.root, storage.settings())
-    key_hint = f' -H "Authorization: Bearer ${cfg.serve.api_key_env}"'
+    key_hint = f' -H "Authorization: Bearer ${cfg.serve.auth.api_key_env}"'
     print(f"serving {cfg.serve.model} at {url}/v1 (Ray: {address})\n"
           f"  curl {url}/v1/completions{key_hint} -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"<id from /v1/models>\", \"prompt\": \"Once upon a time\", \"max_tokens\": 32}}'\n"

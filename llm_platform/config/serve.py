@@ -1,24 +1,23 @@
-"""Schema of the `serve` group."""
+"""Schema of the `serve` group: what to serve at the top, then one node per part of the endpoint.
 
-from dataclasses import dataclass
+`serve.http` is where clients reach it, `serve.deployment` and `serve.autoscaling` are Ray Serve's deployment options
+(the names Serve itself uses), `serve.engine` the batching generator inside each replica, `serve.auth` the API keys,
+`serve.limits` what one request may ask, `serve.drift` the prompt-drift monitor.
+"""
+
+from dataclasses import dataclass, field
 
 from llm_platform.config.choices import Ingress, WeightDtype
 
 
 @dataclass
-class ServeConfig:
-    """A Ray Serve deployment of one model version behind an OpenAI-compatible API."""
+class HTTPConfig:
+    """Where and how clients reach the endpoint."""
 
-    model: str = "registry:debug"
-    """What to serve: `registry:<name>[/<version>]`, a local path or an s3:// URI of an HF-format model."""
-    model_name: str | None = None
-    """Model id clients send in `model` (None: the registry name, else the folder name)."""
     host: str = "127.0.0.1"
     """HTTP bind address (0.0.0.0 only when the endpoint must be reachable from other hosts)."""
     port: int = 8000
     """HTTP port."""
-    app_name: str = "llm"
-    """Ray Serve application name."""
     route_prefix: str = "/"
     """HTTP route prefix of the application."""
     request_timeout_s: float | None = 300.0
@@ -31,18 +30,14 @@ class ServeConfig:
     chunk, the lower latency; a replica dying mid-request drops its connections). A property of the Ray cluster:
     `llm-platform serve` sets it for the local Ray it starts; a cluster's nodes need it in their environment
     (llm_platform/serve/ingress.py)."""
-    blocking: bool = True
-    """`llm-platform serve` keeps running until interrupted (False: deploy and return)."""
 
-    # Deployment
+
+@dataclass
+class DeploymentConfig:
+    """Ray Serve's options of the deployment: replicas, their resources, queueing and health checks."""
+
     num_replicas: int = 1
-    """Replicas when autoscaling is off."""
-    autoscaling_min_replicas: int | None = None
-    """Set to enable autoscaling: replicas at least."""
-    autoscaling_max_replicas: int = 2
-    """Autoscaling: replicas at most."""
-    autoscaling_target_ongoing_requests: float = 16.0
-    """Autoscaling: ongoing requests per replica to aim for."""
+    """Replicas when autoscaling is off (`serve.autoscaling.min_replicas` unset)."""
     max_ongoing_requests: int = 64
     """Requests a replica handles at once (Serve's default of 5 would cap batching)."""
     max_queued_requests: int = 256
@@ -50,7 +45,7 @@ class ServeConfig:
     backpressure_status_code: int = 429
     """HTTP status of a backpressure rejection: 429 or 503."""
     retry_after_s: int = 1
-    """`Retry-After` seconds on 429/503 answers."""
+    """`Retry-After` seconds on 429/503 answers (Serve's backpressure and the replica's own)."""
     num_cpus_per_replica: float = 1.0
     """CPUs reserved per replica."""
     num_gpus_per_replica: float = 0.0
@@ -62,7 +57,23 @@ class ServeConfig:
     graceful_shutdown_timeout_s: float = 30.0
     """Seconds a stopping replica gets to finish in-flight requests."""
 
-    # Engine
+
+@dataclass
+class AutoscalingConfig:
+    """Ray Serve's autoscaling of the replicas; off unless `min_replicas` is set."""
+
+    min_replicas: int | None = None
+    """Set to enable autoscaling: replicas at least (None: `serve.deployment.num_replicas`, fixed)."""
+    max_replicas: int = 2
+    """Replicas at most."""
+    target_ongoing_requests: float = 16.0
+    """Ongoing requests per replica to aim for."""
+
+
+@dataclass
+class EngineConfig:
+    """The continuous-batching generator in each replica (llm_platform/serve/engine.py) and how it streams."""
+
     device: str = "cpu"
     """Torch device of the model (`cuda` on a GPU replica)."""
     dtype: WeightDtype = WeightDtype.float32
@@ -84,7 +95,6 @@ class ServeConfig:
     """CPython's GIL switch interval in the replica (`sys.setswitchinterval`; 0 keeps Python's 5 ms). The engine
     thread and the request event loop share the GIL, and each waits up to this long for the other: on an H100
     with llama-1b, 0.5 ms gave 2.1x the tokens/s at 32 concurrent requests (docs/benchmarks.md)."""
-
     stream_interval_tokens: int = 4
     """Streamed responses: tokens per sequence gathered into one chunk after the first token, which always goes
     out alone and at once (vLLM's stream interval). Each chunk costs the same HTTP, Serve proxy and Ray transfer
@@ -95,13 +105,24 @@ class ServeConfig:
     """With `stream_interval_tokens` > 1: the longest a generated token is held back waiting for the rest of its
     chunk (checked as each later token arrives)."""
 
-    # Security and limits
+
+@dataclass
+class AuthConfig:
+    """API keys (llm_platform/serve/auth.py): required whenever a source is set, and refused-if-absent on any
+    address that other hosts can reach."""
+
     api_key_env: str = "LLM_PLATFORM_API_KEYS"
     """Env var holding comma-separated API keys; when it (or `api_key_file`) is set, a Bearer key is required."""
     api_key_file: str | None = None
     """File with one API key per line (a mounted secret); an empty file is an error."""
     allow_unauthenticated: bool = False
     """Serve without any API key even where other hosts can reach the endpoint (not loopback); else refused."""
+
+
+@dataclass
+class LimitsConfig:
+    """What one request may ask (400 or 413 above), and the default it gets."""
+
     max_prompts_per_request: int = 32
     """Prompts in one /v1/completions request at most (400 above)."""
     max_generated_tokens_per_request: int = 32768
@@ -113,15 +134,47 @@ class ServeConfig:
     default_max_tokens: int = 16
     """`max_tokens` of a completion that sets none (chat: up to the context limit, capped)."""
 
-    # Monitoring
-    drift_window_prompts: int = 200
+
+@dataclass
+class DriftConfig:
+    """Prompt drift against the training data (llm_platform/serve/monitor.py)."""
+
+    window_prompts: int = 200
     """Live prompts in the rolling drift window."""
-    drift_min_prompts: int = 20
+    min_prompts: int = 20
     """Prompts in the window before drift is reported and alerts can fire."""
-    drift_threshold: float = 0.3
+    js_threshold: float = 0.3
     """Jensen-Shannon divergence (base 2, 0..1) of prompt tokens vs the training data that logs an alert."""
-    drift_psi_threshold: float = 0.25
+    psi_threshold: float = 0.25
     """Population stability index of prompt lengths that logs an alert."""
-    drift_perplexity_every: int = 4
-    """The drift monitor's prompt perplexity is measured on every Nth request (0: never). It costs a pass of the
-    output head over the prompt (a chunk of positions at a time); token and length drift see every prompt."""
+    perplexity_every: int = 4
+    """The prompt perplexity is measured on every Nth request (0: never). It costs a pass of the output head over
+    the prompt (a chunk of positions at a time); token and length drift see every prompt."""
+
+
+@dataclass
+class ServeConfig:
+    """A Ray Serve deployment of one model version behind an OpenAI-compatible API."""
+
+    model: str = "registry:debug"
+    """What to serve: `registry:<name>[/<version>]`, a local path or an s3:// URI of an HF-format model."""
+    model_name: str | None = None
+    """Model id clients send in `model` (None: the registry name, else the folder name)."""
+    app_name: str = "llm"
+    """Ray Serve application name."""
+    blocking: bool = True
+    """`llm-platform serve` keeps running until interrupted (False: deploy and return)."""
+    http: HTTPConfig = field(default_factory=HTTPConfig)
+    """Where clients reach the endpoint."""
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    """Ray Serve's deployment options: replicas, resources, queueing, health checks."""
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    """Ray Serve's autoscaling (off unless `min_replicas` is set)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The batching generator in each replica, and how it streams."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """API keys, and when serving without one is allowed."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """What one request may ask."""
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    """Prompt drift against the training data."""

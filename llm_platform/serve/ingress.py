@@ -1,13 +1,13 @@
 """How HTTP requests reach the replicas: through Serve's proxy (the default) or straight to them (`direct`).
 
-`proxy`: Serve's Python HTTP proxy on `serve.port` hands each request to a replica as a Ray actor call, and each
+`proxy`: Serve's Python HTTP proxy on `serve.http.port` hands each request to a replica as a Ray actor call, and each
 streamed chunk back as a Ray object. It answers every failure in OpenAI's shape (serve/proxy.py), including a
 request whose replica died under it (a retryable 503), but on a small machine the hop costs milliseconds a request
 and more a streamed chunk (docs/benchmarks.md: about 28 ms on a 32-token streamed completion on 2 cores).
 
 `direct`: Ray Serve's direct ingress behind its bundled HAProxy (`RAY_SERVE_ENABLE_DIRECT_INGRESS` and
 `RAY_SERVE_ENABLE_HA_PROXY`). Each replica serves HTTP itself (the same middlewares, so our errors keep their
-shape), and HAProxy on `serve.port` balances over the replicas and retries connections that fail before a request
+shape), and HAProxy on `serve.http.port` balances over the replicas and retries connections that fail before a request
 is sent. No Ray hop is left on the request path. Trade-offs, as of Ray 2.60 where both flags are experimental:
 requests in flight on a replica that dies get a dropped connection, not a 503 (the openai client retries those by
 itself); HAProxy's own errors (no replica up at all) are a plain-text 500; and HAProxy exposes its Prometheus
@@ -33,7 +33,7 @@ DIRECT_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY
 
 def validate(mode: str) -> None:
     if mode not in MODES:
-        raise ConfigError(f"serve.ingress={mode!r}: must be one of {', '.join(MODES)}")
+        raise ConfigError(f"serve.http.ingress={mode!r}: must be one of {', '.join(MODES)}")
 
 
 def active(env: dict[str, str] | None = None) -> str:
@@ -58,5 +58,5 @@ def check(mode: str) -> None:
         flags = " and ".join(f"{k}={v}" for k, v in DIRECT_ENV.items())
         how = (f"start the Ray nodes with {flags} in their environment" if mode == "direct" else
                f"start the Ray nodes without {flags}")
-        raise ConfigError(f"serve.ingress={mode} but this Ray cluster's Serve runs with {running} ingress (Serve "
-                          f"reads its flags when the cluster starts): {how}, or set serve.ingress={running}")
+        raise ConfigError(f"serve.http.ingress={mode} but this Ray cluster's Serve runs with {running} ingress (Serve "
+                          f"reads its flags when the cluster starts): {how}, or set serve.http.ingress={running}")

@@ -4,23 +4,22 @@ and the tokens one request may make the engine generate. OpenAI-shaped 400/413 e
 from __future__ import annotations
 
 import json
-from typing import Callable
 
-from llm_platform.config.serve import ServeConfig
+from llm_platform.config.serve import LimitsConfig
 from llm_platform.serve.api import APIError
 
 
-def check_prompt_count(cfg: ServeConfig, count: int) -> None:
-    """400 past `serve.max_prompts_per_request`; called before any prompt is tokenized."""
+def check_prompt_count(cfg: LimitsConfig, count: int) -> None:
+    """400 past `serve.limits.max_prompts_per_request`; called before any prompt is tokenized."""
     limit = cfg.max_prompts_per_request
     if count > limit:
         raise APIError(400, f"{count} prompts in one request exceed this server's limit of {limit} prompts per "
                        f"request", param="prompt", code="too_many_prompts")
 
 
-def check_generation_budget(cfg: ServeConfig, n: int, max_tokens: list[int]) -> None:
+def check_generation_budget(cfg: LimitsConfig, n: int, max_tokens: list[int]) -> None:
     """400 when prompts x n x max_tokens (`max_tokens` holds each prompt's, after defaults) exceed
-    `serve.max_generated_tokens_per_request`: without it one 3 KB request (300 prompts, n=16) asks for 4,800
+    `serve.limits.max_generated_tokens_per_request`: without it one 3 KB request (300 prompts, n=16) asks for 4,800
     sequences and holds the engine for as long as they take."""
     limit, total = cfg.max_generated_tokens_per_request, n * sum(max_tokens)
     if total > limit:
@@ -32,13 +31,13 @@ def check_generation_budget(cfg: ServeConfig, n: int, max_tokens: list[int]) -> 
 class BodySizeLimit:
     """ASGI middleware: 413 for a body over the limit, by Content-Length or by counting a chunked body."""
 
-    def __init__(self, app, max_bytes_getter: Callable[[], int]):
-        self.app, self.max_bytes_getter = app, max_bytes_getter
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.max_bytes_getter()
+        limit = self.max_bytes
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         too_big = length is not None and (not length.isdigit() or int(length) > limit)

@@ -118,16 +118,16 @@ def endpoint(world):
     import uvicorn
 
     from conftest import free_port
-    from llm_platform.config.serve import ServeConfig
+    from llm_platform.config.serve import AuthConfig, ServeConfig
     from llm_platform.serve.engine import Engine, load_model
     from llm_platform.serve.routes import Service, create_api
 
     model, tok = load_model(world["model"])
     engine = Engine(model, tok, max_batch_size=8)
     engine.start()
-    service = Service(engine, tok, "tiny", ServeConfig(api_key_env="LLMP_HARNESS_TEST_NO_KEYS"))
+    service = Service(engine, tok, "tiny", ServeConfig(auth=AuthConfig(api_key_env="LLMP_HARNESS_TEST_NO_KEYS")))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_api(lambda: service), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_api(service), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -27,8 +27,16 @@ def served_common() -> dict:
     return dict(_COMMON)
 
 
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied, nested dicts (config nodes) merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def main_args(common, **changes):
-    return {**common, "num_replicas": 2, "max_ongoing_requests": 32, **changes}
+    return merged(common, {"deployment": {"num_replicas": 2, "max_ongoing_requests": 32}, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +52,16 @@ def served(ray_session, tmp_path_factory):
     key_file.write_text(f"{KEY}\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"model": str(folder), "model_name": "tiny", "api_key_file": str(key_file), "num_cpus_per_replica": 0.5,
-              "max_tokens_cap": 32, "health_check_period_s": 1.0, "graceful_shutdown_timeout_s": 2.0}
+    common = {"model": str(folder), "model_name": "tiny", "auth": {"api_key_file": str(key_file)},
+              "deployment": {"num_cpus_per_replica": 0.5, "health_check_period_s": 1.0,
+                             "graceful_shutdown_timeout_s": 2.0},
+              "limits": {"max_tokens_cap": 32}}
     serve.run(build_app(main_args(common)), name="main", route_prefix="/main", blocking=False)
-    serve.run(build_app({**common, "api_key_file": None, "api_key_env": UNSET_KEYS_ENV,
-                         "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2,
-                         "drift_reference": sample_texts(400, seed=1), "drift_window_prompts": 30,
-                         "drift_min_prompts": 20, "drift_threshold": 0.3}),
+    serve.run(build_app(merged(common, {"auth": {"api_key_file": None, "api_key_env": UNSET_KEYS_ENV},
+                                        "deployment": {"max_ongoing_requests": 1, "max_queued_requests": 1,
+                                                       "retry_after_s": 2},
+                                        "drift_reference": sample_texts(400, seed=1),
+                                        "drift": {"window_prompts": 30, "min_prompts": 20, "js_threshold": 0.3}})),
               name="single", route_prefix="/single", blocking=False)
     base = f"http://127.0.0.1:{port}"
     _COMMON.update(common)
@@ -180,20 +191,22 @@ def test_schemathesis_finds_no_5xx(served):
 
 
 def test_a_replica_reachable_from_other_hosts_refuses_to_start_without_a_key(served):
-    from llm_platform.config.serve import ServeConfig
+    from llm_platform.config.serve import AuthConfig, DeploymentConfig, HTTPConfig, ServeConfig
     from llm_platform.errors import ConfigError
     from llm_platform.serve.app import deploy, undeploy
 
-    # serve.host=0.0.0.0 (Serve itself keeps listening on 127.0.0.1: its HTTP options are set once per instance).
-    cfg = ServeConfig(model=served_common()["model"], model_name="tiny", host="0.0.0.0", app_name="exposed",
-                      route_prefix="/exposed", api_key_env=UNSET_KEYS_ENV, num_cpus_per_replica=0.5)
+    # serve.http.host=0.0.0.0 (Serve itself keeps listening on 127.0.0.1: its HTTP options are set once per instance).
+    cfg = ServeConfig(model=served_common()["model"], model_name="tiny", app_name="exposed",
+                      http=HTTPConfig(host="0.0.0.0", route_prefix="/exposed"),
+                      auth=AuthConfig(api_key_env=UNSET_KEYS_ENV),
+                      deployment=DeploymentConfig(num_cpus_per_replica=0.5))
     try:
         with pytest.raises(ConfigError) as e:
             deploy(cfg)
         message = str(e.value)
         assert "replicas refused to start: serving on 0.0.0.0 (reachable from other hosts) without an API key" \
             in message
-        assert UNSET_KEYS_ENV in message and "serve.api_key_file" in message
+        assert UNSET_KEYS_ENV in message and "serve.auth.api_key_file" in message
         assert httpx.get(f"{served}/exposed/health", timeout=10).status_code != 200
     finally:
         undeploy(cfg)
@@ -212,7 +225,8 @@ def test_rolling_update_keeps_in_flight_requests(served):
     with cf.ThreadPoolExecutor(6) as pool:
         in_flight = [pool.submit(long_request, i) for i in range(6)]
         time.sleep(0.3)
-        serve.run(build_app(main_args(served_common(), max_tokens_cap=40, graceful_shutdown_timeout_s=60.0)),
+        serve.run(build_app(main_args(served_common(), limits={"max_tokens_cap": 40},
+                                      deployment={"graceful_shutdown_timeout_s": 60.0})),
                   name="main", route_prefix="/main", blocking=False)
         results = [f.result() for f in in_flight]  # none dropped
     assert all(r.usage.completion_tokens == 32 for r in results)

@@ -1,7 +1,7 @@
-"""`llm-platform serve serve.ingress=direct` end to end: the CLI starts its own local Ray with Serve's direct ingress
-behind HAProxy (not the session's Ray: Serve reads the flags when a cluster starts), and the openai client gets the
-same API as through Serve's proxy: completions and chat, streamed and not, errors in OpenAI's shape, auth. At the
-end the CLI gets SIGTERM (as `kill`, systemd or a stopping pod send it) and must drain and exit 0 as on Ctrl-C."""
+"""`llm-platform serve serve.http.ingress=direct` end to end: the CLI starts its own local Ray with Serve's direct
+ingress behind HAProxy (not the session's Ray: Serve reads the flags when a cluster starts), and the openai client
+gets the same API as through Serve's proxy: completions and chat, streamed and not, errors in OpenAI's shape, auth. At
+the end the CLI gets SIGTERM (as `kill`, systemd or a stopping pod send it) and must drain and exit 0 as on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ def direct(tmp_path_factory):
     # Ctrl-C would wait it out. Nothing balances this test's replica but Serve's own HAProxy.
     env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     cmd = [sys.executable, "-m", "llm_platform", "serve", f"serve.model={folder}", "serve.model_name=tiny",
-           f"serve.port={port}", "serve.ingress=direct", "serve.num_cpus_per_replica=0.5",
-           f"serve.api_key_file={key_file}", "serve.max_tokens_cap=32", "serve.graceful_shutdown_timeout_s=2",
+           f"serve.http.port={port}", "serve.http.ingress=direct", "serve.deployment.num_cpus_per_replica=0.5",
+           f"serve.auth.api_key_file={key_file}", "serve.limits.max_tokens_cap=32",
+           "serve.deployment.graceful_shutdown_timeout_s=2",
            "cluster.num_cpus=4", f"cluster.temp_dir={temp_dir}", "cluster.log_to_driver=false"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -86,13 +86,14 @@ def endpoint(ray_session, tmp_path_factory):
     keys = tmp_path_factory.mktemp("secret") / "keys"
     keys.write_text(KEY + "\n")
     port = free_port()
-    # As `llm-platform serve` does (serve.request_timeout_s), with a limit well above this load's p99: a request
+    # As `llm-platform serve` does (serve.http.request_timeout_s), with a limit well above this load's p99: a request
     # whose replica died without Serve noticing ends as a retryable 503 instead of hanging.
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
-    serve.run(build_app({"model": str(folder), "model_name": "tiny", "api_key_file": str(keys),
-                         "num_replicas": 2, "num_cpus_per_replica": 0.5, "max_ongoing_requests": 48,
-                         "max_queued_requests": 64, "max_batch_size": 32, "health_check_period_s": 1.0,
-                         "graceful_shutdown_timeout_s": 2.0}),
+    serve.run(build_app({"model": str(folder), "model_name": "tiny", "auth": {"api_key_file": str(keys)},
+                         "deployment": {"num_replicas": 2, "num_cpus_per_replica": 0.5, "max_ongoing_requests": 48,
+                                        "max_queued_requests": 64, "health_check_period_s": 1.0,
+                                        "graceful_shutdown_timeout_s": 2.0},
+                         "engine": {"max_batch_size": 32}}),
               name=APP, route_prefix=f"/{APP}")
     try:
         yield f"http://127.0.0.1:{port}/{APP}"

@@ -541,8 +541,8 @@ def test_network_policies_isolate_training_from_serving_and_keep_imds_out():
 def test_ray_service_reads_api_keys_from_a_mounted_secret():
     doc = yaml.safe_load((CLUSTER / "ray-service.serve.yaml").read_text())
     (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
-    key_file = app["args"].get("api_key_file")
-    assert key_file and key_file.startswith("/"), "serve.api_key_file must point at the mounted Secret"
+    key_file = app["args"].get("auth", {}).get("api_key_file")
+    assert key_file and key_file.startswith("/"), "serve.auth.api_key_file must point at the mounted Secret"
     assert "api_keys" not in json.dumps(app["args"]).replace("api_key_file", ""), "no keys in args"
     folder, name = posixpath.split(key_file)
     secrets = set()

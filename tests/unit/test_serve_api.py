@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from llm_platform.config.serve import ServeConfig
+from llm_platform.config.serve import AuthConfig, LimitsConfig, ServeConfig
 from llm_platform.serve.api import CompletionRequest, validation_error
 from llm_platform.serve.engine import Engine, load_model
 from llm_platform.serve.routes import Service, create_api
@@ -27,14 +27,15 @@ def service(tmp_path_factory):
     model, tok = load_model(folder)
     engine = Engine(model, tok, max_batch_size=8)
     engine.start()
-    cfg = ServeConfig(api_key_env="LLMP_TEST_SERVE_KEYS", max_request_bytes=4000, max_tokens_cap=64)
+    cfg = ServeConfig(auth=AuthConfig(api_key_env="LLMP_TEST_SERVE_KEYS"),
+                      limits=LimitsConfig(max_request_bytes=4000, max_tokens_cap=64))
     yield Service(engine, tok, "tiny", cfg)
     engine.shutdown(5)
 
 
 def call(service, fn):
     """Run `fn(openai_client, httpx_client)` against the app on an in-process ASGI transport."""
-    app = create_api(lambda: service)
+    app = create_api(service)
 
     async def go():
         transport = httpx.ASGITransport(app=app)
@@ -147,7 +148,7 @@ def test_overloaded_engine_answers_429_and_stopped_engine_503(service):
     async def fn(client, http):
         errors = []
         for svc in (full, stopped):
-            app = create_api(lambda svc=svc: svc)
+            app = create_api(svc)
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as h:
                 errors.append(await h.post("/v1/completions", json={"model": "tiny", "prompt": "x"},
                                            headers={"Authorization": f"Bearer {KEY}"}))
@@ -169,13 +170,15 @@ def test_build_app_checks_keys_and_the_switch_interval():
 
     with pytest.raises(ConfigError, match=r"unknown serve keys \['max_batch'\]"):
         build_app({"model": "m", "max_batch": 8})
-    with pytest.raises(ConfigError, match="serve.gil_switch_interval_ms=-1"):
-        build_app({"model": "m", "gil_switch_interval_ms": -1})
-    assert isinstance(build_app({"model": "m", "gil_switch_interval_ms": 0}), Application)
-    with pytest.raises(ConfigError, match="serve.stream_interval_tokens=0"):
-        build_app({"model": "m", "stream_interval_tokens": 0})
-    with pytest.raises(ConfigError, match="serve.stream_max_delay_ms=-5"):
-        build_app({"model": "m", "stream_max_delay_ms": -5})
+    with pytest.raises(ConfigError, match=r"unknown serve keys \['engine.max_batch'\]"):
+        build_app({"model": "m", "engine": {"max_batch": 8}})
+    with pytest.raises(ConfigError, match="serve.engine.gil_switch_interval_ms=-1"):
+        build_app({"model": "m", "engine": {"gil_switch_interval_ms": -1}})
+    assert isinstance(build_app({"model": "m", "engine": {"gil_switch_interval_ms": 0}}), Application)
+    with pytest.raises(ConfigError, match="serve.engine.stream_interval_tokens=0"):
+        build_app({"model": "m", "engine": {"stream_interval_tokens": 0}})
+    with pytest.raises(ConfigError, match="serve.engine.stream_max_delay_ms=-5"):
+        build_app({"model": "m", "engine": {"stream_max_delay_ms": -5}})
 
 
 def test_health_says_only_healthy_and_docs_need_the_key(service):
@@ -198,10 +201,11 @@ def test_prompt_count_and_generation_budget_are_capped(service):
     import dataclasses
 
     small = Service(service.engine, service.tokenizer, "tiny",
-                    dataclasses.replace(service.cfg, max_prompts_per_request=4, max_generated_tokens_per_request=100))
+                    dataclasses.replace(service.cfg, limits=dataclasses.replace(
+                        service.cfg.limits, max_prompts_per_request=4, max_generated_tokens_per_request=100)))
 
     async def fn(client, http):
-        app = create_api(lambda: small)
+        app = create_api(small)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
                                      headers={"Authorization": f"Bearer {KEY}"}) as h:
             async def post(path, **body):
@@ -250,7 +254,7 @@ def test_a_request_that_can_never_fit_the_kv_budget_is_a_400_naming_max_tokens(s
     small.engine.start()
 
     async def fn(client, http):
-        app = create_api(lambda: small)
+        app = create_api(small)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as h:
             headers = {"Authorization": f"Bearer {KEY}"}
             too_big = await h.post("/v1/completions", json={"model": "tiny", "prompt": "the cat", "max_tokens": 32,

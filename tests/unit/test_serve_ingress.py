@@ -1,4 +1,4 @@
-"""serve.ingress: which mode a process's environment runs Serve with, and the errors that name the key."""
+"""serve.http.ingress: which mode a process's environment runs Serve with, and the errors that name the key."""
 
 from __future__ import annotations
 
@@ -38,19 +38,19 @@ def test_replica_refuses_a_mode_the_cluster_does_not_run(clean_env):
     with pytest.raises(ConfigError) as e:
         ingress.check("direct")
     message = str(e.value)
-    assert "serve.ingress=direct" in message and all(k in message for k in FLAGS) and "proxy" in message
+    assert "serve.http.ingress=direct" in message and all(k in message for k in FLAGS) and "proxy" in message
     ingress.check("proxy")
     for k in FLAGS:
         clean_env.setenv(k, "1")
     ingress.check("direct")
-    with pytest.raises(ConfigError, match="serve.ingress=proxy.*direct ingress"):
+    with pytest.raises(ConfigError, match="serve.http.ingress=proxy.*direct ingress"):
         ingress.check("proxy")
 
 
 def test_unknown_mode_is_rejected_naming_the_key(clean_env):
     from llm_platform.serve.app import build_app
 
-    with pytest.raises(ConfigError, match="serve.ingress='haproxy': must be one of proxy, direct"):
-        build_app({"model": "/nowhere", "ingress": "haproxy"})
-    with pytest.raises(ConfigError, match="serve.ingress"):
+    with pytest.raises(ConfigError, match="serve.http.ingress='haproxy': must be one of proxy, direct"):
+        build_app({"model": "/nowhere", "http": {"ingress": "haproxy"}})
+    with pytest.raises(ConfigError, match="serve.http.ingress"):
         ingress.prepare("fast")

@@ -80,7 +80,7 @@ def test_backpressure_keeps_status_and_its_retry_after(status, kind, code):
 def test_unknown_route_keeps_its_code_and_a_timeout_is_a_retryable_503():
     r = get("/plain/404")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and "retry-after" not in r.headers
-    # Serve's proxy answers 408 when serve.request_timeout_s runs out (and cancels the request)
+    # Serve's proxy answers 408 when serve.http.request_timeout_s runs out (and cancels the request)
     r = get("/plain/408")
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "request_timeout" and r.json()["error"]["type"] == "timeout"
