@@ -125,7 +125,5 @@ class DataConfig:
     """Output shards per split (0 picks one per ~64 MB of tokens, at least the number of read blocks)."""
     tokenize_batch_size: int = 256
     """Documents per tokenization batch."""
-    tokenize_concurrency: int = 0
-    """Tokenizer actors (0 uses the cluster's CPUs)."""
     max_records_reported: int = 50
     """Skipped records listed by name in the manifest (all are counted)."""

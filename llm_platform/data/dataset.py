@@ -126,8 +126,8 @@ def read_parquet(paths: str | list[str], filesystem, **kwargs):
 
     Ray 2.60's default (V2) parquet reader starts a pool of footer-reading actors, new processes, for every read it
     plans; on a 2-core machine each pool took 15-25 s against under a second for the V1 reader, which reads the
-    footers inside its read tasks. The platform reads small shard sets often (the data stage reads its clean parquet
-    six times, training and perplexity read the splits), so every read goes through here. The switch is consulted
+    footers inside its read tasks. The platform reads small shard sets often (training and
+    perplexity read the splits), so every read goes through here. The switch is consulted
     when the read is planned, so it is set just for this call.
     """
     import ray.data

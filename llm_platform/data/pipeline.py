@@ -21,6 +21,7 @@ the same inputs and config finds the manifest and does nothing.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 SHARD_TARGET_BYTES = 64 << 20
 KEY_PARTITION_BYTES = 32 << 20  # input bytes per dedup key partition (the keys are about as large as the text)
 # Knobs that change speed, not output: left out of the fingerprint.
-_NOT_FINGERPRINTED = ("tokenize_batch_size", "tokenize_concurrency", "max_records_reported", "name")
+_NOT_FINGERPRINTED = ("tokenize_batch_size", "max_records_reported", "name")
 
 
 @dataclass
@@ -140,22 +141,24 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     work = storage.join(out, "_work")
     timings: dict[str, float] = {}
     resumed: list[str] = []  # phases found complete from an interrupted earlier run
-    t = time.perf_counter()
-    files = _read_and_clean(inputs, cfg, work)
+    cpu = [0.0]
+    tasks = functools.partial(_tasks, cpu=cpu)
+
+    def timed(phase: str, call: Callable[[], Any]) -> Any:
+        start, cpu_start = time.perf_counter(), cpu[0]
+        value = call()
+        timings[f"{phase}_s"] = time.perf_counter() - start
+        timings[f"{phase}_tasks_cpu_s"] = cpu[0] - cpu_start
+        return value
+
+    files = timed("read_clean", lambda: _read_and_clean(tasks, inputs, cfg, work))
     if files and all(f["resumed"] for f in files):
         resumed.append("read_clean")
-    timings["read_clean_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    dups = _deduplicate(cfg, work, files, resumed)
-    timings["dedup_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    tok_record = _tokenizer(cfg, tok, work, out, files, dups, resumed, root)
-    timings["tokenizer_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    packed = _pack(cfg, inputs, work, out, files, dups, tok_record)
+    dups = timed("dedup", lambda: _deduplicate(tasks, cfg, work, files, resumed))
+    tok_record = timed("tokenizer", lambda: _tokenizer(tasks, cfg, tok, work, out, files, dups, resumed, root))
+    packed = timed("tokenize_pack", lambda: _pack(tasks, cfg, inputs, work, out, files, dups, tok_record))
     if any(s.get("resumed") for s in packed):
         resumed.append(f"pack:{sum(1 for s in packed if s.get('resumed'))}/{len(packed)} shards")
-    timings["tokenize_pack_s"] = time.perf_counter() - t
     manifest = manifests.build(cfg, tok, fp, inputs, missing, files, dups, tok_record, packed, timings)
     manifest["resumed_phases"] = resumed
     storage.write_json(storage.join(out, MANIFEST), manifest)
@@ -163,38 +166,46 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     return DatasetResult(out, manifest)
 
 
-def _tasks(fn: Callable[..., Any], items: list[Any], *, num_cpus: float, **kwargs: Any) -> list[Any]:
-    """`fn(item, **kwargs)` for every item, one Ray Data task each (progress bars, retries, backpressure); the
-    results in the items' order. Items and results travel pickled in a binary column. A `DataError` raised in a
-    task comes back as a value and is raised here as itself, naming the file or record, not as Ray's wrapper."""
+def _tasks(fn: Callable[..., Any], items: list[tuple], *, num_cpus: float, cpu: list[float] | None = None,
+           **kwargs: Any) -> list[Any]:
+    """`fn(*item, **kwargs)` for every item, one Ray Data task each (progress bars, retries, backpressure); the
+    results in the items' order. Items and results travel pickled in a binary column. Each task runs with the
+    driver's storage settings (endpoint, region, retries): a pooled worker process serves many stages and runs. A
+    `DataError` raised in a task comes back as a value and is raised here as itself, naming the file or record.
+    The tasks' own CPU-seconds are added to `cpu[0]` (the manifest's timings show work against wall time)."""
     import ray.data
 
     if not items:
         return []
     rows = [{"i": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(_call, batch_size=1, num_cpus=num_cpus, fn_kwargs={"fn": fn, "kwargs": kwargs})
+    ds = ds.map_batches(_call, batch_size=1, num_cpus=num_cpus,
+                        fn_kwargs={"fn": fn, "kwargs": kwargs, "settings": storage.settings()})
     results: list[Any] = [None] * len(items)
     for row in ds.iter_rows():
-        error, value = pickle.loads(row["result"])
+        error, value, cpu_s = pickle.loads(row["result"])
         if error is not None:
             raise DataError(error)
         results[int(row["i"])] = value
+        if cpu is not None:
+            cpu[0] += cpu_s
     return results
 
 
-def _call(batch: dict, fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict:
+def _call(batch: dict, fn: Callable[..., Any], kwargs: dict[str, Any], settings: dict[str, Any]) -> dict:
     out = []
-    for item in batch["item"]:
-        try:
-            out.append(pickle.dumps((None, fn(pickle.loads(item), **kwargs))))
-        except DataError as e:
-            out.append(pickle.dumps((str(e), None)))
+    with storage.using(settings):
+        for item in batch["item"]:
+            start = time.process_time()  # the task's own CPU (with its threads), not Ray's or the driver's
+            try:
+                out.append(pickle.dumps((None, fn(*pickle.loads(item), **kwargs), time.process_time() - start)))
+            except DataError as e:
+                out.append(pickle.dumps((str(e), None, 0.0)))
     return {"i": batch["i"], "result": out}
 
 
 # ----------------------------------------------------------------------------------------------- read + clean
-def _read_and_clean(inputs: list[dict], cfg: DataConfig, work: str) -> list[dict]:
+def _read_and_clean(tasks: Callable[..., list], inputs: list[dict], cfg: DataConfig, work: str) -> list[dict]:
     """Per input file: its counts, dropped-record sample and key/signature runs (prepare.py)."""
     total = sum(int(m["size"]) for m in inputs)
     spec = prepare.PrepareSpec(
@@ -203,16 +214,12 @@ def _read_and_clean(inputs: list[dict], cfg: DataConfig, work: str) -> list[dict
         partitions=max(1, min(512, math.ceil(total / KEY_PARTITION_BYTES))), work=work,
         max_reported=cfg.max_records_reported)
     items = [({**m, "compression": m["compression"] or None}, i) for i, m in enumerate(inputs)]
-    return _tasks(_prepare_one, items, num_cpus=1, spec=spec, settings=storage.settings())
-
-
-def _prepare_one(item: tuple[dict, int], spec: prepare.PrepareSpec, settings: dict) -> dict:
-    with storage.using(settings):  # the driver's endpoint, not the one this pooled worker started with
-        return prepare.prepare_file(item[0], item[1], spec)
+    return tasks(prepare.prepare_file, items, num_cpus=1, spec=spec)
 
 
 # ----------------------------------------------------------------------------------------------------- dedup
-def _deduplicate(cfg: DataConfig, work: str, files: list[dict], resumed: list[str]) -> dict[str, np.ndarray]:
+def _deduplicate(tasks: Callable[..., list], cfg: DataConfig, work: str, files: list[dict], resumed: list[str]
+                 ) -> dict[str, np.ndarray]:
     """Duplicate doc ids with the id they duplicate and whether the match is exact (else near)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -225,7 +232,7 @@ def _deduplicate(cfg: DataConfig, work: str, files: list[dict], resumed: list[st
     result = {"doc_id": np.empty(0, np.int64), "dup_of": np.empty(0, np.int64), "exact": np.empty(0, bool)}
     runs = [r for f in files for r in f["key_runs"]]
     partitions = sorted({int(p) for r in runs for p in r["parts"]})
-    found = _tasks(_dedup_one, [segments(runs, p) for p in partitions], num_cpus=1, settings=storage.settings())
+    found = tasks(prepare.dedup_partition, [(segments(runs, p),) for p in partitions], num_cpus=1)
     if found:
         cat = {k: np.concatenate([f[k] for f in found]) for k in found[0]}
         near, near_of = prepare.verify_pairs(cat["near_doc"], cat["near_first"],
@@ -240,11 +247,6 @@ def _deduplicate(cfg: DataConfig, work: str, files: list[dict], resumed: list[st
     return result
 
 
-def _dedup_one(segs: list[dict], settings: dict) -> dict[str, np.ndarray]:
-    with storage.using(settings):
-        return prepare.dedup_partition(segs)
-
-
 def _dups_by_file(dups: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
     ids = np.sort(dups["doc_id"])
     files = ids >> 32
@@ -252,8 +254,8 @@ def _dups_by_file(dups: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
-def _tokenizer(cfg: DataConfig, tok_cfg: TokenizerConfig, work: str, out: str, files: list[dict], dups: dict,
-               resumed: list[str], root: str) -> dict:
+def _tokenizer(tasks: Callable[..., list], cfg: DataConfig, tok_cfg: TokenizerConfig, work: str, out: str,
+               files: list[dict], dups: dict, resumed: list[str], root: str) -> dict:
     from llm_platform.data.dataset import load_tokenizer
 
     uri = storage.join(out, "tokenizer")
@@ -274,28 +276,25 @@ def _tokenizer(cfg: DataConfig, tok_cfg: TokenizerConfig, work: str, out: str, f
     total = sum(int(f["records"]) for f in files)
     stride = max(1, math.ceil(total / max(1, tok_cfg.max_training_documents)))
     by_file = _dups_by_file(dups)
-    chosen = _tasks(_sample_one, [(int(f["file_index"]), by_file.get(int(f["file_index"]), np.empty(0, np.int64)))
-                                  for f in files if f["kept"]],
-                    num_cpus=1, work=work, stride=stride, val_fraction=cfg.val_fraction, settings=storage.settings())
+    chosen = tasks(_sample_one, [(int(f["file_index"]), by_file.get(int(f["file_index"]), np.empty(0, np.int64)))
+                                 for f in files if f["kept"]],
+                   num_cpus=1, work=work, stride=stride, val_fraction=cfg.val_fraction)
     tok = tokenizers.train_bpe((t for texts in chosen for t in texts), tok_cfg)
     sha = tokenizers.save(tok, uri)
     return tokenizers.describe(tok, sha)
 
 
-def _sample_one(item: tuple[int, np.ndarray], work: str, stride: int, val_fraction: float, settings: dict
-                ) -> list[str]:
+def _sample_one(file_index: int, dup_ids: np.ndarray, work: str, stride: int, val_fraction: float) -> list[str]:
+    """A cleaned file's share of the tokenizer's training sample: kept train documents whose hash % stride is 0."""
     from llm_platform.data import dedup
 
-    file_index, dup_ids = item
     texts: list[str] = []
-    with storage.using(settings):
-        for batch in shards.read_clean(storage.join(work, "clean", f"{file_index:06d}.parquet"),
-                                       ["doc_id", "text_hash", "text"]):
-            hashes = batch.column("text_hash").to_numpy()
-            keep = (hashes % stride == 0) & ~np.isin(batch.column("doc_id").to_numpy(), dup_ids)
-            for i in np.nonzero(keep)[0]:
-                if dedup.split_of(int(hashes[i]), val_fraction) == "train":
-                    texts.append(batch.column("text")[int(i)].as_py())
+    for batch in shards.read_clean(storage.join(work, "clean", f"{file_index:06d}.parquet"),
+                                   ["doc_id", "text_hash", "text"]):
+        hashes = batch.column("text_hash").to_numpy()
+        keep = (hashes % stride == 0) & ~np.isin(batch.column("doc_id").to_numpy(), dup_ids)
+        rows = [int(i) for i in np.nonzero(keep)[0] if dedup.split_of(int(hashes[i]), val_fraction) == "train"]
+        texts += batch.column("text").take(rows).to_pylist()
     return texts
 
 
@@ -309,28 +308,18 @@ def _num_shards(cfg: DataConfig, inputs: list[dict]) -> dict[str, int]:
     return {"train": train, "val": val}
 
 
-def _pack(cfg: DataConfig, inputs: list[dict], work: str, out: str, files: list[dict], dups: dict,
-          tok_record: dict) -> list[dict]:
+def _pack(tasks: Callable[..., list], cfg: DataConfig, inputs: list[dict], work: str, out: str, files: list[dict],
+          dups: dict, tok_record: dict) -> list[dict]:
     spec = shards.ShardSpec(
         kind=cfg.kind, seq_len=cfg.seq_len, target_len=cfg.target_len, val_fraction=cfg.val_fraction,
         counts=_num_shards(cfg, inputs), tokenizer_uri=storage.join(out, "tokenizer"),
         eos=tok_record["eos_token_id"], pad=tok_record["pad_token_id"], vocab=tok_record["vocab_size"],
         batch=cfg.tokenize_batch_size, chat_overflow=cfg.chat_overflow, work=work, out=out)
     by_file = _dups_by_file(dups)
-    encoded = _tasks(_encode_one, [(int(f["file_index"]), by_file.get(int(f["file_index"]), np.empty(0, np.int64)))
-                                   for f in files if f["kept"]], num_cpus=1, spec=spec, settings=storage.settings())
+    no_dups = np.empty(0, np.int64)
+    encoded = tasks(shards.encode_file, [(int(f["file_index"]), by_file.get(int(f["file_index"]), no_dups))
+                                         for f in files if f["kept"]], num_cpus=1, spec=spec)
     runs = [r for e in sorted(encoded, key=lambda e: e["file_index"]) for r in e["runs"]]  # document order
     names_ = spec.shard_names()
     used = sorted({int(p) for r in runs for p in r["parts"]})
-    return _tasks(_pack_one, [(names_[p], segments(runs, p)) for p in used], num_cpus=0.5, spec=spec,
-                  settings=storage.settings())
-
-
-def _encode_one(item: tuple[int, np.ndarray], spec: shards.ShardSpec, settings: dict) -> dict:
-    with storage.using(settings):
-        return shards.encode_file(item[0], item[1], spec)
-
-
-def _pack_one(item: tuple[str, list[dict]], spec: shards.ShardSpec, settings: dict) -> dict:
-    with storage.using(settings):
-        return shards.pack_shard(item[0], item[1], spec)
+    return tasks(shards.pack_shard, [(names_[p], segments(runs, p)) for p in used], num_cpus=0.5, spec=spec)

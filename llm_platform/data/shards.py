@@ -55,8 +55,8 @@ class ShardSpec:
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _backend(uri: str):
-    """The trained or copied tokenizer's `tokenizers` backend, loaded once per worker process."""
+def _chat_tokenizer(uri: str):
+    """The whole HF tokenizer (its chat template included), loaded once per worker process."""
     if uri not in _TOKENIZERS:
         from llm_platform.data.dataset import load_tokenizer
 
@@ -64,8 +64,19 @@ def _backend(uri: str):
     return _TOKENIZERS[uri]
 
 
+def _backend(uri: str):
+    """The `tokenizers` tokenizer of `tokenizer.json`, loaded once per worker process (what the HF tokenizer's
+    `backend_tokenizer` is, without importing transformers: about a CPU-second in every worker process)."""
+    key = "backend:" + uri
+    if key not in _TOKENIZERS:
+        from tokenizers import Tokenizer
+
+        _TOKENIZERS[key] = Tokenizer.from_str(storage.read_text(storage.join(uri, "tokenizer.json")))
+    return _TOKENIZERS[key]
+
+
 def encode(uri: str, texts: list[str]) -> list[list[int]]:
-    backend = _backend(uri).backend_tokenizer
+    backend = _backend(uri)
     batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return [e.ids for e in batch(texts, add_special_tokens=False)]
 
@@ -135,7 +146,7 @@ def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str
         lengths: list[int] = []
         counted: list[np.ndarray] = []  # the tokens whose frequencies the manifest reports
         if spec.kind == "chat":
-            found, lengths, counts = chat.pack_chats(_backend(spec.tokenizer_uri), [chunk["messages"][i] for i in sel],
+            found, lengths, counts = chat.pack_chats(_chat_tokenizer(spec.tokenizer_uri), [chunk["messages"][i] for i in sel],
                                                      seq_len=spec.seq_len, pad_id=spec.pad,
                                                      overflow=spec.chat_overflow)
             meta["tokens_in"], meta["chat"] = sum(lengths), counts
