@@ -240,9 +240,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 
 def _echo(service: Service, body: CompletionRequest, ids: list[int],
           prompt_logprobs: list[TokenLogprob] | None) -> tuple[str, dict | None]:
-    """The echoed prompt's text and log-probs, once the engine sent the prompt's event ("" and None before)."""
-    if prompt_logprobs is None:
-        return "", None
+    """The echoed prompt's text ("" without `echo`) and its log-probs (None unless `echo` with `logprobs`: the
+    engine computes a prompt's log-probs only for those, and for the drift monitor's sample of prompts)."""
     text = service.tokenizer.decode(ids) if body.echo else ""
     lp = service.completion_logprobs(prompt_logprobs, 0) if body.echo and body.logprobs is not None \
         and prompt_logprobs else None
@@ -253,9 +252,11 @@ def _completion_choices(service: Service, body: CompletionRequest, ids: list[int
                         ) -> Callable[[RequestOutput], Iterator[dict[str, Any]]]:
     """The streamed completion choices of each event (the echoed prompt first); keeps each choice's text offset."""
     offsets: dict[int, int] = {}
+    echoed = [not body.echo]
 
     def choices(out: RequestOutput) -> Iterator[dict[str, Any]]:
-        if out.prompt_logprobs is not None and body.echo:
+        if not echoed[0]:  # the first event (it carries the prompt's log-probs when they were asked for)
+            echoed[0] = True
             text, lp = _echo(service, body, ids, out.prompt_logprobs)
             for i in range(body.n):
                 offsets[i] = len(text)

@@ -86,6 +86,32 @@ def test_logprobs_echo_max_tokens_zero(service):
     assert c.usage.completion_tokens == 0
 
 
+def test_echo_without_logprobs_returns_the_prompt_when_the_engine_scores_no_prompt(tmp_path):
+    """A replica scores only every Nth prompt for the drift monitor (`serve.drift.perplexity_every`): echo without
+    logprobs must not depend on it, streamed or not."""
+    folder = build_tiny_model(tmp_path / "tiny")
+    model, tok = load_model(folder)
+    engine = Engine(model, tok, max_batch_size=4, score_prompts_every=0)
+    engine.start()
+    try:
+        quiet = Service(engine, tok, "tiny", ServeConfig(auth=AuthConfig(allow_unauthenticated=True)))
+
+        async def fn(client, http):
+            full = await client.completions.create(model="tiny", prompt="the cat sat", max_tokens=4, echo=True,
+                                                   temperature=0)
+            plain = await client.completions.create(model="tiny", prompt="the cat sat", max_tokens=4, temperature=0)
+            stream = await client.completions.create(model="tiny", prompt="the cat sat", max_tokens=4, echo=True,
+                                                     temperature=0, stream=True)
+            parts = [ch.text async for chunk in stream for ch in chunk.choices]
+            return full, plain, parts
+        full, plain, parts = call(quiet, fn)
+    finally:
+        engine.shutdown(5)
+    assert full.choices[0].text == "the cat sat" + plain.choices[0].text
+    assert full.choices[0].logprobs is None
+    assert "".join(parts) == full.choices[0].text and parts[0] == "the cat sat"
+
+
 def test_errors_are_openai_shaped(service):
     async def fn(client, http):
         errors = {}
