@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 import torch
 
@@ -44,7 +44,9 @@ class RequestTooLarge(ValueError):
     """A request whose KV cache could never fit the replica's budget, even alone (the API answers 400)."""
 
 
-LOGIT_CHUNK = 256
+LOGIT_CHUNK = 64
+PREFILL_CHUNK_TOKENS = 512  # prompt columns per prefill forward pass (see Engine._prefill_group)
+PREFILL_SCORE_BYTES = 64 << 20  # attention scores a prefill group may hold per layer (see Engine._prefill)
 """Prompt positions whose full-vocabulary logits exist at once when prompt log-probabilities are computed."""
 
 
@@ -244,6 +246,100 @@ def _deliver(items: list[tuple[asyncio.Queue, "RequestOutput"]]) -> None:
         q.put_nowait(out)
 
 
+def _reserved_class():
+    """`_ReservedLayer`, made on first use (transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    global _ReservedLayer
+    if _ReservedLayer is None:
+        class Reserved(DynamicLayer):
+            """A `DynamicLayer` whose keys and values are views of buffers with room for the batch's remaining
+            tokens: a decode step writes its column in place. `DynamicLayer.update` concatenated, allocating the
+            whole layer anew at every step and leaving the old block to the allocator (on CPU, glibc kept the
+            freed blocks: the resident set grew well past the cache). Past the room it concatenates again."""
+
+            def __init__(self, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int):
+                super().__init__()
+                self.kbuf, self.vbuf = kbuf, vbuf
+                self.dtype, self.device, self.is_initialized = kbuf.dtype, kbuf.device, True
+                self.keys, self.values = kbuf[:, :, :length], vbuf[:, :, :length]
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                t, n = self.keys.shape[-2], key_states.shape[-2]
+                if t + n > self.kbuf.shape[-2]:
+                    self.kbuf = self.keys = torch.cat([self.keys, key_states], dim=-2)
+                    self.vbuf = self.values = torch.cat([self.values, value_states], dim=-2)
+                    return self.keys, self.values
+                self.kbuf[:, :, t:t + n] = key_states
+                self.vbuf[:, :, t:t + n] = value_states
+                self.keys, self.values = self.kbuf[:, :, :t + n], self.vbuf[:, :, :t + n]
+                return self.keys, self.values
+
+        _ReservedLayer = Reserved
+    return _ReservedLayer
+
+
+_ReservedLayer = None
+
+
+def _libc():
+    """glibc through ctypes, or None (another C library, another OS)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 - both must exist
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
+
+
+def bound_cpu_allocator() -> None:
+    """Make the resident set of a CPU replica follow what it holds (called once when a CPU engine starts).
+
+    glibc serves blocks below its mmap threshold from its heap and keeps the pages of freed ones; the threshold
+    also rises by itself (up to 32 MB) each time a large block is freed. A replica's large tensors (prefill
+    activations, cache layers) then stay resident after use: in the serving-memory benchmark the resident set
+    sat about 0.4x the allowance above what the engine held. A fixed 8 MB threshold puts every block from 8 MB
+    up in its own mapping, returned when freed; the per-step tensors (one row of logits per sequence, a few MB)
+    stay in the heap, so decode steps fault in no new pages (the benchmark's time did not change)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, CPU_MMAP_THRESHOLD_BYTES)  # -3: M_MMAP_THRESHOLD
+
+
+def _release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's `malloc_trim`), after the batch changes shape (a
+    prefill, a shrink), never per decode step."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+_LIBC = None
+CPU_MMAP_THRESHOLD_BYTES = 8 << 20
+
+
+def _gathered_layer(parts: list[tuple[torch.Tensor, torch.Tensor, list[int], int]], rows: int, width: int,
+                    room: int):
+    """A reserved layer of `rows` rows and `width` columns (+ `room`) filled from `parts`: (keys, values, the rows
+    to take, the column they start at), each right-aligned (left padding is zeros). Copies straight into the new
+    buffers, so no intermediate concatenation is ever allocated."""
+    keys = parts[0][0]
+    h, d = keys.shape[1], keys.shape[3]
+    kbuf, vbuf = keys.new_zeros((rows, h, width + room, d)), keys.new_zeros((rows, h, width + room, d))
+    out = 0
+    for k, v, take, first in parts:
+        cols = k.shape[2] - first
+        for r in take:
+            kbuf[out, :, width - cols:width].copy_(k[r, :, first:])
+            vbuf[out, :, width - cols:width].copy_(v[r, :, first:])
+            out += 1
+    return _reserved_class()(kbuf, vbuf, width)
+
+
 class Engine:
     """Continuous-batching generator over one HF causal LM.
 
@@ -274,6 +370,8 @@ class Engine:
         self.score_prompts_every = score_prompts_every  # the drift monitor's prompt perplexity samples prompts
         self._admitted_requests = 0
         self._base, self._head = split_model(model)
+        cfg = model.config
+        self._heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1)
         self.eos_token_id = tokenizer.eos_token_id
         self._inbox: queue.Queue[_Request] = queue.Queue()
         self._cancels: queue.Queue[_Request] = queue.Queue()
@@ -292,6 +390,8 @@ class Engine:
     # ------------------------------------------------------------------ control (any thread)
     def start(self) -> None:
         """Start the generation thread."""
+        if self.device.type == "cpu":
+            bound_cpu_allocator()
         self._thread = threading.Thread(target=self._loop, name="llmp-engine", daemon=True)
         self._thread.start()
 
@@ -457,6 +557,82 @@ class Engine:
             seq.req.score_prompt or (p.echo and p.logprobs is not None))
 
     def _prefill(self, seqs: list[_Seq]) -> None:
+        """Prefill the admitted sequences and join them to the running batch.
+
+        Memory is what this is shaped by. The sequences are prefilled in groups whose attention scores (rows x
+        heads x width^2 floats, what an eager or masked attention holds per layer) stay within
+        `PREFILL_SCORE_BYTES` (four 1k-token prompts at once held 200 MB of scores per layer on CPU; one at a
+        time, 50 MB, at no cost in throughput: a 1k-token prefill is compute-bound on its own). The batch's new
+        cache is allocated once, at its final size with room for the tokens to come; the running rows move into
+        it layer by layer, and each group's rows are copied in and dropped right after its forward pass. So the
+        peak is the new cache, one old layer, one group's cache and one forward's activations; joining all at
+        the end held every group's cache and the old cache beside the new one.
+        """
+        groups: list[list[_Seq]] = [[]]
+        for s in sorted(seqs, key=lambda s: len(s.req.prompt_ids)):
+            width = len(s.req.prompt_ids)
+            if groups[-1] and (len(groups[-1]) + 1) * width * width * self._heads * 4 > PREFILL_SCORE_BYTES:
+                groups.append([])
+            groups[-1].append(s)
+        new = [s for group in groups for s in group]
+        running = self._running if self._cache is not None else []
+        width = max([len(s.req.prompt_ids) for s in new] + ([self._mask.shape[1]] if running else []))
+        old_cache, masks = self._cache, [self._mask] if running else []
+        self._running = running + new
+        room, row, lasts = self._room(), len(running), []
+        for i, group in enumerate(groups):
+            if i == 0:  # the layers' shapes come from the first forward pass; its rows are copied in
+                cache, mask, last = self._prefill_group(group)
+                self._cache = self._rebuild([(old_cache, len(running)), (cache, len(group))], len(self._running),
+                                             width, room)
+                old_cache = cache = None
+            else:  # the rows' keys and values are written in place, straight into the batch's buffers
+                cols = max(len(s.req.prompt_ids) for s in group)
+                _, mask, last = self._prefill_group(group, self._rows_view(row, len(group), width, cols))
+            row, lasts, masks = row + len(group), lasts + [last], masks + [mask]
+            if self.device.type == "cpu":
+                _release_freed_memory()
+        self._mask = torch.cat([torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1) for m in masks])
+        self._step_tokens(torch.cat(lasts), new)
+
+    def _rebuild(self, parts: list[tuple[Any, int]], rows: int, width: int, room: int):
+        """A cache of `rows` rows, `width` columns + `room`, whose first rows come from `parts` ((cache or None,
+        rows) in order; the rest are filled later), built layer by layer: each new layer is allocated, filled
+        right-aligned, and the parts' layers dropped, so at most one layer is held twice."""
+        from transformers import DynamicCache
+
+        parts = [(c, n) for c, n in parts if c is not None and n]
+        cache = DynamicCache()
+        cache.layers = []
+        for i in range(len(parts[0][0].layers)):
+            sources = [c.layers[i] for c, _ in parts]
+            _, h, _, d = sources[0].keys.shape
+            kbuf = sources[0].keys.new_zeros((rows, h, width + room, d))
+            vbuf = torch.zeros_like(kbuf)
+            at = 0
+            for layer in sources:
+                n, cols = layer.keys.shape[0], layer.keys.shape[2]
+                kbuf[at:at + n, :, width - cols:width].copy_(layer.keys)
+                vbuf[at:at + n, :, width - cols:width].copy_(layer.values)
+                at += n
+                layer.keys = layer.values = layer.kbuf = layer.vbuf = None
+            cache.layers.append(_reserved_class()(kbuf, vbuf, width))
+        return cache
+
+    def _rows_view(self, row: int, rows: int, width: int, cols: int):
+        """A cache whose layers write into rows [row, row + rows) of the batch cache, right-aligned at `width`, for
+        a prefill of `cols` columns (nothing is allocated: its keys and values are views of the batch's)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        cache.layers = [_reserved_class()(layer.kbuf[row:row + rows, :, width - cols:width],
+                                          layer.vbuf[row:row + rows, :, width - cols:width], 0)
+                        for layer in self._cache.layers]
+        return cache
+
+    def _prefill_group(self, seqs: list[_Seq], cache=None):
+        """One prefill forward pass into `cache` (a new DynamicCache if None): (the cache, its (B, T) mask, its
+        last-position logits (B, V))."""
         from transformers import DynamicCache
 
         lengths = [len(s.req.prompt_ids) for s in seqs]
@@ -467,8 +643,20 @@ class Engine:
             ids[row, width - lengths[row]:] = torch.tensor(s.req.prompt_ids)
             mask[row, width - lengths[row]:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        scores, last, cache = self._forward(ids, mask, DynamicCache(),
-                                            all_positions=any(self._wants_prompt_logprobs(s) for s in seqs))
+        cache = DynamicCache() if cache is None else cache
+        wanted = any(self._wants_prompt_logprobs(s) for s in seqs)
+        # Long prompts go through in chunks of PREFILL_CHUNK_TOKENS columns, each attending to the cache so far:
+        # a forward pass's activations (its attention scores above all) scale with the chunk, not the prompt.
+        # The `logits_to_keep` fallback computes all positions' logits in one pass when they are wanted.
+        step = width if (wanted and self._base is None) else PREFILL_CHUNK_TOKENS
+        hidden = []
+        for a in range(0, width, step):
+            b = min(width, a + step)
+            scores, last, cache = self._forward(ids[:, a:b], mask[:, :b], cache, all_positions=wanted)
+            if wanted and scores.hidden is not None:
+                hidden.append(scores.hidden)
+        if hidden:
+            scores = PositionLogits(hidden=torch.cat(hidden, dim=1), head=self._head)  # (B, width, H)
         for row, s in enumerate(seqs):
             if s.index == 0 and not s.req.prompt_sent:
                 if self._wants_prompt_logprobs(s):
@@ -477,9 +665,7 @@ class Engine:
                 s.req.prompt_sent = True
                 self.stats["prompt_tokens"] += lengths[row]
                 self.stats["requests"] += 1
-        del scores
-        self._merge(cache, mask, seqs)
-        self._step_tokens(last, seqs)
+        return cache, mask, last
 
     def _prompt_logprobs(self, scores: "PositionLogits", row: int, start: int, ids: list[int],
                          params: SamplingParams) -> list[TokenLogprob]:
@@ -500,35 +686,9 @@ class Engine:
                 tops += [[] for _ in range(b - a)]
         return [TokenLogprob(ids[0], None)] + [TokenLogprob(t, lp, top) for t, lp, top in zip(ids[1:], chosen, tops)]
 
-    def _merge(self, new_cache, new_mask: torch.Tensor, seqs: list[_Seq]) -> None:
-        """Append the prefilled rows to the running batch, left-padding whichever cache is shorter in time."""
-        from transformers import DynamicCache
-
-        new_layers = [(layer.keys, layer.values) for layer in new_cache.layers]
-        if self._cache is None or not self._running:
-            self._cache, self._mask, self._running = new_cache, new_mask, list(seqs)
-            return
-        old_layers = [(layer.keys, layer.values) for layer in self._cache.layers]
-        width = max(self._mask.shape[1], new_mask.shape[1])
-
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:  # left-pad dim `dim` to `width`
-            missing = width - t.shape[dim]
-            if not missing:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        layers = [(torch.cat([pad(ok, 2), pad(nk, 2)]), torch.cat([pad(ov, 2), pad(nv, 2)]))
-                  for (ok, ov), (nk, nv) in zip(old_layers, new_layers)]  # each (B, H, T, D)
-        self._cache = DynamicCache(layers)
-        self._mask = torch.cat([pad(self._mask, 1), pad(new_mask, 1)])
-        self._running = self._running + list(seqs)
-
     def _keep(self, keep: list[_Seq]) -> None:
-        """Shrink the batch to `keep` (a sub-list of the running sequences) and trim all-padding columns."""
-        from transformers import DynamicCache
-
+        """Shrink the batch to `keep` (a sub-list of the running sequences) and trim all-padding columns (layer by
+        layer, as `_prefill` does)."""
         if len(keep) == len(self._running):
             return
         if not keep:
@@ -537,9 +697,19 @@ class Engine:
         rows = torch.tensor([self._running.index(s) for s in keep], device=self.device)
         mask = self._mask[rows]
         first = int((mask.sum(dim=0) > 0).nonzero()[0])  # leading columns that are padding in every row
-        self._cache = DynamicCache([(layer.keys[rows, :, first:], layer.values[rows, :, first:])
-                                    for layer in self._cache.layers])
         self._mask, self._running = mask[:, first:], keep
+        room = self._room()
+        width = self._mask.shape[1]
+        for i, layer in enumerate(self._cache.layers):
+            self._cache.layers[i] = _gathered_layer([(layer.keys, layer.values, rows.tolist(), first)], len(keep),
+                                                    width, room)
+            layer.keys = layer.values = layer.kbuf = layer.vbuf = None
+        if self.device.type == "cpu":
+            _release_freed_memory()
+
+    def _room(self) -> int:
+        """Cache columns the running batch can still add: one per token its longest-to-go sequence may generate."""
+        return max(s.req.params.max_tokens - len(s.tokens) for s in self._running) + 1
 
     def _decode(self) -> None:
         last = torch.tensor([[s.tokens[-1]] for s in self._running], device=self.device)  # (B, 1)

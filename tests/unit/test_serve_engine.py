@@ -335,6 +335,7 @@ def test_prompt_logprobs_are_exact_and_computed_a_chunk_at_a_time(tiny, monkeypa
 
     _, model, tok = tiny
     monkeypatch.setattr(engine_mod, "LOGIT_CHUNK", 4)
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK_TOKENS", 5)  # the prompt's hidden states come in 3 passes
     eng = Engine(model, tok, max_batch_size=8, score_prompts_every=0)
     shapes, handle = _head_inputs(model)
     eng.start()
@@ -421,3 +422,43 @@ def test_kv_budget_default_comes_from_the_model_and_free_memory(tiny):
     assert min(before, after) * 0.5 * 0.9 <= tokens * per_token <= max(before, after) * 0.5 * 1.1
     # A model whose one context does not fit the fraction still gets one full context.
     assert default_batch_tokens(model, per_token, memory_fraction=1e-15) == cfg.n_positions
+
+
+def test_prefill_groups_write_into_one_preallocated_cache_and_match_hf_generate(tiny, monkeypatch):
+    """Prefill one prompt per forward pass (the attention-score bound at its smallest) into a batch cache allocated
+    once with room for the tokens to come: staggered requests still give exactly HF's greedy tokens, and a decode
+    step writes its column in place (the layers' buffers are never reallocated while the batch keeps its rows)."""
+    from llm_platform.serve import engine as engine_mod
+
+    _, model, tok = tiny
+    monkeypatch.setattr(engine_mod, "PREFILL_SCORE_BYTES", 1)
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK_TOKENS", 3)  # and every prompt in chunks of 3 columns
+    eng = Engine(model, tok, max_batch_size=4, max_prefill_tokens=24, score_prompts_every=2)
+    forwards: list[int] = []
+    in_place: list[bool] = []  # per decode step: every layer's key buffer is the same object after the step
+    real_forward = eng._forward
+
+    def count_forward(input_ids, mask, cache, all_positions=False):
+        if cache is not eng._cache:  # a prefill pass (a chunk of a prompt), not a decode step
+            forwards.append(input_ids.shape[0])
+            return real_forward(input_ids, mask, cache, all_positions)
+        before = [layer.kbuf for layer in cache.layers]
+        out = real_forward(input_ids, mask, cache, all_positions)
+        in_place.append(all(a is layer.kbuf for a, layer in zip(before, out[2].layers)))
+        return out
+
+    eng._forward = count_forward
+    prompts = [tok(p).input_ids for p in ["the cat", "a big red dog ran over the lazy river", "once upon a time"]]
+    jobs = [(p, 3 + 4 * (i % 3)) for i, p in enumerate(prompts * 3)]
+    eng.start()
+    try:
+        async def all_():
+            return await asyncio.gather(*[run(eng, p, max_tokens=n, temperature=0, ignore_eos=True)
+                                          for p, n in jobs])
+        results = asyncio.run(asyncio.wait_for(all_(), 60))
+    finally:
+        eng.shutdown(drain_timeout_s=5)
+    for (p, n), (_, tokens, _, _) in zip(jobs, results):
+        assert [t.token_id for t in tokens[0]] == hf_greedy(model, p, n)
+    assert forwards and set(forwards) == {1}  # one prompt per prefill forward
+    assert in_place and all(in_place)  # no decode step reallocated a layer
