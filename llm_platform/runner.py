@@ -108,11 +108,9 @@ def run_all(cfg: PlatformConfig, connect=None) -> RunSummary:
             return sweep, False, sweep.uri
         from llm_platform.train.launcher import launch
 
-        started = time.time()
         result = launch(cfg.model, dataclasses.replace(cfg.train, register_as=None), cfg.scaling, dataset_uri, root,
                         connect=connect)
-        reused = result.lineage.get("created_at", "") < dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat()
-        return result, reused, result.export_uri
+        return result, result.reused, result.export_uri
 
     stage("train", train)
 
@@ -166,7 +164,7 @@ def run_all(cfg: PlatformConfig, connect=None) -> RunSummary:
 
     stage("serve", serve)
     summary.chain = lineage_chain(root, model_name(cfg), state, summary.endpoint)
-    storage.write_json(storage.join(root, STATUS), {"finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    storage.write_json(storage.join(root, STATUS), {"finished_at": dt.datetime.now(dt.UTC).isoformat(),
                                                      "stages": summary.stages, "chain": summary.chain,
                                                      "sample": summary.sample})
     return summary

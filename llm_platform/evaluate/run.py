@@ -237,7 +237,7 @@ def run_eval(cfg: EvalConfig, storage_root: str, *, connect=None) -> EvalResult:
                              metrics=metrics, skipped=skipped, sections=sections, images=images,
                              gate_table=gate.format_table(gate_result) if gate_result else None)
     record = {"model": model_info, "name": cfg.name, "metrics": metrics, "skipped": skipped,
-              "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+              "created_at": dt.datetime.now(dt.UTC).isoformat(),
               "dataset": lineage.get("dataset"), "config": _plain(cfg),
               "gate": gate_result.to_dict() if gate_result else None}
     report.write_report(data, folder, record)
@@ -280,17 +280,19 @@ def _records_to_score(cfg: EvalConfig, val_files: list[str] | None, tasks) -> in
 
 
 def _ensure_ray(cfg: EvalConfig, connect=None) -> None:
-    """Ray Data paths need a Ray; join the one the entry point started, or start one (`connect`)."""
+    """Ray Data paths need a Ray: the caller's (`connect`, which the entry points build from `cfg.cluster`), or
+    one already connected. Never a Ray of its own making: that would ignore the cluster config."""
     if not cfg.use_ray or cfg.endpoint:
         return
     import ray
 
-    if not ray.is_initialized():
-        if connect is None:
-            from llm_platform import cluster
-
-            connect = cluster.connect
-        connect()
+    if ray.is_initialized():
+        return
+    if connect is None:
+        raise RuntimeError("eval needs Ray here (eval.use_ray, or a model or split past eval.ray_min_model_gb / "
+                           "eval.ray_min_records) and Ray is not connected: call cluster.connect(cfg.cluster) "
+                           "first, or pass connect= to run_eval")
+    connect()
 
 
 def _plain(cfg: EvalConfig) -> dict:

@@ -48,6 +48,8 @@ class TrainResult:
     checkpoint_uri: str | None
     metrics: dict
     lineage: dict
+    reused: bool = False
+    """The run had already finished with this config: nothing was trained."""
 
 
 def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str, storage_root: str, *,
@@ -113,7 +115,7 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
     checkpoint_uri = storage.join(run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
     lineage = {
         "kind": "run",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "code_version": code_version(),
         "dataset": {"uri": dataset.uri, "fingerprint": dataset.fingerprint, "manifest_sha256": dataset.manifest_sha256,
                     "tokenizer_sha256": dataset.tokenizer_sha256},
@@ -242,9 +244,11 @@ def check_placement(scaling: ScalingConfig) -> None:
     total = ray.cluster_resources()
     if scaling.use_gpu and total.get("GPU", 0) < scaling.num_workers:
         raise ConfigError(f"scaling.num_workers={scaling.num_workers} GPU workers do not fit: the cluster has "
-                          f"{int(total.get('GPU', 0))} GPUs (set scaling.check_resources=false on an autoscaling cluster)")
+                          f"{int(total.get('GPU', 0))} GPUs "
+                          "(set scaling.check_resources=false on an autoscaling cluster)")
     if total.get("CPU", 0) < need_cpu:
-        raise ConfigError(f"scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker={scaling.cpus_per_worker} "
+        raise ConfigError(f"scaling.num_workers={scaling.num_workers} x "
+                          f"scaling.cpus_per_worker={scaling.cpus_per_worker} "
                           f"needs {need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g} "
                           f"(set scaling.check_resources=false on an autoscaling cluster)")
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -365,7 +369,8 @@ def finished_run(run_uri: str, config_record: dict) -> TrainResult | None:
         return None
     export_uri = storage.join(run_uri, "export")
     return TrainResult(run_uri=run_uri, export_uri=export_uri if storage.exists(export_uri) else None,
-                       checkpoint_uri=run.get("checkpoint"), metrics=run.get("metrics") or {}, lineage=lineage)
+                       checkpoint_uri=run.get("checkpoint"), metrics=run.get("metrics") or {}, lineage=lineage,
+                       reused=True)
 
 
 def last_logged(run_uri: str) -> dict:
