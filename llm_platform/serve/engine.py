@@ -21,9 +21,10 @@ import queue
 import random
 import threading
 import time
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any
 
 import torch
 
@@ -61,10 +62,11 @@ class PositionLogits:
         """(end - start, V) logits of positions [start, end) of batch row `row`."""
         if self.logits is not None:
             return self.logits[row, start:end]
+        assert self.hidden is not None and self.head is not None  # built with either logits or hidden and head
         return self.head(self.hidden[row, start:end])
 
 
-def split_model(model) -> tuple[object | None, object | None]:
+def split_model(model) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
     """(base model, output head) when the causal LM's logits are exactly the head over the base's last hidden
     state (GPT-2, Llama, Mistral, Qwen2...), checked on a few tokens; else (None, None) and the engine asks the model
     for the positions it needs (`logits_to_keep`)."""
@@ -88,10 +90,11 @@ def split_model(model) -> tuple[object | None, object | None]:
 def kv_bytes_per_token(model) -> int:
     """Bytes of KV cache one token takes in every layer (keys and values, the model's dtype)."""
     cfg = model.config
-    layers = int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 1))
-    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1))
+    # A missing attribute reads as 0 (falsy, as None would), so the fallback name or default applies.
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 1))
+    heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 1))
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    hidden = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", heads))
+    hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", heads))
     head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
     itemsize = next(model.parameters()).element_size()
     return 2 * layers * kv_heads * head_dim * itemsize
@@ -216,7 +219,8 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
     if not list(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"no *.safetensors in {folder}: weights are loaded only from safetensors")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=getattr(torch, dtype))
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True,
+                                                                  dtype=getattr(torch, dtype))
     return model.to(device).eval(), tokenizer
 
 
@@ -240,7 +244,7 @@ def _coalesce(first: RequestOutput, then: RequestOutput) -> RequestOutput:
                          then.finished)
 
 
-def _deliver(items: list[tuple[asyncio.Queue, "RequestOutput"]]) -> None:
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
     """Runs in the callers' event loop: hand each request its event."""
     for q, out in items:
         q.put_nowait(out)
@@ -362,7 +366,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_waiting, self.max_prefill_tokens = max_batch_size, max_waiting, max_prefill_tokens
         self.device = next(model.parameters()).device
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", None)
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0)
                                  or getattr(model.config, "n_positions", 2048))
         self.kv_bytes_per_token = kv_bytes_per_token(model)
         self.max_batch_tokens = int(max_batch_tokens or default_batch_tokens(model, self.kv_bytes_per_token,
@@ -378,7 +382,7 @@ class Engine:
         self._wake = threading.Event()
         self._waiting: list[_Request] = []
         self._running: list[_Seq] = []
-        self._cache = None  # DynamicCache of the running batch
+        self._cache: Any = None  # DynamicCache of the running batch
         self._mask: torch.Tensor | None = None  # (B, T) 1 for real tokens, 0 for left padding
         self._draining = False
         self._stop = False
@@ -431,7 +435,8 @@ class Engine:
         if self.footprint(params.n, len(prompt_ids) + params.max_tokens) > self.max_batch_tokens:
             raise RequestTooLarge(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) needs more "
-                f"KV cache than this replica's budget of {self.max_batch_tokens} tokens (serve.engine.max_batch_tokens)")
+                f"KV cache than this replica's budget of {self.max_batch_tokens} tokens "
+                "(serve.engine.max_batch_tokens)")
         if self.num_waiting() >= self.max_waiting:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting for a batch slot")
         hold = (max(1, interval), max_delay_s) if stream else (math.inf, math.inf)
@@ -540,7 +545,7 @@ class Engine:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                       use_cache=True)
-        if self._base is not None:
+        if self._base is not None and self._head is not None:  # (split_model sets both or neither)
             out = self._base(**kwargs)
             hidden = out.last_hidden_state  # (B, L, H): small next to (B, L, V)
             scores = PositionLogits(hidden=hidden, head=self._head) if all_positions else None
@@ -551,7 +556,7 @@ class Engine:
         scores = PositionLogits(logits=out.logits) if all_positions else None
         return scores, out.logits[:, -1, :], out.past_key_values
 
-    def _wants_prompt_logprobs(self, seq: "_Seq") -> bool:
+    def _wants_prompt_logprobs(self, seq: _Seq) -> bool:
         p = seq.req.params
         return seq.index == 0 and not seq.req.prompt_sent and (
             seq.req.score_prompt or (p.echo and p.logprobs is not None))
@@ -575,13 +580,22 @@ class Engine:
                 groups.append([])
             groups[-1].append(s)
         new = [s for group in groups for s in group]
-        running = self._running if self._cache is not None else []
-        width = max([len(s.req.prompt_ids) for s in new] + ([self._mask.shape[1]] if running else []))
-        old_cache, masks = self._cache, [self._mask] if running else []
+        running: list[_Seq] = self._running if self._cache is not None else []
+        masks: list[torch.Tensor] = []
+        if running:
+            assert self._mask is not None  # set whenever a batch runs
+            masks.append(self._mask)
+        width = max([len(s.req.prompt_ids) for s in new] + [m.shape[1] for m in masks])
+        old_cache = self._cache
         self._running = running + new
-        room, row, lasts = self._room(), len(running), []
+        lasts: list[torch.Tensor] = []
+        room, row = self._room(), len(running)
+        if running:  # the running rows move into the new buffers first; every group then writes in place
+            self._cache = self._rebuild([(old_cache, len(running))], len(self._running), width, room)
+            old_cache = None
         for i, group in enumerate(groups):
-            if i == 0:  # the layers' shapes come from the first forward pass; its rows are copied in
+            if i == 0 and not running:
+                # No batch yet: the layers' shapes come from the first forward pass, whose rows are copied in.
                 cache, mask, last = self._prefill_group(group)
                 self._cache = self._rebuild([(old_cache, len(running)), (cache, len(group))], len(self._running),
                                              width, room)
@@ -667,7 +681,7 @@ class Engine:
                 self.stats["requests"] += 1
         return cache, mask, last
 
-    def _prompt_logprobs(self, scores: "PositionLogits", row: int, start: int, ids: list[int],
+    def _prompt_logprobs(self, scores: PositionLogits, row: int, start: int, ids: list[int],
                          params: SamplingParams) -> list[TokenLogprob]:
         """Log-probability of each prompt token given the ones before it (None for the first), computed over
         `LOGIT_CHUNK` positions at a time; the prompt starts at column `start` of row `row`."""
@@ -694,6 +708,7 @@ class Engine:
         if not keep:
             self._running, self._cache, self._mask = [], None, None
             return
+        assert self._mask is not None  # set whenever a batch runs
         rows = torch.tensor([self._running.index(s) for s in keep], device=self.device)
         mask = self._mask[rows]
         first = int((mask.sum(dim=0) > 0).nonzero()[0])  # leading columns that are padding in every row
@@ -713,6 +728,7 @@ class Engine:
 
     def _decode(self) -> None:
         last = torch.tensor([[s.tokens[-1]] for s in self._running], device=self.device)  # (B, 1)
+        assert self._mask is not None  # set whenever a batch runs
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._running), 1))], dim=1)
         _, logits, self._cache = self._forward(last, self._mask, self._cache)
         self._step_tokens(logits, self._running)
