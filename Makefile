@@ -7,7 +7,7 @@ export RAY_TMPDIR ?= /tmp/llmp-ray
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-checks demo test test-fast bench clean
+.PHONY: setup setup-checks demo lint test test-fast bench clean
 
 # uv installs (parallel downloads and installs; about half pip's time here) into plain venvs. It byte-compiles what
 # it installs (--compile-bytecode): machines here set PYTHONDONTWRITEBYTECODE=1, so without that step every Python
@@ -46,9 +46,15 @@ $(CHECKS_VENV)/.installed: | $(UV)
 demo: setup
 	$(VENV)/bin/llm-platform run debug=smoke run.keep_serving=false
 
-# Two pytest-xdist workers: the README story (a third of the suite, started first) on one, the rest on the other
-# and then both. Much of the suite waits on processes starting (Ray, servers), so two workers overlap well on 2 cores.
-test: setup setup-checks
+# ruff over the code, tests and benchmarks; mypy over llm_platform/ (its settings are in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check llm_platform tests benchmarks
+	$(VENV)/bin/mypy
+
+# Lint first (seconds), then two pytest-xdist workers: the README story (a third of the suite, started first) on
+# one, the rest on the other and then both. Much of the suite waits on processes starting (Ray, servers), so two
+# workers overlap well on 2 cores.
+test: setup setup-checks lint
 	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
 
 test-fast: setup

@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the ch
 
 def build_checkpoint(folder: Path, hidden: int, layers: int) -> Path:
     """The tests' Llama-3-layout checkpoint, resized: same tokenizer and template, `hidden` x `layers`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from checkpoint_fixtures import llama3_checkpoint
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     llama3_checkpoint(folder)
     small = LlamaConfig.from_pretrained(folder)
@@ -96,11 +95,12 @@ def main() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     torch.set_num_threads(1)  # the Ray worker gets one CPU; give the plain loop the same
     from checkpoint_fixtures import write_chats
+    from train_fixtures import read_rows
+
     from llm_platform import cluster
     from llm_platform.config import compose
     from llm_platform.config.cluster import ClusterConfig
     from llm_platform.data.pipeline import build_dataset
-    from train_fixtures import read_rows
 
     shutil.rmtree(args.root, ignore_errors=True)
     root = Path(args.root)

@@ -284,8 +284,13 @@ def main() -> None:
         paired = [statistics.median(d["streamed"]) for d in pairs[name]]
         plain = [statistics.median(d["not streamed"]) for d in pairs[name]]
         median_ratio[name] = statistics.median(ratios)
-        ms = lambda xs: ", ".join(f"{1000 * x:.1f}" for x in xs)  # noqa: E731
-        pooled = lambda kind: 1000 * statistics.median(x for d in pairs[name] for x in d[kind])  # noqa: E731
+
+        def ms(xs):
+            return ", ".join(f"{1000 * x:.1f}" for x in xs)
+
+        def pooled(kind, name=name):
+            return 1000 * statistics.median(x for d in pairs[name] for x in d[kind])
+
         print(f"{name}: c=32 / in-process per round {', '.join(f'{x:.2f}' for x in ratios)} -> median "
               f"{median_ratio[name]:.2f}")
         print(f"  c=1 overhead, p50 - in-process p50 per round: {ms(overhead)} ms -> median "

@@ -46,8 +46,13 @@ def main() -> None:
     from llm_platform import cluster
     from llm_platform.config.cluster import ClusterConfig
     from llm_platform.config.model import ModelConfig
-    from llm_platform.config.train import (CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig,
-                                           TrainConfig)
+    from llm_platform.config.train import (
+        CheckpointConfig,
+        OptimizerConfig,
+        ParallelismConfig,
+        ScalingConfig,
+        TrainConfig,
+    )
     from llm_platform.config.tune import TuneConfig
     from llm_platform.tune.driver import run_sweep
 

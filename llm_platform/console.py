@@ -82,7 +82,7 @@ def adopt_ray_loggers() -> None:
     try:
         from ray.data import DataContext
     except ImportError:  # pragma: no cover - ray[data] is a dependency
-        DataContext = None
+        DataContext = None  # type: ignore[misc,assignment]  # the optional-import idiom: None when absent
     for name in _RAY_LOGGERS:
         logger = logging.getLogger(name)
         if not logger.handlers:

@@ -159,14 +159,14 @@ def _use_auth_token_if_available() -> None:
         return
     try:
         from ray._private.authentication.authentication_token_setup import _enable_token_auth
-        from ray._raylet import AuthenticationTokenLoader
+        from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # compiled, private: no stub
     except ImportError:
         return
     if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
         _enable_token_auth()
 
 
-def connect(address: str | None = None) -> "JobSubmissionClient":
+def connect(address: str | None = None) -> JobSubmissionClient:
     """A Jobs API client; an unreachable address is a one-line error naming it."""
     from ray.job_submission import JobSubmissionClient
 
@@ -179,7 +179,7 @@ def connect(address: str | None = None) -> "JobSubmissionClient":
                          "is the dashboard up and port-forwarded? (docs/cloud.md)") from None
 
 
-def submit(client: "JobSubmissionClient", stage: str, overrides: list[str], working_dir: str | Path | None,
+def submit(client: JobSubmissionClient, stage: str, overrides: list[str], working_dir: str | Path | None,
            extra_env: dict[str, str] | None = None, submission_id: str | None = None,
            entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None) -> str:
     """Submit `llm-platform <stage> <overrides>` and return the submission id."""
@@ -204,7 +204,7 @@ def submit(client: "JobSubmissionClient", stage: str, overrides: list[str], work
             time.sleep(2)
 
 
-def result(client: "JobSubmissionClient", submission_id: str) -> JobResult:
+def result(client: JobSubmissionClient, submission_id: str) -> JobResult:
     """The job's state now, with the exit code `submit` mirrors."""
     info = client.get_job_info(submission_id)
     status = str(getattr(info.status, "value", info.status))
@@ -220,7 +220,7 @@ def result(client: "JobSubmissionClient", submission_id: str) -> JobResult:
     return JobResult(submission_id, status, code, info.message)
 
 
-def wait(client: "JobSubmissionClient", submission_id: str, timeout_s: float | None = None,
+def wait(client: JobSubmissionClient, submission_id: str, timeout_s: float | None = None,
          poll_s: float = 1.0) -> JobResult:
     """Poll until the job reaches a terminal state (or `timeout_s` passes: then its current state)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -231,7 +231,7 @@ def wait(client: "JobSubmissionClient", submission_id: str, timeout_s: float | N
         time.sleep(poll_s)
 
 
-def follow(client: "JobSubmissionClient", submission_id: str, out: TextIO | None = None) -> JobResult:
+def follow(client: JobSubmissionClient, submission_id: str, out: TextIO | None = None) -> JobResult:
     """Stream the job's logs to `out` until it ends, then return how it ended."""
     out = out or sys.stdout
 
@@ -245,7 +245,7 @@ def follow(client: "JobSubmissionClient", submission_id: str, out: TextIO | None
     return wait(client, submission_id)
 
 
-def list_jobs(client: "JobSubmissionClient") -> list[dict[str, Any]]:
+def list_jobs(client: JobSubmissionClient) -> list[dict[str, Any]]:
     """Submitted jobs, newest first, as plain dicts (id, status, start, end, entrypoint, message)."""
     rows = []
     for job in client.list_jobs():
@@ -262,11 +262,11 @@ def list_jobs(client: "JobSubmissionClient") -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
 
 
-def logs(client: "JobSubmissionClient", submission_id: str) -> str:
+def logs(client: JobSubmissionClient, submission_id: str) -> str:
     """The job's whole log so far."""
     return client.get_job_logs(submission_id)
 
 
-def stop(client: "JobSubmissionClient", submission_id: str) -> bool:
+def stop(client: JobSubmissionClient, submission_id: str) -> bool:
     """Ask the job to stop (SIGTERM, then SIGKILL after Ray's grace period); True if it was running."""
     return client.stop_job(submission_id)

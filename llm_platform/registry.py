@@ -104,7 +104,8 @@ def promote(root: str, name: str, version: str) -> ModelVersion:
     return mv
 
 
-def register(root: str, name: str, model_uri: str, lineage: dict[str, Any], *, make_latest: bool = True) -> ModelVersion:
+def register(root: str, name: str, model_uri: str, lineage: dict[str, Any], *,
+             make_latest: bool = True) -> ModelVersion:
     """Copy an HF-format model folder into a new version, write its lineage last, then move LATEST.
 
     Args:
@@ -124,7 +125,7 @@ def register(root: str, name: str, model_uri: str, lineage: dict[str, Any], *, m
     record.update({
         "kind": "model_version",
         "model": {"name": name, "version": version, "uri": uri},
-        "registered_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "registered_at": dt.datetime.now(dt.UTC).isoformat(),
         "source_uri": model_uri,
     })
     record.setdefault("created_at", record["registered_at"])

@@ -17,8 +17,9 @@ import posixpath
 import stat
 import tempfile
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import fsspec
 
@@ -125,9 +126,10 @@ def pyarrow_filesystem(uri: str):
 
     if is_remote(uri):
         opts: dict[str, Any] = {}
-        if endpoint_url():
-            opts["endpoint_override"] = endpoint_url()
-            if endpoint_url().startswith("http://"):
+        endpoint = endpoint_url()
+        if endpoint:
+            opts["endpoint_override"] = endpoint
+            if endpoint.startswith("http://"):
                 opts["scheme"] = "http"
         region = settings()["region"]
         if region:
@@ -144,8 +146,9 @@ def _pyarrow_s3(options: dict[str, Any], max_attempts: int):
 
     pyarrow's own `S3FileSystem.__reduce__` keeps the connection options but drops `retry_strategy`, so the copy
     that Ray Data and Ray Train ship to their workers (which do the reads, the parquet writes and the checkpoint
-    uploads) would run with pyarrow's default strategy (3 attempts) instead of `retries` attempts. The subclass rebuilds itself through this
-    function on the other side. It is defined on first use so that importing this module does not import pyarrow.
+    uploads) would run with pyarrow's default strategy (3 attempts) instead of `retries` attempts. The subclass
+    rebuilds itself through this function on the other side. It is defined on first use so that importing this module
+    does not import pyarrow.
     """
     import pyarrow.fs as pafs
 
@@ -294,8 +297,8 @@ def delete(uri: str, recursive: bool = True) -> None:
         fs.rm(path, recursive=recursive)
 
 
-# S3 multipart uploads and ranged downloads: parts of UPLOAD_CHUNK_BYTES, UPLOAD_CONCURRENCY in flight. What a copy holds in memory is
-# about their product (plus the S3 client's own copies), whatever the file's size.
+# S3 multipart uploads and ranged downloads: parts of UPLOAD_CHUNK_BYTES, UPLOAD_CONCURRENCY in flight. What a copy
+# holds in memory is about their product (plus the S3 client's own copies), whatever the file's size.
 UPLOAD_CHUNK_BYTES = 8 * 2**20
 UPLOAD_CONCURRENCY = 4
 

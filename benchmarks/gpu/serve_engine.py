@@ -153,7 +153,10 @@ def row(name: str, r: dict) -> tuple[str, float]:
     tps = r["tokens"] / r["wall_s"]
     t = r.get("timing", {})
     steps = t.get("decode_n", 0)
-    per = (lambda k: f"{1e3 * t[k] / t[k + '_n']:>7.2f}" if t.get(k + "_n") else f"{'':>7}")
+
+    def per(k: str) -> str:
+        return f"{1e3 * t[k] / t[k + '_n']:>7.2f}" if t.get(k + "_n") else f"{'':>7}"
+
     return (f"{name:<30} {len(r['latencies']):>8} {tps:>9.1f} {pct(r['latencies'], 0.5) * 1e3:>8.0f} "
             f"{pct(r['latencies'], 0.99) * 1e3:>8.0f} {statistics.median(r['ttfts']) * 1e3:>8.1f} "
             f"{steps:>6} {per('decode')} {per('forward')} {per('step_tokens')}"), tps

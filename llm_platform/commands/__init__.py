@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from llm_platform.config import PlatformConfig, conf_dir, register, to_object
 

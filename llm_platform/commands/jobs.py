@@ -13,7 +13,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llm-platform jobs", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", default=None,
-                        help=f"Ray Jobs API (dashboard) URL; default RAY_API_SERVER_ADDRESS, RAY_ADDRESS or {jobs.DEFAULT_ADDRESS}")
+                        help="Ray Jobs API (dashboard) URL; default RAY_API_SERVER_ADDRESS, RAY_ADDRESS or "
+                             f"{jobs.DEFAULT_ADDRESS}")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", parents=[common], help="submitted jobs, newest first")
     logs = sub.add_parser("logs", parents=[common], help="a job's logs")

@@ -43,7 +43,7 @@ def list_table(root: str, name: str | None) -> str:
     versions = registry.list_versions(root, name)
     if not versions:
         return f"no registered models in {root}" if not name else f"no versions of {name!r} in {root}"
-    latest = {}
+    latest: dict[str, str | None] = {}
     for n in {v.name for v in versions}:
         try:
             latest[n] = registry.latest(root, n).version

@@ -45,7 +45,8 @@ def main(cfg: PlatformConfig) -> None:
 
     storage.configure(cfg.storage)
     preflight(cfg)
-    ingress.prepare(cfg.serve.http.ingress)  # a local Ray started later runs Serve with the ingress the serve stage wants
+    # A local Ray started later runs Serve with the ingress the serve stage wants.
+    ingress.prepare(cfg.serve.http.ingress)
     # Ray starts when a stage first needs it: a slice whose stages are all done answers at once.
     summary = run_all(cfg, connect=lambda: cluster.connect(cfg.cluster))
     print(summary.table())

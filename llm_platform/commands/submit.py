@@ -19,7 +19,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("stage", choices=jobs.JOB_STAGES, help="the stage to run")
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the stage, e.g. debug=smoke storage=s3")
     p.add_argument("--address", default=None,
-                   help=f"Ray Jobs API (dashboard) URL; default RAY_API_SERVER_ADDRESS, RAY_ADDRESS or {jobs.DEFAULT_ADDRESS}")
+                   help="Ray Jobs API (dashboard) URL; default RAY_API_SERVER_ADDRESS, RAY_ADDRESS or "
+                        f"{jobs.DEFAULT_ADDRESS}")
     p.add_argument("--no-wait", action="store_true", help="print the submission id and return at once")
     code = p.add_mutually_exclusive_group()
     code.add_argument("--working-dir", default=None,

@@ -13,8 +13,9 @@ def resolve_dataset_uri(cfg: PlatformConfig) -> str:
     try:
         from llm_platform.data.pipeline import resolve_dataset
     except ImportError:  # the data stage is not installed in this checkout
-        resolve_dataset = None
-    uri = resolve_dataset(cfg.data, cfg.tokenizer, cfg.storage.root) if resolve_dataset else None
+        uri = None
+    else:
+        uri = resolve_dataset(cfg.data, cfg.tokenizer, cfg.storage.root)
     if not uri:
         raise DataError(f"no finished dataset for data.name={cfg.data.name!r} with this data and tokenizer config "
                         f"under {cfg.storage.root}: run `llm-platform data` with the same overrides first, or set "

@@ -131,7 +131,7 @@ def from_dict(cls: type[T], data: dict) -> T:
             continue
         value = data[f.name]
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = from_dict(hint, value)
         kwargs[f.name] = value
     return cls(**kwargs)  # type: ignore[call-arg]

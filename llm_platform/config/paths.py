@@ -2,7 +2,8 @@
 
 Ray runs Train workers, Tune trials, Data tasks and Serve replicas in working directories of their own, so a
 relative `storage.root` (the default, `.llm-platform/storage`) or `train.checkpoint.resume_from` would name another
-folder in each of them: a trial would not find its dataset and rank 0's `metrics.jsonl` would land under Ray's temp folder.
+folder in each of them: a trial would not find its dataset and rank 0's `metrics.jsonl` would land under Ray's temp
+folder.
 Entry points call `make_absolute` on the composed config (`config.to_object` does), so everything below them
 only ever sees absolute paths or URIs.
 """

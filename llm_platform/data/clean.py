@@ -22,7 +22,7 @@ IPV6 = re.compile(r"\b(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}\b|\b(?:[0-9a-fA-F
 def normalize(text: str, form: str = "NFC") -> str:
     """Unicode-normalize, drop control characters, collapse runs of spaces, trim lines and blank-line runs."""
     if form:
-        text = unicodedata.normalize(form, text)
+        text = unicodedata.normalize(form, text)  # type: ignore[arg-type]  # a config str; unicodedata refuses others
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
     text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))

@@ -139,7 +139,7 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1) -> tuple
             p = 1.0 - (1.0 - xs ** rows) ** bands
             fp = np.trapezoid(np.where(xs < threshold, p, 0.0), xs)
             fn = np.trapezoid(np.where(xs >= threshold, 1.0 - p, 0.0), xs)
-            err = fp_weight * fp + (1 - fp_weight) * fn
+            err = float(fp_weight * fp + (1 - fp_weight) * fn)
             if err < best_err:
                 best, best_err = (bands, rows), err
     return best
@@ -170,8 +170,9 @@ def block_duplicates(keys: np.ndarray, doc_ids: np.ndarray, sigs: np.ndarray | N
     Args:
         keys: (N,) int64 keys (text hash, or LSH band key).
         doc_ids: (N,) int64 document ids.
-        sigs: (N, num_perm) signatures (uint32, or b-bit uint8 from `bbit`); when given, a row is a duplicate only if its estimated Jaccard with the
-            group's first row is >= threshold (near dedup); when None, equal keys suffice (exact dedup).
+        sigs: (N, num_perm) signatures (uint32, or b-bit uint8 from `bbit`); when given, a row is a duplicate only if
+            its estimated Jaccard with the group's first row is >= threshold (near dedup); when None, equal keys
+            suffice (exact dedup).
         threshold: Jaccard threshold for near dedup.
 
     Returns:

@@ -178,9 +178,10 @@ def _tasks(fn: Callable[..., Any], items: list[tuple], *, num_cpus: float, cpu: 
     if not items:
         return []
     rows = [{"i": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(_call, batch_size=1, num_cpus=num_cpus,
-                        fn_kwargs={"fn": fn, "kwargs": kwargs, "settings": storage.settings()})
+    items_ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # Ray's annotation of map_batches' fn does not model the extra arguments that fn_kwargs supplies.
+    ds = items_ds.map_batches(_call, batch_size=1, num_cpus=num_cpus,  # type: ignore[arg-type]
+                              fn_kwargs={"fn": fn, "kwargs": kwargs, "settings": storage.settings()})
     results: list[Any] = [None] * len(items)
     for row in ds.iter_rows():
         error, value, cpu_s = pickle.loads(row["result"])

@@ -43,7 +43,7 @@ class KeyParams:
     threshold: float
 
     @classmethod
-    def from_config(cls, cfg) -> "KeyParams":
+    def from_config(cls, cfg) -> KeyParams:
         bands, rows = dedup.lsh_params(cfg.threshold, cfg.num_perm)
         return cls(exact=cfg.exact, near=cfg.near, num_perm=cfg.num_perm, seed=cfg.seed,
                    shingle_words=cfg.shingle_words, bands=bands, rows=rows, threshold=cfg.threshold)
@@ -209,9 +209,11 @@ def verify_pairs(docs: np.ndarray, firsts: np.ndarray, sig_runs: dict[int, list[
     needed = np.unique(np.concatenate([docs, firsts]))
     ids, rows = [], []
     for file_index in np.unique(needed >> 32):
-        for arrays, _ in read_segments([{"uri": r["uri"], **r["parts"]["0"]} for r in sig_runs.get(int(file_index), [])]):
+        segments = [{"uri": r["uri"], **r["parts"]["0"]} for r in sig_runs.get(int(file_index), [])]
+        for arrays, _ in read_segments(segments):
             sel = np.isin(arrays["doc"], needed)
-            ids.append(arrays["doc"][sel]), rows.append(arrays["sig"][sel])
+            ids.append(arrays["doc"][sel])
+            rows.append(arrays["sig"][sel])
     ids_all, sig_all = np.concatenate(ids), np.concatenate(rows)
     order = np.argsort(ids_all)
     ids_all, sig_all = ids_all[order], sig_all[order]

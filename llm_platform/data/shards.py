@@ -146,7 +146,8 @@ def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str
         lengths: list[int] = []
         counted: list[np.ndarray] = []  # the tokens whose frequencies the manifest reports
         if spec.kind == "chat":
-            found, lengths, counts = chat.pack_chats(_chat_tokenizer(spec.tokenizer_uri), [chunk["messages"][i] for i in sel],
+            found, lengths, counts = chat.pack_chats(_chat_tokenizer(spec.tokenizer_uri),
+                                                     [chunk["messages"][i] for i in sel],
                                                      seq_len=spec.seq_len, pad_id=spec.pad,
                                                      overflow=spec.chat_overflow)
             meta["tokens_in"], meta["chat"] = sum(lengths), counts
@@ -166,8 +167,8 @@ def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str
                 if isinstance(rec, str):
                     meta["skipped_prompt_too_long"] += 1
                     continue
-                for key, value in rec.items():
-                    rows.setdefault(key, []).append(value)
+                for key, column in rec.items():
+                    rows.setdefault(key, []).append(column)
         arrays = {_COLUMN + k: np.stack(v) for k, v in rows.items()}
         arrays["length"] = np.asarray(lengths, np.int32)
         arrays["counted"] = (np.concatenate(counted) if counted else np.empty(0, np.int64)).astype(np.int64)

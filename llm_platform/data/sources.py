@@ -13,9 +13,10 @@ import io
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from llm_platform import storage
 from llm_platform.errors import DataError
@@ -41,7 +42,7 @@ class ReadSpec:
     """chat records: field names `messages`, `instruction`, `input`, `output`, `prompt`, `response`."""
 
     @classmethod
-    def from_config(cls, cfg) -> "ReadSpec":
+    def from_config(cls, cfg) -> ReadSpec:
         if cfg.kind == "seq2seq":
             prompt, response = cfg.source_field, cfg.target_field
         else:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict
-from typing import Iterable
 
 from llm_platform import storage
 from llm_platform.config.tokenizer import TokenizerConfig

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -86,7 +86,8 @@ def bleu(predictions: list[str], references: list[list[str]]) -> float:
 
     width = max(len(r) for r in references)
     streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
-    return float(sacrebleu.corpus_bleu(predictions, streams).score)
+    # sacrebleu's annotation omits the None padding it documents and handles.
+    return float(sacrebleu.corpus_bleu(predictions, streams).score)  # type: ignore[arg-type]
 
 
 def rouge(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
@@ -177,7 +178,8 @@ def ray_generator(model_uri: str, max_new_tokens: int, batch_size: int, num_acto
             GenerationActor,
             fn_constructor_kwargs={"model_uri": model_uri, "max_new_tokens": max_new_tokens,
                                    "storage_settings": storage.settings()},
-            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),  # `concurrency=` is deprecated
+            # `compute=` rather than `concurrency=`, which is deprecated.
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=actor_num_cpus,
         )
         outs = [""] * len(prompts)

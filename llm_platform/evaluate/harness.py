@@ -21,8 +21,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from llm_platform import storage
 from llm_platform.config.evaluate import HarnessConfig
@@ -89,7 +90,7 @@ def prepare(cfg: HarnessConfig) -> HarnessTasks:
         places += [f"eval.harness.include_path={cfg.include_path}"] if folder else []
         hints = {n: difflib.get_close_matches(n, manager.all_tasks, n=3) for n in unknown}
         suggest = "; ".join(f"{n}: did you mean {', '.join(h)}?" for n, h in hints.items() if h)
-        if downloaded:
+        if downloaded and folder:
             shutil.rmtree(folder, ignore_errors=True)
         raise ConfigError(f"eval.harness.tasks: no task, group or tag named {', '.join(unknown)} in "
                           f"{' or '.join(places) or 'nothing (eval.harness.include_builtin=false, no include_path)'}"
@@ -198,7 +199,7 @@ def run_harness(cfg: HarnessConfig, tasks: HarnessTasks, model_uri: str, *, endp
     # Absolute paths: lm-eval runs with the task folder as working directory (see `_working_dir`).
     folder = _tokenizer_folder(model_uri) if endpoint else os.path.abspath(registry.materialize(model_uri))
     # Temporary copies to remove afterwards: a downloaded task folder, an s3:// version's tokenizer files.
-    temporary = [tasks.folder] if tasks.downloaded else []
+    temporary = [tasks.folder] if tasks.downloaded and tasks.folder else []
     temporary += [folder] if endpoint and storage.is_remote(model_uri) else []
     model, args, mode = model_spec(cfg, folder, endpoint=endpoint, endpoint_model=endpoint_model,
                                    timeout_s=timeout_s)

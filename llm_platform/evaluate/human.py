@@ -83,12 +83,12 @@ def rating_sheet(rows: list[dict], pair: bool) -> str:
     heads = "<th>output 1</th><th>output 2</th>" if pair else "<th>output</th>"
     ask = "Which output is better?" if pair else "Rate the output from 1 (bad) to 5 (excellent)."
     script = (
-        "function save(){const rows=[['sample_id','%s']];"
+        "function save(){const rows=[['sample_id','" + column + "']];"
         "const seen=new Set();document.querySelectorAll('input[type=radio]:checked').forEach(i=>{"
         "if(!seen.has(i.name)){seen.add(i.name);rows.push([i.name,i.value]);}});"
         "const blob=new Blob([rows.map(r=>r.join(',')).join('\\n')+'\\n'],{type:'text/csv'});"
         "const a=document.createElement('a');a.href=URL.createObjectURL(blob);a.download='ratings.csv';a.click();}"
-    ) % column
+    )
     style = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}" \
             "pre{white-space:pre-wrap;max-width:420px;margin:0}"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Rating sheet</title><style>{style}</style>"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import re
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 from llm_platform.errors import ConfigError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from llm_platform.config.model import ModelConfig
@@ -18,7 +19,7 @@ from llm_platform.models import families
 FAMILIES = tuple(families.FAMILIES)
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int]):
+def hf_config(cfg: ModelConfig, vocab_size: int, special: Mapping[str, int | None]):
     """A transformers config for the architecture in `cfg` (training from scratch).
 
     Args:
@@ -53,8 +54,8 @@ def resolve_family(cfg: ModelConfig, pretrained_config: dict[str, Any] | None = 
     return families.get(cfg.family)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, special: dict[str, int], *, pretrained_dir: str | None = None,
-                seed: int = 0, dtype=None, base_vocab_size: int | None = None):
+def build_model(cfg: ModelConfig, vocab_size: int, special: Mapping[str, int | None], *,
+                pretrained_dir: str | None = None, seed: int = 0, dtype=None, base_vocab_size: int | None = None):
     """A model from scratch (weights seeded by `seed`) or from a local HF-format folder (safetensors only).
 
     Args:

@@ -9,8 +9,9 @@ its family by the `model_type` in its config.json.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.errors import ConfigError
@@ -32,13 +33,13 @@ class Family:
     """Attribute names of the ModuleLists holding the repeated blocks (the units FSDP2 shards)."""
     lora_targets: tuple[str, ...]
     """Default LoRA target modules (attention query/value projections)."""
-    make_config: Callable[[ModelConfig, int, dict[str, int]], Any]
+    make_config: Callable[[ModelConfig, int, Mapping[str, int | None]], Any]
     """(model config, vocab size, special token ids) -> transformers config for training from scratch."""
     lora_fan_in_fan_out: bool = False
     """The targets are transposed Conv1D layers (GPT-2), which peft must be told about."""
 
 
-def _gpt2(cfg: ModelConfig, vocab: int, special: dict[str, int]):
+def _gpt2(cfg: ModelConfig, vocab: int, special: Mapping[str, int | None]):
     from transformers import GPT2Config
 
     return GPT2Config(vocab_size=vocab, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
@@ -48,7 +49,7 @@ def _gpt2(cfg: ModelConfig, vocab: int, special: dict[str, int]):
                       tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False)
 
 
-def _decoder_kwargs(cfg: ModelConfig, vocab: int, special: dict[str, int]) -> dict[str, Any]:
+def _decoder_kwargs(cfg: ModelConfig, vocab: int, special: Mapping[str, int | None]) -> dict[str, Any]:
     """Keyword arguments shared by the Llama-style configs (Llama, Mistral, Qwen2)."""
     kv = cfg.num_kv_heads or cfg.num_heads
     if cfg.num_heads % kv:
@@ -62,35 +63,37 @@ def _decoder_kwargs(cfg: ModelConfig, vocab: int, special: dict[str, int]) -> di
                 pad_token_id=special["pad"], tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False)
 
 
-def _llama(cfg: ModelConfig, vocab: int, special: dict[str, int]):
+def _llama(cfg: ModelConfig, vocab: int, special: Mapping[str, int | None]):
     from transformers import LlamaConfig
 
     return LlamaConfig(**_decoder_kwargs(cfg, vocab, special))
 
 
-def _mistral(cfg: ModelConfig, vocab: int, special: dict[str, int]):
+def _mistral(cfg: ModelConfig, vocab: int, special: Mapping[str, int | None]):
     from transformers import MistralConfig
 
     return MistralConfig(**_decoder_kwargs(cfg, vocab, special))
 
 
-def _qwen2(cfg: ModelConfig, vocab: int, special: dict[str, int]):
+def _qwen2(cfg: ModelConfig, vocab: int, special: Mapping[str, int | None]):
     from transformers import Qwen2Config
 
     return Qwen2Config(**_decoder_kwargs(cfg, vocab, special))
 
 
-def _t5(cfg: ModelConfig, vocab: int, special: dict[str, int]):
+def _t5(cfg: ModelConfig, vocab: int, special: Mapping[str, int | None]):
     from transformers import T5Config
 
-    return T5Config(vocab_size=vocab, d_model=cfg.hidden_size, d_kv=cfg.hidden_size // cfg.num_heads,
+    # T5Config's typed __init__ omits the generic config keys it takes as **kwargs (decoder_start_token_id...).
+    return T5Config(vocab_size=vocab, d_model=cfg.hidden_size,  # type: ignore[call-arg]
+                    d_kv=cfg.hidden_size // cfg.num_heads,
                     d_ff=cfg.intermediate_size or 4 * cfg.hidden_size, num_layers=cfg.num_layers,
                     num_decoder_layers=cfg.num_layers, num_heads=cfg.num_heads, dropout_rate=cfg.dropout,
                     pad_token_id=special["pad"], eos_token_id=special["eos"], decoder_start_token_id=special["pad"],
                     tie_word_embeddings=cfg.tie_word_embeddings, use_cache=False)
 
 
-def _bert(cfg: ModelConfig, vocab: int, special: dict[str, int]):
+def _bert(cfg: ModelConfig, vocab: int, special: Mapping[str, int | None]):
     from transformers import BertConfig
 
     return BertConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,

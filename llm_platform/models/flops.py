@@ -72,7 +72,7 @@ def model_size(hf_config, family: str) -> ModelSize:
             if isinstance(module, nn.Embedding):
                 embedding += p.numel()
     vocab = hf_config.vocab_size
-    width = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "d_model")
+    width = getattr(hf_config, "hidden_size", None) or hf_config.d_model
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     matmul = total - embedding + (vocab * width if tied else 0)

@@ -120,7 +120,8 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "max_ongoing_requests": d.max_ongoing_requests,
         "max_queued_requests": d.max_queued_requests,
-        "backpressure_config": BackpressureConfig(status_code=d.backpressure_status_code,
+        # An int in the config (OmegaConf has no Literal); BackpressureConfig itself refuses anything but 429/503.
+        "backpressure_config": BackpressureConfig(status_code=d.backpressure_status_code,  # type: ignore[arg-type]
                                                   retry_after_s=d.retry_after_s),
         "ray_actor_options": {"num_cpus": d.num_cpus_per_replica, "num_gpus": d.num_gpus_per_replica},
         "health_check_period_s": d.health_check_period_s,
@@ -178,7 +179,9 @@ def application(cfg: ServeConfig, storage_root: str | None = None, storage_setti
                 drift_reference: Any = None) -> serve.Application:
     """The Serve application of a checked `cfg`: its replicas receive the typed config itself."""
     check(cfg)
-    return OpenAIServer.options(**deployment_options(cfg)).bind(cfg, storage_root, storage_settings, drift_reference)
+    # @serve.deployment turns the class into a Deployment; mypy still sees the class.
+    deployment = OpenAIServer.options(**deployment_options(cfg))  # type: ignore[attr-defined]
+    return deployment.bind(cfg, storage_root, storage_settings, drift_reference)
 
 
 def deploy(cfg: ServeConfig, storage_root: str | None = None, storage_settings: dict | None = None) -> str:
@@ -191,7 +194,8 @@ def deploy(cfg: ServeConfig, storage_root: str | None = None, storage_settings: 
     serve.start(http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s})
     console.adopt_ray_loggers()
     try:
-        serve.run(application(cfg, storage_root, storage_settings), name=cfg.app_name, route_prefix=http.route_prefix, blocking=False)
+        serve.run(application(cfg, storage_root, storage_settings), name=cfg.app_name,
+                  route_prefix=http.route_prefix, blocking=False)
     except RuntimeError:
         reason = replica_error(cfg.app_name)
         if reason is None:

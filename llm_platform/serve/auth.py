@@ -12,17 +12,18 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+from collections.abc import Mapping
 
 from llm_platform.config.serve import AuthConfig
 from llm_platform.errors import ConfigError
 
 
-def load_api_keys(cfg: AuthConfig, environ: dict[str, str] | None = None) -> list[str]:
+def load_api_keys(cfg: AuthConfig, environ: Mapping[str, str] | None = None) -> list[str]:
     """Keys from `cfg.api_key_env` and `cfg.api_key_file`; [] when neither is set. A set source without a key, or
     a key file that cannot be read, is a ConfigError naming it."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     keys: list[str] = []
-    raw = environ.get(cfg.api_key_env)
+    raw = env.get(cfg.api_key_env)
     if raw is not None:
         keys = [k.strip() for k in raw.split(",") if k.strip()]
         if not keys:

@@ -24,6 +24,7 @@ mode its config asks for, and refuses to start otherwise, naming the key and the
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from llm_platform.errors import ConfigError
 
@@ -36,10 +37,10 @@ def validate(mode: str) -> None:
         raise ConfigError(f"serve.http.ingress={mode!r}: must be one of {', '.join(MODES)}")
 
 
-def active(env: dict[str, str] | None = None) -> str:
+def active(env: Mapping[str, str] | None = None) -> str:
     """The mode that Serve runs with in this process's environment (a replica's: its node's)."""
-    env = os.environ if env is None else env
-    return "direct" if all(env.get(k) == v for k, v in DIRECT_ENV.items()) else "proxy"
+    environ: Mapping[str, str] = os.environ if env is None else env
+    return "direct" if all(environ.get(k) == v for k, v in DIRECT_ENV.items()) else "proxy"
 
 
 def prepare(mode: str) -> None:

@@ -154,7 +154,7 @@ class DriftMonitor:
 
     def _maybe_alert(self, report: dict[str, Any]) -> None:
         js, p = report.get("js_divergence"), report.get("psi_prompt_length")
-        over = js is not None and (js > self.js_threshold or p > self.psi_threshold)
+        over = js is not None and (js > self.js_threshold or (p is not None and p > self.psi_threshold))
         if over and not self.alerting:
             self.alerts += 1
             log.warning("DRIFT ALERT: prompt distribution moved from the training data (js_divergence=%.3f > %.3f "

@@ -14,9 +14,10 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,8 +26,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_platform.serve import ingress, limits
-from llm_platform.serve.api import (DEFAULT_CHAT_TEMPLATE, APIError, ChatCompletionRequest, ChatMessage,
-                                    CompletionRequest, error_body, validation_error)
+from llm_platform.serve.api import (
+    DEFAULT_CHAT_TEMPLATE,
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    error_body,
+    validation_error,
+)
 from llm_platform.serve.engine import RequestOutput
 from llm_platform.serve.sampling import TokenLogprob
 from llm_platform.serve.service import Service
@@ -42,11 +50,12 @@ def create_api(service: Service) -> FastAPI:
                   redoc_url=None)
     app.state.service = service
     app.include_router(router)
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(RequestValidationError, _invalid)
+    # Starlette types a handler as taking any Exception; each of these is registered for its own class only.
+    app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     # FastAPI's own errors (a body it cannot parse, such as JSON nested too deep; an unknown route; a wrong method)
     # would be `{"detail": ...}`: the same OpenAI shape as every other error instead.
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_middleware(limits.BodySizeLimit, max_bytes=service.cfg.limits.max_request_bytes)
     return app
 

@@ -68,6 +68,7 @@ def sample_step(logits: torch.Tensor, params: list[SamplingParams], generators: 
         if p.logprobs is not None:
             info.logprob = chosen[row]
             if p.logprobs:
+                assert top_i is not None and top_v is not None  # want >= p.logprobs > 0
                 info.top = list(zip(top_i[row, :p.logprobs].tolist(), top_v[row, :p.logprobs].tolist()))
     return infos
 
@@ -148,7 +149,7 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add a token; return the newly complete text (may be empty)."""
         self.held.append(token_id)
-        if self._decoder is None:
+        if self._decoder is None or self._backend is None:  # (a decoder exists only with a backend)
             return self._window(final=False)
         text = self._decoder.step(self._backend, token_id)
         if text is None:  # an incomplete character (or a skipped special token)

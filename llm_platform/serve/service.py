@@ -6,8 +6,9 @@ OpenAI's log-prob shapes. No Ray, no FastAPI app (routes.py builds that around a
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from functools import lru_cache
-from typing import Any, AsyncIterator
+from typing import Any
 
 from llm_platform.config.serve import ServeConfig
 from llm_platform.serve import auth
@@ -124,7 +125,7 @@ class Service:
                 "text_offset": offsets}
 
     def chat_logprobs(self, tokens: list[TokenLogprob]) -> dict[str, Any]:
-        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
             text = self.token_text(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 

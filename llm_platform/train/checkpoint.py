@@ -72,7 +72,7 @@ def load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: st
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return read_train_state(directory)
@@ -133,7 +133,8 @@ def export_hf(model: torch.nn.Module, tokenizer, uri: str, lineage: dict[str, An
     with tempfile.TemporaryDirectory(prefix="llmp-export-") as tmp:
         base_config = _read_json(os.path.join(base_dir, "config.json")) if base_dir else {}
         if adapter:
-            model.save_pretrained(tmp)
+            peft_model: Any = model  # a peft model (nn.Module's __getattr__ types save_pretrained as a Tensor)
+            peft_model.save_pretrained(tmp)
         else:
             plain = merge_lora(model)
             dtype = base_config.get("dtype") or base_config.get("torch_dtype")

@@ -95,7 +95,8 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoint.keep_latest),
             callbacks=list(callbacks or []),
-            worker_runtime_env={"env_vars": cluster.worker_env()},
+            # Train V2's RunConfig (what ray.train exports at runtime); mypy sees the V1 one from ray.air.
+            worker_runtime_env={"env_vars": cluster.worker_env()},  # type: ignore[call-arg]
         ),
         # No Ray Data here: each worker reads its own share of the split files (train/reader.py).
         # No `resume_from_checkpoint`: Ray Train V2 refuses it. `train.checkpoint.resume_from` reaches the workers in
@@ -105,7 +106,8 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
              train.parallelism.strategy, scaling.num_workers, "GPU" if scaling.use_gpu else "CPU", run_uri)
     with FollowMetrics(run_uri, train.max_steps):
         result = trainer.fit()
-    stopped = result.return_value or {}  # rank 0's return value: set only when a non-finite loss stopped the run
+    # Rank 0's return value: set only when a non-finite loss stopped the run (Train V2's Result; see RunConfig above).
+    stopped = result.return_value or {}  # type: ignore[attr-defined]
     if stopped.get("nonfinite_step"):
         raise TrainingError(f"run {run_uri}: the loss became non-finite ({stopped.get('loss')}) at step "
                             f"{stopped['nonfinite_step']} of train.max_steps={train.max_steps}; training stopped "
@@ -211,13 +213,13 @@ def check(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datase
                           f"trains {', '.join(family.objectives)})")
     kinds = objectives.get(train.objective).dataset_kinds
     if dataset.kind not in kinds:
-        kinds = " or ".join(map(repr, kinds))
-        raise ConfigError(f"train.objective={train.objective!r} needs a {kinds} dataset; {dataset.uri} is "
+        wanted = " or ".join(map(repr, kinds))
+        raise ConfigError(f"train.objective={train.objective!r} needs a {wanted} dataset; {dataset.uri} is "
                           f"{dataset.kind!r} (set data.kind or train.dataset)")
     if train.objective == "mlm" and dataset.special_token_id("mask") is None:
         raise ConfigError(f"train.objective=mlm needs a mask token; the tokenizer of {dataset.uri} has none")
     positions = model.max_position_embeddings
-    if pretrained is not None:
+    if pretrained is not None and pretrained_dir:  # (pretrained is read from pretrained_dir)
         positions = pretrained.get("max_position_embeddings") or pretrained.get("n_positions") or positions
         check_tokenizer(model, dataset, pretrained_dir, int(pretrained.get("vocab_size", 0)))
     if family.name != "t5" and dataset.seq_len > positions:

@@ -24,7 +24,8 @@ import itertools
 import logging
 import math
 import tempfile
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -137,7 +137,7 @@ class MetricsLogger:
         return self._tb
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, "time": time.time()}
+        record: dict[str, Any] = {"step": step, "time": time.time()}
         for key, value in metrics.items():
             record[key] = value if not isinstance(value, float) or math.isfinite(value) else None
         self._append(json.dumps(record, sort_keys=True))
@@ -196,7 +196,7 @@ class FollowMetrics:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="follow-metrics", daemon=True)
 
-    def __enter__(self) -> "FollowMetrics":
+    def __enter__(self) -> FollowMetrics:
         from llm_platform import console
 
         if not console.verbose():

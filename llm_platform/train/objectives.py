@@ -15,8 +15,9 @@ Adding an objective: a member of `config.choices.Objective`, a record in `OBJECT
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -17,7 +17,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay, seen = [], [], set()
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    seen: set[int] = set()
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue

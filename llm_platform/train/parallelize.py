@@ -10,6 +10,8 @@ checkpoint written under FSDP2 loads into DDP, a single process, or the driver's
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 
 from llm_platform.models.build import transformer_blocks
@@ -39,7 +41,8 @@ def parallelize(model: torch.nn.Module, *, parallelism: str, device: torch.devic
     # 1. Activation checkpointing. HF's own hook wraps each block's forward in torch.utils.checkpoint without
     # renaming modules (checkpoint_wrapper would insert `_checkpoint_wrapped_module` into every FQN).
     if activation_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hf: Any = model  # an HF or peft model, its methods duck-typed (nn.Module's __getattr__ says Tensor)
+        base = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()  # LoRA: frozen embeddings must still feed grads into checkpoints
@@ -54,7 +57,7 @@ def parallelize(model: torch.nn.Module, *, parallelism: str, device: torch.devic
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        kwargs = {"mp_policy": mp}
+        kwargs: dict[str, Any] = {"mp_policy": mp}
         if cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
         else:
@@ -84,4 +87,4 @@ def needs_autocast(parallelism: str, compute_dtype: torch.dtype) -> bool:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module under a DDP wrapper (FSDP2 does not wrap, it changes the module's class in place)."""
-    return model.module if hasattr(model, "module") and not hasattr(model, "config") else model
+    return cast(torch.nn.Module, model.module) if hasattr(model, "module") and not hasattr(model, "config") else model

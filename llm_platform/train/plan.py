@@ -14,8 +14,15 @@ from llm_platform.config.train import PlanConfig, ScalingConfig, TrainConfig
 from llm_platform.errors import ConfigError
 from llm_platform.models import families
 from llm_platform.models.build import hf_config, resolve_family
-from llm_platform.models.flops import (GIB, PEAKS, MemoryEstimate, flops_per_token, memory_per_device, model_size,
-                                       normalize_gpu)
+from llm_platform.models.flops import (
+    GIB,
+    PEAKS,
+    MemoryEstimate,
+    flops_per_token,
+    memory_per_device,
+    model_size,
+    normalize_gpu,
+)
 
 
 @dataclass
@@ -48,7 +55,8 @@ class Plan:
             ("tokens per optimizer step", f"{self.tokens_per_step:,}"),
             ("memory per device", f"{m.total / GIB:,.2f} GiB of {self.device_memory_gib:g} GiB "
                                   f"(states {m.states / GIB:.2f}, gathered {m.gathered / GIB:.2f}, activations "
-                                  f"{m.activations / GIB:.2f}, logits {m.logits / GIB:.2f}, overhead {m.overhead / GIB:.2f})"),
+                                  f"{m.activations / GIB:.2f}, logits {m.logits / GIB:.2f}, "
+                                  f"overhead {m.overhead / GIB:.2f})"),
             ("token budget", f"{self.token_budget:,}"),
             (f"time on {self.num_gpus} x {self.gpu_type}", f"{self.hours:,.2f} h"),
             ("cost", f"${self.cost_usd:,.2f}"),

@@ -22,11 +22,10 @@ Plain pyarrow reads (local or S3 through `storage.pyarrow_filesystem`, with its 
 
 from __future__ import annotations
 
-import itertools
-
 import collections
 import dataclasses
-from typing import Iterator, Mapping
+import itertools
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -172,7 +171,8 @@ class PartitionCursor:
         self.files, self.order, self.p = files, order, p
         self.windows = order.windows(p)
         self.starts = np.cumsum([0] + [sum(b.rows for b in w) for w in self.windows])
-        self.w, self.rows, self.pos = -1, None, 0
+        self.w, self.pos = -1, 0
+        self.rows: dict[str, np.ndarray] | None = None
 
     def take(self, local: int) -> dict[str, np.ndarray]:
         """Row `local` of the partition (a forward-moving index; earlier windows are not kept)."""
@@ -182,6 +182,7 @@ class PartitionCursor:
             rows = {c: np.concatenate([x[c] for x in parts]) for c in parts[0]}
             perm = self.order.window_permutation(self.p, w, len(next(iter(rows.values()))))
             self.rows, self.w = {c: v[perm] for c, v in rows.items()}, w
+        assert self.rows is not None  # read above: w >= 0 never equals the initial -1
         i = local - int(self.starts[w])
         return {c: v[i] for c, v in self.rows.items()}
 

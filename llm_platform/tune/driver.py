@@ -141,7 +141,7 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
         version = register_winner(storage_root, tune_cfg.register_as or model.name, winner, tune_cfg, sweep_uri)
     record = {
         "name": tune_cfg.name, "uri": sweep_uri, "fingerprint": fingerprint,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "metric": tune_cfg.metric, "mode": tune_cfg.mode, "scheduler": tune_cfg.scheduler, "search": tune_cfg.search,
         "trials": {s: sum(t.status == s for t in trials) for s in (FINISHED, STOPPED, ERROR)},
         "iterations": sum(t.iterations for t in trials),
@@ -285,7 +285,7 @@ def bound(train: TrainConfig, dims: list[spaces.Dimension], key: str, pick) -> i
     for d in dims:
         if d.key == f"train.{key}":
             return int(pick(d.values))
-    node = train
+    node: Any = train
     for part in key.split("."):
         node = getattr(node, part)
     return int(node)

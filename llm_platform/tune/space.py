@@ -95,15 +95,16 @@ def _parse_one(key: str, value: Any, schema: type) -> Dimension:
     if isinstance(value, str) and _STRING_SPEC.match(value):
         kind, inner = _STRING_SPEC.match(value).groups()  # type: ignore[union-attr]
         try:
-            args = [float(a) if isinstance(a, str) and _NUMBER.match(a) else a for a in yaml.safe_load(f"[{inner}]")]
+            parsed = [float(a) if isinstance(a, str) and _NUMBER.match(a) else a for a in yaml.safe_load(f"[{inner}]")]
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: cannot read the arguments of {value!r}: {e}") from None
-        value = {kind: args}
+        value = {kind: parsed}
+    args: tuple[Any, ...]
     if isinstance(value, dict):
-        (kind, args), = value.items()
-        if not isinstance(args, (list, tuple)):
-            raise ConfigError(f"{where}.{kind} needs a list, got {args!r}")
-        args = tuple(args)
+        (kind, given), = value.items()
+        if not isinstance(given, (list, tuple)):
+            raise ConfigError(f"{where}.{kind} needs a list, got {given!r}")
+        args = tuple(given)
     else:
         kind, args = "fixed", (value,)
     if kind in ("loguniform", "uniform", "randint"):

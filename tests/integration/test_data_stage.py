@@ -41,8 +41,9 @@ def unique_docs(n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def salted_corpus(s3_server, request):
     """A corpus on S3 salted with every kind of bad input; returns (bucket, sources, good docs, planted reasons)."""
-    import boto3
     import uuid
+
+    import boto3
 
     bucket = f"corpus-{uuid.uuid4().hex[:8]}"
     s3 = boto3.client("s3", endpoint_url=s3_server)

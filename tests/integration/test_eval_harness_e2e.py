@@ -19,9 +19,9 @@ import shutil
 import threading
 import time
 
+import eval_fixtures as fx
 import pytest
 
-import eval_fixtures as fx
 from llm_platform import storage
 from llm_platform.config.evaluate import BiasConfig, EvalConfig, GateConfig, HarnessConfig, RobustnessConfig
 
@@ -116,8 +116,8 @@ def world(tmp_path_factory):
 def endpoint(world):
     """Our OpenAI-compatible app over the same model folder, on 127.0.0.1, no API keys."""
     import uvicorn
-
     from conftest import free_port
+
     from llm_platform.config.serve import AuthConfig, ServeConfig
     from llm_platform.serve.engine import Engine, load_model
     from llm_platform.serve.routes import Service, create_api

@@ -8,9 +8,9 @@ import shutil
 import subprocess
 import sys
 
+import eval_fixtures as fx
 import pytest
 
-import eval_fixtures as fx
 from llm_platform import storage
 from llm_platform.config.evaluate import BiasConfig, EvalConfig, HumanConfig, RobustnessConfig
 from llm_platform.errors import DataError, StageError

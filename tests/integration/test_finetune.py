@@ -12,13 +12,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-
 from checkpoint_fixtures import gpt2_checkpoint, llama3_checkpoint, tokenizer_files, write_chats
+from train_fixtures import ordered_rows, read_rows
+
 from llm_platform import storage
 from llm_platform.config import compose
 from llm_platform.data.dataset import open_dataset
 from llm_platform.train.objectives import count_targets, loss_sum, prepare_batch
-from train_fixtures import ordered_rows, read_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SPECIAL = {"eos": 0, "pad": 0, "mask": None}
@@ -89,10 +89,10 @@ def test_full_finetune_of_a_gpt2_layout(ray_session, tmp_path, chats):
 
 
 def test_run_finetune_lora_end_to_end_then_chat(ray_session, tmp_path, chats):
+    from conftest import free_port
     from ray import serve
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import free_port
     from llm_platform import registry
     from llm_platform.runner import run_all
 

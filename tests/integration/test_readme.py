@@ -86,7 +86,8 @@ def installed(tmp_path_factory) -> dict:
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = Path(subprocess.check_output([str(venv / "bin" / "python"), "-c",
-                                         "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+                                         "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
     (site / "borrowed_test_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
                     "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True)

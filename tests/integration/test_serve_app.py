@@ -11,7 +11,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import free_port
 from serve_fixtures import build_tiny_model, sample_texts
 

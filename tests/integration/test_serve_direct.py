@@ -11,12 +11,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-
 from conftest import free_port
 from serve_fixtures import build_tiny_model
 

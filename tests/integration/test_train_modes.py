@@ -26,12 +26,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from secret_fixtures import files_containing, ray_session_dir, sentinel_secrets
+from train_fixtures import make_dataset, plain_pytorch_run
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.errors import ConfigError
-from secret_fixtures import files_containing, ray_session_dir, sentinel_secrets
-from train_fixtures import make_dataset, plain_pytorch_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)

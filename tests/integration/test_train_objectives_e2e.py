@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
+from train_fixtures import make_dataset, read_rows
 
 from llm_platform.config.model import LoraConfig, ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ScalingConfig, TrainConfig
 from llm_platform.data.dataset import open_dataset
 from llm_platform.models.build import build_model, model_class
 from llm_platform.train.objectives import count_targets, loss_sum, prepare_batch
-from train_fixtures import make_dataset, read_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,7 +32,8 @@ def export_val_loss(export_uri: str, family: str, dataset_uri: str, tc: TrainCon
     model = model_class(family).from_pretrained(export_uri, use_safetensors=True).eval()
     rows = {k: v[:tc.micro_batch_size] for k, v in read_rows(dataset_uri, "val").items()}
     inputs, targets = prepare_batch(tc.objective, rows, special=special, vocab_size=info.vocab_size,
-                                    mlm_probability=tc.mlm_probability, generator=torch.Generator().manual_seed(tc.seed))
+                                    mlm_probability=tc.mlm_probability,
+                                    generator=torch.Generator().manual_seed(tc.seed))
     with torch.no_grad():
         logits = model(**inputs).logits
     return (loss_sum(logits, targets) / count_targets(targets)).item()

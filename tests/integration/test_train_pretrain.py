@@ -13,11 +13,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from train_fixtures import make_dataset, plain_pytorch_run, read_rows
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.data.dataset import open_dataset
-from train_fixtures import make_dataset, plain_pytorch_run, read_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

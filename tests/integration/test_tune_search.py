@@ -15,6 +15,7 @@ import json
 import os
 
 import pytest
+from train_fixtures import make_dataset
 
 from llm_platform import registry
 from llm_platform.config.model import ModelConfig
@@ -23,7 +24,6 @@ from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError
 from llm_platform.tune.driver import check, make_scheduler, make_search, run_sweep
 from llm_platform.tune.space import flatten_params, parse_space, to_param_space
-from train_fixtures import make_dataset
 
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)
 # Reports (validation + checkpoint) at steps 2 and 4.
@@ -80,8 +80,8 @@ def test_pbt_clones_the_better_trial_into_the_worse(ray_session, dataset, tmp_pa
     # Reports at steps 2, 4, 6 (iterations 1-3); the only perturbation is at iteration 2 (step 4).
     train = dataclasses.replace(TRAIN, max_steps=6)
     cfg = TuneConfig(name="pbt-sweep", space={"train.optimizer.lr": {"grid": [3e-3, 1e-5]}}, num_samples=1,
-                     scheduler="pbt", perturbation_interval_reports=2, pbt_synch=True, max_concurrent_trials=2, register_as="tiny-pbt",
-                     verbose=0)
+                     scheduler="pbt", perturbation_interval_reports=2, pbt_synch=True, max_concurrent_trials=2,
+                     register_as="tiny-pbt", verbose=0)
     result = run_sweep(cfg, MODEL, train, SCALING, dataset, root)
 
     assert len(result.trials) == 2 and all(t.status == "finished" for t in result.trials), result.table

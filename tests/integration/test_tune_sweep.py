@@ -13,13 +13,13 @@ import os
 import time
 
 import pytest
+from train_fixtures import make_dataset
 
 from llm_platform import registry
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 from llm_platform.tune.driver import run_sweep
-from train_fixtures import make_dataset
 
 # A sweep is several Ray Train runs; on the shared, overloaded CI box one trial's first validation alone can take
 # minutes (Ray Data start-up), so these tests get more than the suite's 900 s default.

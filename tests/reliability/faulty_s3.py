@@ -22,8 +22,8 @@ import random
 import socket
 import struct
 import threading
+from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterable, Mapping
 from urllib.parse import unquote, urlsplit
 
 FAULTS = ("internal_error", "slow_down", "service_unavailable", "reset")
@@ -145,7 +145,7 @@ class FaultyS3:
                 return fault
         return None
 
-    def start(self) -> "FaultyS3":
+    def start(self) -> FaultyS3:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

@@ -21,8 +21,8 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from faulty_s3 import FAULTS, FaultyS3
+
 from llm_platform import storage
 from llm_platform.config import compose
 from llm_platform.data import pipeline, sample
@@ -214,9 +214,9 @@ def test_checkpoints_and_export_under_s3_faults_match_a_clean_run(ray_session, s
     the logged losses are identical to a clean run with the same seed straight to moto."""
     import torch
     from safetensors.torch import load_file
+    from train_fixtures import make_dataset
 
     from llm_platform.train.launcher import launch
-    from train_fixtures import make_dataset
 
     bucket = new_bucket(s3_server, "faults-train")
     dataset = make_dataset(f"s3://{bucket}/data", "pretrain", seq_len=32, num_documents=200)

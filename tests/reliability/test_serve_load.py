@@ -26,7 +26,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import free_port
 from secret_fixtures import files_containing, ray_session_dir
 from serve_fixtures import build_tiny_model, sample_texts

@@ -20,6 +20,7 @@ import sys
 import time
 
 import pytest
+from train_fixtures import make_dataset
 
 from llm_platform import registry
 from llm_platform.config import as_dict
@@ -28,7 +29,6 @@ from llm_platform.config.train import CheckpointConfig, OptimizerConfig, Paralle
 from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError
 from llm_platform.tune.driver import run_sweep
-from train_fixtures import make_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 

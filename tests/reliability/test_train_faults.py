@@ -24,11 +24,11 @@ import time
 
 import numpy as np
 import pytest
+from train_fixtures import make_dataset
 
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
-from train_fixtures import make_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -2,9 +2,9 @@
 
 import os
 
+import eval_fixtures as fx
 import pytest
 
-import eval_fixtures as fx
 from llm_platform.commands import explain as explain_cmd
 
 

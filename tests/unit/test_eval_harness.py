@@ -160,7 +160,8 @@ def test_chat_prompts_in_process_need_the_models_chat_template(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
     tasks = harness.HarnessTasks(names=["llmp_echo"], manager=None, folder=None)
-    with pytest.raises(ConfigError, match="eval.harness.apply_chat_template=true but the tokenizer .* no chat template"):
+    with pytest.raises(ConfigError,
+                       match="eval.harness.apply_chat_template=true but the tokenizer .* no chat template"):
         harness.run_harness(HarnessConfig(tasks=["llmp_echo"], apply_chat_template=True), tasks, str(tmp_path))
     (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
     assert harness._has_chat_template(str(tmp_path))

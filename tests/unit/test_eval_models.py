@@ -3,11 +3,11 @@
 import math
 import os
 
+import eval_fixtures as fx
 import numpy as np
 import pytest
 import torch
 
-import eval_fixtures as fx
 from llm_platform.evaluate import explain, generation, models, perplexity
 
 

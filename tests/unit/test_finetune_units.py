@@ -8,9 +8,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from checkpoint_fixtures import LLAMA3_TEMPLATE, conversation, gpt2_checkpoint, llama3_checkpoint, tokenizer_files
 
-from checkpoint_fixtures import (LLAMA3_TEMPLATE, conversation, gpt2_checkpoint, llama3_checkpoint,
-                                 tokenizer_files)
 from llm_platform.config.model import LoraConfig, ModelConfig
 from llm_platform.config.tokenizer import TokenizerConfig
 from llm_platform.data import chat
@@ -259,9 +258,10 @@ def test_the_export_changes_only_the_weights(gpt2, llama3, tmp_path, lora):
 
 
 def test_a_dataset_from_another_tokenizer_is_refused_naming_both(gpt2, tmp_path):
+    from train_fixtures import make_dataset
+
     from llm_platform.config.train import ScalingConfig, TrainConfig
     from llm_platform.train.launcher import preflight
-    from train_fixtures import make_dataset
 
     # A BPE trained on the corpus (the old default) with the GPT-2 checkpoint's exact vocab size: same size,
     # other ids. Sizes alone would have let it through.
@@ -286,6 +286,7 @@ def test_the_default_template_renders_as_servings_fallback(gpt2):
 
 def test_chat_files_are_read_with_bad_records_named_by_line(tmp_path):
     from checkpoint_fixtures import write_chats
+
     from llm_platform.config.data import DataConfig
     from llm_platform.data import sources
 

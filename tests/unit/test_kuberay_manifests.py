@@ -16,7 +16,7 @@ import importlib.util
 import json
 import posixpath
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jsonschema
@@ -58,7 +58,7 @@ def _strict(schema):
     return schema
 
 
-@lru_cache(maxsize=None)
+@cache
 def _crd_validator(kind: str) -> jsonschema.Draft7Validator:
     """A validator for the strict v1 schema of a KubeRay kind (built once: the CRDs are about 1 MB each)."""
     path = CRDS / KIND_TO_CRD[kind]
@@ -368,7 +368,7 @@ def _check_container_security(context: dict | None, pod_context: dict, where: st
 def test_every_container_runs_restricted_with_a_writable_tmp():
     for path, doc in _all_manifests():
         cluster = _cluster_spec(doc)
-        for group, role, template in _pod_templates(doc):
+        for group, _role, template in _pod_templates(doc):
             where = f"{path.name}/{group}"
             pod = template["spec"]
             pod_context = pod.get("securityContext") or {}

@@ -28,7 +28,8 @@ def test_bad_shapes_name_the_key():
 
 
 def test_lora_trains_only_adapters_and_merges_into_plain_weights():
-    cfg = ModelConfig(family="llama", hidden_size=32, lora=LoraConfig(enabled=True, rank=4, target_modules=["q_proj", "v_proj", "c_attn"]))
+    cfg = ModelConfig(family="llama", hidden_size=32,
+                      lora=LoraConfig(enabled=True, rank=4, target_modules=["q_proj", "v_proj", "c_attn"]))
     model = build_model(cfg, 300, SPECIAL)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

@@ -4,7 +4,15 @@ import pytest
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.models.build import build_model, count_parameters, hf_config
-from llm_platform.models.flops import PEAKS, flops_per_token, memory_per_device, mfu, model_size, normalize_gpu, peak_flops
+from llm_platform.models.flops import (
+    PEAKS,
+    flops_per_token,
+    memory_per_device,
+    mfu,
+    model_size,
+    normalize_gpu,
+    peak_flops,
+)
 
 SPECIAL = {"eos": 0, "pad": 1, "mask": 2}
 

@@ -8,12 +8,12 @@ import json
 import httpx
 import openai
 import pytest
+from serve_fixtures import build_tiny_model
 
 from llm_platform.config.serve import AuthConfig, LimitsConfig, ServeConfig
 from llm_platform.serve.api import CompletionRequest, validation_error
 from llm_platform.serve.engine import Engine, load_model
 from llm_platform.serve.routes import Service, create_api
-from serve_fixtures import build_tiny_model
 
 KEY = "sk-test-0123456789"
 

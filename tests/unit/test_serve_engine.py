@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 import torch
+from serve_fixtures import build_tiny_model
 
 from llm_platform.serve.engine import Engine, EngineOverloaded, load_model
 from llm_platform.serve.sampling import SamplingParams, StopMatcher, TextStream, sample_rows
-from serve_fixtures import build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +304,8 @@ def test_weights_only_from_safetensors(tmp_path, tiny):
 def _head_inputs(model) -> tuple[list[tuple[int, ...]], object]:
     """Shapes of every input to the model's output head (the full-vocabulary projection), and the hook handle."""
     shapes: list[tuple[int, ...]] = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     return shapes, handle
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from llm_platform.serve.monitor import (DriftMonitor, js_divergence, psi, reference_from_manifest,
-                                        reference_from_texts)
 from serve_fixtures import build_tiny_model, sample_texts
+
+from llm_platform.serve.monitor import DriftMonitor, js_divergence, psi, reference_from_manifest, reference_from_texts
 
 
 @pytest.fixture(scope="module")

@@ -59,8 +59,8 @@ def test_registering_a_large_model_streams_it(direction, tmp_path, s3_bucket, s3
 
     version = registry.latest(root, "big")
     print(f"{direction}: peak {peak:.1f} MB")
-    assert [n for n in storage.list_files(version.uri) if not n.startswith(".")] == ["config.json", "lineage.json", "model.safetensors",
-                                               "tokenizer/tokenizer.json"]
+    assert [n for n in storage.list_files(version.uri) if not n.startswith(".")] == [
+        "config.json", "lineage.json", "model.safetensors", "tokenizer/tokenizer.json"]
     fs, path = storage.filesystem(storage.join(version.uri, "model.safetensors"))
     assert fs.info(path)["size"] == FILE_MB * 2**20
     with open(os.path.join(local_model, "model.safetensors"), "rb") as f:

@@ -1,12 +1,12 @@
 """Bad training configs fail before any worker starts, with the key, file or field named."""
 
 import pytest
+from train_fixtures import make_dataset
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.errors import ConfigError, DataError
 from llm_platform.train.launcher import preflight
-from train_fixtures import make_dataset
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,8 @@ def cli(*args, timeout=300):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "llm_platform", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "llm_platform", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_plan_command_prints_the_plan_and_refuses_what_cannot_fit():

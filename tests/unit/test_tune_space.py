@@ -4,11 +4,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from llm_platform.config import as_dict, compose, from_dict
-from llm_platform.config.train import CheckpointConfig, TrainConfig
+from llm_platform.config.train import CheckpointConfig, ScalingConfig, TrainConfig
+from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError
 from llm_platform.tune.driver import check, expected_trials, make_scheduler, reports_per_trial
-from llm_platform.config.train import ScalingConfig
-from llm_platform.config.tune import TuneConfig
 from llm_platform.tune.space import apply_params, flatten_params, parse_space, to_param_space
 
 
