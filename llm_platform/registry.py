@@ -125,7 +125,7 @@ def register(root: str, name: str, model_uri: str, lineage: dict[str, Any], *,
     record.update({
         "kind": "model_version",
         "model": {"name": name, "version": version, "uri": uri},
-        "registered_at": dt.datetime.now(dt.UTC).isoformat(),
+        "registered_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "source_uri": model_uri,
     })
     record.setdefault("created_at", record["registered_at"])

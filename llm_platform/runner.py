@@ -164,7 +164,7 @@ def run_all(cfg: PlatformConfig, connect=None) -> RunSummary:
 
     stage("serve", serve)
     summary.chain = lineage_chain(root, model_name(cfg), state, summary.endpoint)
-    storage.write_json(storage.join(root, STATUS), {"finished_at": dt.datetime.now(dt.UTC).isoformat(),
+    storage.write_json(storage.join(root, STATUS), {"finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                                                      "stages": summary.stages, "chain": summary.chain,
                                                      "sample": summary.sample})
     return summary

@@ -237,7 +237,7 @@ def run_eval(cfg: EvalConfig, storage_root: str, *, connect=None) -> EvalResult:
                              metrics=metrics, skipped=skipped, sections=sections, images=images,
                              gate_table=gate.format_table(gate_result) if gate_result else None)
     record = {"model": model_info, "name": cfg.name, "metrics": metrics, "skipped": skipped,
-              "created_at": dt.datetime.now(dt.UTC).isoformat(),
+              "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
               "dataset": lineage.get("dataset"), "config": _plain(cfg),
               "gate": gate_result.to_dict() if gate_result else None}
     report.write_report(data, folder, record)

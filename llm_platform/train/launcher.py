@@ -117,7 +117,7 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
     checkpoint_uri = storage.join(run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
     lineage = {
         "kind": "run",
-        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "code_version": code_version(),
         "dataset": {"uri": dataset.uri, "fingerprint": dataset.fingerprint, "manifest_sha256": dataset.manifest_sha256,
                     "tokenizer_sha256": dataset.tokenizer_sha256},

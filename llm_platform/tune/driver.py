@@ -141,7 +141,7 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
         version = register_winner(storage_root, tune_cfg.register_as or model.name, winner, tune_cfg, sweep_uri)
     record = {
         "name": tune_cfg.name, "uri": sweep_uri, "fingerprint": fingerprint,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "metric": tune_cfg.metric, "mode": tune_cfg.mode, "scheduler": tune_cfg.scheduler, "search": tune_cfg.search,
         "trials": {s: sum(t.status == s for t in trials) for s in (FINISHED, STOPPED, ERROR)},
         "iterations": sum(t.iterations for t in trials),
