@@ -141,14 +141,15 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     work = storage.join(out, "_work")
     timings: dict[str, float] = {}
     resumed: list[str] = []  # phases found complete from an interrupted earlier run
-    cpu = [0.0]
+    cpu = [0.0, 0.0]  # the tasks' CPU and wall seconds
     tasks = functools.partial(_tasks, cpu=cpu)
 
     def timed(phase: str, call: Callable[[], Any]) -> Any:
-        start, cpu_start = time.perf_counter(), cpu[0]
+        start, cpu_start, wall_start = time.perf_counter(), cpu[0], cpu[1]
         value = call()
         timings[f"{phase}_s"] = time.perf_counter() - start
         timings[f"{phase}_tasks_cpu_s"] = cpu[0] - cpu_start
+        timings[f"{phase}_tasks_wall_s"] = cpu[1] - wall_start
         return value
 
     files = timed("read_clean", lambda: _read_and_clean(tasks, inputs, cfg, work))
@@ -172,7 +173,8 @@ def _tasks(fn: Callable[..., Any], items: list[tuple], *, num_cpus: float, cpu: 
     results in the items' order. Items and results travel pickled in a binary column. Each task runs with the
     driver's storage settings (endpoint, region, retries): a pooled worker process serves many stages and runs. A
     `DataError` raised in a task comes back as a value and is raised here as itself, naming the file or record.
-    The tasks' own CPU-seconds are added to `cpu[0]` (the manifest's timings show work against wall time)."""
+    The tasks' own CPU-seconds are added to `cpu[0]` and their wall seconds to `cpu[1]` (the manifest's timings
+    show work against waiting)."""
     import ray.data
 
     if not items:
@@ -184,12 +186,13 @@ def _tasks(fn: Callable[..., Any], items: list[tuple], *, num_cpus: float, cpu: 
                               fn_kwargs={"fn": fn, "kwargs": kwargs, "settings": storage.settings()})
     results: list[Any] = [None] * len(items)
     for row in ds.iter_rows():
-        error, value, cpu_s = pickle.loads(row["result"])
+        error, value, cpu_s, wall_s = pickle.loads(row["result"])
         if error is not None:
             raise DataError(error)
         results[int(row["i"])] = value
         if cpu is not None:
             cpu[0] += cpu_s
+            cpu[1] += wall_s
     return results
 
 
@@ -197,11 +200,12 @@ def _call(batch: dict, fn: Callable[..., Any], kwargs: dict[str, Any], settings:
     out = []
     with storage.using(settings):
         for item in batch["item"]:
-            start = time.process_time()  # the task's own CPU (with its threads), not Ray's or the driver's
+            start, wall = time.process_time(), time.perf_counter()  # the task's own CPU (with its threads)
             try:
-                out.append(pickle.dumps((None, fn(*pickle.loads(item), **kwargs), time.process_time() - start)))
+                value = fn(*pickle.loads(item), **kwargs)
+                out.append(pickle.dumps((None, value, time.process_time() - start, time.perf_counter() - wall)))
             except DataError as e:
-                out.append(pickle.dumps((str(e), None, 0.0)))
+                out.append(pickle.dumps((str(e), None, 0.0, 0.0)))
     return {"i": batch["i"], "result": out}
 
 
