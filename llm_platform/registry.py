@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_platform import names, storage
+from llm_platform import layout, names, storage
 from llm_platform.errors import StageError
 
 PREFIX = "registry:"
@@ -51,7 +51,7 @@ class ModelVersion:
 
 def _model_uri(root: str, name: str) -> str:
     names.check(name, "registry model name", RegistryError)
-    return storage.join(root, "registry", name)
+    return layout.registered_model(root, name)
 
 
 def _check_version(name: str, version: str) -> str:
@@ -69,7 +69,7 @@ def _versions(root: str, name: str) -> list[str]:
 
 def model_names(root: str) -> list[str]:
     """Registered model names."""
-    return [n for n in storage.listdir(storage.join(root, "registry")) if names.is_valid(n)]
+    return [n for n in storage.listdir(layout.registry(root)) if names.is_valid(n)]
 
 
 def get(root: str, name: str, version: str) -> ModelVersion:

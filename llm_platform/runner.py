@@ -19,13 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_platform import registry, storage
+from llm_platform import layout, registry, storage
 from llm_platform.config import PlatformConfig
 from llm_platform.errors import ConfigError, StageError
 
 log = logging.getLogger("llm_platform.run")
 STAGES = ["data", "train", "register", "eval", "serve"]
-STATUS = "status/last_run.json"
 
 
 @dataclass
@@ -138,7 +137,7 @@ def run_all(cfg: PlatformConfig, connect=None) -> RunSummary:
 
         mv = version or _latest_or_fail(root, model_name(cfg))
         eval_cfg = dataclasses.replace(cfg.eval, model=f"registry:{mv.name}/{mv.version}")
-        out = storage.join(root, "evals", mv.name, mv.version, eval_cfg.name, "metrics.json")
+        out = layout.eval_metrics(root, mv.name, mv.version, eval_cfg.name)
         if storage.exists(out):
             return {"uri": out, "metrics": storage.read_json(out), "gate": None}, True, out
         result = run_eval(eval_cfg, root, connect=connect)
@@ -164,7 +163,7 @@ def run_all(cfg: PlatformConfig, connect=None) -> RunSummary:
 
     stage("serve", serve)
     summary.chain = lineage_chain(root, model_name(cfg), state, summary.endpoint)
-    storage.write_json(storage.join(root, STATUS), {"finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    storage.write_json(layout.last_run_status(root), {"finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                                                      "stages": summary.stages, "chain": summary.chain,
                                                      "sample": summary.sample})
     return summary

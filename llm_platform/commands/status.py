@@ -5,14 +5,14 @@ import sys
 
 
 def main() -> None:
-    from llm_platform import storage
+    from llm_platform import layout, storage
     from llm_platform.config import compose
-    from llm_platform.runner import STAGES, STATUS
+    from llm_platform.runner import STAGES
 
     overrides = [a for a in sys.argv[1:] if "=" in a]
     cfg = compose("run", overrides)
     storage.configure(cfg.storage)
-    uri = storage.join(cfg.storage.root, STATUS)
+    uri = layout.last_run_status(cfg.storage.root)
     if not storage.exists(uri):
         print(f"no run recorded under {cfg.storage.root} yet: start one with `llm-platform run`", file=sys.stderr)
         raise SystemExit(1)

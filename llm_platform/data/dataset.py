@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
 
 from llm_platform import storage
+from llm_platform.data.manifest import Manifest
 from llm_platform.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -44,7 +44,7 @@ class DatasetInfo:
     """What a consumer needs from a dataset folder."""
 
     uri: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     files: dict[str, list[str]] = field(default_factory=dict)
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -14,13 +14,48 @@ from llm_platform.data.exchange import sum_counters
 FORMAT_VERSION = 2  # bump when the shard layout or any phase's semantics change: it is part of the fingerprint
 
 
-def _empty_split() -> dict[str, Any]:
+class Split(TypedDict):
+    """One split's entry in the manifest."""
+
+    files: list[str]  # shard paths relative to the dataset folder
+    num_records: int
+    num_tokens: int
+    documents: int
+    tokens_in: int
+    remainder_tokens: int
+    skipped_prompt_too_long: int
+    chat: dict[str, int]  # chat: truncated and skipped conversations by reason
+
+
+class Manifest(TypedDict, total=False):
+    """`manifest.json`: what the data stage wrote, read by every later stage (`dataset.DatasetInfo.manifest`).
+    Documented field by field in docs/ARCHITECTURE.md ("Records shared between stages")."""
+
+    name: str
+    fingerprint: str
+    format_version: int
+    kind: str
+    seq_len: int
+    target_len: int
+    tokenizer: dict[str, Any]  # path, sha256, vocab_size, eos/pad/mask token ids (+ base_sha256 ... if pretrained)
+    splits: dict[str, Split]  # "train", "val"
+    counts: dict[str, Any]
+    skipped: list[dict[str, Any]]
+    inputs: list[dict[str, Any]]
+    config: dict[str, Any]
+    stats: dict[str, Any]  # token_frequencies, doc_length_tokens: the drift monitor's reference
+    timings_s: dict[str, float]
+    created_at: str
+    resumed_phases: list[str]
+
+
+def _empty_split() -> Split:
     return {"files": [], "num_records": 0, "num_tokens": 0, "documents": 0, "tokens_in": 0, "remainder_tokens": 0,
             "skipped_prompt_too_long": 0, "chat": {}}
 
 
 def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], files: list[dict], dups: dict,
-          tok_record: dict, shards: list[dict], timings: dict[str, float]) -> dict[str, Any]:
+          tok_record: dict, shards: list[dict], timings: dict[str, float]) -> Manifest:
     """The manifest from the stage's per-file counts (`prepare.prepare_file`), the duplicates, the tokenizer's
     record and the shards' entries (`shards.pack_shard`)."""
     counts: dict[str, Any] = {"files": len(inputs), "records_in": sum(int(f["records"]) for f in files),
@@ -36,7 +71,7 @@ def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], files: lis
         counts["dropped"][reason] = counts["dropped"].get(reason, 0) + 1
     counts["exact_duplicates"] = int(dups["exact"].sum())
     counts["near_duplicates"] = int((~dups["exact"]).sum())
-    splits: dict[str, dict] = {}
+    splits: dict[str, Split] = {}
     token_counts = np.zeros(tok_record["vocab_size"], dtype=np.int64)
     hist = np.zeros(len(pack.LENGTH_EDGES) - 1, dtype=np.int64)
     for s in sorted(shards, key=lambda r: r["shard"]):

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_platform import console, names, storage
+from llm_platform import console, layout, names, storage
 from llm_platform.config.data import DataConfig
 from llm_platform.config.tokenizer import TokenizerConfig
 from llm_platform.data import manifest as manifests
@@ -57,7 +57,7 @@ class DatasetResult:
     """A finished dataset folder and its manifest."""
 
     uri: str
-    manifest: dict[str, Any]
+    manifest: manifests.Manifest
     reused: bool = False
 
     def summary(self) -> str:
@@ -80,7 +80,7 @@ def validate(cfg: DataConfig, tok: TokenizerConfig) -> None:
 
 
 def sample_corpus_uri(cfg: DataConfig, root: str) -> str:
-    return storage.join(root, "corpora", f"sample-n{cfg.sample.num_documents}-s{cfg.sample.seed}", "sample.jsonl")
+    return layout.sample_corpus(root, cfg.sample.num_documents, cfg.sample.seed)
 
 
 def _inputs(cfg: DataConfig, root: str, create: bool) -> tuple[list[dict], list[dict]]:
@@ -110,7 +110,7 @@ def resolve_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str) -> str | N
     inputs, _ = _inputs(cfg, root, create=False)
     if not inputs:
         return None
-    uri = storage.join(root, "datasets", cfg.name, fingerprint(cfg, tok, inputs, root))
+    uri = layout.dataset(root, cfg.name, fingerprint(cfg, tok, inputs, root))
     return uri if storage.exists(storage.join(uri, MANIFEST)) else None
 
 
@@ -129,7 +129,7 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
         reasons = "; ".join(f"{m['source']}: {m['reason']}" for m in missing) or "data.sources is empty"
         raise DataError(f"no readable input files: {reasons}")
     fp = fingerprint(cfg, tok, inputs, root)
-    out = storage.join(root, "datasets", cfg.name, fp)
+    out = layout.dataset(root, cfg.name, fp)
     if storage.exists(storage.join(out, MANIFEST)):
         log.info("dataset %s is complete; nothing to do", out)
         return DatasetResult(out, storage.read_json(storage.join(out, MANIFEST)), reused=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llm_platform.data.manifest import Manifest
 
 
-def summary_table(manifest: dict[str, Any]) -> str:
+def summary_table(manifest: Manifest) -> str:
     """A plain-text table: inputs, drops per reason, duplicates, splits, tokens, and a sample of skipped records."""
     from rich.console import Console
     from rich.table import Table

@@ -104,9 +104,9 @@ def compare(current: dict[str, float], baseline: dict[str, float], guard_metrics
 
 def load_baseline(storage_root: str, model_name: str, version: str, eval_name: str) -> tuple[dict[str, float], str]:
     """The stored metrics of `evals/<model>/<version>/<eval_name>/metrics.json`; a clear error when absent."""
-    from llm_platform import storage
+    from llm_platform import layout, storage
 
-    uri = storage.join(storage_root, "evals", model_name, version, eval_name, "metrics.json")
+    uri = layout.eval_metrics(storage_root, model_name, version, eval_name)
     if not storage.exists(uri):
         raise ConfigError(f"eval.compare_to={version}: no stored evaluation at {uri} (evaluate version {version} "
                           f"with eval.name={eval_name} first)")

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_platform import names, storage
+from llm_platform import layout, names, storage
 from llm_platform.config.evaluate import EvalConfig
 from llm_platform.errors import ConfigError, DataError
 
@@ -116,7 +116,7 @@ def run_eval(cfg: EvalConfig, storage_root: str, *, connect=None) -> EvalResult:
     names.check(cfg.name, "eval.name")  # it becomes the folder evals/<model>/<version>/<name>/
     mv = models.resolve(cfg.model, storage_root)
     lineage = mv.lineage or {}
-    out_uri = cfg.output_uri or storage.join(storage_root, "evals", mv.name, mv.version, cfg.name)
+    out_uri = cfg.output_uri or layout.evaluation(storage_root, mv.name, mv.version, cfg.name)
     skipped: dict[str, str] = {}
     sections: dict[str, Any] = {}
     metrics: dict[str, float] = {}

@@ -19,7 +19,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from llm_platform import names, storage
+from llm_platform import layout, names, storage
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
@@ -73,7 +73,7 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
     dataset, pretrained_dir = preflight(model, train, scaling, dataset_uri, storage_root)
     run_name = run_name or train.run_name or f"{model.name}-{train.objective}-{dataset.fingerprint[:8]}"
     names.check(run_name, "train.run_name")  # it becomes the folder runs/<run_name>/
-    run_uri = storage.join(storage_root, "runs", run_name)
+    run_uri = layout.run(storage_root, run_name)
     config_record = {"model": as_dict(model), "train": as_dict(train), "scaling": as_dict(scaling)}
     done = finished_run(run_uri, config_record)
     if done:
@@ -83,7 +83,7 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
         connect()
 
     worker_config = build_worker_config(model, train, scaling, dataset, run_uri, pretrained_dir)
-    fs, runs_path = storage.pyarrow_filesystem(storage.join(storage_root, "runs"))
+    fs, runs_path = storage.pyarrow_filesystem(layout.runs(storage_root))
     from llm_platform import cluster
 
     trainer = TorchTrainer(

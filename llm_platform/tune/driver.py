@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_platform import names, storage
+from llm_platform import layout, names, storage
 from llm_platform.config import as_dict, from_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
@@ -75,7 +75,7 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
     names.check(tune_cfg.name, "tune.name")  # it becomes the folder sweeps/<name>/
     dims = spaces.parse_space(tune_cfg.space)
     check(tune_cfg, train, scaling, dims)
-    sweep_uri = storage.join(storage_root, "sweeps", tune_cfg.name)
+    sweep_uri = layout.sweep(storage_root, tune_cfg.name)
     base = {"model": as_dict(model), "train": {**as_dict(train), "register_as": None}, "scaling": as_dict(scaling)}
     fingerprint = storage.fingerprint({"tune": {k: v for k, v in as_dict(tune_cfg).items() if k != "resume"},
                                        **base, "dataset": dataset_uri})
@@ -103,7 +103,7 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=tune_cfg.resume_errored, storage_filesystem=fs)
     else:
-        parent_fs, parent = storage.pyarrow_filesystem(storage.join(storage_root, "sweeps"))
+        parent_fs, parent = storage.pyarrow_filesystem(layout.sweeps(storage_root))
         tuner = tune.Tuner(
             trainable,
             param_space=spaces.to_param_space(dims),
@@ -234,7 +234,7 @@ def _trial(config: dict, *, base: dict, keys: list[str], dataset_uri: str, stora
         lambda callbacks: launch(from_dict(ModelConfig, groups["model"]), from_dict(TrainConfig, groups["train"]),
                                  from_dict(ScalingConfig, groups["scaling"]), dataset_uri, storage_root,
                                  run_name=name, callbacks=callbacks, extra_lineage=lineage),
-        run_uri=storage.join(storage_root, "runs", name), run_name=name, trial_id=trial_id)
+        run_uri=layout.run(storage_root, name), run_name=name, trial_id=trial_id)
 
 
 def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims: list[spaces.Dimension]) -> None:
@@ -379,7 +379,7 @@ def collect(grid, keys: list[str], sweep_name: str, storage_root: str) -> list[T
             for row in df.to_dict("records"):
                 reports.append({k: v for k, v in row.items()
                                 if not (isinstance(v, float) and math.isnan(v)) and not k.startswith("config/")})
-        run_uri = storage.join(storage_root, "runs", final_run_name(result, sweep_name, trial_id))
+        run_uri = layout.run(storage_root, final_run_name(result, sweep_name, trial_id))
         export_uri = storage.join(run_uri, "export")
         if result.error is not None:
             status = ERROR
