@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,8 +81,18 @@ def installed(tmp_path_factory) -> dict:
     """The wheel of this checkout in a fresh venv outside the repository; returns its bin dir and env."""
     tmp = tmp_path_factory.mktemp("wheel")
     dist = tmp / "dist"
+    # Built from a copy of the checkout's files (tracked, and untracked but not ignored), never in the checkout:
+    # setuptools builds in `<source>/build/`, so two builds at once there (two pytest workers) raced and shipped a
+    # wheel without the package, and a stale `build/lib` could ship modules the checkout no longer has.
+    source = tmp / "source"
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
-                    str(REPO)], check=True, cwd=tmp, capture_output=True)
+                    str(source)], check=True, cwd=tmp, capture_output=True)
     wheel = next(dist.glob("llm_platform-*.whl"))
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
