@@ -71,8 +71,9 @@ def generate(num_documents: int, seed: int = 0) -> list[dict]:
         elif roll < 0.08:
             docs.append({"text": rng.choice(["### ### ### ...", "$$ 123 456 789 !!", "ok", "#" * 40])})  # junk
         elif roll < 0.09:
+            text = story(rng)  # before the contact's choice: the order of draws is what makes the corpus
             contact = f" Write to {rng.choice(NAMES).lower()}@example.com or call 555-010-{i % 10000:04d}."
-            docs.append({"text": story(rng) + contact})
+            docs.append({"text": text + contact})
         else:
             docs.append({"text": story(rng)})
     return docs

@@ -60,3 +60,16 @@ def test_supervised_record_needs_both_sides():
     rec = clean.clean_record({"prompt": "Hi?", "response": "  ", "text": "", "drop_reason": ""}, "NFC", False,
                              FilterConfig(min_chars=0, min_words=0))
     assert rec["drop_reason"] == "empty"
+
+
+def test_the_sample_corpus_is_the_same_corpus_release_after_release():
+    """The built-in corpus is generated, not stored: its bytes depend on the order of the generator's random draws.
+    A refactor that reorders them (a line wrap that hoisted a draw did, once) silently changes every smoke
+    dataset's contents and counts; this pins them."""
+    import hashlib
+
+    from llm_platform.data import sample
+
+    body = sample.to_jsonl(sample.generate(1000, seed=0))
+    body = body if isinstance(body, bytes) else body.encode()
+    assert hashlib.sha256(body).hexdigest()[:16] == "5a82df680d0735b2"
