@@ -104,6 +104,18 @@ def read_segments(found: list[dict[str, Any]]) -> Iterator[tuple[dict[str, np.nd
         yield arrays, seg["meta"]
 
 
+def read_partition(found: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A reduce task's whole partition: each array name's segments concatenated in the order given, and the
+    segments' counters summed."""
+    parts: dict[str, list[np.ndarray]] = {}
+    metas = []
+    for arrays, meta in read_segments(found):
+        metas.append(meta)
+        for name, array in arrays.items():
+            parts.setdefault(name, []).append(array)
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}, sum_counters(metas)
+
+
 def sum_counters(metas: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for meta in metas:

@@ -23,7 +23,7 @@ import numpy as np
 from llm_platform import storage
 from llm_platform.config.data import FilterConfig
 from llm_platform.data import clean, dedup, sources
-from llm_platform.data.exchange import PartitionedWriter, read_segments
+from llm_platform.data.exchange import PartitionedWriter, read_partition, read_segments, segments
 
 READ_BATCH_ROWS = 2048
 CLEAN_COLUMNS = ("doc_id", "text_hash", "text", "prompt", "response", "messages")
@@ -174,11 +174,7 @@ def dedup_partition(segs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """One key partition: exact duplicates (`exact_doc` duplicates `exact_of`) and near candidate pairs
     (`near_doc`, `near_first`): every document that shares a band key with a smaller one, paired with the
     smallest document of that key (what `dedup.block_duplicates` compares each row with)."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for arrays, _ in read_segments(segs):
-        for k, v in arrays.items():
-            parts.setdefault(k, []).append(v)
-    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    cat, _ = read_partition(segs)
     empty = np.empty(0, np.int64)
     out = {"exact_doc": empty, "exact_of": empty, "near_doc": empty, "near_first": empty}
     if "exact_key" in cat:
@@ -209,8 +205,7 @@ def verify_pairs(docs: np.ndarray, firsts: np.ndarray, sig_runs: dict[int, list[
     needed = np.unique(np.concatenate([docs, firsts]))
     ids, rows = [], []
     for file_index in np.unique(needed >> 32):
-        segments = [{"uri": r["uri"], **r["parts"]["0"]} for r in sig_runs.get(int(file_index), [])]
-        for arrays, _ in read_segments(segments):
+        for arrays, _ in read_segments(segments(sig_runs.get(int(file_index), []), 0)):
             sel = np.isin(arrays["doc"], needed)
             ids.append(arrays["doc"][sel])
             rows.append(arrays["sig"][sel])

@@ -22,7 +22,7 @@ import numpy as np
 
 from llm_platform import storage
 from llm_platform.data import chat, dedup, pack
-from llm_platform.data.exchange import PartitionedWriter, read_segments, sum_counters
+from llm_platform.data.exchange import PartitionedWriter, read_partition
 
 SHARD_ROW_GROUP_ROWS = 256
 _COLUMN = "col:"  # prefix of the arrays that become parquet columns (in the order they are added)
@@ -184,21 +184,15 @@ def pack_shard(name: str, segs: list[dict[str, Any]], spec: ShardSpec) -> dict[s
     done = storage.join(spec.work, "shards", f"{name}.json")
     if storage.exists(done):  # resumed run: this shard was written before the interruption
         return {**storage.read_json(done), "resumed": True}
-    parts: dict[str, list[np.ndarray]] = {}
-    metas = []
-    for arrays, meta in read_segments(segs):
-        metas.append(meta)
-        for k, v in arrays.items():
-            parts.setdefault(k, []).append(v)
-    meta = sum_counters(metas)
-    lengths = np.concatenate(parts["length"]) if parts else np.empty(0, np.int32)
+    cat, meta = read_partition(segs)
+    lengths = cat.get("length", np.empty(0, np.int32))
     uri_rel = f"{split}/part-{index}.parquet"
     stat: dict[str, Any] = {"shard": name, "split": split, "file": uri_rel, "documents": int(meta.get("documents", 0)),
                             "records": 0, "tokens_in": int(meta.get("tokens_in", 0)), "tokens_out": 0, "remainder": 0,
                             "skipped_prompt_too_long": int(meta.get("skipped_prompt_too_long", 0)),
                             "chat": meta.get("chat", {})}
     if spec.kind == "pretrain":
-        tokens = np.concatenate(parts["tokens"]).astype(np.int32) if parts else np.empty(0, np.int32)
+        tokens = cat.get("tokens", np.empty(0, np.int32)).astype(np.int32)
         # The stream: each document's tokens, then EOS (what pack.Packer builds), cut into seq_len blocks.
         stream = np.empty(tokens.shape[0] + lengths.shape[0], np.int32)
         eos_at = np.cumsum(lengths.astype(np.int64) + 1) - 1
@@ -210,8 +204,8 @@ def pack_shard(name: str, segs: list[dict[str, Any]], spec: ShardSpec) -> dict[s
         stat.update(tokens_in=int(stream.shape[0]), remainder=int(stream.shape[0] - blocks * spec.seq_len))
         counted = tokens.astype(np.int64)
     else:
-        columns = {k[len(_COLUMN):]: np.concatenate(v) for k, v in parts.items() if k.startswith(_COLUMN)}
-        counted = np.concatenate(parts["counted"]) if parts else np.empty(0, np.int64)
+        columns = {k[len(_COLUMN):]: v for k, v in cat.items() if k.startswith(_COLUMN)}
+        counted = cat.get("counted", np.empty(0, np.int64))
     stat["records"] = int(len(next(iter(columns.values())))) if columns else 0
     stat["tokens_out"] = stat["records"] * spec.seq_len
     if stat["records"]:
