@@ -90,17 +90,24 @@ _LIBC = None
 CPU_MMAP_THRESHOLD_BYTES = 8 << 20
 
 
-def gathered_layer(parts: list[tuple[torch.Tensor, torch.Tensor, list[int], int]], rows: int, width: int,
-                    room: int):
+def gathered_layer(parts: list[tuple[torch.Tensor, torch.Tensor, list[int] | None, int]], rows: int, width: int,
+                   room: int):
     """A reserved layer of `rows` rows and `width` columns (+ `room`) filled from `parts`: (keys, values, the rows
-    to take, the column they start at), each right-aligned (left padding is zeros). Copies straight into the new
-    buffers, so no intermediate concatenation is ever allocated."""
+    to take or None for all, the column they start at), in order from row 0, each right-aligned (left padding is
+    zeros; rows past the parts' are filled later). Copies straight into the new buffers, so no intermediate
+    concatenation or row selection is ever allocated."""
     keys = parts[0][0]
     h, d = keys.shape[1], keys.shape[3]
     kbuf, vbuf = keys.new_zeros((rows, h, width + room, d)), keys.new_zeros((rows, h, width + room, d))
     out = 0
     for k, v, take, first in parts:
         cols = k.shape[2] - first
+        if take is None:  # every row: one slice copy
+            n = k.shape[0]
+            kbuf[out:out + n, :, width - cols:width].copy_(k[:, :, first:])
+            vbuf[out:out + n, :, width - cols:width].copy_(v[:, :, first:])
+            out += n
+            continue
         for r in take:
             kbuf[out, :, width - cols:width].copy_(k[r, :, first:])
             vbuf[out, :, width - cols:width].copy_(v[r, :, first:])
@@ -110,8 +117,8 @@ def gathered_layer(parts: list[tuple[torch.Tensor, torch.Tensor, list[int], int]
 
 def rebuild(parts: list[tuple[Any, int]], rows: int, width: int, room: int):
     """A cache of `rows` rows, `width` columns + `room`, whose first rows come from `parts` ((cache or None,
-    rows) in order; the rest are filled later), built layer by layer: each new layer is allocated, filled
-    right-aligned, and the parts' layers dropped, so at most one layer is held twice."""
+    rows) in order; the rest are filled later), built layer by layer: each new layer is gathered, and the parts'
+    layers dropped, so at most one layer is held twice."""
     from transformers import DynamicCache
 
     parts = [(c, n) for c, n in parts if c is not None and n]
@@ -119,18 +126,12 @@ def rebuild(parts: list[tuple[Any, int]], rows: int, width: int, room: int):
     cache.layers = []
     for i in range(len(parts[0][0].layers)):
         sources = [c.layers[i] for c, _ in parts]
-        _, h, _, d = sources[0].keys.shape
-        kbuf = sources[0].keys.new_zeros((rows, h, width + room, d))
-        vbuf = torch.zeros_like(kbuf)
-        at = 0
+        cache.layers.append(gathered_layer([(layer.keys, layer.values, None, 0) for layer in sources], rows, width,
+                                           room))
         for layer in sources:
-            n, cols = layer.keys.shape[0], layer.keys.shape[2]
-            kbuf[at:at + n, :, width - cols:width].copy_(layer.keys)
-            vbuf[at:at + n, :, width - cols:width].copy_(layer.values)
-            at += n
             layer.keys = layer.values = layer.kbuf = layer.vbuf = None
-        cache.layers.append(reserved_layer_class()(kbuf, vbuf, width))
     return cache
+
 
 def rows_view(batch, row: int, rows: int, width: int, cols: int):
     """A cache whose layers write into rows [row, row + rows) of the batch cache, right-aligned at `width`, for
