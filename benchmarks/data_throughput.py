@@ -101,6 +101,7 @@ def cpu_floor(texts: list[str], tok, cfg) -> dict[str, float]:
     import numpy as np
 
     from llm_platform.data.prepare import KeyParams, PrepareSpec, clean_records, dedup_keys
+    from llm_platform.data.shards import encode_with
     from llm_platform.data.sources import ReadSpec
 
     n = len(texts)
@@ -120,8 +121,8 @@ def cpu_floor(texts: list[str], tok, cfg) -> dict[str, float]:
         dedup_keys(ids[i:i + 2048], hashes[i:i + 2048], [c["text"] for c in kept[i:i + 2048]], spec.keys)
     keys_s = time.process_time() - t0
     t0 = time.process_time()
-    for i in range(0, n, 256):
-        tok.encode_batch(texts[i:i + 256], add_special_tokens=False)
+    for i in range(0, n, cfg.data.tokenize_batch_size):  # the stage's encode, on the stage's batches
+        encode_with(tok, texts[i:i + cfg.data.tokenize_batch_size])
     encode_s = time.process_time() - t0
     return {"clean": clean_s / n, "dedup keys": keys_s / n, "encode": encode_s / n}
 

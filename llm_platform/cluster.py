@@ -61,6 +61,31 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+# The GCS address of the local instance `connect` started in this process and the cores this machine gives it.
+_LOCAL: dict[str, object] = {}
+
+
+def machine_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS has one)."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    return len(getaffinity(0)) if getaffinity else (os.cpu_count() or 1)
+
+
+def cpu_task_slots() -> int | None:
+    """How many CPU-bound tasks are worth running at once on the connected Ray, where that is fewer than its CPUs:
+    a local instance that `connect` started is given more logical CPUs than the machine has cores (headroom, so
+    Ray Data's operators and Train's workers never starve each other), and filling them with CPU-bound tasks only
+    starts more worker processes (each about 2.7 CPU-seconds to start and import, and its own memory) that then
+    share the same cores. None on a cluster, whose CPUs are real."""
+    import ray
+
+    if not _LOCAL or not ray.is_initialized():
+        return None
+    if ray.get_runtime_context().gcs_address != _LOCAL["gcs_address"]:
+        return None
+    return int(_LOCAL["cores"])  # type: ignore[call-overload]
+
+
 def _free_port() -> int:
     import socket
 
@@ -108,6 +133,7 @@ def connect(cfg: ClusterConfig | None = None) -> str:
     log.info("starting a local Ray (%s logical CPUs)", cfg.num_cpus)
     try:
         _init_local(ray, cfg, temp_dir, dashboard_port, runtime_env)
+        _LOCAL.update(gcs_address=ray.get_runtime_context().gcs_address, cores=machine_cores())
     finally:
         if previous is None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)

@@ -166,3 +166,28 @@ def test_sft_records_mask_the_prompt(ray_session, tmp_path):
         answer = tok.decode([t for t in labels if t != -100])
         assert answer.startswith("It is") and answer.endswith("<|endoftext|>")
         assert tok.decode(ids).startswith("What is")
+
+
+def test_a_local_ray_runs_a_task_per_core_plus_one(ray_session):
+    """The session's Ray has 8 logical CPUs on this machine's cores: the stage's CPU-bound tasks run at most one per
+    core plus one at once (more only start worker processes that then share the same cores)."""
+    import time
+
+    from llm_platform import cluster
+
+    cores = cluster.machine_cores()
+    assert cluster.cpu_task_slots() == cores
+
+    def busy(i: int) -> tuple[float, float]:
+        start = time.time()
+        time.sleep(1.0)
+        return start, time.time()
+
+    spans = pipeline._tasks(busy, [(i,) for i in range(cores + 5)], num_cpus=1)
+    assert len(spans) == cores + 5
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert 2 <= peak <= cores + 1
