@@ -5,6 +5,7 @@ concurrency 1, 8 and 32, on the same model and prompts, in one run.
     python benchmarks/serve_load.py --variant every_token:engine.stream_interval_tokens=1   # compare a config change
     python benchmarks/serve_load.py --ingress direct   # replicas serve HTTP behind HAProxy (serve.http.ingress)
     python benchmarks/serve_load.py --shape gpt2-124m --requests 32 --rounds 1   # a model-bound step (goal >= 8)
+    python benchmarks/serve_load.py --shape gpt2-124m --requests 32 --rounds 1 --dtype bfloat16   # both sides bf16
 
 Without --model, a small GPT-2 (4 layers, width 128) with a ByteLevel BPE tokenizer is built in a temp folder.
 Every request generates exactly --max-tokens tokens (greedy, EOS ignored) on both sides, so tokens/s compare.
@@ -58,13 +59,13 @@ def build_model(folder: Path, shape: str = "small") -> Path:
     return path
 
 
-def load(folder: Path):
+def load(folder: Path, dtype: str = "float32"):
     import torch
 
     from llm_platform.serve.engine import load_model
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    return load_model(folder)
+    return load_model(folder, dtype=dtype)
 
 
 def hf_generate(model, tok, prompt: str, max_tokens: int, stopping_criteria=()) -> tuple[float, float, int]:
@@ -216,6 +217,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="requests per setting and round")
     ap.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request")
     ap.add_argument("--batch", type=int, default=32, help="engine max_batch_size")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights' dtype on both sides (serve.engine.dtype and the in-process model)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of (in-process, each endpoint at c=1, 8, 32); the ratio is the median of the "
                          "rounds' ratios, so a slow minute on a noisy machine hits both sides of one ratio")
@@ -248,19 +251,20 @@ def main() -> None:
     for name, overrides in variants:
         base = {"model": str(folder), "model_name": "bench", "http": {"ingress": args.ingress},
                 "deployment": {"num_cpus_per_replica": 1, "max_ongoing_requests": 64},
-                "engine": {"max_batch_size": args.batch}}
+                "engine": {"max_batch_size": args.batch, "dtype": args.dtype}}
         serve.run(build_app(merged(base, overrides)),
                   name=name, route_prefix=f"/{name}", blocking=False)
     url = f"http://127.0.0.1:{port}"
 
     print(f"model={folder} requests={args.requests} max_tokens={args.max_tokens} rounds={args.rounds} "
-          f"ingress={args.ingress} cpus={os.cpu_count()} OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+          f"ingress={args.ingress} dtype={args.dtype} cpus={os.cpu_count()} "
+          f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
     for name, overrides in variants:
         print(f"  endpoint {name}: serve config defaults{' + ' + str(overrides) if overrides else ''}")
     settings = ["in-process sequential"] + [f"{n} c={c}" for n, _ in variants for c in (1, 8, 32)]
     runs: dict[str, list[dict]] = {s: [] for s in settings}
     pairs: dict[str, list[dict[str, list[float]]]] = {n: [] for n, _ in variants}
-    model, tok = load(folder)
+    model, tok = load(folder, args.dtype)
     for _ in range(args.rounds):
         runs["in-process sequential"].append(in_process(model, tok, prompts, args.max_tokens))
         for name, _ in variants:
