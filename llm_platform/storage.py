@@ -446,7 +446,8 @@ def download_cached(uri: str, cache_dir: str, attempts: int = 3) -> str:
         if os.path.isdir(final):
             return final
         os.makedirs(cache_dir, exist_ok=True)
-        partial = tempfile.mkdtemp(prefix=f".{key}.partial-", dir=cache_dir)
+        _remove_abandoned_partials(cache_dir)
+        partial = tempfile.mkdtemp(prefix=f".{key}.partial-{os.getpid()}-", dir=cache_dir)
         try:
             _download_objects(fs, uri, _local_names(uri, path, fs.find(path)), partial)
             if _content_key(fs, uri, path) != key:
@@ -460,6 +461,31 @@ def download_cached(uri: str, cache_dir: str, attempts: int = 3) -> str:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     raise StageError(f"{uri} kept changing while it was downloaded ({attempts} attempts); retry once it is stable")
+
+
+def _remove_abandoned_partials(cache_dir: str) -> None:
+    """Delete the temporary download folders of processes that are gone (killed mid-download: `finally` never ran,
+    and each such folder can hold most of a model). A folder names its process (`.<key>.partial-<pid>-<random>`);
+    the cache is per node, so a pid that is not running here is gone. Folders of the old unnamed form are left."""
+    import shutil
+
+    for entry in os.scandir(cache_dir):
+        _, sep, rest = entry.name.partition(".partial-")
+        pid = rest.split("-", 1)[0]
+        if not (sep and entry.name.startswith(".") and pid.isdigit() and entry.is_dir(follow_symlinks=False)):
+            continue
+        if not _process_exists(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _content_key(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> str:

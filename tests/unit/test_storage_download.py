@@ -94,3 +94,29 @@ def test_the_default_cache_is_private(tmp_path, monkeypatch):
     os.chmod(folder, 0o777)  # planted or opened up by someone else: refused
     with pytest.raises(StageError, match="closed to others"):
         storage.private_cache_dir("llmp-models")
+
+
+def test_a_download_killed_midway_leaves_no_folder_behind(s3_bucket, tmp_path):
+    """A process killed while it downloads never runs its cleanup: the next download on the node removes that
+    process's temporary folder (it can hold most of a model) and leaves a live process's alone."""
+    import subprocess
+    import sys
+
+    uri = f"{s3_bucket}/models/killed"
+    put(s3_bucket, "models/killed/config.json", b"{}")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # exited: its pid is not running (reuse within the test is not a concern here)
+    abandoned = cache / f".abc.partial-{dead_pid}-x1y2"
+    (abandoned / "sub").mkdir(parents=True)
+    (abandoned / "sub" / "model.safetensors").write_bytes(b"half a model")
+    live = cache / f".abc.partial-{os.getpid()}-x3y4"  # this process: a download under way
+    live.mkdir()
+    unrelated = cache / "notes.partial-999999-x"  # not a folder of ours (no leading dot): never touched
+    unrelated.mkdir()
+    local = registry.materialize(uri, cache_dir=str(cache))
+    assert os.path.isfile(os.path.join(local, "config.json"))
+    assert not abandoned.exists()
+    assert live.is_dir() and unrelated.is_dir()
+    assert not [p for p in cache.iterdir() if ".partial-" in p.name and p not in (live, unrelated)]
