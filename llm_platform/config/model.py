@@ -60,6 +60,6 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout probability."""
     tie_word_embeddings: bool = True
-    """Share input and output embeddings."""
+    """Share input and output embeddings (always shared for t5: transformers ties them; false is refused)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA fine-tuning."""

@@ -84,6 +84,11 @@ def _qwen2(cfg: ModelConfig, vocab: int, special: Mapping[str, int | None]):
 def _t5(cfg: ModelConfig, vocab: int, special: Mapping[str, int | None]):
     from transformers import T5Config
 
+    if not cfg.tie_word_embeddings:
+        # transformers 5 ties T5's output head to the shared embedding whatever the config says (False only turns
+        # off the decoder-output scaling): refuse rather than train a model that is not what was asked for.
+        raise ConfigError("model.tie_word_embeddings=false is not supported for model.family=t5: transformers ties "
+                          "T5's output head to its embedding; leave it true")
     # T5Config's typed __init__ omits the generic config keys it takes as **kwargs (decoder_start_token_id...).
     return T5Config(vocab_size=vocab, d_model=cfg.hidden_size,  # type: ignore[call-arg]
                     d_kv=cfg.hidden_size // cfg.num_heads,

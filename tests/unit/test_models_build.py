@@ -27,6 +27,19 @@ def test_bad_shapes_name_the_key():
         build_model(ModelConfig(family="rnn"), 300, SPECIAL)
 
 
+def test_an_untied_t5_is_refused_not_silently_tied():
+    """transformers 5 ties T5's head to its embedding whatever `tie_word_embeddings` says: asking for an untied T5
+    names the key instead of training a tied one."""
+    with pytest.raises(ConfigError, match="model.tie_word_embeddings"):
+        build_model(ModelConfig(family="t5", num_layers=1, hidden_size=32, num_heads=4, tie_word_embeddings=False),
+                    300, SPECIAL)
+    tied = build_model(ModelConfig(family="t5", num_layers=1, hidden_size=32, num_heads=4), 300, SPECIAL)
+    assert tied.lm_head.weight.data_ptr() == tied.shared.weight.data_ptr()
+    untied = build_model(ModelConfig(family="gpt2", num_layers=1, hidden_size=32, num_heads=4,
+                                     tie_word_embeddings=False), 300, SPECIAL)
+    assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
+
+
 def test_lora_trains_only_adapters_and_merges_into_plain_weights():
     cfg = ModelConfig(family="llama", hidden_size=32,
                       lora=LoraConfig(enabled=True, rank=4, target_modules=["q_proj", "v_proj", "c_attn"]))
