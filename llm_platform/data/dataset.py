@@ -46,6 +46,8 @@ class DatasetInfo:
     uri: str
     manifest: Manifest
     files: dict[str, list[str]] = field(default_factory=dict)
+    row_groups: dict[str, list[list[list[int]]] | None] = field(default_factory=dict)
+    """Per split, each file's row groups as [rows, count] runs (None: an older manifest without them)."""
 
     @property
     def kind(self) -> str:
@@ -104,7 +106,8 @@ def open_dataset(uri: str) -> DatasetInfo:
                         f"interrupted before it finished)")
     manifest = storage.read_json(manifest_uri)
     files = {split: [storage.join(uri, rel) for rel in meta["files"]] for split, meta in manifest["splits"].items()}
-    return DatasetInfo(uri=uri, manifest=manifest, files=files)
+    row_groups = {split: meta.get("row_groups") for split, meta in manifest["splits"].items()}
+    return DatasetInfo(uri=uri, manifest=manifest, files=files, row_groups=row_groups)
 
 
 def load_tokenizer(uri: str):

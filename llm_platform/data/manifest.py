@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
@@ -18,6 +18,9 @@ class Split(TypedDict):
     """One split's entry in the manifest."""
 
     files: list[str]  # shard paths relative to the dataset folder
+    # Each file's parquet row groups as [rows, count] runs, aligned with `files` (training workers plan their reads
+    # from it instead of every worker reading every footer). Absent in manifests from before it existed.
+    row_groups: NotRequired[list[list[list[int]]]]
     num_records: int
     num_tokens: int
     documents: int
@@ -74,10 +77,12 @@ def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], files: lis
     splits: dict[str, Split] = {}
     token_counts = np.zeros(tok_record["vocab_size"], dtype=np.int64)
     hist = np.zeros(len(pack.LENGTH_EDGES) - 1, dtype=np.int64)
+    groups: dict[str, list] = {}
     for s in sorted(shards, key=lambda r: r["shard"]):
         split = splits.setdefault(s["split"], _empty_split())
         if s["records"]:
             split["files"].append(s["file"])
+            groups.setdefault(s["split"], []).append(s.get("row_groups"))  # None: a marker from an older run
         split["num_records"] += int(s["records"])
         split["num_tokens"] += int(s["tokens_out"])
         split["documents"] += int(s["documents"])
@@ -91,6 +96,8 @@ def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], files: lis
             hist += np.asarray(s["length_hist"], dtype=np.int64)
     for name in ("train", "val"):
         splits.setdefault(name, _empty_split())
+        if all(g is not None for g in groups.get(name, [])):
+            splits[name]["row_groups"] = groups.get(name, [])
     counts["documents_kept"] = sum(s["documents"] for s in splits.values())
     total = max(1, int(token_counts.sum()))
     return {

@@ -226,10 +226,24 @@ def pack_shard(name: str, segs: list[dict[str, Any]], spec: ShardSpec) -> dict[s
         # (train/reader.py), so a group is the unit of what it reads beyond its share.
         pq.write_table(table, buf, row_group_size=SHARD_ROW_GROUP_ROWS)
         storage.write_bytes(storage.join(spec.out, uri_rel), buf.getvalue())
+        meta = pq.ParquetFile(pa.BufferReader(buf.getbuffer())).metadata
+        stat["row_groups"] = row_group_runs([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
     stat["token_counts"] = np.bincount(counted, minlength=spec.vocab)[:spec.vocab].tolist()
     stat["length_hist"] = pack.length_histogram(lengths.tolist())
     storage.write_json(done, stat)
     return {**stat, "resumed": False}
+
+
+def row_group_runs(sizes: list[int]) -> list[list[int]]:
+    """A file's row-group sizes as [size, count] runs (a shard is 256-row groups and a last smaller one: two runs,
+    whatever its length)."""
+    runs: list[list[int]] = []
+    for n in sizes:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([int(n), 1])
+    return runs
 
 
 def _list_column(rows: np.ndarray, item_type):

@@ -317,6 +317,7 @@ def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: Scaling
         model=model, train=train, storage=storage.settings(), run_uri=run_uri, special=special,
         vocab_size=dataset.vocab_size, seq_len=dataset.seq_len,
         files={split: list(dataset.files.get(split) or []) for split in ("train", "val")},
+        row_groups={split: dataset.row_groups.get(split) for split in ("train", "val")},
         flops_per_token=flops_per_token(size, dataset.seq_len), compute_dtype=compute_dtype_name(train, scaling),
         pretrained_dir=pretrained_dir, base_vocab_size=dataset.base_vocab_size if pretrained_dir else None,
         peak_flops_per_s=peak_flops(scaling.gpu_type) if scaling.use_gpu else None)

@@ -76,6 +76,8 @@ class WorkerConfig:
     """The pretrained tokenizer's size when the dataset added tokens to it."""
     peak_flops_per_s: float | None = None
     """Peak FLOP/s of one device for MFU; None looks the device up."""
+    row_groups: dict[str, list[list[list[int]]] | None] = dataclasses.field(default_factory=dict)
+    """Per split, each file's row groups from the manifest (None: read from the files' footers)."""
 
 
 @dataclasses.dataclass
@@ -306,7 +308,8 @@ def rank_reader(config: WorkerConfig, split: str, rank: int, world: int, partiti
                 shuffle: bool | None = None) -> RankReader:
     """This rank's reader of a split (train/reader.py): its share of each epoch, in the run's order."""
     tc = config.train
-    files = SplitFiles(config.files[split], list(objectives.get(tc.objective).columns))
+    files = SplitFiles(config.files[split], list(objectives.get(tc.objective).columns),
+                       row_groups=config.row_groups.get(split))
     on = bool(tc.shuffle_buffer_rows) if shuffle is None else shuffle
     return RankReader(files, partitions=partitions, micro_batch_size=tc.micro_batch_size, rank=rank, world=world,
                       seed=tc.seed, shuffle=on, window_rows=tc.shuffle_buffer_rows or 1)

@@ -95,7 +95,11 @@ def test_s3_corpus_with_bad_input(ray_session, salted_corpus):
     total_records = 0
     for split, meta in m["splits"].items():
         assert meta["tokens_in"] == meta["num_tokens"] + meta["remainder_tokens"]  # exact conservation
-        for uri in ds.files[split]:
+        assert len(meta["row_groups"]) == len(ds.files[split])
+        for uri, runs in zip(ds.files[split], meta["row_groups"]):
+            footer = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri))).metadata
+            assert [n for n, c in runs for _ in range(c)] == \
+                [footer.row_group(g).num_rows for g in range(footer.num_row_groups)]
             table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
             lengths = {len(x) for x in table["input_ids"].to_pylist()}
             assert lengths == {32}

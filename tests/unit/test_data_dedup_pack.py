@@ -184,3 +184,7 @@ def test_packed_shard_counts_every_documents_tokens_and_conserves_them(tmp_path)
     assert len(stream) == stat["records"] * 16 == stat["tokens_in"] - stat["remainder"]
     flat = [t for x in ids for t in x + [record["eos_token_id"]]]
     assert stream == flat[:len(stream)]  # EOS after each document, in order, leftovers carried to the end
+    shard_bytes = storage.read_bytes(str(tmp_path / "out" / "train" / "part-00000.parquet"))
+    meta = pq.ParquetFile(io.BytesIO(shard_bytes)).metadata
+    written = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    assert [n for n, count in stat["row_groups"] for _ in range(count)] == written  # what the manifest will carry

@@ -121,3 +121,22 @@ def test_too_little_data_for_one_round_is_a_clear_error(tmp_path):
                         shuffle=False)
     with pytest.raises(RuntimeError, match="fewer than micro_batch_size \\* num_workers = 8 rows"):
         next(reader.batches({"epoch": 0, "batches_in_epoch": 0}))
+
+
+def test_row_groups_from_the_manifest_spare_every_footer_read(tmp_path, monkeypatch):
+    """Given each file's row groups (the manifest's [rows, count] runs), a worker plans its share without opening a
+    single file; without them (an older manifest) or with a list that does not match the files, it reads footers."""
+    from llm_platform import storage
+
+    files = write_split(tmp_path, rows_per_file=(600, 424), group_rows=64)
+    from_footers = SplitFiles(files, ["input_ids"]).group_rows
+    runs = [[[64, 9], [24, 1]], [[64, 6], [40, 1]]]
+    assert [[n for n, c in r for _ in range(c)] for r in runs] == from_footers
+    opened: list[str] = []
+    real = storage.pyarrow_filesystem
+    monkeypatch.setattr(storage, "pyarrow_filesystem", lambda uri: opened.append(uri) or real(uri))
+    split = SplitFiles(files, ["input_ids"], row_groups=runs)
+    assert split.group_rows == from_footers and opened == []
+    assert split.read(split.blocks(2)[0])["input_ids"].shape == (64, T)  # reads still work
+    opened.clear()
+    assert SplitFiles(files, ["input_ids"], row_groups=runs[:1]).group_rows == from_footers and len(opened) == 2
