@@ -27,6 +27,18 @@ for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
 os.environ.pop("AWS_PROFILE", None)
 
 
+# Property tests (hypothesis): a fixed profile, so CI runs the same examples every time (derandomized, no example
+# database written into the checkout, no per-example deadline on a loaded 2-core machine). `HYPOTHESIS_PROFILE=dev`
+# explores new random examples locally and keeps a database under .hypothesis/ (git-ignored).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("dev", deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
 def pytest_configure(config):
     import torch
 
