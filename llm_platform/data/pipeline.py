@@ -117,11 +117,12 @@ def resolve_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str) -> str | N
 
 
 def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress: bool | None = None,
-                  connect=None) -> DatasetResult:
+                  connect=None, executor: Callable[..., list] | None = None) -> DatasetResult:
     """Run the data stage (see the module docstring). Ray must be connected (`cluster.connect`), or `connect` given:
-    it is called only when there is work for Ray (a dataset already complete is returned without starting Ray)."""
-    import ray.data
+    it is called only when there is work for Ray (a dataset already complete is returned without starting Ray).
 
+    `executor` runs each phase's tasks (`_tasks`' signature): Ray Data by default; `in_process` runs them one after
+    another in this process with no Ray at all (same task code, same outputs: the property tests compare the two)."""
     validate(cfg, tok)
     inputs, missing = _inputs(cfg, root, create=True)
     if missing and cfg.on_error == "fail":
@@ -135,16 +136,18 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     if storage.exists(storage.join(out, MANIFEST)):
         log.info("dataset %s is complete; nothing to do", out)
         return DatasetResult(out, storage.read_json(storage.join(out, MANIFEST)), reused=True)
-    if connect is not None:
-        connect()
+    if executor is None:
+        import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = console.progress_enabled() if progress is None else progress
+        if connect is not None:
+            connect()
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = console.progress_enabled() if progress is None else progress
     work = storage.join(out, "_work")
     timings: dict[str, float] = {}
     resumed: list[str] = []  # phases found complete from an interrupted earlier run
     cpu = [0.0, 0.0]  # the tasks' CPU and wall seconds
-    tasks = functools.partial(_tasks, cpu=cpu)
+    tasks = functools.partial(executor or _tasks, cpu=cpu)
 
     def timed(phase: str, call: Callable[[], Any]) -> Any:
         start, cpu_start, wall_start = time.perf_counter(), cpu[0], cpu[1]
@@ -192,14 +195,27 @@ def _tasks(fn: Callable[..., Any], items: list[tuple], *, num_cpus: float, cpu: 
                               fn_kwargs={"fn": fn, "kwargs": kwargs, "settings": storage.settings()})
     results: list[Any] = [None] * len(items)
     for row in ds.iter_rows():
-        error, value, cpu_s, wall_s = pickle.loads(row["result"])
-        if error is not None:
-            raise DataError(error)
-        results[int(row["i"])] = value
-        if cpu is not None:
-            cpu[0] += cpu_s
-            cpu[1] += wall_s
+        results[int(row["i"])] = _unpack_result(row["result"], cpu)
     return results
+
+
+def in_process(fn: Callable[..., Any], items: list[tuple], *, num_cpus: float, cpu: list[float] | None = None,
+               **kwargs: Any) -> list[Any]:
+    """`_tasks` without Ray: every item's task in turn in this process, through the same pickling and task wrapper
+    (a task sees only what it would receive on a worker)."""
+    batch = _call({"i": list(range(len(items))), "item": [pickle.dumps(item) for item in items]}, fn,
+                  pickle.loads(pickle.dumps(kwargs)), storage.settings())
+    return [_unpack_result(r, cpu) for r in batch["result"]]
+
+
+def _unpack_result(result: bytes, cpu: list[float] | None) -> Any:
+    error, value, cpu_s, wall_s = pickle.loads(result)
+    if error is not None:
+        raise DataError(error)
+    if cpu is not None:
+        cpu[0] += cpu_s
+        cpu[1] += wall_s
+    return value
 
 
 def _call(batch: dict, fn: Callable[..., Any], kwargs: dict[str, Any], settings: dict[str, Any]) -> dict:
@@ -313,6 +329,8 @@ def _tokenizer(tasks: Callable[..., list], cfg: DataConfig, tok_cfg: TokenizerCo
 
 def _sample_one(file_index: int, dup_ids: np.ndarray, work: str, stride: int, val_fraction: float) -> list[str]:
     """A cleaned file's share of the tokenizer's training sample: kept train documents whose hash % stride is 0."""
+    import pyarrow as pa
+
     from llm_platform.data import dedup
 
     texts: list[str] = []
@@ -321,7 +339,8 @@ def _sample_one(file_index: int, dup_ids: np.ndarray, work: str, stride: int, va
         hashes = batch.column("text_hash").to_numpy()
         keep = (hashes % stride == 0) & ~np.isin(batch.column("doc_id").to_numpy(), dup_ids)
         rows = [int(i) for i in np.nonzero(keep)[0] if dedup.split_of(int(hashes[i]), val_fraction) == "train"]
-        texts += batch.column("text").take(rows).to_pylist()
+        # Typed indices: from an empty Python list pyarrow infers a null array, which `take` has no kernel for.
+        texts += batch.column("text").take(pa.array(rows, pa.int64())).to_pylist()
     return texts
 
 
