@@ -5,7 +5,8 @@ carries the code and the storage settings:
 
 - code: the working dir of this checkout (uploaded by Ray, `.gitignore`d and `EXCLUDES` paths left out), so the
   cluster runs exactly the local code and `conf/`; or, with `working_dir=None`, the package installed in the
-  cluster's image (`Dockerfile`).
+  cluster's image (`Dockerfile`). The upload is stored in the cluster's GCS and unpacked for every job, so
+  `plan_upload` leaves key files out by name (`KEY_FILES`) and refuses a key-like file that holds a secret.
 - environment: where storage is (`STORAGE_ENV`: endpoint, region, bucket), never credentials. Runtime envs are
   stored and shown by the dashboard, so a key there would leak; workers take credentials from their own
   environment (IRSA or an instance role on a cluster, the head's inherited environment on a local one).
@@ -23,6 +24,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -41,6 +43,21 @@ STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEF
 # Never uploaded with the working dir (on top of .gitignore): environments, local artifacts, Terraform state.
 EXCLUDES = [".git", ".venv", ".venv-*", "*.egg-info", "__pycache__", ".pytest_cache", ".llm-platform", "outputs",
             "multirun", "terraform/.terraform", "*.tfstate", "*.tfstate.*"]
+# Files that are keys by their name: never uploaded, even where no .gitignore covers them (a --working-dir elsewhere,
+# RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1). .gitignore and .dockerignore list the same patterns (a test checks).
+KEY_FILES = ["*api-keys*.txt", "*api_keys*.txt", "*.pem", "*.key", "*.p12", "*.pfx", ".env", ".env.*",
+             "!.env.example", "credentials", ".netrc", "id_rsa", "id_ecdsa", "id_ed25519"]
+# Other uploaded files whose path sounds like a secret are read (when small) and refused if they hold one.
+_KEYLIKE_PATH = re.compile(r"key|secret|token|credential|passw|\.env$", re.IGNORECASE)
+_SCAN_MAX_BYTES = 64 * 1024
+_SECRET_TEXT = (
+    ("a private key", re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")),
+    ("an AWS secret access key", re.compile(r"aws_secret_access_key\s*[=:]\s*[\"']?[A-Za-z0-9/+]{40}", re.I)),
+    ("an AWS access key id", re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")),
+)
+# A file of API keys or tokens, one a line (what `serve.auth.api_key_file` reads): every line one random-looking
+# word, with letters and digits, of 20 characters or more.
+_KEY_LINE = re.compile(r"(?=\D*\d)(?=[^A-Za-z]*[A-Za-z])[A-Za-z0-9_\-+/=.~]{20,}")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # How long `submit` retries while a freshly started head has no job agent yet ("No available agent").
@@ -99,8 +116,96 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-def runtime_env(working_dir: str | Path | None, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The job's runtime env: the code (a working dir to upload, or none for the installed package) and storage env."""
+@dataclass
+class Upload:
+    """What a job's working dir uploads: the folder and Ray's `excludes` for it."""
+
+    working_dir: Path
+    excludes: list[str]
+    """`EXCLUDES` and `KEY_FILES`, in runtime_env's `excludes` syntax (gitwildmatch, relative to the folder)."""
+    left_out: list[str]
+    """Key files (paths relative to the folder) that only `KEY_FILES` keeps out: .gitignore/.rayignore did not."""
+
+
+def _uploaded_files(root: Path, excludes: list[str]) -> Iterator[Path]:
+    """The files Ray uploads from `root` with these `excludes`.
+
+    Mirrors Ray 2.60's packaging (`_dir_travel`): Ray's default excludes join ours, each folder's `.gitignore`
+    (unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE is 1) and `.rayignore` apply to the paths below it, and a path any
+    pattern matches is skipped with all it holds.
+    """
+    # Ray's own copy of pathspec: the matching its packaging does (the PyPI package is not a dependency of ours).
+    from ray._private.ray_constants import get_runtime_env_default_excludes
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    names = [".rayignore"] if os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") == "1" else \
+        [".gitignore", ".rayignore"]
+
+    def walk(path: Path, specs: list[tuple[Path, PathSpec]]) -> Iterator[Path]:
+        specs = specs + [(path, PathSpec.from_lines("gitwildmatch", (path / n).read_text().splitlines()))
+                         for n in names if (path / n).is_file()]
+        if any(spec.match_file(str(path.relative_to(base))) for base, spec in specs):
+            return
+        if path.is_dir():
+            for sub in sorted(path.iterdir()):
+                yield from walk(sub, specs)
+        elif path.is_file():
+            yield path
+
+    yield from walk(root, [(root, PathSpec.from_lines("gitwildmatch", get_runtime_env_default_excludes() + excludes))])
+
+
+def _secret_in(path: Path) -> str | None:
+    """What secret a small text file holds ("a private key", ...), or None. Never returns the secret itself."""
+    try:
+        if path.stat().st_size > _SCAN_MAX_BYTES:
+            return None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):  # unreadable or binary: not a text secret
+        return None
+    for what, pattern in _SECRET_TEXT:
+        if pattern.search(text):
+            return what
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and all(_KEY_LINE.fullmatch(line) for line in lines):
+        return "API keys or tokens (one a line)"
+    return None
+
+
+def plan_upload(working_dir: str | Path) -> Upload:
+    """The upload of `working_dir` as a job's code: key files left out, and no secret in what goes up.
+
+    Raises:
+        ConfigError: the folder has no conf/, or a file that would be uploaded holds a secret (named, with where
+            to move it; the secret itself is never shown).
+    """
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    path = Path(working_dir).resolve()
+    if not (path / "conf").is_dir():
+        raise ConfigError(f"--working-dir {path}: no conf/ folder there (expected the project's checkout)")
+    key_files = PathSpec.from_lines("gitwildmatch", KEY_FILES)
+    left_out, found = [], []
+    for file in _uploaded_files(path, EXCLUDES):
+        rel = file.relative_to(path).as_posix()
+        if key_files.match_file(rel):
+            left_out.append(rel)
+        elif _KEYLIKE_PATH.search(rel) and (what := _secret_in(file)):
+            found.append(f"{rel} looks like {what}")
+    if found:
+        raise ConfigError(f"refusing to upload {path} as the job's working dir: {'; '.join(found)}. The upload "
+                          "is stored on the cluster and readable by every job: move such files outside the "
+                          "checkout (serving keys: $HOME/.config/llm-platform/api-keys.txt, docs/cloud.md), or list "
+                          "them in .rayignore; rename a file that holds no secret")
+    return Upload(path, EXCLUDES + KEY_FILES, left_out)
+
+
+def runtime_env(working_dir: str | Path | Upload | None, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job's runtime env: the code (a working dir to upload, or none for the installed package) and storage env.
+
+    A path is planned here (`plan_upload`: its key files left out, a secret in it refused); pass the `Upload` when
+    the caller planned it already.
+    """
     env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
     env.update(extra_env or {})
     secrets = sorted(k for k, v in env.items() if is_secret(k, v))
@@ -111,11 +216,9 @@ def runtime_env(working_dir: str | Path | None, extra_env: dict[str, str] | None
     env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     spec: dict[str, Any] = {"env_vars": env}
     if working_dir is not None:
-        path = Path(working_dir).resolve()
-        if not (path / "conf").is_dir():
-            raise ConfigError(f"--working-dir {path}: no conf/ folder there (expected the project's checkout)")
-        spec["working_dir"] = str(path)
-        spec["excludes"] = list(EXCLUDES)
+        upload = working_dir if isinstance(working_dir, Upload) else plan_upload(working_dir)
+        spec["working_dir"] = str(upload.working_dir)
+        spec["excludes"] = list(upload.excludes)
         # The uploaded conf/ must win over any LLM_PLATFORM_CONF baked into the cluster's environment.
         env["LLM_PLATFORM_CONF"] = ""
     return spec
@@ -179,7 +282,7 @@ def connect(address: str | None = None) -> JobSubmissionClient:
                          "is the dashboard up and port-forwarded? (docs/cloud.md)") from None
 
 
-def submit(client: JobSubmissionClient, stage: str, overrides: list[str], working_dir: str | Path | None,
+def submit(client: JobSubmissionClient, stage: str, overrides: list[str], working_dir: str | Path | Upload | None,
            extra_env: dict[str, str] | None = None, submission_id: str | None = None,
            entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None) -> str:
     """Submit `llm-platform <stage> <overrides>` and return the submission id."""

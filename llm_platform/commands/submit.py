@@ -1,8 +1,9 @@
 """`llm-platform submit <stage> [overrides] --address URL [--no-wait]`: run a stage as a Ray job on a cluster.
 
 The job runs `llm-platform <stage> <overrides>` on the cluster with this checkout's code (or, with --installed, the
-package in the cluster's image) and the storage environment (never credentials). Its logs stream here and this
-command exits with the job's exit status; Ctrl-C stops following, not the job.
+package in the cluster's image) and the storage environment (never credentials). Key files in the checkout are left
+out of the upload, and one that holds a secret under another name stops it (`jobs.plan_upload`). Its logs stream
+here and this command exits with the job's exit status; Ctrl-C stops following, not the job.
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ def main(argv: list[str] | None = None) -> None:
                 print("llm-platform submit: not in a checkout; running the package installed on the cluster",
                       file=sys.stderr)
         extra_env = jobs.parse_env(args.env)
+        upload = None if working_dir is None else jobs.plan_upload(working_dir)
+        for rel in upload.left_out if upload else []:
+            print(f"llm-platform submit: leaving {rel} out of the upload (a key file; keep keys outside the "
+                  "checkout, e.g. in $HOME/.config/llm-platform/: docs/cloud.md)", file=sys.stderr)
         if not args.no_check:
             jobs.check_overrides(args.stage, args.overrides)
         client = jobs.connect(args.address)
-        job_id = jobs.submit(client, args.stage, args.overrides, working_dir, extra_env,
+        job_id = jobs.submit(client, args.stage, args.overrides, upload, extra_env,
                              submission_id=args.submission_id, entrypoint_num_gpus=args.num_gpus)
     except StageError as e:
         print(f"llm-platform submit: {e}", file=sys.stderr)

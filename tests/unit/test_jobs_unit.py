@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from llm_platform import jobs
@@ -157,3 +159,101 @@ class _Client:
                                                   ("FAILED", 0, 1), ("STOPPED", None, 130), ("RUNNING", None, -1)])
 def test_exit_status_is_mirrored(status, code, expected):
     assert jobs.result(_Client(_Info(status, code)), "id").exit_code == expected
+
+
+# Issue #24: a keys file in the checkout must not reach the cluster with the working dir.
+SERVING_KEYS = "Jb0m3bq8dZc2lqN6o2mV9m3b6v3cPq1yR7x9QdW5o0k\nf4b8Yc5rT2nV7kL1pQ9sW3xZ6mB0jH8gD2aE5uI7oYk\n"
+PRIVATE_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+AWS_PROFILE = "[default]\naws_access_key_id = AKIAZ7Q2W3E4R5T6Y7U8\n" \
+              "aws_secret_access_key = q8Jm2Lw0Xn5Vb3Kc7Rz1Tp4Ys6Hd9Ga2Fe5Uo8Ii\n"
+
+
+def _checkout(root, files):
+    """A checkout-like folder (conf/ and a package) with `files` ({relative path: text}) added."""
+    for rel, text in {"conf/train.yaml": "max_steps: 1\n", "llm_platform/__init__.py": "", **files}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def _ray_would_upload(spec, tmp_path):
+    """The files Ray's own packaging puts in the working_dir package for `spec` (no cluster: the zip it uploads)."""
+    import zipfile
+
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import create_package
+
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    package = tmp_path / "package.zip"
+    create_package(spec["working_dir"], package, include_gitignore=include_gitignore,
+                   excludes=ray_constants.get_runtime_env_default_excludes() + spec["excludes"])
+    with zipfile.ZipFile(package) as z:
+        return {name for name in z.namelist() if not name.endswith("/")}
+
+
+def test_upload_leaves_key_files_out_even_without_a_gitignore(tmp_path):
+    # A --working-dir without our .gitignore (or RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1): only `excludes` stand between
+    # the keys and the cluster's package store.
+    root = _checkout(tmp_path / "checkout", {"api-keys.txt": SERVING_KEYS, "conf/serve-api-keys.txt": SERVING_KEYS,
+                                             "certs/tls.pem": PRIVATE_KEY, "deploy/tls.key": PRIVATE_KEY,
+                                             ".env": "WANDB_API_KEY=w\n", ".env.example": "WANDB_API_KEY=\n",
+                                             "conf/tokenizer/bpe.yaml": "vocab_size: 64\n"})
+    uploaded = _ray_would_upload(jobs.runtime_env(root), tmp_path)
+    assert uploaded == {"conf/train.yaml", "llm_platform/__init__.py", ".env.example", "conf/tokenizer/bpe.yaml"}
+
+
+def test_plan_upload_names_the_key_files_that_only_its_excludes_keep_out(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", raising=False)
+    root = _checkout(tmp_path, {"api-keys.txt": SERVING_KEYS, "certs/tls.pem": PRIVATE_KEY,
+                                ".gitignore": "api-keys.txt\n"})
+    assert jobs.plan_upload(root).left_out == ["certs/tls.pem"]  # .gitignore already keeps api-keys.txt out
+    # Ray stops reading .gitignore under RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1, and the plan follows it.
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")
+    plan = jobs.plan_upload(root)
+    assert plan.left_out == ["api-keys.txt", "certs/tls.pem"]
+    assert "api-keys.txt" not in _ray_would_upload(jobs.runtime_env(plan), tmp_path)
+
+
+def test_plan_upload_refuses_a_secret_under_a_name_no_pattern_covers(tmp_path):
+    root = _checkout(tmp_path, {"conf/hf_token": "hf_" + "aBcD3fGh1jKlMn0pQrStUvWxYz12345678\n",
+                                "deploy/aws-credentials.ini": AWS_PROFILE, "ops/deploy_key": PRIVATE_KEY,
+                                "conf/serve/keys.list": SERVING_KEYS,
+                                # Key-like names without a secret in them go up as usual.
+                                "llm_platform/serve/auth.py": "API_KEY_ENV = 'LLM_PLATFORM_API_KEYS'\n",
+                                "llm_platform/data/tokenizer.py": "def tokenize(text):\n    return text.split()\n",
+                                "docs/secrets.md": "Keep keys in $HOME/.config/llm-platform/api-keys.txt.\n"})
+    with pytest.raises(ConfigError) as e:
+        jobs.plan_upload(root)
+    message = str(e.value)
+    for rel in ("conf/hf_token", "deploy/aws-credentials.ini", "ops/deploy_key", "conf/serve/keys.list"):
+        assert rel in message
+    for rel in ("auth.py", "tokenizer.py", "secrets.md"):
+        assert rel not in message
+    assert ".config/llm-platform" in message and ".rayignore" in message
+    assert "q8Jm2Lw0" not in message and "BEGIN" not in message  # the refusal never echoes the secret
+    # The remedy it names works: a .rayignore (which Ray always honours) keeps them out.
+    (root / ".rayignore").write_text("hf_token\naws-credentials.ini\ndeploy_key\nkeys.list\n")
+    assert jobs.plan_upload(root).left_out == []
+
+
+def test_submit_says_what_it_leaves_out_and_refuses_before_contacting_the_cluster(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    root = _checkout(tmp_path / "checkout", {"api-keys.txt": SERVING_KEYS})
+    with pytest.raises(SystemExit):
+        submit_cmd.main(["data", "--working-dir", str(root), "--address", "http://127.0.0.1:9", "--no-check"])
+    err = capsys.readouterr().err
+    assert "leaving api-keys.txt out of the upload" in err and "Jb0m3bq8" not in err
+    (root / "notes").mkdir()
+    (root / "notes" / "prod-key.txt").write_text(PRIVATE_KEY)
+    with pytest.raises(SystemExit) as e:
+        submit_cmd.main(["data", "--working-dir", str(root), "--address", "http://127.0.0.1:9", "--no-check"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "notes/prod-key.txt" in err and "looks like a private key" in err
+    assert "cannot reach" not in err  # refused before contacting the cluster
+
+
+def test_the_checkout_itself_uploads_without_refusal():
+    root = jobs.project_root()
+    assert root is not None
+    jobs.plan_upload(root)  # no committed file looks like a secret
