@@ -125,5 +125,9 @@ class DataConfig:
     """Output shards per split (0 picks one per ~64 MB of tokens, at least the number of read blocks)."""
     tokenize_batch_size: int = 256
     """Documents per tokenization batch."""
+    task_target_bytes: int = 64 << 20
+    """Input bytes per task in the per-file phases: consecutive files are grouped into units of about this size
+    (more units when the cluster has more task slots), so many small files cost per byte, not per file. Changes
+    speed only, never the output."""
     max_records_reported: int = 50
     """Skipped records listed by name in the manifest (all are counted)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 
@@ -73,18 +74,34 @@ def quality_reason(text: str, f: FilterConfig) -> str:
     return ""
 
 
+def _clean_field(value: str, form: str, pii: bool) -> tuple[str, int]:
+    value = normalize(value or "", form)
+    return scrub_pii(value) if pii and value else (value, 0)
+
+
 def clean_record(record: dict, form: str, pii: bool, filters: FilterConfig) -> dict:
-    """Clean one record in place-style (returns a new dict): normalize fields, scrub PII, apply filters."""
+    """Clean one record in place-style (returns a new dict): normalize fields, scrub PII, apply filters.
+
+    A chat record's turns (`messages`, JSON) are cleaned one by one, and its `text` (what filters and dedup see) is
+    rebuilt from the cleaned turns: the conversation is what gets tokenized, so it is what must be scrubbed."""
     out = dict(record)
     if out.get("drop_reason"):
         return out
     pii_count = 0
-    for key in ("text", "prompt", "response"):
-        value = normalize(out.get(key) or "", form)
-        if pii and value:
-            value, n = scrub_pii(value)
+    if out.get("messages"):
+        messages = json.loads(out["messages"])
+        for m in messages:
+            m["content"], n = _clean_field(m["content"], form, pii)
             pii_count += n
-        out[key] = value
+        out["messages"] = json.dumps(messages, ensure_ascii=False)
+        out["text"] = "\n\n".join(m["content"] for m in messages)
+        # As when reading (chat.parse_record): an assistant turn left with nothing to learn drops the conversation.
+        empty = any(m["role"] == "assistant" and not m["content"] for m in messages)
+        out["drop_reason"] = "empty_assistant" if empty else quality_reason(out["text"], filters)
+        return out | {"pii_replacements": pii_count}
+    for key in ("text", "prompt", "response"):
+        out[key], n = _clean_field(out.get(key) or "", form, pii)
+        pii_count += n
     if out.get("prompt") or out.get("response"):
         out["text"] = out["prompt"] + "\n\n" + out["response"]
         if not out["prompt"] or not out["response"]:

@@ -11,7 +11,9 @@ import numpy as np
 from llm_platform.data import pack
 from llm_platform.data.exchange import sum_counters
 
-FORMAT_VERSION = 2  # bump when the shard layout or any phase's semantics change: it is part of the fingerprint
+# Bump when the shard layout or any phase's semantics change: it is part of the fingerprint. 3: chat turns are
+# cleaned and scrubbed like text (they were tokenized raw).
+FORMAT_VERSION = 3
 
 
 class Split(TypedDict):
@@ -57,17 +59,18 @@ def _empty_split() -> Split:
             "skipped_prompt_too_long": 0, "chat": {}}
 
 
-def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], files: list[dict], dups: dict,
+def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], units: list[dict], dups: dict,
           tok_record: dict, shards: list[dict], timings: dict[str, float]) -> Manifest:
-    """The manifest from the stage's per-file counts (`prepare.prepare_file`), the duplicates, the tokenizer's
+    """The manifest from the stage's per-unit counts (`prepare.prepare_unit`), the duplicates, the tokenizer's
     record and the shards' entries (`shards.pack_shard`)."""
-    counts: dict[str, Any] = {"files": len(inputs), "records_in": sum(int(f["records"]) for f in files),
-                              "dropped": sum_counters([f["dropped"] for f in files]),
-                              "pii_replacements": sum(int(f["pii_replacements"]) for f in files)}
+    counts: dict[str, Any] = {"files": len(inputs), "units": len(units),
+                              "records_in": sum(int(u["records"]) for u in units),
+                              "dropped": sum_counters([u["dropped"] for u in units]),
+                              "pii_replacements": sum(int(u["pii_replacements"]) for u in units)}
     # The sample of skipped records is the first ones by (file, line), whatever order the files finished in, so
     # the same inputs always give the same manifest.
     limit = max(0, cfg.max_records_reported - len(missing))
-    dropped = sorted((r for f in files for r in f["skipped"]), key=lambda r: (r["source"], r["line"]))[:limit]
+    dropped = sorted((r for u in units for r in u["skipped"]), key=lambda r: (r["source"], r["line"]))[:limit]
     skipped = list(missing) + dropped
     for m in missing:
         reason = m["reason"].split(":")[0]

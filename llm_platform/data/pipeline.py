@@ -1,20 +1,21 @@
 """The data stage: read -> clean -> dedup -> split -> tokenizer -> tokenize -> pack -> manifest, on Ray Data.
 
-Every phase is a set of independent tasks that Ray Data schedules (one row per task: an input file, a key
-partition, a cleaned file, an output shard), and the tasks' results are small counts and file indexes. Data moves
-between phases through files under `<dataset>/_work/`, written once and read by the next phase; the two exchanges
-(dedup keys by key, tokens by output shard) are runs of numpy arrays read by byte range (exchange.py), so no text
-is shuffled and no signature travels with every band key.
+Every phase is a set of independent tasks that Ray Data schedules (one row per task: a unit of input files, a key
+partition, a cleaned unit, an output shard), and the tasks' results are small counts and file indexes. A unit is a
+run of consecutive input files of about `data.task_target_bytes` together (`plan_units`), so many small files cost
+what their bytes cost. Data moves between phases through files under `<dataset>/_work/`, written once and read by
+the next phase; the two exchanges (dedup keys by key, tokens by output shard) are runs of numpy arrays read by byte
+range (exchange.py), so no text is shuffled and no signature travels with every band key.
 
     phase       task per            does                                               writes (under _work/)
-    read_clean  input file          read, clean, filter, text hash, MinHash keys       clean/, keys/, sigs/
+    read_clean  unit of files       read, clean, filter, text hash, MinHash keys       clean/, keys/, sigs/
     dedup       key partition       equal keys -> exact dups, near candidate pairs;    dups.parquet
                                     the driver verifies candidates' signatures
-    tokenizer   cleaned file        a deterministic sample of train docs -> BPE        tokenizer/ (in the dataset)
-    pack        cleaned file        drop dups, split + shard by hash, tokenize         tokens/
+    tokenizer   cleaned unit        a deterministic sample of train docs -> BPE        tokenizer/ (in the dataset)
+    pack        cleaned unit        drop dups, split + shard by hash, tokenize         tokens/
                 output shard        pack in document order                             train/ val/ (in the dataset)
 
-Each task leaves a marker (`clean/<file>.json`, `tokens/<file>.json`, `shards/<shard>.json`) so an interrupted run
+Each task leaves a marker (`clean/<unit>.json`, `tokens/<unit>.json`, `shards/<shard>.json`) so an interrupted run
 resumes task by task. `manifest.json` is written last; a dataset folder without it is never read. A second run with
 the same inputs and config finds the manifest and does nothing.
 """
@@ -49,9 +50,10 @@ from llm_platform.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 SHARD_TARGET_BYTES = 64 << 20
+UNITS_PER_TASK_SLOT = 3  # at least this many units per task that runs at once: the last ones finish close together
 KEY_PARTITION_BYTES = 32 << 20  # input bytes per dedup key partition (the keys are about as large as the text)
 # Knobs that change speed, not output: left out of the fingerprint.
-_NOT_FINGERPRINTED = ("tokenize_batch_size", "max_records_reported", "name")
+_NOT_FINGERPRINTED = ("tokenize_batch_size", "max_records_reported", "name", "task_target_bytes")
 
 
 @dataclass
@@ -124,7 +126,9 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     `executor` runs each phase's tasks (`_tasks`' signature): Ray Data by default; `in_process` runs them one after
     another in this process with no Ray at all (same task code, same outputs: the property tests compare the two)."""
     validate(cfg, tok)
+    listed = time.perf_counter()
     inputs, missing = _inputs(cfg, root, create=True)
+    listed = time.perf_counter() - listed
     if missing and cfg.on_error == "fail":
         first = missing[0]
         raise DataError(f"{first['source']}: {first['reason']} (data.on_error=fail)")
@@ -144,7 +148,7 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = console.progress_enabled() if progress is None else progress
     work = storage.join(out, "_work")
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"list_s": listed}
     resumed: list[str] = []  # phases found complete from an interrupted earlier run
     cpu = [0.0, 0.0]  # the tasks' CPU and wall seconds
     tasks = functools.partial(executor or _tasks, cpu=cpu)
@@ -157,19 +161,57 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
         timings[f"{phase}_tasks_wall_s"] = cpu[1] - wall_start
         return value
 
-    files = timed("read_clean", lambda: _read_and_clean(tasks, inputs, cfg, work))
-    if files and all(f["resumed"] for f in files):
+    plan = plan_units([int(m["size"]) for m in inputs], cfg.task_target_bytes,
+                      min_units=UNITS_PER_TASK_SLOT * _parallelism(executor))
+    units = timed("read_clean", lambda: _read_and_clean(tasks, inputs, plan, cfg, work))
+    if units and all(u["resumed"] for u in units):
         resumed.append("read_clean")
-    dups = timed("dedup", lambda: _deduplicate(tasks, cfg, work, files, resumed))
-    tok_record = timed("tokenizer", lambda: _tokenizer(tasks, cfg, tok, work, out, files, dups, resumed, root))
-    packed = timed("tokenize_pack", lambda: _pack(tasks, cfg, inputs, work, out, files, dups, tok_record))
+    dups = timed("dedup", lambda: _deduplicate(tasks, cfg, work, units, resumed))
+    tok_record = timed("tokenizer", lambda: _tokenizer(tasks, cfg, tok, work, out, units, dups, resumed, root))
+    packed = timed("tokenize_pack", lambda: _pack(tasks, cfg, inputs, work, out, units, dups, tok_record))
     if any(s.get("resumed") for s in packed):
         resumed.append(f"pack:{sum(1 for s in packed if s.get('resumed'))}/{len(packed)} shards")
-    manifest = manifests.build(cfg, tok, fp, inputs, missing, files, dups, tok_record, packed, timings)
+    manifest = manifests.build(cfg, tok, fp, inputs, missing, units, dups, tok_record, packed, timings)
     manifest["resumed_phases"] = resumed
     storage.write_json(storage.join(out, MANIFEST), manifest)
     storage.delete(work)
     return DatasetResult(out, manifest)
+
+
+def plan_units(sizes: list[int], target_bytes: int, min_units: int = 1) -> list[list[int]]:
+    """The input files (by index, in listing order) cut into units of consecutive files, one task each in every
+    per-file phase: at most a share of about `target_bytes` a unit (a file larger than that is a unit alone: files
+    are never split), and at least `min_units` units (or one per file, if fewer), so the tasks keep every slot busy.
+
+    A corpus of thousands of small files then costs what its bytes cost: each unit writes a handful of objects
+    whatever its file count (one per file before, and a Ray task per file). Which files share a unit changes no
+    output: documents keep their ids (file index << 32 | line) and every later phase reads units in file order."""
+    total = sum(sizes)
+    count = max(math.ceil(total / max(1, target_bytes)), min(len(sizes), min_units), 1)
+    share = max(1.0, total / count)
+    units: list[list[int]] = []
+    unit: list[int] = []
+    held = 0
+    for i, size in enumerate(sizes):
+        # A unit closes before a file that would take it past its share, or when the files left are only enough
+        # to give each of the units still owed one.
+        if unit and (held + size > share or len(sizes) - i <= count - len(units) - 1):
+            units.append(unit)
+            unit, held = [], 0
+        unit.append(i)
+        held += size
+    return units + [unit] if unit else units
+
+
+def _parallelism(executor: Callable[..., list] | None) -> int:
+    """How many tasks of a phase run at once: the local instance's task slots (`_tasks`), a cluster's CPUs, or 1
+    for an in-process executor."""
+    if executor is not None:
+        return 1
+    import ray
+
+    slots = cluster.cpu_task_slots()
+    return slots + 1 if slots is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _tasks(fn: Callable[..., Any], items: list[tuple], *, num_cpus: float, cpu: list[float] | None = None,
@@ -248,20 +290,21 @@ def _one_thread_tokenizers():
 
 
 # ----------------------------------------------------------------------------------------------- read + clean
-def _read_and_clean(tasks: Callable[..., list], inputs: list[dict], cfg: DataConfig, work: str) -> list[dict]:
-    """Per input file: its counts, dropped-record sample and key/signature runs (prepare.py)."""
+def _read_and_clean(tasks: Callable[..., list], inputs: list[dict], plan: list[list[int]], cfg: DataConfig,
+                    work: str) -> list[dict]:
+    """Per unit of input files: its counts, dropped-record sample and key/signature runs (prepare.py)."""
     total = sum(int(m["size"]) for m in inputs)
     spec = prepare.PrepareSpec(
         read=sources.ReadSpec.from_config(cfg), normalize=cfg.normalize, scrub_pii=cfg.scrub_pii,
         filters=cfg.filters, keys=prepare.KeyParams.from_config(cfg.dedup),
         partitions=max(1, min(512, math.ceil(total / KEY_PARTITION_BYTES))), work=work,
         max_reported=cfg.max_records_reported)
-    items = [({**m, "compression": m["compression"] or None}, i) for i, m in enumerate(inputs)]
-    return tasks(prepare.prepare_file, items, num_cpus=1, spec=spec)
+    metas = [{**m, "compression": m["compression"] or None} for m in inputs]
+    return tasks(prepare.prepare_unit, [([metas[i] for i in files], files) for files in plan], num_cpus=1, spec=spec)
 
 
 # ----------------------------------------------------------------------------------------------------- dedup
-def _deduplicate(tasks: Callable[..., list], cfg: DataConfig, work: str, files: list[dict], resumed: list[str]
+def _deduplicate(tasks: Callable[..., list], cfg: DataConfig, work: str, units: list[dict], resumed: list[str]
                  ) -> dict[str, np.ndarray]:
     """Duplicate doc ids with the id they duplicate and whether the match is exact (else near)."""
     import pyarrow as pa
@@ -273,13 +316,13 @@ def _deduplicate(tasks: Callable[..., list], cfg: DataConfig, work: str, files: 
         table = pq.read_table(io.BytesIO(storage.read_bytes(done)))
         return {c: table[c].to_numpy() for c in table.column_names}
     result = {"doc_id": np.empty(0, np.int64), "dup_of": np.empty(0, np.int64), "exact": np.empty(0, bool)}
-    runs = [r for f in files for r in f["key_runs"]]
+    runs = [r for u in units for r in u["key_runs"]]
     partitions = sorted({int(p) for r in runs for p in r["parts"]})
     found = tasks(prepare.dedup_partition, [(segments(runs, p),) for p in partitions], num_cpus=1)
     if found:
         cat = {k: np.concatenate([f[k] for f in found]) for k in found[0]}
         near, near_of = prepare.verify_pairs(cat["near_doc"], cat["near_first"],
-                                             {int(f["file_index"]): f["sig_runs"] for f in files},
+                                             [(int(u["files"][0]), u["sig_runs"]) for u in units],
                                              cfg.dedup.threshold)
         result = prepare.one_row_per_dup({
             "doc_id": np.concatenate([cat["exact_doc"], near]), "dup_of": np.concatenate([cat["exact_of"], near_of]),
@@ -290,15 +333,17 @@ def _deduplicate(tasks: Callable[..., list], cfg: DataConfig, work: str, files: 
     return result
 
 
-def _dups_by_file(dups: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+def _dups_by_unit(dups: dict[str, np.ndarray], units: list[dict]) -> list[np.ndarray]:
+    """Each unit's duplicate doc ids (sorted), aligned with `units`."""
     ids = np.sort(dups["doc_id"])
-    files = ids >> 32
-    return {int(f): ids[files == f] for f in np.unique(files)}
+    starts = np.asarray([int(u["files"][0]) for u in units], np.int64)
+    unit_of = np.searchsorted(starts, ids >> 32, side="right") - 1
+    return [ids[unit_of == i] for i in range(len(units))]
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
 def _tokenizer(tasks: Callable[..., list], cfg: DataConfig, tok_cfg: TokenizerConfig, work: str, out: str,
-               files: list[dict], dups: dict, resumed: list[str], root: str) -> dict:
+               units: list[dict], dups: dict, resumed: list[str], root: str) -> dict:
     from llm_platform.data.dataset import load_tokenizer
 
     uri = storage.join(out, "tokenizer")
@@ -316,25 +361,23 @@ def _tokenizer(tasks: Callable[..., list], cfg: DataConfig, tok_cfg: TokenizerCo
         sha = tokenizers.save(tok, uri, copy_from=None if base["added"] else base["source"])
         return tokenizers.describe(tok, sha, **base)
     # A deterministic sample (by doc hash) of the kept train documents: every `stride`-th hash of the records read.
-    total = sum(int(f["records"]) for f in files)
+    total = sum(int(u["records"]) for u in units)
     stride = max(1, math.ceil(total / max(1, tok_cfg.max_training_documents)))
-    by_file = _dups_by_file(dups)
-    chosen = tasks(_sample_one, [(int(f["file_index"]), by_file.get(int(f["file_index"]), np.empty(0, np.int64)))
-                                 for f in files if f["kept"]],
+    chosen = tasks(_sample_one, [(u["unit"], d) for u, d in zip(units, _dups_by_unit(dups, units)) if u["kept"]],
                    num_cpus=1, work=work, stride=stride, val_fraction=cfg.val_fraction)
     tok = tokenizers.train_bpe((t for texts in chosen for t in texts), tok_cfg)
     sha = tokenizers.save(tok, uri)
     return tokenizers.describe(tok, sha)
 
 
-def _sample_one(file_index: int, dup_ids: np.ndarray, work: str, stride: int, val_fraction: float) -> list[str]:
-    """A cleaned file's share of the tokenizer's training sample: kept train documents whose hash % stride is 0."""
+def _sample_one(unit: str, dup_ids: np.ndarray, work: str, stride: int, val_fraction: float) -> list[str]:
+    """A cleaned unit's share of the tokenizer's training sample: kept train documents whose hash % stride is 0."""
     import pyarrow as pa
 
     from llm_platform.data import dedup
 
     texts: list[str] = []
-    for batch in shards.read_clean(storage.join(work, "clean", f"{file_index:06d}.parquet"),
+    for batch in shards.read_clean(storage.join(work, "clean", f"{unit}.parquet"),
                                    ["doc_id", "text_hash", "text"]):
         hashes = batch.column("text_hash").to_numpy()
         keep = (hashes % stride == 0) & ~np.isin(batch.column("doc_id").to_numpy(), dup_ids)
@@ -354,18 +397,16 @@ def _num_shards(cfg: DataConfig, inputs: list[dict]) -> dict[str, int]:
     return {"train": train, "val": val}
 
 
-def _pack(tasks: Callable[..., list], cfg: DataConfig, inputs: list[dict], work: str, out: str, files: list[dict],
+def _pack(tasks: Callable[..., list], cfg: DataConfig, inputs: list[dict], work: str, out: str, units: list[dict],
           dups: dict, tok_record: dict) -> list[dict]:
     spec = shards.ShardSpec(
         kind=cfg.kind, seq_len=cfg.seq_len, target_len=cfg.target_len, val_fraction=cfg.val_fraction,
         counts=_num_shards(cfg, inputs), tokenizer_uri=storage.join(out, "tokenizer"),
         eos=tok_record["eos_token_id"], pad=tok_record["pad_token_id"], vocab=tok_record["vocab_size"],
         batch=cfg.tokenize_batch_size, chat_overflow=cfg.chat_overflow, work=work, out=out)
-    by_file = _dups_by_file(dups)
-    no_dups = np.empty(0, np.int64)
-    encoded = tasks(shards.encode_file, [(int(f["file_index"]), by_file.get(int(f["file_index"]), no_dups))
-                                         for f in files if f["kept"]], num_cpus=1, spec=spec)
-    runs = [r for e in sorted(encoded, key=lambda e: e["file_index"]) for r in e["runs"]]  # document order
+    encoded = tasks(shards.encode_unit, [(u["unit"], d) for u, d in zip(units, _dups_by_unit(dups, units))
+                                         if u["kept"]], num_cpus=1, spec=spec)
+    runs = [r for e in encoded for r in e["runs"]]  # units in file order: document order
     names_ = spec.shard_names()
     used = sorted({int(p) for r in runs for p in r["parts"]})
     return tasks(shards.pack_shard, [(names_[p], segments(runs, p)) for p in used], num_cpus=0.5, spec=spec)

@@ -1,12 +1,14 @@
-"""The data stage's first pass, one input file per call, no Ray: read, clean, and the dedup keys, in one pass.
+"""The data stage's first pass, one unit of input files per call, no Ray: read, clean, and the dedup keys.
 
-Each call reads its file once and writes, under `<work>/`:
+A unit is a run of consecutive input files of about `data.task_target_bytes` together (pipeline.plan_units), so a
+corpus of thousands of small files costs per byte and not per file: each call writes a handful of objects whatever
+its file count. Each call reads its files once and writes, under `<work>/` (`<unit>` = first-last file index):
 
-    clean/<file>.parquet    the kept records (doc_id, text_hash, text, prompt, response, messages), in file order
-    keys/<file>-<n>.bin     dedup keys bucketed by partition (exchange.py): exact (text hash) and LSH band keys
-    sigs/<file>-<n>.bin     the kept documents' b-bit MinHash signatures, read back only for candidate pairs
-    clean/<file>.json       the file's counts (read, dropped by reason, the first skipped records), written last:
-                            a resumed stage skips every file that has it
+    clean/<unit>.parquet    the kept records (doc_id, text_hash, text, prompt, response, messages), in file order
+    keys/<unit>-<n>.bin     dedup keys bucketed by partition (exchange.py): exact (text hash) and LSH band keys
+    sigs/<unit>-<n>.bin     the kept documents' b-bit MinHash signatures, read back only for candidate pairs
+    clean/<unit>.json       the unit's counts (read, dropped by reason, the first skipped records), written last:
+                            a resumed stage skips every unit that has it
 
 Dedup then works on keys alone (`dedup_partition`): equal keys meet in one reduce task, which returns exact
 duplicates and near *candidate* pairs; `verify_pairs` fetches the signatures of the candidates only. Before, every
@@ -111,35 +113,45 @@ def _write_keys(writer: PartitionedWriter, keys: dict[str, np.ndarray], partitio
                 writer.add(p, {f"{kind}_key": k[sel], f"{kind}_doc": d[sel]})
 
 
-def prepare_file(meta: dict[str, Any], file_index: int, spec: PrepareSpec) -> dict[str, Any]:
-    """Read, clean and key one input file (see the module docstring); returns its counts and run indexes."""
+def unit_name(files: list[int]) -> str:
+    """A unit's name: its first and last file index (a unit is a run of consecutive input files). Names every file it
+    writes, so a rerun that groups the files otherwise never takes another grouping's files as its own."""
+    return f"{files[0]:06d}-{files[-1]:06d}"
+
+
+def prepare_unit(metas: list[dict[str, Any]], files: list[int], spec: PrepareSpec) -> dict[str, Any]:
+    """Read, clean and key a unit of input files (`metas`, with their file indexes `files`; see the module
+    docstring); returns the unit's counts and run indexes. Small files are fetched ahead on threads
+    (`sources.prefetched`), so a unit of many small files waits on one request at a time at most."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    name = f"{file_index:06d}"
+    name = unit_name(files)
     done = storage.join(spec.work, "clean", f"{name}.json")
-    if storage.exists(done):  # an interrupted earlier run finished this file
+    if storage.exists(done):  # an interrupted earlier run finished this unit
         return {**storage.read_json(done), "resumed": True}
     clean_uri = storage.join(spec.work, "clean", f"{name}.parquet")
     keys = PartitionedWriter(storage.join(spec.work, "keys", name))
     sigs = PartitionedWriter(storage.join(spec.work, "sigs", name))
-    stats: dict[str, Any] = {"file_index": file_index, "records": 0, "kept": 0, "dropped": {},
+    stats: dict[str, Any] = {"unit": name, "files": [files[0], files[-1]], "records": 0, "kept": 0, "dropped": {},
                              "pii_replacements": 0, "skipped": []}
     schema = pa.schema([("doc_id", pa.int64()), ("text_hash", pa.int64())] +
                        [(c, pa.string()) for c in CLEAN_COLUMNS[2:]])
     fs, path = storage.pyarrow_filesystem(clean_uri)
     if not storage.is_remote(clean_uri):
         storage.makedirs(storage.join(spec.work, "clean"))
+    records = (r for meta, file_index, data in sources.prefetched(metas, files)
+               for r in sources.read_file(meta, file_index, spec.read, data=data))
     with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
-        for records in _batches(sources.read_file(meta, file_index, spec.read), READ_BATCH_ROWS):
-            cleaned = clean_records(records, spec)
+        for batch in _batches(records, READ_BATCH_ROWS):
+            cleaned = clean_records(batch, spec)
             stats["records"] += len(cleaned)
             stats["pii_replacements"] += sum(int(r.get("pii_replacements") or 0) for r in cleaned)
             kept = [r for r in cleaned if not r["drop_reason"]]
             for r in cleaned:
                 if r["drop_reason"]:
                     stats["dropped"][r["drop_reason"]] = stats["dropped"].get(r["drop_reason"], 0) + 1
-                    if len(stats["skipped"]) < spec.max_reported:  # the file's first ones, by line
+                    if len(stats["skipped"]) < spec.max_reported:  # the unit's first ones, by file and line
                         stats["skipped"].append({"source": r["source"], "line": int(r["line"]),
                                                  "reason": r.get("detail") or r["drop_reason"]})
             if not kept:
@@ -195,17 +207,18 @@ def candidate_pairs(keys: np.ndarray, doc_ids: np.ndarray) -> tuple[np.ndarray, 
     return doc_ids[candidate], doc_ids[first][candidate]
 
 
-def verify_pairs(docs: np.ndarray, firsts: np.ndarray, sig_runs: dict[int, list[dict]], threshold: float
+def verify_pairs(docs: np.ndarray, firsts: np.ndarray, sig_runs: list[tuple[int, list[dict]]], threshold: float
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The candidate pairs whose estimated Jaccard (b-bit signatures, chance matches removed) meets `threshold`,
-    one per duplicate, pointing at its smallest original. Reads the signature runs of the files that hold a
-    candidate (`sig_runs`: file index -> runs) and keeps only the candidates' rows."""
+    one per duplicate, pointing at its smallest original. `sig_runs` is each unit's (first file index, signature
+    runs) in file order; only the units that hold a candidate are read, and only the candidates' rows kept."""
     if docs.shape[0] == 0:
         return docs, firsts
     needed = np.unique(np.concatenate([docs, firsts]))
+    starts = np.asarray([first for first, _ in sig_runs], np.int64)
     ids, rows = [], []
-    for file_index in np.unique(needed >> 32):
-        for arrays, _ in read_segments(segments(sig_runs.get(int(file_index), []), 0)):
+    for unit in np.unique(np.searchsorted(starts, needed >> 32, side="right") - 1):
+        for arrays, _ in read_segments(segments(sig_runs[int(unit)][1], 0)):
             sel = np.isin(arrays["doc"], needed)
             ids.append(arrays["doc"][sel])
             rows.append(arrays["sig"][sel])

@@ -1,10 +1,11 @@
-"""The data stage's last pass, no Ray: tokenize each cleaned file, then pack each output shard.
+"""The data stage's last pass, no Ray: tokenize each cleaned unit (a run of input files), then pack each output shard.
 
-`encode_file` (one per cleaned input file) keeps the documents that are not duplicates, gives each its split and
-shard by its text hash, tokenizes them, and writes the tokens bucketed by shard (exchange.py): flat token arrays and
-lengths for pretraining, finished padded records for sft, chat and seq2seq. `pack_shard` (one per output shard)
-reads its segment of every file's runs in file order, which is document order (doc ids are file index << 32 | line),
-so it packs exactly what sorting the shard's documents by id would give, without shuffling any text or sorting.
+`encode_unit` (one per cleaned unit of input files, prepare.py) keeps the documents that are not duplicates, gives
+each its split and shard by its text hash, tokenizes them, and writes the tokens bucketed by shard (exchange.py):
+flat token arrays and lengths for pretraining, finished padded records for sft, chat and seq2seq. `pack_shard` (one
+per output shard) reads its segment of every unit's runs in file order, which is document order (doc ids are file
+index << 32 | line), so it packs exactly what sorting the shard's documents by id would give, without shuffling
+any text or sorting.
 
     pretrain   documents joined by EOS, cut into seq_len blocks; the last partial block is the remainder
     sft        prompt + response + EOS, loss on the response, padded (pack.supervised)
@@ -107,9 +108,9 @@ def read_clean(uri: str, columns: list[str]):
         yield from pq.ParquetFile(f).iter_batches(columns=columns, batch_size=8192)
 
 
-def encode_file(file_index: int, dup_ids: np.ndarray, spec: ShardSpec) -> dict[str, Any]:
-    """Tokenize one cleaned file's kept, non-duplicate documents into runs bucketed by shard."""
-    name = f"{file_index:06d}"
+def encode_unit(name: str, dup_ids: np.ndarray, spec: ShardSpec) -> dict[str, Any]:
+    """Tokenize one cleaned unit's kept, non-duplicate documents into runs bucketed by shard (`name`: the unit's, as
+    `prepare.unit_name` gives it)."""
     done = storage.join(spec.work, "tokens", f"{name}.json")
     if storage.exists(done):
         return {**storage.read_json(done), "resumed": True}
@@ -128,8 +129,8 @@ def encode_file(file_index: int, dup_ids: np.ndarray, spec: ShardSpec) -> dict[s
             chunk = {f: [str(v) for v in values[f][start:start + spec.batch]] for f in fields}
             _encode_chunk(writer, part, chunk, spec, token_dtype)
     runs = writer.close()
-    storage.write_json(done, {"file_index": file_index, "runs": runs})
-    return {"file_index": file_index, "runs": runs, "resumed": False}
+    storage.write_json(done, {"unit": name, "runs": runs})
+    return {"unit": name, "runs": runs, "resumed": False}
 
 
 def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str, list[str]], spec: ShardSpec,

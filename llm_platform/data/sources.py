@@ -9,6 +9,7 @@ empty text, so the stage can count and report it; `on_error=fail` raises a DataE
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -16,7 +17,6 @@ import posixpath
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from llm_platform import storage
 from llm_platform.errors import DataError
@@ -25,6 +25,9 @@ EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet"
               ".text": "text", ".md": "text"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+PREFETCH_BYTES = 8 << 20  # files up to this size are fetched whole, ahead of the parser (`prefetched`)
+PREFETCH_THREADS = 8
+PREFETCH_WINDOW_BYTES = 64 << 20  # the most fetched ahead at once
 
 
 @dataclass
@@ -87,7 +90,7 @@ def list_inputs(patterns: list[str], fmt: str = "auto") -> tuple[list[dict], lis
             continue
         if not uris:
             missing.append({"source": pattern, "line": 0, "reason": "missing_path: no file matches"})
-        for uri, detected in uris:
+        for uri, detected, details in uris:
             file_fmt = detected if fmt == "auto" or detected == "hf" else fmt
             compression = split_extension(uri)[1]
             if not file_fmt:
@@ -96,7 +99,7 @@ def list_inputs(patterns: list[str], fmt: str = "auto") -> tuple[list[dict], lis
             meta = {"uri": uri, "format": file_fmt, "compression": compression, "size": 0, "marker": ""}
             if file_fmt != "hf":
                 try:  # listing a bucket can be allowed while reading its objects is not
-                    details = storage.info(uri)
+                    details = details or storage.info(uri)
                 except PermissionError as e:
                     raise access_denied(uri, e) from None
                 meta.update({k: v for k, v in details.items() if k in ("size", "marker")})
@@ -116,23 +119,56 @@ def access_denied(uri: str, error: BaseException) -> DataError:
                      f"change data.sources")
 
 
-def _expand(pattern: str) -> list[tuple[str, str]]:
+def _expand(pattern: str) -> list[tuple[str, str, dict | None]]:
+    """(uri, format by extension, size and marker from the listing or None) of every file a source names."""
     if any(c in pattern for c in "*?["):
-        return [(u, split_extension(u)[0]) for u in storage.glob(pattern) if not storage.isdir(u)]
+        return [(f["uri"], split_extension(f["uri"])[0], f) for f in storage.files_info(pattern)]
     if not storage.exists(pattern):
         return []
     if storage.isdir(pattern):
         if any(storage.exists(storage.join(pattern, m)) for m in HF_MARKERS):
-            return [(pattern, "hf")]
-        found = storage.glob(storage.join(pattern, "**"))
-        return [(u, split_extension(u)[0]) for u in found if split_extension(u)[0] and not storage.isdir(u)]
-    return [(pattern, split_extension(pattern)[0])]
+            return [(pattern, "hf", None)]
+        return [(f["uri"], split_extension(f["uri"])[0], f) for f in storage.files_info(pattern, recursive=True)
+                if split_extension(f["uri"])[0]]
+    return [(pattern, split_extension(pattern)[0], None)]
 
 
-def read_file(meta: dict, file_index: int, spec: ReadSpec) -> Iterator[dict]:
-    """Yield the records of one input file (see the module docstring)."""
+def prefetched(metas: list[dict], files: list[int]) -> Iterator[tuple[dict, int, bytes | None]]:
+    """(meta, file index, the file's bytes or None) for each file in order. Small files (up to `PREFETCH_BYTES`) are
+    fetched a few at a time on threads while the caller parses the earlier ones: on S3 a small object costs a
+    round trip, not bandwidth, so fetched one after the other they would cost per file. Larger files and saved HF
+    datasets get None and are streamed by `read_file` itself; so does one whose fetch failed, so that its error is
+    met, and reported, where any read error is."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(meta: dict) -> bytes | None:
+        if meta["format"] == "hf" or int(meta["size"]) > PREFETCH_BYTES:
+            return None
+        try:
+            return storage.read_whole(meta["uri"])
+        except Exception:  # noqa: BLE001 - read_file meets it again and reports it as it reports any read error
+            return None
+
+    with ThreadPoolExecutor(PREFETCH_THREADS) as pool:
+        window: collections.deque = collections.deque()  # (meta, file index, future), in file order
+        held = 0  # bytes of the files in the window
+        for meta, index in zip(metas, files):
+            window.append((meta, index, pool.submit(fetch, meta)))
+            held += int(meta["size"])
+            while len(window) > 2 * PREFETCH_THREADS or held > PREFETCH_WINDOW_BYTES:
+                first, first_index, future = window.popleft()
+                held -= int(first["size"])
+                yield first, first_index, future.result()
+        for meta, index, future in window:
+            yield meta, index, future.result()
+
+
+def read_file(meta: dict, file_index: int, spec: ReadSpec, data: bytes | None = None) -> Iterator[dict]:
+    """Yield the records of one input file (see the module docstring); `data`: the file's bytes, already fetched."""
     uri = meta["uri"]
     readers = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "text": _read_text, "hf": _read_hf}
+    if data is not None:
+        meta = {**meta, "data": data}
     line = 0
     try:
         for line, fields, error in readers[meta["format"]](meta, spec):
@@ -189,9 +225,19 @@ def _take_fields(fields: dict, spec: ReadSpec, record: dict) -> str | None:
 
 
 @contextmanager
+def _open_raw(meta: dict):
+    """The file's bytes as a stream: from memory when they were fetched already (`prefetched`), else from storage."""
+    if meta.get("data") is not None:
+        yield io.BytesIO(meta["data"])
+    else:
+        with storage.open_read(meta["uri"], "rb") as raw:
+            yield raw
+
+
+@contextmanager
 def _open(meta: dict):
     """A binary, line-readable stream of the file, decompressed (gzip, zstd)."""
-    with storage.open_read(meta["uri"], "rb") as raw:
+    with _open_raw(meta) as raw:
         if meta["compression"] == "gzip":
             import gzip
 
@@ -287,7 +333,7 @@ def _read_json(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, s
 def _read_parquet(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, str | None]]:
     import pyarrow.parquet as pq
 
-    with storage.open_read(meta["uri"], "rb") as f:
+    with _open_raw(meta) as f:
         pf = pq.ParquetFile(f)
         names = set(pf.schema_arrow.names)
         wanted = ([spec.text_field] if spec.kind == "pretrain" else list((spec.chat_fields or {}).values())
@@ -354,28 +400,3 @@ def _read_hf(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, str
             for i in range(len(batch[keys[0]]) if keys else 0):
                 row += 1
                 yield row, {k: batch[k][i] for k in keys}, None
-
-
-def read_many(batch: dict[str, Any], spec: ReadSpec, batch_rows: int = 2048) -> Iterator[dict[str, list]]:
-    """Ray Data `map_batches` body: read the files named in the batch and yield record batches of bounded size."""
-    rows: list[dict] = []
-    for i in range(len(batch["uri"])):
-        meta = {k: _scalar(batch[k][i]) for k in ("uri", "format", "compression", "size", "marker")}
-        for record in read_file(meta, int(batch["file_index"][i]), spec):
-            rows.append(record)
-            if len(rows) >= batch_rows:
-                yield _columns(rows)
-                rows = []
-    if rows:
-        yield _columns(rows)
-
-
-def _scalar(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
-
-
-COLUMNS = ("doc_id", "source", "line", "text", "prompt", "response", "messages", "drop_reason", "detail")
-
-
-def _columns(rows: list[dict]) -> dict[str, list]:
-    return {c: [r.get(c, "") for r in rows] for c in COLUMNS}

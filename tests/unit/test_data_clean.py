@@ -73,3 +73,22 @@ def test_the_sample_corpus_is_the_same_corpus_release_after_release():
     body = sample.to_jsonl(sample.generate(1000, seed=0))
     body = body if isinstance(body, bytes) else body.encode()
     assert hashlib.sha256(body).hexdigest()[:16] == "5a82df680d0735b2"
+
+
+def test_chat_turns_are_normalized_and_scrubbed_and_text_follows_them():
+    """Chat tokens come from `messages`: cleaning only `text` left e-mail addresses and control characters in what
+    the model was trained on."""
+    import json
+
+    messages = [{"role": "user", "content": "Mail me at  jane.doe@example.org\x00 please"},
+                {"role": "assistant", "content": "Sure, I will write to\u200b you at 10.0.0.1 today."}]
+    record = {"messages": json.dumps(messages), "text": "\n\n".join(m["content"] for m in messages),
+              "drop_reason": ""}
+    out = clean.clean_record(record, "NFC", True, FilterConfig())
+    turns = json.loads(out["messages"])
+    assert [t["content"] for t in turns] == ["Mail me at <EMAIL> please", "Sure, I will write to you at <IP> today."]
+    assert out["text"] == "Mail me at <EMAIL> please\n\nSure, I will write to you at <IP> today."
+    assert out["pii_replacements"] == 2 and out["drop_reason"] == ""
+    emptied = {"messages": json.dumps([{"role": "user", "content": "Say nothing at all please."},
+                                       {"role": "assistant", "content": "\u200b\x00"}]), "text": "x", "drop_reason": ""}
+    assert clean.clean_record(emptied, "NFC", False, FilterConfig())["drop_reason"] == "empty_assistant"

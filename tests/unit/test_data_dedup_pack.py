@@ -141,7 +141,7 @@ def test_empty_blocks(n):
 
 
 def test_packed_shard_counts_every_documents_tokens_and_conserves_them(tmp_path):
-    """One pretraining shard through the stage's own calls on local storage (a cleaned file -> `encode_file` ->
+    """One pretraining shard through the stage's own calls on local storage (a cleaned unit -> `encode_unit` ->
     `pack_shard`, what the Ray tasks run): the token frequencies it reports are the documents' own tokens (no EOS
     it added), and the parquet blocks hold them all, in document order."""
     import io
@@ -165,12 +165,12 @@ def test_packed_shard_counts_every_documents_tokens_and_conserves_them(tmp_path)
     n = len(texts)
     # Two row groups, so the documents reach the packer across batches (leftovers carried over).
     pq.write_table(pa.table({"doc_id": np.arange(n, dtype=np.int64), "text_hash": np.zeros(n, np.int64),
-                             "text": texts}), work / "clean" / "000000.parquet", row_group_size=50)
+                             "text": texts}), work / "clean" / "000000-000000.parquet", row_group_size=50)
     spec = shards.ShardSpec(kind="pretrain", seq_len=16, target_len=0, val_fraction=0.0, counts={"train": 1},
                             tokenizer_uri=tok_uri, eos=record["eos_token_id"], pad=record["pad_token_id"],
                             vocab=record["vocab_size"], batch=7, chat_overflow="truncate", work=str(work),
                             out=str(tmp_path / "out"))
-    encoded = shards.encode_file(0, np.empty(0, np.int64), spec)
+    encoded = shards.encode_unit("000000-000000", np.empty(0, np.int64), spec)
     stat = shards.pack_shard("train-00000", segments(encoded["runs"], 0), spec)
 
     ids = [tok(t, add_special_tokens=False).input_ids for t in texts]  # doc_id order

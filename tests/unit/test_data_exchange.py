@@ -57,7 +57,7 @@ def test_dedup_on_keys_alone_finds_what_comparing_every_band_rows_signature_find
                                         params.threshold)
 
     # The stage: three files write keys (no signatures) into 4 partitions, and their signatures apart.
-    sig_runs, key_runs = {}, []
+    sig_runs, key_runs = [], []
     for f in range(3):
         sel = slice(200 * f, 200 * (f + 1))
         found, s = prepare.dedup_keys(ids[sel], hashes[sel], texts[sel], params)
@@ -68,7 +68,7 @@ def test_dedup_on_keys_alone_finds_what_comparing_every_band_rows_signature_find
                    for r in key_runs for part in r["parts"].values() for name, _, _ in part["arrays"])
         sig_writer = PartitionedWriter(str(tmp_path / "sigs" / f"{f}"))
         sig_writer.add(0, {"doc": ids[sel], "sig": s})
-        sig_runs[f] = sig_writer.close()
+        sig_runs.append((f, sig_writer.close()))  # one unit per file
     pairs = [prepare.dedup_partition(segments(key_runs, p)) for p in range(4)]
     docs = np.concatenate([p["near_doc"] for p in pairs])
     firsts = np.concatenate([p["near_first"] for p in pairs])

@@ -30,3 +30,44 @@ def test_a_file_whose_documents_all_land_in_val(tmp_path, monkeypatch):
     m = result.manifest
     assert m["counts"]["documents_kept"] == 33
     assert m["splits"]["val"]["documents"] == 3 and m["splits"]["train"]["documents"] == 30
+
+
+def test_units_are_consecutive_runs_of_about_the_target_size():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(st.lists(st.integers(0, 5_000), max_size=300), st.integers(1, 20_000), st.integers(1, 40))
+    def check(sizes, target, min_units):
+        units = pipeline.plan_units(sizes, target, min_units)
+        assert [i for u in units for i in u] == list(range(len(sizes)))  # every file once, in order
+        assert all(u == list(range(u[0], u[-1] + 1)) for u in units)  # consecutive files
+        assert len(units) >= min(len(sizes), min_units)
+        if sizes:
+            share = max(1.0, sum(sizes) / max(-(-sum(sizes) // target), min(len(sizes), min_units)))
+            assert all(len(u) == 1 or sum(sizes[i] for i in u) <= share for u in units)  # a file alone, or a share
+
+    check()
+
+
+def test_the_grouping_of_files_into_tasks_changes_no_output(tmp_path, monkeypatch):
+    """Many small files (some empty, one whose documents are all validation documents, duplicates across files)
+    give byte-identical shards and the same counts with one file a task and with a few tasks for them all."""
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = _docs_in_split("train", 60, 0.1) + _docs_in_split("val", 8, 0.1)
+    for i in range(40):
+        lines = docs[i * 2:i * 2 + 3] if i % 7 else []  # overlapping slices: each file repeats one of the last
+        (corpus / f"f{i:03d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    outputs = []
+    for target in (1, 1 << 30):
+        cfg = compose("data", ["debug=smoke", "data.sources=[corpus]", "data.val_fraction=0.1", "data.seq_len=16",
+                               f"data.task_target_bytes={target}", f"storage.root=store-{target}"])
+        m = pipeline.build_dataset(cfg.data, cfg.tokenizer, cfg.storage.root, executor=pipeline.in_process).manifest
+        out = tmp_path / f"store-{target}" / "datasets" / m["name"] / m["fingerprint"]
+        shards = {f: (out / f).read_bytes() for s in ("train", "val") for f in m["splits"][s]["files"]}
+        outputs.append((m["counts"], m["splits"], shards))
+    (counts_a, splits_a, shards_a), (counts_b, splits_b, shards_b) = outputs
+    assert counts_a.pop("units") > 30 and counts_b.pop("units") <= 4
+    assert counts_a == counts_b and splits_a == splits_b and shards_a == shards_b
+    assert counts_a["exact_duplicates"] > 0 and splits_a["val"]["documents"] > 0

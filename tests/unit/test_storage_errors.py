@@ -22,7 +22,7 @@ def deny(*args, **kwargs):
 def test_a_bucket_that_refuses_listing_fails_naming_the_pattern_and_bucket(monkeypatch, tmp_path):
     readable = tmp_path / "ok.jsonl"
     readable.write_text(json.dumps({"text": "fine"}) + "\n")
-    monkeypatch.setattr(storage, "glob", deny)
+    monkeypatch.setattr(storage, "files_info", deny)
     # A readable source next to the refused one does not turn the refusal into a skipped source.
     with pytest.raises(DataError) as raised:
         sources.list_inputs([str(readable), "s3://secret-corpus/raw/*.jsonl"])
@@ -32,7 +32,8 @@ def test_a_bucket_that_refuses_listing_fails_naming_the_pattern_and_bucket(monke
 
 
 def test_an_object_that_refuses_reading_fails_naming_the_file(monkeypatch):
-    monkeypatch.setattr(storage, "glob", lambda pattern: ["s3://corpus/raw/a.jsonl", "s3://corpus/raw/b.jsonl"])
+    # A source naming one object (no listing: its size and marker come from a HEAD, which is refused).
+    monkeypatch.setattr(storage, "exists", lambda uri: True)
     monkeypatch.setattr(storage, "isdir", lambda uri: False)
 
     def info(uri):
@@ -42,7 +43,7 @@ def test_an_object_that_refuses_reading_fails_naming_the_file(monkeypatch):
 
     monkeypatch.setattr(storage, "info", info)
     with pytest.raises(DataError) as raised:
-        sources.list_inputs(["s3://corpus/raw/*.jsonl"])
+        sources.list_inputs(["s3://corpus/raw/a.jsonl", "s3://corpus/raw/b.jsonl"])
     assert str(raised.value).startswith("s3://corpus/raw/b.jsonl: access denied to S3 bucket 'corpus' (Forbidden)")
 
 
