@@ -67,10 +67,10 @@ def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], units: lis
                               "records_in": sum(int(u["records"]) for u in units),
                               "dropped": sum_counters([u["dropped"] for u in units]),
                               "pii_replacements": sum(int(u["pii_replacements"]) for u in units)}
-    # The sample of skipped records is the first ones by (file, line), whatever order the files finished in, so
-    # the same inputs always give the same manifest.
+    # The sample of skipped records is the first ones in file order (units come in file order, each with its first
+    # ones in order), whatever order the tasks finished in, so the same inputs always give the same manifest.
     limit = max(0, cfg.max_records_reported - len(missing))
-    dropped = sorted((r for u in units for r in u["skipped"]), key=lambda r: (r["source"], r["line"]))[:limit]
+    dropped = [r for u in units for r in u["skipped"]][:limit]
     skipped = list(missing) + dropped
     for m in missing:
         reason = m["reason"].split(":")[0]

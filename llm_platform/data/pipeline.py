@@ -161,9 +161,12 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
         timings[f"{phase}_tasks_wall_s"] = cpu[1] - wall_start
         return value
 
-    plan = plan_units([int(m["size"]) for m in inputs], cfg.task_target_bytes,
+    read_spec = sources.ReadSpec.from_config(cfg)
+    pieces = sources.pieces([{**m, "compression": m["compression"] or None} for m in inputs], read_spec,
+                            cfg.task_target_bytes)
+    plan = plan_units([int(p["size"]) for p in pieces], cfg.task_target_bytes,
                       min_units=UNITS_PER_TASK_SLOT * _parallelism(executor))
-    units = timed("read_clean", lambda: _read_and_clean(tasks, inputs, plan, cfg, work))
+    units = timed("read_clean", lambda: _read_and_clean(tasks, pieces, plan, read_spec, cfg, work))
     if units and all(u["resumed"] for u in units):
         resumed.append("read_clean")
     dups = timed("dedup", lambda: _deduplicate(tasks, cfg, work, units, resumed))
@@ -179,13 +182,15 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
 
 
 def plan_units(sizes: list[int], target_bytes: int, min_units: int = 1) -> list[list[int]]:
-    """The input files (by index, in listing order) cut into units of consecutive files, one task each in every
-    per-file phase: at most a share of about `target_bytes` a unit (a file larger than that is a unit alone: files
-    are never split), and at least `min_units` units (or one per file, if fewer), so the tasks keep every slot busy.
+    """The input pieces (`sources.pieces`: files, and byte ranges of large line-based files; by index, in listing
+    order) grouped into units of consecutive pieces, one task each in every per-file phase: at most a share of about
+    `target_bytes` a unit (a larger piece is a unit alone), and at least `min_units` units (or one per piece, if
+    fewer), so the tasks keep every slot busy.
 
     A corpus of thousands of small files then costs what its bytes cost: each unit writes a handful of objects
-    whatever its file count (one per file before, and a Ray task per file). Which files share a unit changes no
-    output: documents keep their ids (file index << 32 | line) and every later phase reads units in file order."""
+    whatever its file count (one per file before, and a Ray task per file); a large JSONL file is read by several
+    tasks. Which pieces share a unit changes no output: documents keep their ids (piece index << 32 | line) and
+    every later phase reads units in file order."""
     total = sum(sizes)
     count = max(math.ceil(total / max(1, target_bytes)), min(len(sizes), min_units), 1)
     share = max(1.0, total / count)
@@ -290,17 +295,16 @@ def _one_thread_tokenizers():
 
 
 # ----------------------------------------------------------------------------------------------- read + clean
-def _read_and_clean(tasks: Callable[..., list], inputs: list[dict], plan: list[list[int]], cfg: DataConfig,
-                    work: str) -> list[dict]:
-    """Per unit of input files: its counts, dropped-record sample and key/signature runs (prepare.py)."""
-    total = sum(int(m["size"]) for m in inputs)
+def _read_and_clean(tasks: Callable[..., list], pieces: list[dict], plan: list[list[int]],
+                    read_spec: sources.ReadSpec, cfg: DataConfig, work: str) -> list[dict]:
+    """Per unit of input pieces: its counts, dropped-record sample and key/signature runs (prepare.py)."""
+    total = sum(int(p["size"]) for p in pieces)
     spec = prepare.PrepareSpec(
-        read=sources.ReadSpec.from_config(cfg), normalize=cfg.normalize, scrub_pii=cfg.scrub_pii,
+        read=read_spec, normalize=cfg.normalize, scrub_pii=cfg.scrub_pii,
         filters=cfg.filters, keys=prepare.KeyParams.from_config(cfg.dedup),
         partitions=max(1, min(512, math.ceil(total / KEY_PARTITION_BYTES))), work=work,
         max_reported=cfg.max_records_reported)
-    metas = [{**m, "compression": m["compression"] or None} for m in inputs]
-    return tasks(prepare.prepare_unit, [([metas[i] for i in files], files) for files in plan], num_cpus=1, spec=spec)
+    return tasks(prepare.prepare_unit, [([pieces[i] for i in unit], unit) for unit in plan], num_cpus=1, spec=spec)
 
 
 # ----------------------------------------------------------------------------------------------------- dedup
@@ -322,7 +326,7 @@ def _deduplicate(tasks: Callable[..., list], cfg: DataConfig, work: str, units: 
     if found:
         cat = {k: np.concatenate([f[k] for f in found]) for k in found[0]}
         near, near_of = prepare.verify_pairs(cat["near_doc"], cat["near_first"],
-                                             [(int(u["files"][0]), u["sig_runs"]) for u in units],
+                                             [(int(u["pieces"][0]), u["sig_runs"]) for u in units],
                                              cfg.dedup.threshold)
         result = prepare.one_row_per_dup({
             "doc_id": np.concatenate([cat["exact_doc"], near]), "dup_of": np.concatenate([cat["exact_of"], near_of]),
@@ -334,9 +338,9 @@ def _deduplicate(tasks: Callable[..., list], cfg: DataConfig, work: str, units: 
 
 
 def _dups_by_unit(dups: dict[str, np.ndarray], units: list[dict]) -> list[np.ndarray]:
-    """Each unit's duplicate doc ids (sorted), aligned with `units`."""
+    """Each unit's duplicate doc ids (sorted), aligned with `units` (a doc id's high half is its piece index)."""
     ids = np.sort(dups["doc_id"])
-    starts = np.asarray([int(u["files"][0]) for u in units], np.int64)
+    starts = np.asarray([int(u["pieces"][0]) for u in units], np.int64)
     unit_of = np.searchsorted(starts, ids >> 32, side="right") - 1
     return [ids[unit_of == i] for i in range(len(units))]
 

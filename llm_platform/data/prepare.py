@@ -113,35 +113,35 @@ def _write_keys(writer: PartitionedWriter, keys: dict[str, np.ndarray], partitio
                 writer.add(p, {f"{kind}_key": k[sel], f"{kind}_doc": d[sel]})
 
 
-def unit_name(files: list[int]) -> str:
-    """A unit's name: its first and last file index (a unit is a run of consecutive input files). Names every file it
-    writes, so a rerun that groups the files otherwise never takes another grouping's files as its own."""
-    return f"{files[0]:06d}-{files[-1]:06d}"
+def unit_name(pieces: list[int]) -> str:
+    """A unit's name: its first and last piece index (a unit is a run of consecutive input pieces). Names every file
+    it writes, so a rerun that groups the pieces otherwise never takes another grouping's files as its own."""
+    return f"{pieces[0]:06d}-{pieces[-1]:06d}"
 
 
-def prepare_unit(metas: list[dict[str, Any]], files: list[int], spec: PrepareSpec) -> dict[str, Any]:
-    """Read, clean and key a unit of input files (`metas`, with their file indexes `files`; see the module
-    docstring); returns the unit's counts and run indexes. Small files are fetched ahead on threads
+def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSpec) -> dict[str, Any]:
+    """Read, clean and key a unit of input pieces (`metas`, with their piece indexes; see the module docstring and
+    `sources.pieces`); returns the unit's counts and run indexes. Small files are fetched ahead on threads
     (`sources.prefetched`), so a unit of many small files waits on one request at a time at most."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    name = unit_name(files)
+    name = unit_name(pieces)
     done = storage.join(spec.work, "clean", f"{name}.json")
     if storage.exists(done):  # an interrupted earlier run finished this unit
         return {**storage.read_json(done), "resumed": True}
     clean_uri = storage.join(spec.work, "clean", f"{name}.parquet")
     keys = PartitionedWriter(storage.join(spec.work, "keys", name))
     sigs = PartitionedWriter(storage.join(spec.work, "sigs", name))
-    stats: dict[str, Any] = {"unit": name, "files": [files[0], files[-1]], "records": 0, "kept": 0, "dropped": {},
+    stats: dict[str, Any] = {"unit": name, "pieces": [pieces[0], pieces[-1]], "records": 0, "kept": 0, "dropped": {},
                              "pii_replacements": 0, "skipped": []}
     schema = pa.schema([("doc_id", pa.int64()), ("text_hash", pa.int64())] +
                        [(c, pa.string()) for c in CLEAN_COLUMNS[2:]])
     fs, path = storage.pyarrow_filesystem(clean_uri)
     if not storage.is_remote(clean_uri):
         storage.makedirs(storage.join(spec.work, "clean"))
-    records = (r for meta, file_index, data in sources.prefetched(metas, files)
-               for r in sources.read_file(meta, file_index, spec.read, data=data))
+    records = (r for meta, piece, data in sources.prefetched(metas, pieces)
+               for r in sources.read_file(meta, piece, spec.read, data=data))
     with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
         for batch in _batches(records, READ_BATCH_ROWS):
             cleaned = clean_records(batch, spec)
@@ -210,8 +210,9 @@ def candidate_pairs(keys: np.ndarray, doc_ids: np.ndarray) -> tuple[np.ndarray, 
 def verify_pairs(docs: np.ndarray, firsts: np.ndarray, sig_runs: list[tuple[int, list[dict]]], threshold: float
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The candidate pairs whose estimated Jaccard (b-bit signatures, chance matches removed) meets `threshold`,
-    one per duplicate, pointing at its smallest original. `sig_runs` is each unit's (first file index, signature
-    runs) in file order; only the units that hold a candidate are read, and only the candidates' rows kept."""
+    one per duplicate, pointing at its smallest original. `sig_runs` is each unit's (first piece index, signature
+    runs) in file order (a doc id's high half is its piece index); only the units that hold a candidate are read,
+    and only the candidates' rows kept."""
     if docs.shape[0] == 0:
         return docs, firsts
     needed = np.unique(np.concatenate([docs, firsts]))

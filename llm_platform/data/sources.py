@@ -1,6 +1,6 @@
 """Read corpus files into records, one generator per file, so nothing needs the corpus in memory.
 
-A record is a dict with `doc_id` (stable: file index << 32 | line or row), `source` (file URI), `line` (1-based line
+A record is a dict with `doc_id` (stable: piece index << 32 | line or row), `source` (file URI), `line` (1-based line
 or row), `text` (and `prompt`/`response` for sft and seq2seq records; `messages`, the conversation as JSON, for chat
 records, whose `text` joins the turns for filters and dedup) and `drop_reason`. A bad record is yielded with
 `drop_reason` set (malformed_json, missing_field:<name>, invalid_utf8, record_too_large, corrupt_file...) and an
@@ -134,7 +134,7 @@ def _expand(pattern: str) -> list[tuple[str, str, dict | None]]:
 
 
 def prefetched(metas: list[dict], files: list[int]) -> Iterator[tuple[dict, int, bytes | None]]:
-    """(meta, file index, the file's bytes or None) for each file in order. Small files (up to `PREFETCH_BYTES`) are
+    """(meta, piece index, the file's bytes or None) for each piece in order. Small files (up to `PREFETCH_BYTES`) are
     fetched a few at a time on threads while the caller parses the earlier ones: on S3 a small object costs a
     round trip, not bandwidth, so fetched one after the other they would cost per file. Larger files and saved HF
     datasets get None and are streamed by `read_file` itself; so does one whose fetch failed, so that its error is
@@ -142,7 +142,7 @@ def prefetched(metas: list[dict], files: list[int]) -> Iterator[tuple[dict, int,
     from concurrent.futures import ThreadPoolExecutor
 
     def fetch(meta: dict) -> bytes | None:
-        if meta["format"] == "hf" or int(meta["size"]) > PREFETCH_BYTES:
+        if meta["format"] == "hf" or meta.get("range") or int(meta["size"]) > PREFETCH_BYTES:
             return None
         try:
             return storage.read_whole(meta["uri"])
@@ -163,26 +163,102 @@ def prefetched(metas: list[dict], files: list[int]) -> Iterator[tuple[dict, int,
             yield meta, index, future.result()
 
 
-def read_file(meta: dict, file_index: int, spec: ReadSpec, data: bytes | None = None) -> Iterator[dict]:
-    """Yield the records of one input file (see the module docstring); `data`: the file's bytes, already fetched."""
+def splittable(meta: dict, spec: ReadSpec) -> bool:
+    """Whether a file can be read in byte ranges: one record per line, and no compression (a stream cannot seek)."""
+    line_based = meta["format"] == "jsonl" or (meta["format"] == "text" and spec.text_unit == "line")
+    return line_based and not meta["compression"]
+
+
+def pieces(inputs: list[dict], spec: ReadSpec, piece_bytes: int) -> list[dict]:
+    """The input files as the pieces the stage reads, in order: a file whose records are lines (`splittable`) and
+    that is larger than `piece_bytes` is cut into byte ranges (`range`: [start, end)) read by different tasks; any
+    other file is one piece (`range` None). A piece's `size` is its bytes. A piece's index, not its file's, is the
+    high half of its documents' ids (piece index << 32 | line), so ids keep file order whether or not a file is cut:
+    with no file cut, the piece index is the file index."""
+    out = []
+    for meta in inputs:
+        size = int(meta["size"])
+        if size <= piece_bytes or not splittable(meta, spec):
+            out.append({**meta, "range": None})
+            continue
+        for start in range(0, size, piece_bytes):
+            end = min(size, start + piece_bytes)
+            out.append({**meta, "range": [start, end], "size": end - start})
+    return out
+
+
+class _LinesOfRange:
+    """The bytes of the lines that start in [start, end) of a seekable stream, as `read()` chunks. A line belongs to
+    the range its first byte is in: a range skips the tail of a line begun before it and finishes the one running
+    at its end, so consecutive ranges read every line exactly once."""
+
+    def __init__(self, raw, start: int, end: int):
+        self._chunks = self._owned(raw, start, end)
+
+    def read(self, n: int = -1) -> bytes:  # chunks of any size: `_read_lines` takes what it gets
+        return next(self._chunks, b"")
+
+    @staticmethod
+    def _owned(raw, start: int, end: int) -> Iterator[bytes]:
+        rest, pos = b"", start  # pos: the offset of rest's first byte
+        if start > 0:  # skip through the first newline at or after start - 1 (at start - 1: a line starts at start)
+            raw.seek(start - 1)
+            pos = start - 1
+            while True:
+                chunk = raw.read(1 << 16)
+                if not chunk:
+                    return
+                nl = chunk.find(b"\n")
+                if nl >= 0:
+                    pos, rest = pos + nl + 1, chunk[nl + 1:]
+                    break
+                pos += len(chunk)
+        if pos >= end:  # the line running at `start` ran past the range: it owns none
+            return
+        while True:
+            rest = rest or raw.read(1 << 16)
+            if not rest:
+                return
+            if pos + len(rest) < end:
+                yield rest
+                pos, rest = pos + len(rest), b""
+                continue
+            nl = rest.find(b"\n", end - pos - 1)  # the newline that ends the line running at end - 1
+            if nl >= 0:
+                yield rest[:nl + 1]
+                return
+            yield rest
+            while chunk := raw.read(1 << 16):
+                nl = chunk.find(b"\n")
+                yield chunk[:nl + 1] if nl >= 0 else chunk
+                if nl >= 0:
+                    return
+            return
+
+
+def read_file(meta: dict, piece: int, spec: ReadSpec, data: bytes | None = None) -> Iterator[dict]:
+    """Yield the records of one input piece (see the module docstring and `pieces`); `data`: its bytes, already
+    fetched. A piece of a file cut into ranges names its bytes in `source`, and its lines count from the range."""
     uri = meta["uri"]
+    if meta.get("range"):
+        uri = f"{uri} (bytes {meta['range'][0]}-{meta['range'][1]})"
     readers = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "text": _read_text, "hf": _read_hf}
     if data is not None:
         meta = {**meta, "data": data}
     line = 0
     try:
         for line, fields, error in readers[meta["format"]](meta, spec):
-            yield _record(file_index, uri, line, fields, error, spec)
+            yield _record(piece, uri, line, fields, error, spec)
     except DataError:
         raise
     except PermissionError as e:  # not a property of the file's content: never counted as a corrupt file
         raise access_denied(uri, e) from None
     except Exception as e:  # a corrupt or truncated file: keep what was read, report where it broke
-        yield _record(file_index, uri, line + 1, None, f"corrupt_file: {type(e).__name__}: {e}", spec)
+        yield _record(piece, uri, line + 1, None, f"corrupt_file: {type(e).__name__}: {e}", spec)
 
 
-def _record(file_index: int, uri: str, line: int, fields: dict | None, error: str | None, spec: ReadSpec) -> dict:
-    record = {"doc_id": (file_index << 32) | line, "source": uri, "line": line, "text": "", "prompt": "",
+def _record(piece: int, uri: str, line: int, fields: dict | None, error: str | None, spec: ReadSpec) -> dict:
+    record = {"doc_id": (piece << 32) | line, "source": uri, "line": line, "text": "", "prompt": "",
               "response": "", "messages": "", "drop_reason": ""}
     if error is None and fields is not None:
         error = _take_fields(fields, spec, record)
@@ -226,12 +302,13 @@ def _take_fields(fields: dict, spec: ReadSpec, record: dict) -> str | None:
 
 @contextmanager
 def _open_raw(meta: dict):
-    """The file's bytes as a stream: from memory when they were fetched already (`prefetched`), else from storage."""
+    """The piece's bytes as a stream: from memory when they were fetched already (`prefetched`), else from storage
+    (only the lines of its range, for a piece of a file cut into ranges)."""
     if meta.get("data") is not None:
         yield io.BytesIO(meta["data"])
     else:
         with storage.open_read(meta["uri"], "rb") as raw:
-            yield raw
+            yield _LinesOfRange(raw, *meta["range"]) if meta.get("range") else raw
 
 
 @contextmanager

@@ -219,3 +219,25 @@ def test_many_small_compressed_files_on_s3_read_as_from_disk(s3_bucket, tmp_path
         out = storage.join(root, "datasets", "t", m["fingerprint"])
         shards.append([storage.read_bytes(storage.join(out, f)) for f in m["splits"]["train"]["files"]])
     assert shards[0] == shards[1]
+
+
+def test_a_large_jsonl_on_s3_read_in_byte_ranges(s3_bucket, tmp_path, monkeypatch):
+    """A JSONL object larger than a task's share is read by several tasks, each its byte range through ranged
+    reads on S3: the same shards and counts as the same file read whole from disk."""
+    monkeypatch.chdir(tmp_path)
+    docs = unique_docs(120)
+    body = ("".join(json.dumps({"text": t}) + "\n" for t in docs) + "{broken\n").encode()
+    storage.write_bytes(f"{s3_bucket}/corpus/big.jsonl", body)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "big.jsonl").write_bytes(body)
+    results = []
+    for root, source, target in ((f"{s3_bucket}/store", f"{s3_bucket}/corpus/big.jsonl", 4096),
+                                 ("store", "corpus/big.jsonl", 1 << 30)):
+        data_cfg, tok_cfg = stage_config(root, [source], f"data.task_target_bytes={target}")
+        m = pipeline.build_dataset(data_cfg, tok_cfg, root, executor=pipeline.in_process).manifest
+        out = storage.join(root, "datasets", "t", m["fingerprint"])
+        results.append((m["counts"], [storage.read_bytes(storage.join(out, f)) for f in m["splits"]["train"]["files"]]))
+    (counts_s3, shards_s3), (counts_disk, shards_disk) = results
+    assert counts_s3.pop("units") == -(-len(body) // 4096) and counts_disk.pop("units") == 1
+    assert counts_s3 == counts_disk and shards_s3 == shards_disk
+    assert counts_s3["records_in"] == 121 and counts_s3["dropped"] == {"malformed_json": 1}
