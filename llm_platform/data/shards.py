@@ -3,7 +3,7 @@
 `encode_unit` (one per cleaned unit of input files, prepare.py) keeps the documents that are not duplicates, gives
 each its split and shard by its text hash, tokenizes them, and writes the tokens bucketed by shard (exchange.py):
 flat token arrays and lengths for pretraining, finished padded records for sft, chat and seq2seq. `pack_shard` (one
-per output shard) reads its segment of every unit's runs in file order, which is document order (doc ids are file
+per output shard) reads its segment of every unit's runs in file order, which is document order (doc ids are piece
 index << 32 | line), so it packs exactly what sorting the shard's documents by id would give, without shuffling
 any text or sorting.
 
