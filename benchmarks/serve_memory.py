@@ -83,7 +83,7 @@ def child(args: argparse.Namespace) -> dict:
                     max_prefill_tokens=4096, max_batch_tokens=budget,
                     score_prompts_every=1 if args.mode == "before" else 4)
     if args.mode == "before":  # the old engine admitted by batch size only
-        engine.footprint = lambda rows, longest: 0
+        engine.scheduler.max_batch_tokens = sys.maxsize
     kv_mb = budget * engine.kv_bytes_per_token / 2**20
     if not cuda:
         # The peak counts from here: building the model with random weights held about 150 MB of init temporaries

@@ -85,12 +85,23 @@ class EngineConfig:
     max_waiting_requests: int = 256
     """Requests waiting for a batch slot before the replica answers 429."""
     max_batch_tokens: int | None = None
-    """KV-cache budget of a replica in tokens: the running batch (rows x its longest prompt + max_tokens) is kept
-    within it, so memory is bounded by config, not by traffic. A request that could never fit gets a 400, one that
-    does not fit now waits for room. None: `kv_memory_fraction` of the free accelerator memory after the weights
-    (of available RAM on CPU) over the model's KV bytes per token."""
+    """KV-cache budget of a replica in tokens: the running batch's left-padded cache (rows x (its widest row + room
+    for the tokens its longest-to-go row may still add), what is allocated) is kept within it, so memory is bounded
+    by config, not by traffic. A request that could never fit gets a 400, one that does not fit now waits for room.
+    None: `kv_memory_fraction` of the replica's memory after the weights (on a GPU its `num_gpus_per_replica` share
+    of the device; on CPU the available RAM, within the container's cgroup limit) over the model's KV bytes per
+    token."""
     kv_memory_fraction: float = 0.5
-    """With `max_batch_tokens` unset: the share of free memory the KV cache may take."""
+    """With `max_batch_tokens` unset: the share of the replica's memory the KV cache may take (the rest is for
+    activations)."""
+    stall_timeout_s: float | None = 300.0
+    """A replica whose engine step has run this long while requests wait or run reports unhealthy, so Serve
+    replaces it (a hung device, a deadlock). Keep it above the longest step expected: a full `max_prefill_tokens`
+    prefill on CPU. None: never."""
+    max_consecutive_failed_steps: int = 3
+    """Engine steps in a row that raise before the replica reports unhealthy for good. Each failed step fails only
+    the requests in it (a generic 503 with an error id; the log has the error); one CUDA error other than out of
+    memory is enough, the device being unusable after it."""
     gil_switch_interval_ms: float = 0.5
     """CPython's GIL switch interval in the replica (`sys.setswitchinterval`; 0 keeps Python's 5 ms). The engine
     thread and the request event loop share the GIL, and each waits up to this long for the other: on an H100

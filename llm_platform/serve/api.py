@@ -1,14 +1,20 @@
 """OpenAI request schemas (pydantic) and OpenAI-shaped errors: no Ray, no model.
 
 Validation failures become 400 `invalid_request_error` with `param` naming the field, which the `openai` client
-raises as `BadRequestError`. Unknown fields are ignored, as OpenAI does.
+raises as `BadRequestError`. Unknown fields are ignored, as OpenAI does. A server-side failure is answered by
+`internal_error`: a generic message with an error id, the details only in the replica's log.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llm_platform.serve.health import error_id
+
+log = logging.getLogger(__name__)
 
 MAX_STOP = 4
 MAX_LOGPROBS = 5
@@ -33,6 +39,15 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
                code: str | None = None) -> dict[str, Any]:
     """`{"error": {...}}` as OpenAI writes it."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def internal_error(exc: BaseException | None = None, detail: str = "", status: int = 500,
+                   code: str = "internal_error", headers: dict[str, str] | None = None) -> APIError:
+    """A 5xx whose message is `internal error (id <id>)` and nothing else: an exception's text can carry tensor
+    shapes, device memory statistics or paths. `exc` (with its traceback) and `detail` are logged under the id."""
+    eid = error_id()
+    log.error("internal error (id %s)%s", eid, f": {detail}" if detail else "", exc_info=exc)
+    return APIError(status, f"internal error (id {eid})", type="server_error", code=code, headers=headers)
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:

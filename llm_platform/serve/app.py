@@ -78,7 +78,10 @@ class OpenAIServer:
         self.engine = Engine(model, tokenizer, engine_cfg.max_batch_size, engine_cfg.max_waiting_requests,
                              engine_cfg.max_prefill_tokens, max_batch_tokens=engine_cfg.max_batch_tokens,
                              kv_memory_fraction=engine_cfg.kv_memory_fraction,
-                             score_prompts_every=cfg.drift.perplexity_every)
+                             score_prompts_every=cfg.drift.perplexity_every,
+                             device_share=cfg.deployment.num_gpus_per_replica or 1.0,
+                             stall_timeout_s=engine_cfg.stall_timeout_s,
+                             max_consecutive_failed_steps=engine_cfg.max_consecutive_failed_steps)
         self.engine.start()
         metrics = ServeMetrics(self.engine)
         reference = drift_reference or reference_for_model(folder)
@@ -101,9 +104,11 @@ class OpenAIServer:
         return create_api(self.service)
 
     async def check_health(self) -> None:
-        """Serve calls this every `serve.deployment.health_check_period_s`; raising replaces the replica."""
-        if not self.engine.healthy():
-            raise RuntimeError(f"engine unhealthy: {self.engine.fatal_error or 'generation thread not running'}")
+        """Serve calls this every `serve.deployment.health_check_period_s`; raising replaces the replica (the engine's
+        thread died, it failed for good, or a step has stalled with requests pending)."""
+        problem = self.engine.health_problem()
+        if problem is not None:
+            raise RuntimeError(f"engine unhealthy: {problem}")
 
     def __del__(self):
         # Serve calls this on shutdown after draining; let admitted sequences finish, then stop the thread.
@@ -160,6 +165,11 @@ def check(cfg: ServeConfig) -> None:
     ingress.validate(cfg.http.ingress)
     if engine.stream_max_delay_ms < 0:
         raise ConfigError(f"serve.engine.stream_max_delay_ms={engine.stream_max_delay_ms}: must be >= 0")
+    if engine.stall_timeout_s is not None and engine.stall_timeout_s <= 0:
+        raise ConfigError(f"serve.engine.stall_timeout_s={engine.stall_timeout_s}: must be > 0 (null: never)")
+    if engine.max_consecutive_failed_steps < 1:
+        raise ConfigError(f"serve.engine.max_consecutive_failed_steps={engine.max_consecutive_failed_steps}: must "
+                          f"be >= 1")
     for key in ("max_prompts_per_request", "max_generated_tokens_per_request"):
         if getattr(limits, key) < 1:
             raise ConfigError(f"serve.limits.{key}={getattr(limits, key)}: must be >= 1")

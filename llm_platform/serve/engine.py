@@ -4,6 +4,9 @@ One background thread owns the model. Each iteration it admits waiting requests 
 prompts, left-padded, whose KV cache is then merged into the running batch's) or, when nobody waits, runs one decode
 step for every running sequence; finished sequences leave the batch at once, so a long request never holds short
 ones back. Asyncio callers get their tokens through `call_soon_threadsafe`, so the model never blocks an event loop.
+What joins the batch is the `Scheduler`'s call (scheduler.py: the KV-cache block the batch will allocate stays within
+the budget, and the cache is allocated at exactly the admitted block); whether the engine still works is its
+`StepHealth`'s (health.py: failed steps fail their requests, repeated failures and stalls make the replica unhealthy).
 
 Why not `transformers`' own continuous batching (`generate_batch`, `init_continuous_batching`): it runs on CPU, but
 sampling settings (do_sample, num_return_sequences) are fixed per manager, there is no per-request seed, and its
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 
+from llm_platform.serve.health import StepHealth
 from llm_platform.serve.kv_cache import bound_cpu_allocator, gathered_layer, rebuild, release_freed_memory, rows_view
 from llm_platform.serve.model import (  # noqa: F401 - load_model, kv_bytes_per_token: the engine's public names too
     PositionLogits,
@@ -45,6 +49,7 @@ from llm_platform.serve.requests import (  # noqa: F401 - RequestOutput, SeqDelt
     merge_deltas,
 )
 from llm_platform.serve.sampling import SamplingParams, TokenLogprob, sample_step
+from llm_platform.serve.scheduler import BatchShape, Candidate, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +81,32 @@ class Engine:
         max_batch_size: sequences decoded together at most.
         max_waiting: requests allowed to wait for a slot before `submit` raises `EngineOverloaded`.
         max_prefill_tokens: prompt tokens prefilled in one iteration at most (bounds the decode stall).
-        max_batch_tokens: KV-cache budget in tokens (rows x longest final length of the running batch); None
-            derives it from free memory (`default_batch_tokens`).
+        max_batch_tokens: KV-cache budget in token slots of the running batch's padded block (`BatchShape.slots`:
+            rows x (widest row + room for the longest to go)); None derives it from free memory
+            (`default_batch_tokens`).
         score_prompts_every: compute the prompt log-probabilities of every Nth request (the drift monitor's
             perplexity samples them; 0: none), besides those of requests that ask (`echo` with `logprobs`).
-        kv_memory_fraction: with `max_batch_tokens` None, the share of free memory the cache may take.
+        kv_memory_fraction: with `max_batch_tokens` None, the share of the replica's memory the cache may take.
+        device_share: with `max_batch_tokens` None, the fraction of the GPU this replica was given (Serve's
+            `num_gpus` per replica).
+        stall_timeout_s: a step running this long with requests pending makes the engine unhealthy (None: never).
+        max_consecutive_failed_steps: failed steps in a row that mark the engine failed (unhealthy for good).
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_waiting: int = 256,
                  max_prefill_tokens: int = 4096, max_batch_tokens: int | None = None, score_prompts_every: int = 1,
-                 kv_memory_fraction: float = 0.5):
+                 kv_memory_fraction: float = 0.5, device_share: float = 1.0, stall_timeout_s: float | None = None,
+                 max_consecutive_failed_steps: int = 3):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_waiting, self.max_prefill_tokens = max_batch_size, max_waiting, max_prefill_tokens
         self.device = next(model.parameters()).device
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0)
                                  or getattr(model.config, "n_positions", 2048))
         self.kv_bytes_per_token = kv_bytes_per_token(model)
-        self.max_batch_tokens = int(max_batch_tokens or default_batch_tokens(model, self.kv_bytes_per_token,
-                                                                             kv_memory_fraction))
+        budget = max_batch_tokens or default_batch_tokens(model, self.kv_bytes_per_token, kv_memory_fraction,
+                                                          device_share)
+        self.scheduler = Scheduler(int(budget), max_batch_size, max_prefill_tokens)
+        self.health = StepHealth(stall_timeout_s, max_consecutive_failed_steps)
         self.score_prompts_every = score_prompts_every  # the drift monitor's prompt perplexity samples prompts
         self._admitted_requests = 0
         self._base, self._head = split_model(model)
@@ -110,21 +123,38 @@ class Engine:
         self._draining = False
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.fatal_error: str | None = None
-        self.last_step_s = time.monotonic()
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "requests": 0}
+        self._admitting: list[Seq] = []  # admitted this iteration: in the step even before they join `_running`
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "requests": 0, "failed_steps": 0}
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """The KV-cache budget in token slots (the scheduler's)."""
+        return self.scheduler.max_batch_tokens
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the engine failed for good (None: it has not)."""
+        return self.health.fatal_error
 
     # ------------------------------------------------------------------ control (any thread)
     def start(self) -> None:
         """Start the generation thread."""
         if self.device.type == "cpu":
             bound_cpu_allocator()
+        self.health.last_step_s = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="llmp-engine", daemon=True)
         self._thread.start()
 
+    def health_problem(self) -> str | None:
+        """Why the engine is unhealthy, or None: its thread is not running, it failed for good (a device error,
+        repeated failed steps), or a step has stalled while requests are pending."""
+        if self._thread is None or not self._thread.is_alive():
+            return "the generation thread is not running"
+        return self.health.problem(work_pending=bool(self.num_running() or self.num_waiting()))
+
     def healthy(self) -> bool:
-        """The generation thread is alive and has not hit a fatal error."""
-        return self._thread is not None and self._thread.is_alive() and self.fatal_error is None
+        """Nothing is wrong (`health_problem`)."""
+        return self.health_problem() is None
 
     def num_waiting(self) -> int:
         """Requests waiting for a batch slot."""
@@ -155,10 +185,11 @@ class Engine:
             raise EngineStopped("the engine is shutting down or unhealthy")
         if params.n > self.max_batch_size:  # it could never be admitted
             raise ValueError(f"n={params.n} exceeds max_batch_size={self.max_batch_size}")
-        if self.footprint(params.n, len(prompt_ids) + params.max_tokens) > self.max_batch_tokens:
+        if not self.scheduler.fits_alone(len(prompt_ids), params.max_tokens, params.n):
+            slots = BatchShape.of_request(len(prompt_ids), params.max_tokens, params.n).slots
             raise RequestTooLarge(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) needs more "
-                f"KV cache than this replica's budget of {self.max_batch_tokens} tokens "
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) x n ({params.n}) needs "
+                f"{slots} tokens of KV cache, more than this replica's budget of {self.max_batch_tokens} tokens "
                 "(serve.engine.max_batch_tokens)")
         if self.num_waiting() >= self.max_waiting:
             raise EngineOverloaded(f"{self.num_waiting()} requests are waiting for a batch slot")
@@ -210,35 +241,27 @@ class Engine:
         torch.set_grad_enabled(False)
         while not self._stop:
             try:
-                self._iteration()
-            except Exception as e:  # a bad batch fails its requests, not the replica
-                log.exception("generation step failed")
-                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
-            self.last_step_s = time.monotonic()
+                did_work = self._iteration()
+            except Exception as e:  # a bad step fails its requests; the health record decides about the replica
+                self.stats["failed_steps"] += 1
+                eid = self.health.step_failed(e)
+                self._fail_step(f"internal error (id {eid})", everyone=self.health.fatal_error is not None)
+            else:
+                self.health.iteration_done(did_work)
 
-    def _iteration(self) -> None:
+    def _iteration(self) -> bool:
+        """Admit, then prefill the admitted or decode the batch; False when there was nothing to do."""
         while not self._inbox.empty():
             self._waiting.append(self._inbox.get_nowait())
         while not self._cancels.empty():
             req = self._cancels.get_nowait()
             self._waiting = [r for r in self._waiting if r is not req]
             self._keep([s for s in self._running if s.req is not req])
+        running = self._shape() if self._running else BatchShape()
+        count, shape = self.scheduler.admit(running, (Candidate(len(r.prompt_ids), r.params.max_tokens, r.params.n)
+                                                      for r in self._waiting))
         admitted: list[Seq] = []
-        budget = self.max_prefill_tokens
-        # The cache is one left-padded (B, T) block, so what a batch can come to hold is its row count times its
-        # longest row at the end (prompt + max_tokens): admission keeps that within `max_batch_tokens`.
-        longest = max((s.final_length for s in self._running), default=0)
-        while self._waiting and len(self._running) + len(admitted) + self._waiting[0].params.n <= self.max_batch_size:
-            req = self._waiting[0]
-            if admitted and len(req.prompt_ids) * req.params.n > budget:
-                break
-            final = len(req.prompt_ids) + req.params.max_tokens
-            rows = len(self._running) + len(admitted) + req.params.n
-            if self.footprint(rows, max(longest, final)) > self.max_batch_tokens:
-                break  # it waits until finished sequences make room (submit refused any that never could fit)
-            longest = max(longest, final)
-            self._waiting.pop(0)
-            budget -= len(req.prompt_ids) * req.params.n
+        for req in self._waiting[:count]:
             every = self.score_prompts_every
             req.score_prompt = bool(every) and self._admitted_requests % every == 0
             self._admitted_requests += 1
@@ -246,17 +269,24 @@ class Engine:
             seqs = [Seq(req, i, self.tokenizer, base + i) for i in range(req.params.n)]
             req.open_seqs = len(seqs)
             admitted += seqs
+        del self._waiting[:count]
         if admitted:
-            self._prefill(admitted)
+            self._admitting = admitted
+            self._prefill(admitted, shape)
+            self._admitting = []
         elif self._running:
             self._decode()
         else:
             self._wake.wait(timeout=0.1)
             self._wake.clear()
+            return False
+        return True
 
-    def footprint(self, rows: int, longest: int) -> int:
-        """KV-cache tokens of a batch of `rows` sequences whose longest is `longest` tokens (the padded block)."""
-        return rows * longest
+    def _shape(self) -> BatchShape:
+        """The block the running batch needs now: its rows, its mask's width, room for its longest-to-go row."""
+        assert self._mask is not None  # set whenever a batch runs
+        return BatchShape.of_running(self._mask.shape[1],
+                                     [(s.req.params.max_tokens, len(s.tokens)) for s in self._running])
 
     def _forward(self, input_ids, mask, cache, all_positions: bool = False):
         """One forward pass; returns (position logits, last-position logits (B, V), cache).
@@ -284,8 +314,9 @@ class Engine:
         return seq.index == 0 and not seq.req.prompt_sent and (
             seq.req.score_prompt or (p.echo and p.logprobs is not None))
 
-    def _prefill(self, seqs: list[Seq]) -> None:
-        """Prefill the admitted sequences and join them to the running batch.
+    def _prefill(self, seqs: list[Seq], shape: BatchShape) -> None:
+        """Prefill the admitted sequences and join them to the running batch, whose cache becomes the block `shape`
+        (what the scheduler admitted: the running rows and these, the widest row, room for the longest to go).
 
         Memory is what this is shaped by. The sequences are prefilled in groups whose attention scores (rows x
         heads x width^2 floats, what an eager or masked attention holds per layer) stay within
@@ -308,20 +339,19 @@ class Engine:
         if running:
             assert self._mask is not None  # set whenever a batch runs
             masks.append(self._mask)
-        width = max([len(s.req.prompt_ids) for s in new] + [m.shape[1] for m in masks])
+        width = shape.width  # the widest prompt or the running batch's width: the scheduler's `join`
         old_cache = self._cache
         self._running = running + new
         lasts: list[torch.Tensor] = []
-        room, row = self._room(), len(running)
+        row = len(running)
         if running:  # the running rows move into the new buffers first; every group then writes in place
-            self._cache = rebuild([(old_cache, len(running))], len(self._running), width, room)
+            self._cache = rebuild([(old_cache, len(running))], shape)
             old_cache = None
         for i, group in enumerate(groups):
             if i == 0 and not running:
                 # No batch yet: the layers' shapes come from the first forward pass, whose rows are copied in.
                 cache, mask, last = self._prefill_group(group)
-                self._cache = rebuild([(old_cache, len(running)), (cache, len(group))], len(self._running),
-                                             width, room)
+                self._cache = rebuild([(old_cache, len(running)), (cache, len(group))], shape)
                 old_cache = cache = None
             else:  # the rows' keys and values are written in place, straight into the batch's buffers
                 cols = max(len(s.req.prompt_ids) for s in group)
@@ -401,18 +431,12 @@ class Engine:
         mask = self._mask[rows]
         first = int((mask.sum(dim=0) > 0).nonzero()[0])  # leading columns that are padding in every row
         self._mask, self._running = mask[:, first:], keep
-        room = self._room()
-        width = self._mask.shape[1]
+        shape = self._shape()  # never more than admitted: fewer rows, and each step since moved a column from room
         for i, layer in enumerate(self._cache.layers):
-            self._cache.layers[i] = gathered_layer([(layer.keys, layer.values, rows.tolist(), first)], len(keep),
-                                                    width, room)
+            self._cache.layers[i] = gathered_layer([(layer.keys, layer.values, rows.tolist(), first)], shape)
             layer.keys = layer.values = layer.kbuf = layer.vbuf = None
         if self.device.type == "cpu":
             release_freed_memory()
-
-    def _room(self) -> int:
-        """Cache columns the running batch can still add: one per token its longest-to-go sequence may generate."""
-        return max(s.req.params.max_tokens - len(s.tokens) for s in self._running) + 1
 
     def _decode(self) -> None:
         last = torch.tensor([[s.tokens[-1]] for s in self._running], device=self.device)  # (B, 1)
@@ -457,11 +481,22 @@ class Engine:
         for loop, items in deliveries.items():
             loop.call_soon_threadsafe(deliver, items)
 
-    def _fail_all(self, message: str) -> None:
-        reqs = {id(s.req): s.req for s in self._running} | {id(r): r for r in self._waiting}
-        for req in reqs.values():
-            if req.hold.pending and req.stream:  # tokens held for a streamed chunk go out before the error
-                req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestOutput(merge_deltas(req.hold.pending)))
-                req.hold.pending = []
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestOutput([], finished=True, error=message))
-        self._running, self._waiting, self._cache, self._mask = [], [], None, None
+    def _fail_step(self, message: str, everyone: bool = False) -> None:
+        """End the requests of the step that failed (all waiting ones too when `everyone`) with `message`, and
+        drop the batch: its cache may be half built."""
+        in_step = [s.req for s in self._running + self._admitting] + (self._waiting if everyone else [])
+        if everyone:
+            while not self._inbox.empty():
+                in_step.append(self._inbox.get_nowait())
+        for req in {id(r): r for r in in_step}.values():
+            try:
+                if req.hold.pending and req.stream:  # tokens held for a streamed chunk go out before the error
+                    req.loop.call_soon_threadsafe(req.queue.put_nowait,
+                                                  RequestOutput(merge_deltas(req.hold.pending)))
+                    req.hold.pending = []
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestOutput([], finished=True, error=message))
+            except RuntimeError:  # its event loop is closed: nobody is waiting for it
+                pass
+        self._running, self._admitting, self._cache, self._mask = [], [], None, None
+        if everyone:
+            self._waiting = []

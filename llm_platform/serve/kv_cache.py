@@ -4,7 +4,9 @@
 `reserved_layer_class()` layer keeps its keys and values as views of buffers with spare columns, so a decode step
 writes its column in place; `rebuild` makes a batch's buffers layer by layer from the rows that stay (at most one
 layer is held twice), `rows_view` lets a prefill write its rows straight into them, and `gathered_layer` shrinks a
-batch. On CPU, `bound_cpu_allocator` and `release_freed_memory` keep the resident set near what is held.
+batch. Every allocation is sized by a `BatchShape` (scheduler.py), the same record admission counts against the
+budget, so the buffers hold exactly what was admitted. On CPU, `bound_cpu_allocator` and `release_freed_memory` keep
+the resident set near what is held.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from llm_platform.serve.scheduler import BatchShape
 
 
 def reserved_layer_class():
@@ -90,15 +94,15 @@ _LIBC = None
 CPU_MMAP_THRESHOLD_BYTES = 8 << 20
 
 
-def gathered_layer(parts: list[tuple[torch.Tensor, torch.Tensor, list[int] | None, int]], rows: int, width: int,
-                   room: int):
-    """A reserved layer of `rows` rows and `width` columns (+ `room`) filled from `parts`: (keys, values, the rows
-    to take or None for all, the column they start at), in order from row 0, each right-aligned (left padding is
-    zeros; rows past the parts' are filled later). Copies straight into the new buffers, so no intermediate
-    concatenation or row selection is ever allocated."""
+def gathered_layer(parts: list[tuple[torch.Tensor, torch.Tensor, list[int] | None, int]], shape: BatchShape):
+    """A reserved layer of `shape` (its rows, its width filled, its room spare) filled from `parts`: (keys, values,
+    the rows to take or None for all, the column they start at), in order from row 0, each right-aligned at the
+    width (left padding is zeros; rows past the parts' are filled later). Copies straight into the new buffers, so
+    no intermediate concatenation or row selection is ever allocated."""
     keys = parts[0][0]
-    h, d = keys.shape[1], keys.shape[3]
-    kbuf, vbuf = keys.new_zeros((rows, h, width + room, d)), keys.new_zeros((rows, h, width + room, d))
+    h, d, width = keys.shape[1], keys.shape[3], shape.width
+    kbuf = keys.new_zeros((shape.rows, h, shape.columns, d))
+    vbuf = keys.new_zeros((shape.rows, h, shape.columns, d))
     out = 0
     for k, v, take, first in parts:
         cols = k.shape[2] - first
@@ -115,10 +119,10 @@ def gathered_layer(parts: list[tuple[torch.Tensor, torch.Tensor, list[int] | Non
     return reserved_layer_class()(kbuf, vbuf, width)
 
 
-def rebuild(parts: list[tuple[Any, int]], rows: int, width: int, room: int):
-    """A cache of `rows` rows, `width` columns + `room`, whose first rows come from `parts` ((cache or None,
-    rows) in order; the rest are filled later), built layer by layer: each new layer is gathered, and the parts'
-    layers dropped, so at most one layer is held twice."""
+def rebuild(parts: list[tuple[Any, int]], shape: BatchShape):
+    """A cache of `shape` whose first rows come from `parts` ((cache or None, rows) in order; the rest are filled
+    later), built layer by layer: each new layer is gathered, and the parts' layers dropped, so at most one layer is
+    held twice."""
     from transformers import DynamicCache
 
     parts = [(c, n) for c, n in parts if c is not None and n]
@@ -126,8 +130,7 @@ def rebuild(parts: list[tuple[Any, int]], rows: int, width: int, room: int):
     cache.layers = []
     for i in range(len(parts[0][0].layers)):
         sources = [c.layers[i] for c, _ in parts]
-        cache.layers.append(gathered_layer([(layer.keys, layer.values, None, 0) for layer in sources], rows, width,
-                                           room))
+        cache.layers.append(gathered_layer([(layer.keys, layer.values, None, 0) for layer in sources], shape))
         for layer in sources:
             layer.keys = layer.values = layer.kbuf = layer.vbuf = None
     return cache

@@ -1,5 +1,6 @@
 """What a serving replica knows about its model: loading it (safetensors only), splitting it into base and output
-head so generation projects only the last position, and its KV-cache bytes per token for the default budget."""
+head so generation projects only the last position, its KV-cache bytes per token, and the memory a replica may take
+for the default KV budget (its share of the GPU; on CPU, under its cgroup's limit)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 class PositionLogits:
@@ -60,21 +62,69 @@ def kv_bytes_per_token(model) -> int:
     return 2 * layers * kv_heads * head_dim * itemsize
 
 
-def default_batch_tokens(model, per_token: int, memory_fraction: float = 0.5) -> int:
-    """KV-cache tokens a replica may hold: `memory_fraction` of the accelerator's free memory after the weights
-    (CUDA), or of the machine's available memory (CPU), over the bytes a token takes; at least one full context."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            import psutil
-
-            free = psutil.virtual_memory().available
-        except ImportError:  # pragma: no cover - psutil comes with Ray
-            free = 8 * 2**30
+def default_batch_tokens(model, per_token: int, memory_fraction: float = 0.5, device_share: float = 1.0,
+                         cgroup_root: str | Path | None = None) -> int:
+    """KV-cache tokens a replica may hold: `memory_fraction` of the memory this replica may still take
+    (`replica_memory_bytes`) over the bytes a token takes; at least one full context."""
+    memory = replica_memory_bytes(next(model.parameters()).device, device_share, cgroup_root)
     context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
-    return max(context, int(free * memory_fraction) // max(per_token, 1))
+    return max(context, int(memory * memory_fraction) // max(per_token, 1))
+
+
+def replica_memory_bytes(device: torch.device, device_share: float = 1.0, cgroup_root: str | Path | None = None
+                         ) -> int:
+    """Bytes this replica may still take (for its KV cache and its activations), after its weights.
+
+    CUDA: its share of the device (`device_share`, Serve's `num_gpus` per replica: 0.5 is half the GPU) less what
+    this process holds already (its weights, torch's cached blocks), and never more than is free now. Taking a part
+    of what each replica saw free at its start did not work: the first of two replicas on half a GPU each took half
+    of the whole GPU, the second half of the rest, and together they left nothing for activations.
+    CPU: the machine's available memory, or what is left under the cgroup memory limit when that is less (in a
+    container or a Kubernetes pod, psutil sees the node's memory, not the pod's limit).
+    """
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        share = device_share if 0 < device_share <= 1 else 1.0
+        return max(0, min(free, int(share * total) - torch.cuda.memory_reserved(device)))
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:  # pragma: no cover - psutil comes with Ray
+        available = 8 * 2**30
+    left = cgroup_available_bytes(cgroup_root)
+    return available if left is None else min(available, left)
+
+
+def cgroup_available_bytes(root: str | Path | None = None) -> int | None:
+    """Memory left under this process's cgroup memory limit, or None when there is no limit (or no cgroup files).
+
+    cgroup v2: `memory.max` - `memory.current`; v1: `memory/memory.limit_in_bytes` - `memory/memory.usage_in_bytes`.
+    Usage counts page cache too (the safetensors file just read, for one), which the kernel drops before it kills
+    anything: the inactive part of it (`inactive_file` in `memory.stat`, what the kubelet leaves out of a pod's
+    working set too) is not counted as used.
+    """
+    root = Path(root or CGROUP_ROOT)
+    layouts = ((root, "memory.max", "memory.current", "inactive_file"),  # v2
+               (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))  # v1
+    for folder, limit_name, usage_name, inactive_key in layouts:
+        try:
+            limit_text = (folder / limit_name).read_text().strip()
+            usage = int((folder / usage_name).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not this layout (v1 and v2 side by side: v2 without the memory controller)
+        if limit_text == "max" or int(limit_text) >= 1 << 60:  # v1 writes "no limit" as a huge number
+            return None
+        inactive = 0
+        try:
+            for line in (folder / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit_text) - (usage - min(inactive, usage)))
+    return None
 
 
 def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):

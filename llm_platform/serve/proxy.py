@@ -7,15 +7,19 @@ Serve's proxy as plain text: the back-pressure rejection when a deployment's que
 whose body is not JSON) into `{"error": {"message", "type", "param", "code"}}`:
 
 - 429 stays 429 (`rate_limit_error`, `overloaded`), 503 stays 503 (`unavailable`), both with `Retry-After`;
-- 500 becomes 503 `replica_failed` with `Retry-After`: the app itself never answers 500 (every exception is mapped
-  by the routes), so a plain-text 500 from the proxy means the replica died or Serve failed under the request,
-  which is a transient, retryable condition for the client and not a bug in its input;
+- 500 becomes 503 `replica_failed` with `Retry-After`: the app itself never answers a plain-text 500 (an exception
+  the routes do not map is a JSON 500 with an error id, which passes through untouched), so a plain-text 500 from
+  the proxy means the replica died or Serve failed under the request, which is a transient, retryable condition for
+  the client and not a bug in its input;
 - a request that the proxy ends without any response (what Serve 2.60 does when the replica handling it dies: uvicorn
   would then write a bare plain-text 500 outside every middleware) gets the same 503 `replica_failed`;
 - 408 (a request that ran past `serve.http.request_timeout_s`, which Serve's proxy cancels) becomes 503
   `request_timeout` with `Retry-After`: the service could not answer in time, a transient condition like a gateway
   timeout;
 - 404 keeps its code.
+
+The body of every 5xx answer is generic (`... (id <error id>)`): Serve's text can carry the replica's exception
+(tensor shapes, device memory statistics, paths). It is logged under the id in the proxy's log instead.
 
 Serve loads it in every proxy from the environment variable that `llm_platform.cluster.PROXY_CALLBACK_ENV` names
 (set before Ray starts: `cluster.connect` does it for a local Ray; the Docker image, which the KubeRay and ray-up
@@ -27,6 +31,8 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any
+
+from llm_platform.serve.health import error_id
 
 log = logging.getLogger("ray.serve")
 
@@ -46,6 +52,10 @@ _SHAPES = {
     504: (503, "server_error", "unavailable"),
 }
 _RETRYABLE = {429, 503}
+# What a client reads instead of the proxy's own text, by code (5xx only).
+_GENERIC = {"replica_failed": "the model replica failed while handling this request; retry",
+            "request_timeout": "the request was not answered in time; retry",
+            "unavailable": "the service is unavailable; retry"}
 
 
 def openai_error(status: int, body: bytes) -> tuple[int, bytes, str, str]:
@@ -53,8 +63,11 @@ def openai_error(status: int, body: bytes) -> tuple[int, bytes, str, str]:
     new_status, kind, code = _SHAPES.get(status, (status, "server_error" if status >= 500 else
                                                   "invalid_request_error", f"http_{status}"))
     text = body.decode("utf-8", "replace").strip() or f"HTTP {status}"
-    if code == "replica_failed":
-        text = f"the model replica failed while handling this request; retry ({text[:300]})"
+    if new_status >= 500:
+        eid = error_id()
+        log.error("proxy error %d answered as %d %s (error id %s); its body: %s", status, new_status, code, eid,
+                  text[:4000])
+        text = f"{_GENERIC.get(code, 'internal error')} (id {eid})"
     payload = {"error": {"message": text, "type": kind, "param": None, "code": code}}
     return new_status, json.dumps(payload).encode(), kind, code
 

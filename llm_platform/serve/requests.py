@@ -90,7 +90,6 @@ class Seq:
         self.stream = TextStream(tokenizer, req.prompt_ids)
         self.stop = StopMatcher(req.params.stop)
         self.generator = torch.Generator().manual_seed(seed)
-        self.final_length = len(req.prompt_ids) + req.params.max_tokens  # its longest: what admission reserves
 
     def advance(self, info: TokenLogprob, eos_token_id: int | None, max_positions: int) -> SeqDelta:
         """Append the sampled token; its new text (detokenized, cut at a stop string) and why it ends, if it does."""

@@ -5,7 +5,8 @@ checks) in `service.py`.
 The handlers are module-level functions on one router, and each finds the replica's `Service` in its app's state:
 `create_api(service)` builds the app around one. `app.py`'s replica builds it as its Ray Serve ingress; unit tests
 drive the same app in-process. Completions and chat differ only in the shape of a choice: both gather a
-non-streamed answer with `_collect` and stream through `_stream`.
+non-streamed answer with `_collect` and stream through `_stream`. An exception nothing maps (a bug) becomes a generic
+500 with an error id (`InternalErrors`), never its text.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from llm_platform.serve.api import (
     ChatMessage,
     CompletionRequest,
     error_body,
+    internal_error,
     validation_error,
 )
 from llm_platform.serve.engine import RequestOutput
@@ -57,7 +59,36 @@ def create_api(service: Service) -> FastAPI:
     # would be `{"detail": ...}`: the same OpenAI shape as every other error instead.
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_middleware(limits.BodySizeLimit, max_bytes=service.cfg.limits.max_request_bytes)
+    app.add_middleware(InternalErrors)  # added last: the outermost of ours, around the body limit too
     return app
+
+
+class InternalErrors:
+    """ASGI middleware: an exception no handler answered is logged in full under an error id and answered as a
+    generic 500 in OpenAI's shape carrying only that id. Without it Starlette wrote a plain-text 500, and the
+    exception itself reached Serve (whose proxy passed its text on) or uvicorn."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            error = internal_error(e, f"{scope.get('method')} {scope.get('path')}")
+            if started:  # the response is under way: it can only end here (the stream's own errors go in-band)
+                return
+            _count(Request(scope), error.status)
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
 
 
 # ---------------------------------------------------------------------- request plumbing
@@ -90,8 +121,10 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     _count(request, exc.status_code)
-    kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-    return JSONResponse(error_body(str(exc.detail), kind, code=_HTTP_CODES.get(exc.status_code)),
+    if exc.status_code >= 500:
+        error = internal_error(detail=f"{exc.status_code} {exc.detail}", status=exc.status_code)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    return JSONResponse(error_body(str(exc.detail), code=_HTTP_CODES.get(exc.status_code)),
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -157,6 +190,8 @@ async def _stream(request: Request, events: AsyncIterator[RequestOutput], head: 
                 out = await anext(events, None)
         except APIError as e:
             yield _sse(e.body())
+        except Exception as e:  # noqa: BLE001 - after the headers went out an error can only go in-band
+            yield _sse(internal_error(e, "while streaming").body())
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion)})
         yield "data: [DONE]\n\n"

@@ -69,7 +69,8 @@ class Service:
         if prompt_len + max_tokens > context:
             raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds this model's "
                            f"context length of {context}", param="max_tokens", code="context_length_exceeded")
-        if self.engine.footprint(req.n, prompt_len + max_tokens) > self.engine.max_batch_tokens:
+        # What the engine would allocate for it alone (max_tokens 0 runs as 1: see `run`).
+        if not self.engine.scheduler.fits_alone(prompt_len, max(max_tokens, 1), req.n):
             raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) x n ({req.n}) needs more "
                            f"KV cache than this server holds ({self.engine.max_batch_tokens} tokens)",
                            param="max_tokens", code="context_length_exceeded")
@@ -89,7 +90,7 @@ class Service:
         try:
             async for out in self.engine.generate(prompt_ids, engine_params, stream, chunking.stream_interval_tokens,
                                                   chunking.stream_max_delay_ms / 1000):
-                if out.error:
+                if out.error:  # generic, with the error id the replica's log has the details under
                     raise APIError(503, out.error, type="server_error", code="engine_error", headers=retry)
                 if first is None:
                     first = time.perf_counter()

@@ -205,6 +205,11 @@ def test_build_app_checks_keys_and_the_switch_interval():
         build_app({"model": "m", "engine": {"stream_interval_tokens": 0}})
     with pytest.raises(ConfigError, match="serve.engine.stream_max_delay_ms=-5"):
         build_app({"model": "m", "engine": {"stream_max_delay_ms": -5}})
+    with pytest.raises(ConfigError, match="serve.engine.stall_timeout_s=0"):
+        build_app({"model": "m", "engine": {"stall_timeout_s": 0}})
+    with pytest.raises(ConfigError, match="serve.engine.max_consecutive_failed_steps=0"):
+        build_app({"model": "m", "engine": {"max_consecutive_failed_steps": 0}})
+    assert isinstance(build_app({"model": "m", "engine": {"stall_timeout_s": None}}), Application)
 
 
 def test_health_says_only_healthy_and_docs_need_the_key(service):
@@ -296,3 +301,67 @@ def test_a_request_that_can_never_fit_the_kv_budget_is_a_400_naming_max_tokens(s
     error = too_big.json()["error"]
     assert error["param"] == "max_tokens" and "40 tokens" in error["message"]
     assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] <= 8
+
+
+LEAK = ("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.10 GiB total capacity; 61.2 GiB already "
+        "allocated); key states of shape [64, 32, 4096, 128]")
+
+
+def test_5xx_bodies_are_generic_with_an_error_id_that_the_log_has_in_full(service, caplog):
+    """Issue #24: the 503 body carried the raw torch exception (shapes, CUDA memory statistics). Now a step that
+    fails before the response starts (503), one that fails mid-stream (in-band) and a bug in a route (500) all answer
+    `internal error (id ...)`, and the replica's log has the exception under that id."""
+    import re
+
+    eng = Engine(service.engine.model, service.tokenizer, max_batch_size=4, score_prompts_every=0,
+                 max_consecutive_failed_steps=100)
+    real, mode = eng._forward, {"fail": "all"}
+
+    def failing(input_ids, mask, cache, all_positions=False):
+        decode = cache is not None and cache is eng._cache
+        if mode["fail"] == "all" or (mode["fail"] == "decode" and decode):
+            raise RuntimeError(LEAK)
+        return real(input_ids, mask, cache, all_positions)
+
+    eng._forward = failing
+    eng.start()
+    broken = Service(eng, service.tokenizer, "tiny", service.cfg)
+
+    def bug(prompt, param="prompt"):
+        raise KeyError(f"/srv/models/tiny/tokenizer.json: {LEAK}")
+
+    buggy = Service(service.engine, service.tokenizer, "tiny", service.cfg)
+    buggy.encode_prompt = bug
+
+    async def fn(client, http):
+        headers = {"Authorization": f"Bearer {KEY}"}
+        body = {"model": "tiny", "prompt": "the cat", "max_tokens": 6, "temperature": 0}
+        out = {}
+        for name, svc in (("engine", broken), ("route", buggy)):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_api(svc)), base_url="http://t",
+                                         headers=headers) as h:
+                out[name] = await h.post("/v1/completions", json=body)
+                if name == "engine":
+                    mode["fail"] = "decode"
+                    out["stream"] = await h.post("/v1/completions", json={**body, "stream": True})
+        return out
+
+    try:
+        r = call(service, fn)
+    finally:
+        eng.shutdown(1)
+    assert r["engine"].status_code == 503 and r["engine"].headers["retry-after"] == "1"
+    assert r["route"].status_code == 500
+    assert r["stream"].status_code == 200
+    events = [json.loads(line[6:]) for line in r["stream"].text.splitlines() if line.startswith("data: {")]
+    assert events[0].get("choices") and any("error" in e for e in events)  # the first token, then the error in-band
+    errors = [r["engine"].json()["error"], r["route"].json()["error"], next(e["error"] for e in events if "error" in e)]
+    logged = "\n".join(f"{rec.getMessage()} {rec.exc_info[1] if rec.exc_info else ''}" for rec in caplog.records)
+    for error in errors:
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
+        found = re.fullmatch(r"internal error \(id ([0-9a-f]{12})\)", error["message"])
+        assert found, error
+        line = next(line for line in logged.splitlines() if found.group(1) in line)
+        assert "Tried to allocate 20.00 GiB" in line  # the details, in the log only
+    for response in (r["engine"], r["route"], r["stream"]):
+        assert "GiB" not in response.text and "shape" not in response.text and "/srv" not in response.text

@@ -128,7 +128,9 @@ def test_stream_interval_gathers_tokens_after_the_first_and_changes_nothing_else
         assert [len(d.tokens) for o in outs for d in o.deltas if d.index == index] == [1, 4, 4, 4, 3]
 
 
-def test_a_failed_step_delivers_the_held_tokens_before_its_error(tiny):
+def test_a_failed_step_delivers_the_held_tokens_before_its_error(tiny, caplog):
+    import re
+
     _, model, tok = tiny
     eng = Engine(model, tok, max_batch_size=4)
     real, calls = eng._forward, {"n": 0}
@@ -153,7 +155,11 @@ def test_a_failed_step_delivers_the_held_tokens_before_its_error(tiny):
     # reach the reader, then the error.
     got = [t.token_id for o in outs for d in o.deltas for t in d.tokens]
     assert got == hf_greedy(model, tok("a small dog").input_ids, 5)
-    assert outs[-1].error and "boom" in outs[-1].error and all(o.error is None for o in outs[:-1])
+    assert all(o.error is None for o in outs[:-1])
+    # The request's error is generic; the replica's log has the exception under the same id.
+    found = re.fullmatch(r"internal error \(id ([0-9a-f]+)\)", outs[-1].error or "")
+    assert found and "boom" not in outs[-1].error
+    assert any(found.group(1) in r.getMessage() and "boom" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
 
 
 def test_non_streamed_request_gets_its_first_token_then_the_rest_at_once(tiny, engine):
@@ -389,8 +395,8 @@ def test_admission_keeps_the_batch_within_the_kv_budget(tiny):
     real_step = eng._step_tokens
 
     def spy(logits, seqs):
-        running.append(len(seqs))
-        assert eng.footprint(len(seqs), max(s.final_length for s in seqs)) <= eng.max_batch_tokens
+        running.append(len(eng._running))
+        assert cache_bytes(eng) <= eng.max_batch_tokens * eng.kv_bytes_per_token  # what the buffers hold
         real_step(logits, seqs)
 
     eng._step_tokens = spy
@@ -405,7 +411,50 @@ def test_admission_keeps_the_batch_within_the_kv_budget(tiny):
     finally:
         eng.shutdown(drain_timeout_s=5)
     assert all(len(r[1][0]) == 6 for r in results)  # the ones that waited for room all finished
-    assert max(running) == 2  # never three at once: 3 x final > the budget
+    assert max(running) == 2  # never three at once: 3 x (prompt + 5 columns to come) > the budget
+
+
+def test_a_mixed_batch_never_holds_more_kv_cache_than_the_budget(tiny):
+    """Issue #24: one near-context prompt wanting 1 token beside 1-token prompts wanting 100. Counted as rows x the
+    longest final length (101), four rows fit a budget of 404 tokens, but the left-padded buffers of those four
+    rows held 4 x (100 + 100) columns: twice the budget. Measured on the cache tensors themselves."""
+    _, model, tok = tiny
+    eng = Engine(model, tok, max_batch_size=8, max_batch_tokens=4 * 101, score_prompts_every=0)
+    held: list[int] = []
+    real_step = eng._step_tokens
+
+    def spy(logits, seqs):
+        held.append(cache_bytes(eng))
+        real_step(logits, seqs)
+
+    eng._step_tokens = spy
+    long_prompt = (tok("the cat sat on the mat " * 30).input_ids * 2)[:100]
+    eng.start()
+    try:
+        async def go():
+            shorts = [eng.generate([5 + i], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+                      for i in range(3)]
+            firsts = [await anext(s) for s in shorts]  # the three are running: the long prompt would join them
+            long = await run(eng, long_prompt, max_tokens=1, temperature=0, ignore_eos=True)
+            rest = []
+            for s in shorts:
+                rest.append([out async for out in s])
+            return firsts, rest, long
+        firsts, rest, long = asyncio.run(asyncio.wait_for(go(), 120))
+    finally:
+        eng.shutdown(drain_timeout_s=5)
+    assert max(held) <= eng.max_batch_tokens * eng.kv_bytes_per_token, (max(held), eng.max_batch_tokens)
+    assert [t.token_id for t in long[1][0]] == hf_greedy(model, long_prompt, 1)
+    for i, (first, events) in enumerate(zip(firsts, rest)):
+        tokens = [t.token_id for out in [first, *events] for d in out.deltas for t in d.tokens]
+        assert tokens == hf_greedy(model, [5 + i], 100)
+
+
+def cache_bytes(eng) -> int:
+    """Bytes the engine's KV-cache buffers hold now, summed from the tensors themselves."""
+    if eng._cache is None:
+        return 0
+    return sum(t.element_size() * t.numel() for layer in eng._cache.layers for t in (layer.kbuf, layer.vbuf))
 
 
 def test_kv_budget_default_comes_from_the_model_and_free_memory(tiny):
@@ -425,41 +474,58 @@ def test_kv_budget_default_comes_from_the_model_and_free_memory(tiny):
     assert default_batch_tokens(model, per_token, memory_fraction=1e-15) == cfg.n_positions
 
 
-def test_prefill_groups_write_into_one_preallocated_cache_and_match_hf_generate(tiny, monkeypatch):
-    """Prefill one prompt per forward pass (the attention-score bound at its smallest) into a batch cache allocated
-    once with room for the tokens to come: staggered requests still give exactly HF's greedy tokens, and a decode
-    step writes its column in place (the layers' buffers are never reallocated while the batch keeps its rows)."""
-    from llm_platform.serve import engine as engine_mod
+@pytest.mark.parametrize("layout", ["v2", "v1"])
+def test_kv_budget_default_on_cpu_stays_within_the_cgroup_memory_limit(tiny, tmp_path, monkeypatch, layout):
+    """In a pod psutil sees the node's memory; the budget must come from what is left under the pod's limit (with
+    the inactive page cache, which the kernel drops first, not counted as used)."""
+    from llm_platform.serve import model as model_mod
+    from llm_platform.serve.engine import default_batch_tokens, kv_bytes_per_token
 
-    _, model, tok = tiny
-    monkeypatch.setattr(engine_mod, "PREFILL_SCORE_BYTES", 1)
-    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK_TOKENS", 3)  # and every prompt in chunks of 3 columns
-    eng = Engine(model, tok, max_batch_size=4, max_prefill_tokens=24, score_prompts_every=2)
-    forwards: list[int] = []
-    in_place: list[bool] = []  # per decode step: every layer's key buffer is the same object after the step
-    real_forward = eng._forward
+    _, model, _ = tiny
+    mib = 2**20
+    if layout == "v2":
+        (tmp_path / "memory.max").write_text(f"{1024 * mib}\n")
+        (tmp_path / "memory.current").write_text(f"{700 * mib}\n")
+        (tmp_path / "memory.stat").write_text(f"anon {500 * mib}\ninactive_file {100 * mib}\nactive_file 0\n")
+    else:
+        (tmp_path / "memory").mkdir()
+        (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{1024 * mib}\n")
+        (tmp_path / "memory" / "memory.usage_in_bytes").write_text(f"{700 * mib}\n")
+        (tmp_path / "memory" / "memory.stat").write_text(f"inactive_file 0\ntotal_inactive_file {100 * mib}\n")
+    monkeypatch.setattr(model_mod, "CGROUP_ROOT", str(tmp_path))
+    per_token = kv_bytes_per_token(model)
+    assert model_mod.cgroup_available_bytes() == 424 * mib  # 1024 - (700 - 100)
+    assert default_batch_tokens(model, per_token, memory_fraction=0.5) == 212 * mib // per_token
+    # No limit (v2 "max", v1's huge number): the machine's available memory, as before.
+    if layout == "v2":
+        (tmp_path / "memory.max").write_text("max\n")
+    else:
+        (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert model_mod.cgroup_available_bytes() is None
 
-    def count_forward(input_ids, mask, cache, all_positions=False):
-        if cache is not eng._cache:  # a prefill pass (a chunk of a prompt), not a decode step
-            forwards.append(input_ids.shape[0])
-            return real_forward(input_ids, mask, cache, all_positions)
-        before = [layer.kbuf for layer in cache.layers]
-        out = real_forward(input_ids, mask, cache, all_positions)
-        in_place.append(all(a is layer.kbuf for a, layer in zip(before, out[2].layers)))
-        return out
 
-    eng._forward = count_forward
-    prompts = [tok(p).input_ids for p in ["the cat", "a big red dog ran over the lazy river", "once upon a time"]]
-    jobs = [(p, 3 + 4 * (i % 3)) for i, p in enumerate(prompts * 3)]
-    eng.start()
-    try:
-        async def all_():
-            return await asyncio.gather(*[run(eng, p, max_tokens=n, temperature=0, ignore_eos=True)
-                                          for p, n in jobs])
-        results = asyncio.run(asyncio.wait_for(all_(), 60))
-    finally:
-        eng.shutdown(drain_timeout_s=5)
-    for (p, n), (_, tokens, _, _) in zip(jobs, results):
-        assert [t.token_id for t in tokens[0]] == hf_greedy(model, p, n)
-    assert forwards and set(forwards) == {1}  # one prompt per prefill forward
-    assert in_place and all(in_place)  # no decode step reallocated a layer
+def test_kv_budget_default_on_a_shared_gpu_is_the_replica_share(monkeypatch):
+    """Two replicas with num_gpus=0.5 (conf/serve/cluster.yaml) start on one 80 GiB GPU, each loading 2 GiB of
+    weights; their caches are allocated later, as batches grow. Half of what each saw free at its start was 39 and
+    38 GiB of KV cache: 77 of the 80 GiB, nothing left for activations. Each replica's share is half the device:
+    (40 - 2) x 0.5 = 19 GiB each."""
+    from types import SimpleNamespace
+
+    from llm_platform.serve.engine import default_batch_tokens
+
+    gib = 2**30
+    device = SimpleNamespace(free=80 * gib, held=0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (device.free, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: device.held)
+    replica = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda"))]),
+                              config=SimpleNamespace(max_position_embeddings=2048))
+    per_token = 1 << 20
+    kv = []
+    for _ in range(2):
+        device.free -= 2 * gib  # this replica's weights
+        device.held = 2 * gib  # what this process holds
+        kv.append(default_batch_tokens(replica, per_token, 0.5, 0.5) * per_token)
+    assert kv == [19 * gib, 19 * gib]
+    # A whole GPU per replica: half of what is free, as before.
+    device.free = 78 * gib
+    assert default_batch_tokens(replica, per_token, 0.5, 1.0) * per_token == 39 * gib

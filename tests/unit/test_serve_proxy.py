@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -44,14 +45,27 @@ def get(path: str, app=APP) -> httpx.Response:
     return asyncio.run(go())
 
 
-def test_dead_replica_500_becomes_retryable_503_in_openai_shape():
+def test_dead_replica_500_becomes_retryable_503_in_openai_shape(caplog):
     r = get("/plain/500")
     assert r.status_code == 503
     assert r.headers["retry-after"] == "1" and r.headers["content-type"] == "application/json"
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
-    assert err["code"] == "replica_failed" and "plain 500 from the proxy" in err["message"]
+    assert err["code"] == "replica_failed" and "the model replica failed" in err["message"]
     assert int(r.headers["content-length"]) == len(r.content)
+    # Serve's text (it can carry the replica's exception) is not sent; the proxy's log has it under the error id.
+    found = re.search(r"\(id ([0-9a-f]+)\)$", err["message"])
+    assert found and "plain 500" not in err["message"]
+    assert any(found.group(1) in m and "plain 500 from the proxy" in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_no_5xx_body_carries_the_proxy_text(status):
+    leak = "CUDA out of memory. Tried to allocate 2.00 GiB; tensor of shape [8, 12, 2048, 64]"
+    app = Starlette(routes=[Route("/leak", lambda request: PlainTextResponse(leak, status_code=status))])
+    r = get("/leak", app=app)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    assert "CUDA" not in r.text and "shape" not in r.text and "(id " in r.json()["error"]["message"]
 
 
 async def _no_response(scope, receive, send):
