@@ -1,4 +1,6 @@
-"""`llm-platform run`: data -> train (or tune) -> register -> eval -> serve, then a sample query.
+"""`llm-platform run`: data -> train (or tune) -> register -> eval -> promote -> serve, then a sample query.
+
+Only the promote stage moves LATEST, after a passing gate on an evaluation of that version (runner.py).
 
 `--from STAGE` / `--until STAGE` select stages (same as `run.from_stage=` / `run.until_stage=`); each stage is
 skipped when its output for the same inputs and config exists, so a second run is fast. It keeps serving until

@@ -1,4 +1,9 @@
-"""`llm-platform tune`: dataset + search space -> sweep (`sweeps/<name>/`) and the winner in the registry."""
+"""`llm-platform tune`: dataset + search space -> sweep (`sweeps/<name>/`) and the winner in the registry.
+
+The sweep registers its winner without moving LATEST (`run_sweep`); this command, which evaluates nothing, then
+points LATEST at it at once, as `llm-platform train train.register_as=...` does for its run. `llm-platform run
+run.use_tune=true` instead promotes the winner only after its evaluation passes the gate (runner.py).
+"""
 
 from llm_platform.commands import stage_main
 from llm_platform.config import PlatformConfig
@@ -24,3 +29,8 @@ def main(cfg: PlatformConfig) -> None:
     version = result.record.get("model_version")
     if version:
         print(f"registered: registry:{version['name']}/{version['version']} ({version['uri']})")
+    if result.model_version is not None:  # registered just now (a sweep finished earlier promoted then)
+        from llm_platform import registry
+
+        registry.promote(cfg.storage.root, result.model_version.name, result.model_version.version)
+        print(f"LATEST -> {result.model_version.version}")

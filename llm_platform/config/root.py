@@ -22,12 +22,13 @@ from llm_platform.config.tune import TuneConfig
 class RunConfig:
     """`llm-platform run`: the stages in order."""
 
-    stages: list[str] = field(default_factory=lambda: ["data", "train", "register", "eval", "serve"])
-    """Stages to run, in this order (data, train or tune, register, eval, serve)."""
+    stages: list[str] = field(default_factory=lambda: ["data", "train", "register", "eval", "promote", "serve"])
+    """Stages to run, in this order (data, train or tune, register, eval, promote, serve); only promote moves
+    LATEST, and only after a passing gate on an evaluation of that version."""
     from_stage: str | None = None
-    """Start at this stage (`--from`)."""
+    """Start at this stage (`--from`); one of `stages`."""
     until_stage: str | None = None
-    """Stop after this stage (`--until`)."""
+    """Stop after this stage (`--until`); one of `stages`. `--until eval` or earlier leaves LATEST where it is."""
     use_tune: bool = False
     """Run a sweep instead of a single training run."""
     query: str = "Once upon a time"

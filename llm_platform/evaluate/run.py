@@ -236,8 +236,12 @@ def run_eval(cfg: EvalConfig, storage_root: str, *, connect=None) -> EvalResult:
     data = report.ReportData(title=f"Evaluation {cfg.name}: {mv.name}/{mv.version}", model=model_info,
                              metrics=metrics, skipped=skipped, sections=sections, images=images,
                              gate_table=gate.format_table(gate_result) if gate_result else None)
+    # `config` holds the gate config (compare_to, gate) that `gate` was computed under, and `model_registered_at`
+    # tells this registration of the version from an earlier one of the same number: promotion (runner.py) trusts
+    # a stored verdict only when both match what is in force now.
     record = {"model": model_info, "name": cfg.name, "metrics": metrics, "skipped": skipped,
               "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+              "model_registered_at": lineage.get("registered_at"),
               "dataset": lineage.get("dataset"), "config": _plain(cfg),
               "gate": gate_result.to_dict() if gate_result else None}
     report.write_report(data, folder, record)

@@ -56,14 +56,15 @@ def run_name(sweep_name: str, trial_id: str) -> str:
 
 def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str,
               storage_root: str, *, register: bool = True, callbacks: list | None = None) -> SweepResult:
-    """Run (or resume) the sweep `tune_cfg.name` and register its winner.
+    """Run (or resume) the sweep `tune_cfg.name` and register its winner (LATEST is not moved).
 
     Args:
         tune_cfg: the tune node (space, scheduler, search, concurrency, resume...).
         model, train, scaling: the base config of every trial; the space's keys override it.
         dataset_uri: a finished dataset folder.
         storage_root: the storage root; the sweep lives under `sweeps/<name>/`.
-        register: register the winner (under `tune.register_as`, else the model preset's name).
+        register: register the winner (under `tune.register_as`, else the model preset's name), without moving
+            LATEST: promoting it is the caller's decision.
         callbacks: extra Ray Tune callbacks (progress, tests).
 
     Raises:
@@ -414,13 +415,17 @@ def final_run_name(result, sweep_name: str, trial_id: str) -> str:
 
 
 def register_winner(storage_root: str, name: str, winner: TrialRecord, tune_cfg: TuneConfig, sweep_uri: str):
-    """Register the winner's export with its run's lineage plus the sweep (name, uri, trial, params, metric)."""
+    """Register the winner's export with its run's lineage plus the sweep (name, uri, trial, params, metric).
+
+    LATEST is not moved: the caller promotes (`llm-platform tune` at once; `llm-platform run` only in its promote
+    stage, after the winner's evaluation passed its gate), so in a run a regressing winner is never LATEST."""
     from llm_platform import registry
 
     lineage = dict(storage.read_json(storage.join(winner.run_uri, "lineage.json")))  # type: ignore[arg-type]
     lineage["sweep"] = {"name": tune_cfg.name, "uri": sweep_uri, "trial_id": winner.trial_id,
                         "params": winner.params, "metric": tune_cfg.metric, "mode": tune_cfg.mode,
                         "value": winner.last(tune_cfg.metric)}
-    version = registry.register(storage_root, name, winner.export_uri, lineage)  # type: ignore[arg-type]
+    version = registry.register(storage_root, name, winner.export_uri, lineage,  # type: ignore[arg-type]
+                                make_latest=False)
     log.info("registered the winner %s as %s %s", winner.trial_id, version.name, version.version)
     return version

@@ -104,7 +104,7 @@ def test_run_finetune_lora_end_to_end_then_chat(ray_session, tmp_path, chats):
                        "eval.bias.bootstrap_samples=50", "train.optimizer.lr=2e-2", "model.lora.rank=8"])
     try:
         summary = run_all(compose("run", overrides))
-        assert [s["result"] for s in summary.stages.values()] == ["ran"] * 5, summary.stages
+        assert [s["result"] for s in summary.stages.values()] == ["ran"] * 6, summary.stages  # promote too
         version = registry.latest(root, "finetune-lora")
         folder = Path(registry.materialize(version.uri))
         # Only the weights changed: architecture, config and tokenizer files are the base's, byte for byte.

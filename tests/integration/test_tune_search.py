@@ -69,7 +69,7 @@ def test_optuna_sweep_trains_the_suggested_configs(ray_session, dataset, tmp_pat
     best = min(trials, key=lambda t: t.last("val/loss"))
     assert result.winner.trial_id == best.trial_id
     assert result.record["search"] == "optuna"
-    assert registry.latest(root, "tiny-optuna").lineage["sweep"]["trial_id"] == best.trial_id
+    assert result.model_version.lineage["sweep"]["trial_id"] == best.trial_id
 
 
 @pytest.mark.ray
@@ -112,7 +112,7 @@ def test_pbt_clones_the_better_trial_into_the_worse(ray_session, dataset, tmp_pa
     # The winner is registered from its final run.
     winner = min(result.trials, key=lambda t: t.last("val/loss"))
     assert result.winner.trial_id == winner.trial_id
-    version = registry.latest(root, "tiny-pbt")
+    version = registry.get(root, "tiny-pbt", result.model_version.version)
     assert version.lineage["run"]["name"] == os.path.basename(winner.run_uri)
     assert os.path.exists(os.path.join(version.uri, "model.safetensors"))
 

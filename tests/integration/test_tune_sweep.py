@@ -65,9 +65,12 @@ def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_
     assert result.winner.trial_id == expected
     assert {line["trial_id"] for line in lines} == {t.trial_id for t in result.trials}
 
-    # Registry: v0001 is LATEST, holds the winner's export, and its lineage names the sweep and trial.
-    version = registry.latest(root, "tiny-tuned")
+    # Registry: v0001 holds the winner's export, and its lineage names the sweep and trial. LATEST is not moved:
+    # promotion is the caller's (`llm-platform tune` at once, `llm-platform run` after a passing gate).
+    version = registry.get(root, "tiny-tuned", "v0001")
     assert version.version == "v0001" == result.model_version.version
+    with pytest.raises(registry.RegistryError):
+        registry.latest(root, "tiny-tuned")
     lineage = version.lineage
     assert lineage["sweep"]["trial_id"] == expected and lineage["sweep"]["name"] == "lr-sweep"
     assert lineage["sweep"]["params"] == {"train.optimizer.lr": result.winner.params["train.optimizer.lr"]}

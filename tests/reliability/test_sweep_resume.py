@@ -110,7 +110,7 @@ def test_sweep_driver_sigkill_then_resume(ray_session, tmp_path, reliability_rep
     # The winner is the finished trial with the best final val/loss (its export holds the final weights).
     best = min((t for t in result.trials if t.status == "finished"), key=lambda t: t.last("val/loss"))
     assert result.winner.trial_id == best.trial_id
-    lineage = registry.latest(root, "tiny").lineage
+    lineage = registry.get(root, "tiny", result.model_version.version).lineage
     assert lineage["sweep"]["trial_id"] == result.winner.trial_id and lineage["sweep"]["name"] == "killed"
     reliability_report("tune: 3-trial sweep, driver SIGKILLed after the first finished trial",
                        resumed_and_finished_in_s=round(time.time() - killed_at, 1),

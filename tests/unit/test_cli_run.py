@@ -45,10 +45,13 @@ def test_from_until_flags_become_overrides():
 
 
 def test_stage_selection():
-    assert selected_stages(compose("run")) == ["data", "train", "register", "eval", "serve"]
+    assert selected_stages(compose("run")) == ["data", "train", "register", "eval", "promote", "serve"]
     assert selected_stages(compose("run", ["run.from_stage=train", "run.until_stage=eval"])) == [
         "train", "register", "eval"]
     assert selected_stages(compose("run", ["run.until_stage=data"])) == ["data"]
+    assert selected_stages(compose("run", ["run.from_stage=promote"])) == ["promote", "serve"]
+    with pytest.raises(ConfigError, match="run.from_stage='promote' is not one of the run's stages"):
+        selected_stages(compose("run", ["run.stages=[data,train,register,eval,serve]", "run.from_stage=promote"]))
     with pytest.raises(ConfigError, match="run.from_stage"):
         selected_stages(compose("run", ["run.from_stage=deploy"]))
 
