@@ -18,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data_throughput import free_port, start_s3  # noqa: E402  (the loopback S3 the data benchmarks share)
+from data_throughput import loopback_s3  # noqa: E402  (the loopback S3 the data benchmarks share)
 
 os.environ.setdefault("RAY_TMPDIR", "/tmp/llmp-ray-bench")
 os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
@@ -86,13 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     import boto3
 
-    from llm_platform import storage
-
-    port = free_port()
-    server = start_s3(port)
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    storage.configure({"endpoint_url": endpoint})
+    server, endpoint = loopback_s3()
     s3 = boto3.client("s3", endpoint_url=endpoint)
     s3.create_bucket(Bucket="bench")
     lines = corpus(args.mb)

@@ -73,6 +73,18 @@ def start_s3(port: int) -> subprocess.Popen:
     raise RuntimeError(f"moto server did not start on port {port}")
 
 
+def loopback_s3() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on a free loopback port, in its own process, with this process's storage pointed at it."""
+    from llm_platform import storage
+
+    port = free_port()
+    server = start_s3(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    storage.configure({"endpoint_url": endpoint})
+    return server, endpoint
+
+
 def run_stage(root: str, sources: str, cores: set[int], name: str, s3_pid: int) -> tuple[dict, float, float]:
     import ray
 
@@ -136,11 +148,7 @@ def main() -> None:
     from llm_platform import storage
     from llm_platform.data.dataset import load_tokenizer
 
-    port = free_port()
-    server = start_s3(port)
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    storage.configure({"endpoint_url": endpoint})
+    server, endpoint = loopback_s3()
     texts, size = make_corpus("bench", endpoint, args.mb)
     all_cores = os.sched_getaffinity(0)
     ncores = len(all_cores)

@@ -102,12 +102,9 @@ def test_repeated_step_failures_make_the_replica_unhealthy(tiny):
     assert eng.stats["failed_steps"] == 2
 
 
-def test_a_failed_step_fails_only_the_requests_in_it(tiny):
-    """One row at a time: A runs, B waits for its slot. A decode step of A fails: A gets an error, B, which was not
-    in the step, still runs to the end (before, every waiting request was failed too), and the successful steps
-    after it end the run of failures."""
-    model, tok = tiny
-    eng = Engine(model, tok, max_batch_size=1, score_prompts_every=0)
+def a_then_b_with_a_failing_decode(eng, error: Exception):
+    """One row at a time: A runs, B waits for its slot; A's second decode raises `error` (the forward pass fails
+    once). Returns ((A's tokens, A's error), (B's tokens, B's error))."""
     real, calls, b_submitted = eng._forward, [0], threading.Event()
 
     def fails_at_the_second_decode(*args, **kwargs):
@@ -115,21 +112,31 @@ def test_a_failed_step_fails_only_the_requests_in_it(tiny):
         if calls[0] == 2:  # A's first decode: hold it until B waits
             b_submitted.wait(10)
         if calls[0] == 3:
-            raise RuntimeError("boom")
+            raise error
         return real(*args, **kwargs)
 
     eng._forward = fails_at_the_second_decode
     eng.start()
+
+    async def both():
+        a = asyncio.ensure_future(collect(eng, [5, 6, 7]))
+        while calls[0] < 2:
+            await asyncio.sleep(0.01)
+        b = asyncio.ensure_future(collect(eng, [8, 9]))
+        await asyncio.sleep(0.05)
+        b_submitted.set()
+        return await a, await b
+    return asyncio.run(asyncio.wait_for(both(), 60))
+
+
+def test_a_failed_step_fails_only_the_requests_in_it(tiny):
+    """One row at a time: A runs, B waits for its slot. A decode step of A fails: A gets an error, B, which was not
+    in the step, still runs to the end (before, every waiting request was failed too), and the successful steps
+    after it end the run of failures."""
+    model, tok = tiny
+    eng = Engine(model, tok, max_batch_size=1, score_prompts_every=0)
     try:
-        async def both():
-            a = asyncio.ensure_future(collect(eng, [5, 6, 7]))
-            while calls[0] < 2:
-                await asyncio.sleep(0.01)
-            b = asyncio.ensure_future(collect(eng, [8, 9]))
-            await asyncio.sleep(0.05)
-            b_submitted.set()
-            return await a, await b
-        (a_tokens, a_error), (b_tokens, b_error) = asyncio.run(asyncio.wait_for(both(), 60))
+        (a_tokens, a_error), (b_tokens, b_error) = a_then_b_with_a_failing_decode(eng, RuntimeError("boom"))
     finally:
         eng.shutdown(drain_timeout_s=5)
     assert a_error and "boom" not in a_error
@@ -140,28 +147,9 @@ def test_a_failed_step_fails_only_the_requests_in_it(tiny):
 def test_a_device_error_fails_the_engine_and_its_waiting_requests_at_once(tiny):
     model, tok = tiny
     eng = Engine(model, tok, max_batch_size=1, score_prompts_every=0, max_consecutive_failed_steps=100)
-    real, calls, b_submitted = eng._forward, [0], threading.Event()
-
-    def device_error(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2:
-            b_submitted.wait(10)
-        if calls[0] == 3:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(*args, **kwargs)
-
-    eng._forward = device_error
-    eng.start()
     try:
-        async def both():
-            a = asyncio.ensure_future(collect(eng, [5, 6, 7]))
-            while calls[0] < 2:
-                await asyncio.sleep(0.01)
-            b = asyncio.ensure_future(collect(eng, [8, 9]))
-            await asyncio.sleep(0.05)
-            b_submitted.set()
-            return await a, await b
-        (_, a_error), (_, b_error) = asyncio.run(asyncio.wait_for(both(), 60))
+        error = RuntimeError("CUDA error: an illegal memory access was encountered")
+        (_, a_error), (_, b_error) = a_then_b_with_a_failing_decode(eng, error)
         assert a_error and b_error and "CUDA" not in b_error
         assert "unusable" in check_health(eng)
     finally:
