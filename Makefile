@@ -7,7 +7,7 @@ export RAY_TMPDIR ?= /tmp/llmp-ray
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-checks demo lint test test-fast bench clean
+.PHONY: setup setup-checks setup-corpora demo lint test test-fast bench clean
 
 # uv installs (parallel downloads and installs; about half pip's time here) into plain venvs. It byte-compiles what
 # it installs (--compile-bytecode): machines here set PYTHONDONTWRITEBYTECODE=1, so without that step every Python
@@ -42,6 +42,20 @@ $(CHECKS_VENV)/.installed: | $(UV)
 	$(UV_INSTALL) $(CHECKS_VENV)/bin/python checkov==$(CHECKOV_VERSION)
 	touch $@
 
+# The Debian packages whose text the real-corpus tests read (tests/corpus_fixtures.py): fortunes, man pages and the
+# tools that render them. apt-get runs only for those not installed (as root, or through sudo); a machine without
+# apt-get is told so, and those tests skip naming the packages.
+CORPUS_PACKAGES ?= fortunes groff-base bsdextrautils manpages
+setup-corpora:
+	@missing=$$(for p in $(CORPUS_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -qx 'install ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "setup-corpora: no apt-get here; missing:" $$missing; exit 0; fi; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	echo "setup-corpora: installing" $$missing; \
+	$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends $$missing
+
 # The main job end to end on the embedded default: data -> train -> register -> eval -> serve -> a sample query.
 demo: setup
 	$(VENV)/bin/llm-platform run debug=smoke run.keep_serving=false
@@ -54,7 +68,7 @@ lint: setup
 # Lint first (seconds), then two pytest-xdist workers: the README story (a third of the suite, started first) on
 # one, the rest on the other and then both. Much of the suite waits on processes starting (Ray, servers), so two
 # workers overlap well on 2 cores.
-test: setup setup-checks lint
+test: setup setup-checks setup-corpora lint
 	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
 
 test-fast: setup

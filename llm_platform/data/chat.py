@@ -46,6 +46,9 @@ def parse_record(fields: dict[str, Any], names: dict[str, str]) -> tuple[list[di
         fields: the JSON object of one record.
         names: field names `messages`, `instruction`, `input`, `output`, `prompt`, `response` (from the data config).
     """
+    # A null field is an absent one: a parquet file that mixes record shapes has every column in every row, and
+    # Alpaca sets write "input": null as often as "input": "".
+    fields = {k: v for k, v in fields.items() if v is not None}
     if names["messages"] in fields:
         return _check_messages(fields[names["messages"]], names["messages"])
     if names["instruction"] in fields:

@@ -9,7 +9,8 @@ import unicodedata
 from llm_platform.config.data import FilterConfig
 
 # Control characters other than newline and tab (C0, DEL, C1), and zero-width/bidi marks that break tokens.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060\ufeff]")
+# Lone surrogates too: valid in JSON ("\\ud83d" from text cut mid-emoji) but not text, and no UTF-8 encoder takes them.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060\ufeff\ud800-\udfff]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 

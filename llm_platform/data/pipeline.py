@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 SHARD_TARGET_BYTES = 64 << 20
 UNITS_PER_TASK_SLOT = 3  # at least this many units per task that runs at once: the last ones finish close together
 KEY_PARTITION_BYTES = 32 << 20  # input bytes per dedup key partition (the keys are about as large as the text)
-# Knobs that change speed, not output: left out of the fingerprint.
-_NOT_FINGERPRINTED = ("tokenize_batch_size", "max_records_reported", "name", "task_target_bytes")
+# Knobs that change speed, not output, left out of the fingerprint; and `sources`, whose files are in it (listed in
+# URI order): the same files named by other patterns, or in another order, are the same dataset.
+_NOT_FINGERPRINTED = ("tokenize_batch_size", "max_records_reported", "name", "task_target_bytes", "sources")
 
 
 @dataclass
@@ -167,6 +168,7 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     plan = plan_units([int(p["size"]) for p in pieces], cfg.task_target_bytes,
                       min_units=UNITS_PER_TASK_SLOT * _parallelism(executor))
     units = timed("read_clean", lambda: _read_and_clean(tasks, pieces, plan, read_spec, cfg, work))
+    _file_lines(units, pieces)
     if units and all(u["resumed"] for u in units):
         resumed.append("read_clean")
     dups = timed("dedup", lambda: _deduplicate(tasks, cfg, work, units, resumed))
@@ -305,6 +307,21 @@ def _read_and_clean(tasks: Callable[..., list], pieces: list[dict], plan: list[l
         partitions=max(1, min(512, math.ceil(total / KEY_PARTITION_BYTES))), work=work,
         max_reported=cfg.max_records_reported)
     return tasks(prepare.prepare_unit, [([pieces[i] for i in unit], unit) for unit in plan], num_cpus=1, spec=spec)
+
+
+def _file_lines(units: list[dict], pieces: list[dict]) -> None:
+    """Number the skipped records of a file's later byte ranges by the file's lines, as one read of it would: each
+    range counted its lines from its own start, and reported how many it held (`range_lines`)."""
+    lines = {int(p): n for u in units for p, n in u.get("range_lines", {}).items()}
+    offset, before = {}, 0
+    for i, p in enumerate(pieces):
+        if not p.get("range") or p["range"][0] == 0:
+            before = 0
+        offset[i] = before
+        before += lines.get(i, 0)
+    for u in units:
+        for r in u["skipped"]:
+            r["line"] += offset.get(r.pop("piece", -1), 0)
 
 
 # ----------------------------------------------------------------------------------------------------- dedup

@@ -134,16 +134,21 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
     keys = PartitionedWriter(storage.join(spec.work, "keys", name))
     sigs = PartitionedWriter(storage.join(spec.work, "sigs", name))
     stats: dict[str, Any] = {"unit": name, "pieces": [pieces[0], pieces[-1]], "records": 0, "kept": 0, "dropped": {},
-                             "pii_replacements": 0, "skipped": []}
+                             "pii_replacements": 0, "skipped": [], "range_lines": {}}
     schema = pa.schema([("doc_id", pa.int64()), ("text_hash", pa.int64())] +
                        [(c, pa.string()) for c in CLEAN_COLUMNS[2:]])
     fs, path = storage.pyarrow_filesystem(clean_uri)
     if not storage.is_remote(clean_uri):
         storage.makedirs(storage.join(spec.work, "clean"))
-    records = (r for meta, piece, data in sources.prefetched(metas, pieces)
-               for r in sources.read_file(meta, piece, spec.read, data=data))
+
+    def records():
+        for meta, piece, data in sources.prefetched(metas, pieces):
+            lines = yield from sources.read_file(meta, piece, spec.read, data=data)
+            if meta.get("range"):  # lines the range held: the next range of its file numbers its lines after them
+                stats["range_lines"][str(piece)] = lines
+
     with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
-        for batch in _batches(records, READ_BATCH_ROWS):
+        for batch in _batches(records(), READ_BATCH_ROWS):
             cleaned = clean_records(batch, spec)
             stats["records"] += len(cleaned)
             stats["pii_replacements"] += sum(int(r.get("pii_replacements") or 0) for r in cleaned)
@@ -153,7 +158,8 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
                     stats["dropped"][r["drop_reason"]] = stats["dropped"].get(r["drop_reason"], 0) + 1
                     if len(stats["skipped"]) < spec.max_reported:  # the unit's first ones, by file and line
                         stats["skipped"].append({"source": r["source"], "line": int(r["line"]),
-                                                 "reason": r.get("detail") or r["drop_reason"]})
+                                                 "reason": r.get("detail") or r["drop_reason"],
+                                                 "piece": int(r["doc_id"]) >> 32})
             if not kept:
                 continue
             stats["kept"] += len(kept)

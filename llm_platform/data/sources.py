@@ -14,7 +14,7 @@ import io
 import json
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,6 +25,7 @@ EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet"
               ".text": "text", ".md": "text"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+BOM = b"\xef\xbb\xbf"
 PREFETCH_BYTES = 8 << 20  # files up to this size are fetched whole, ahead of the parser (`prefetched`)
 PREFETCH_THREADS = 8
 PREFETCH_WINDOW_BYTES = 64 << 20  # the most fetched ahead at once
@@ -121,9 +122,11 @@ def access_denied(uri: str, error: BaseException) -> DataError:
 
 def _expand(pattern: str) -> list[tuple[str, str, dict | None]]:
     """(uri, format by extension, size and marker from the listing or None) of every file a source names."""
-    if any(c in pattern for c in "*?["):
+    # A name with glob characters that exists as it is ("notes [2023].jsonl") is that file, not a pattern.
+    exists = storage.exists(pattern)
+    if not exists and any(c in pattern for c in "*?["):
         return [(f["uri"], split_extension(f["uri"])[0], f) for f in storage.files_info(pattern)]
-    if not storage.exists(pattern):
+    if not exists:
         return []
     if storage.isdir(pattern):
         if any(storage.exists(storage.join(pattern, m)) for m in HF_MARKERS):
@@ -236,35 +239,40 @@ class _LinesOfRange:
             return
 
 
-def read_file(meta: dict, piece: int, spec: ReadSpec, data: bytes | None = None) -> Iterator[dict]:
+def read_file(meta: dict, piece: int, spec: ReadSpec, data: bytes | None = None) -> Generator[dict, None, int]:
     """Yield the records of one input piece (see the module docstring and `pieces`); `data`: its bytes, already
-    fetched. A piece of a file cut into ranges names its bytes in `source`, and its lines count from the range."""
+    fetched. Returns how many lines (rows) the piece held. A piece of a file cut into byte ranges numbers its lines
+    from the range's start (no reader of a later range knows how many lines came before it): the stage adds the
+    earlier ranges' line counts to its skipped records (`pipeline`), and a `data.on_error=fail` error names the
+    range."""
     uri = meta["uri"]
-    if meta.get("range"):
-        uri = f"{uri} (bytes {meta['range'][0]}-{meta['range'][1]})"
+    where = f"{uri} (bytes {meta['range'][0]}-{meta['range'][1]}, lines counted from there)" if meta.get("range") \
+        else uri
     readers = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "text": _read_text, "hf": _read_hf}
-    if data is not None:
-        meta = {**meta, "data": data}
+    meta = {**meta, "data": data}  # the readers' own copy (`_read_lines` leaves the line count in it)
     line = 0
     try:
         for line, fields, error in readers[meta["format"]](meta, spec):
-            yield _record(piece, uri, line, fields, error, spec)
+            yield _record(piece, uri, where, line, fields, error, spec)
     except DataError:
         raise
     except PermissionError as e:  # not a property of the file's content: never counted as a corrupt file
         raise access_denied(uri, e) from None
     except Exception as e:  # a corrupt or truncated file: keep what was read, report where it broke
-        yield _record(piece, uri, line + 1, None, f"corrupt_file: {type(e).__name__}: {e}", spec)
+        line += 1
+        yield _record(piece, uri, where, line, None, f"corrupt_file: {type(e).__name__}: {e}", spec)
+    return int(meta.get("lines", line))
 
 
-def _record(piece: int, uri: str, line: int, fields: dict | None, error: str | None, spec: ReadSpec) -> dict:
+def _record(piece: int, uri: str, where: str, line: int, fields: dict | None, error: str | None,
+            spec: ReadSpec) -> dict:
     record = {"doc_id": (piece << 32) | line, "source": uri, "line": line, "text": "", "prompt": "",
               "response": "", "messages": "", "drop_reason": ""}
     if error is None and fields is not None:
         error = _take_fields(fields, spec, record)
     if error:
         if spec.on_error == "fail":
-            raise DataError(f"{uri}:{line}: {error} (data.on_error=fail)")
+            raise DataError(f"{where}:{line}: {error} (data.on_error=fail)")
         # The reason code is what precedes the first colon ("malformed_json"); the detail keeps the rest.
         record.update(text="", prompt="", response="", messages="", drop_reason=error.split(":")[0], detail=error)
     return record
@@ -358,6 +366,7 @@ def _read_lines(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, bytes | None,
                 if buf or oversized:
                     line += 1
                     yield (line, None, "record_too_large") if oversized else (line, bytes(buf), None)
+                meta["lines"] = line  # blank ones included: where the next range of the file starts counting
                 return
 
 
@@ -369,6 +378,8 @@ def _read_jsonl(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, 
         assert raw is not None
         if not raw.strip():
             continue  # blank lines are not records
+        if raw.startswith(BOM):  # a file saved "UTF-8 with BOM" (or files concatenated with theirs)
+            raw = raw[len(BOM):]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -392,7 +403,7 @@ def _read_json(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, s
     with _open(meta) as f:
         raw = f.read()
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8-sig"))  # a leading BOM is not JSON, but editors write one
     except UnicodeDecodeError as e:
         yield 1, None, f"invalid_utf8: byte {e.start}"
         return
@@ -410,8 +421,9 @@ def _read_json(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, s
 def _read_parquet(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, str | None]]:
     import pyarrow.parquet as pq
 
-    with _open_raw(meta) as f:
-        pf = pq.ParquetFile(f)
+    # Parquet is read from its footer backwards, so a compressed file (a.parquet.gz) is inflated into memory first.
+    with (_open(meta) if meta["compression"] else _open_raw(meta)) as f:
+        pf = pq.ParquetFile(io.BytesIO(f.read()) if meta["compression"] else f)
         names = set(pf.schema_arrow.names)
         wanted = ([spec.text_field] if spec.kind == "pretrain" else list((spec.chat_fields or {}).values())
                   if spec.kind == "chat" else [spec.prompt_field, spec.response_field])
@@ -440,14 +452,18 @@ def _read_text(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, s
         return
     paragraph: list[str] = []
     start = 0
+    held: list[tuple[int, None, str]] = []  # bad lines inside the open paragraph: they follow it, in line order
     for line, raw, error in _read_lines(meta, spec):
+        if not error and raw is not None:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                error = f"invalid_utf8: byte {e.start}"
         if error or raw is None:
-            yield line, None, error
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield line, None, f"invalid_utf8: byte {e.start}"
+            if paragraph:
+                held.append((line, None, str(error)))
+            else:
+                yield line, None, error
             continue
         if spec.text_unit == "line":
             if text.strip():
@@ -458,9 +474,11 @@ def _read_text(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, s
             paragraph.append(text)
         elif paragraph:
             yield start, {spec.text_field: "".join(paragraph)}, None
-            paragraph, start = [], 0
+            yield from held
+            paragraph, start, held = [], 0, []
     if paragraph:
         yield start, {spec.text_field: "".join(paragraph)}, None
+    yield from held
 
 
 def _read_hf(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None, str | None]]:

@@ -125,3 +125,19 @@ def test_a_large_line_file_split_into_ranges_gives_the_output_of_one_read(tmp_pa
     assert counts_a == counts_b and splits_a == splits_b and shards_a == shards_b and skipped_a == skipped_b
     assert counts_a["records_in"] == len(lines) - 1 and counts_a["exact_duplicates"] == 1
     assert counts_a["dropped"] == {"malformed_json": 1, "missing_field": 1}
+
+
+def test_the_same_files_named_otherwise_are_the_same_dataset(tmp_path, monkeypatch):
+    """The fingerprint holds the files listed (URI, size, marker), not the patterns that named them: sources given
+    in another order, or as a folder instead of files, find the finished dataset instead of building it again."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    for name, docs in (("a.jsonl", _docs_in_split("train", 12, 0.1)), ("b.jsonl", _docs_in_split("val", 3, 0.1))):
+        (tmp_path / "corpus" / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    results = []
+    for sources in ("[corpus/a.jsonl,corpus/b.jsonl]", "[corpus/b.jsonl,corpus/a.jsonl]", "[corpus]"):
+        cfg = compose("data", ["debug=smoke", f"data.sources={sources}", "data.val_fraction=0.1"])
+        results.append(pipeline.build_dataset(cfg.data, cfg.tokenizer, cfg.storage.root,
+                                              executor=pipeline.in_process))
+    assert [r.reused for r in results] == [False, True, True]
+    assert len({r.uri for r in results}) == 1
