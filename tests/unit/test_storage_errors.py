@@ -23,6 +23,7 @@ def test_a_bucket_that_refuses_listing_fails_naming_the_pattern_and_bucket(monke
     readable = tmp_path / "ok.jsonl"
     readable.write_text(json.dumps({"text": "fine"}) + "\n")
     monkeypatch.setattr(storage, "files_info", deny)
+    monkeypatch.setattr(storage, "exists", lambda uri: not uri.startswith("s3://"))  # no object named "*.jsonl"
     # A readable source next to the refused one does not turn the refusal into a skipped source.
     with pytest.raises(DataError) as raised:
         sources.list_inputs([str(readable), "s3://secret-corpus/raw/*.jsonl"])
