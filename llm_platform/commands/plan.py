@@ -1,4 +1,5 @@
-"""`llm-platform plan`: parameters, FLOPs per token, memory per device, time and cost of a training config.
+"""`llm-platform plan`: parameters, FLOPs per token, memory per device, time and cost of a training config (or, with
+`plan.sweep=true`, of the `tune` sweep over it), on-demand and spot at the dated prices of `plan.prices`.
 
 Reads the same config tree as `train` (same overrides), and never starts Ray. Exit code 2 when the config does not
 fit, unless `plan.force=true`.
@@ -19,7 +20,7 @@ def main(cfg: PlatformConfig) -> None:
     # The vocab follows the tokenizer: a trained BPE's configured size, unless the model pins one.
     vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
     plan = make_plan(cfg.model, cfg.train, cfg.scaling, cfg.plan, seq_len=cfg.data.seq_len, vocab_size=vocab,
-                     storage_root=cfg.storage.root)
+                     storage_root=cfg.storage.root, tune=cfg.tune)
     print(f"model {cfg.model.name} ({cfg.model.family}), {cfg.train.parallelism.strategy}, micro-batch "
           f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, grad accum {cfg.train.grad_accum_steps}")
     print(plan.table())

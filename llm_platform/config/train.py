@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from llm_platform.config.choices import MixedPrecision, Objective, OnNonfinite, Parallelism, Placement, Schedule
+from llm_platform.config.prices import PricesConfig
 
 
 @dataclass
@@ -137,12 +138,16 @@ class PlanConfig:
     """GPU to plan for (a key of the peaks table in llm_platform/models/flops.py: H100, H200, A100)."""
     num_gpus: int | None = None
     """GPUs to plan for; None uses scaling.num_workers."""
-    token_budget: int = 1_000_000_000
-    """Training tokens for the time and cost estimate."""
+    token_budget: int | None = None
+    """Training tokens for the time and cost estimate; None: the configured run's (train.max_steps x tokens per
+    step, or with plan.sweep the sweep's trials x that)."""
+    sweep: bool = False
+    """Plan the `tune` sweep (tune.num_samples x grid trials, each up to train.max_steps) instead of one run."""
     assumed_mfu: float = 0.4
     """Model FLOPs utilization assumed for the time estimate."""
-    gpu_hour_usd: float | None = None
-    """Price of one GPU-hour; None uses the table's typical on-demand price."""
+    prices: PricesConfig = field(default_factory=PricesConfig)
+    """$/hour per GPU and per instance type, on-demand and spot, dated: `plan.prices.gpus.H100.spot_usd_per_hour`,
+    ... (llm_platform/config/prices.py)."""
     memory_headroom: float = 0.9
     """Fraction of device memory a plan may use before it is refused."""
     force: bool = False

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 # Dense peak throughput (FLOP/s, no sparsity) and memory per device, from the vendors' data sheets (SXM parts where
 # there are several); keys are Ray's accelerator types, so `scaling.gpu_type` is one name for placement and MFU.
 # A10G (AWS's A10 variant): NVIDIA publishes no sheet; its tensor rate is about 70 TFLOPS (Baseten's A10 vs A10G
-# comparison), against the A10's 125. Prices are typical on-demand cloud prices per GPU-hour (late 2025); override
-# them with `plan.gpu_hour_usd`.
+# comparison), against the A10's 125. Prices are not here: they are dated config, `plan.prices`
+# (llm_platform/config/prices.py).
 PEAKS: dict[str, dict[str, float]] = {
-    "A10G": {"bf16": 70e12, "fp32": 35e12, "tf32": 35e12, "memory_gib": 24, "usd_per_hour": 1.0},
-    "L4": {"bf16": 121e12, "fp32": 30.3e12, "tf32": 60e12, "memory_gib": 24, "usd_per_hour": 0.8},
-    "L40S": {"bf16": 362.05e12, "fp32": 91.6e12, "tf32": 183e12, "memory_gib": 48, "usd_per_hour": 1.9},
-    "A100-40G": {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12, "memory_gib": 40, "usd_per_hour": 1.5},
-    "A100-80G": {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12, "memory_gib": 80, "usd_per_hour": 1.8},
-    "H100": {"bf16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12, "memory_gib": 80, "usd_per_hour": 3.0},
-    "H200": {"bf16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12, "memory_gib": 141, "usd_per_hour": 3.8},
+    "A10G": {"bf16": 70e12, "fp32": 35e12, "tf32": 35e12, "memory_gib": 24},
+    "L4": {"bf16": 121e12, "fp32": 30.3e12, "tf32": 60e12, "memory_gib": 24},
+    "L40S": {"bf16": 362.05e12, "fp32": 91.6e12, "tf32": 183e12, "memory_gib": 48},
+    "A100-40G": {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12, "memory_gib": 40},
+    "A100-80G": {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12, "memory_gib": 80},
+    "H100": {"bf16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12, "memory_gib": 80},
+    "H200": {"bf16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12, "memory_gib": 141},
 }
 # Device names (torch.cuda.get_device_name, Ray accelerator types, what people type) -> table key. Checked in
 # order: "L40S" before "L4", "A100" before "A10", and an A100 without "40G" in its name is the 80 GB part.

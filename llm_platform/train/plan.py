@@ -1,5 +1,9 @@
 """Plan a training config before launching it: parameters, FLOPs per token, memory per device, time and cost.
 
+Time and cost are for the run the config describes (`train.max_steps` x tokens per step, or a sweep's trials x
+that with `plan.sweep=true`), or for `plan.token_budget` tokens when set, at the dated prices of `plan.prices`
+(on-demand and spot; llm_platform/costs.py).
+
 Plain arithmetic over `models/flops.py`; `llm-platform plan` prints it and `llm-platform train` refuses a GPU run
 whose estimate does not fit the device (unless `plan.force=true`). With `model.pretrained` set, the architecture is
 the checkpoint's config.json (its family from `model_type`, its vocabulary), not the `model` preset.
@@ -7,10 +11,14 @@ the checkpoint's config.json (its family from `model_type`, its vocabulary), not
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from llm_platform.config.model import ModelConfig
+from llm_platform.config.prices import Market
 from llm_platform.config.train import PlanConfig, ScalingConfig, TrainConfig
+from llm_platform.config.tune import TuneConfig
+from llm_platform.costs import check_prices, gpu_hour_usd
 from llm_platform.errors import ConfigError
 from llm_platform.models import families
 from llm_platform.models.build import hf_config, resolve_family
@@ -37,18 +45,40 @@ class Plan:
     device_memory_gib: float
     gpu_type: str
     num_gpus: int
-    token_budget: int
+    tokens: int
+    """Training tokens the time and cost are for (all trials of a sweep together)."""
+    tokens_from: str
+    """How `tokens` was found, for the table (`train.max_steps 200 x 131,072 per step`)."""
+    tokens_per_s: float
+    """Assumed throughput of one run on `num_gpus` GPUs at `plan.assumed_mfu`."""
+    parallel_runs: int
+    """Runs at once, each on `num_gpus` GPUs (a sweep's `tune.max_concurrent_trials`; else 1)."""
     hours: float
-    cost_usd: float
+    """Wall-clock hours."""
+    gpu_hours: float
+    """GPU-hours billed: tokens / throughput x GPUs."""
+    gpu_hour_usd: dict[Market, float]
+    """$ per GPU-hour, by market, from the price table."""
+    prices_as_of: str
+    prices_source: str
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def cost_usd(self) -> dict[Market, float]:
+        """$ by market: GPU-hours x the price of one GPU-hour."""
+        return {market: self.gpu_hours * price for market, price in self.gpu_hour_usd.items()}
 
     @property
     def fits(self) -> bool:
         return not self.problems
 
+    def _groups(self) -> str:
+        return f"{self.parallel_runs} x " if self.parallel_runs > 1 else ""
+
     def table(self) -> str:
         """A readable summary."""
         m = self.memory
+        cost = self.cost_usd
         rows = [
             ("parameters", f"{self.parameters / 1e6:,.1f} M ({self.trainable_parameters / 1e6:,.1f} M trainable)"),
             ("FLOPs per token (train)", f"{self.flops_per_token / 1e9:,.3f} GFLOP"),
@@ -57,24 +87,38 @@ class Plan:
                                   f"(states {m.states / GIB:.2f}, gathered {m.gathered / GIB:.2f}, activations "
                                   f"{m.activations / GIB:.2f}, logits {m.logits / GIB:.2f}, "
                                   f"overhead {m.overhead / GIB:.2f})"),
-            ("token budget", f"{self.token_budget:,}"),
-            (f"time on {self.num_gpus} x {self.gpu_type}", f"{self.hours:,.2f} h"),
-            ("cost", f"${self.cost_usd:,.2f}"),
+            ("tokens", f"{self.tokens:,} ({self.tokens_from})"),
+            ("throughput", f"{self.tokens_per_s:,.0f} tokens/s (at the MFU of plan.assumed_mfu)"),
+            (f"time on {self._groups()}{self.num_gpus} x {self.gpu_type}",
+             f"{_duration(self.hours)} ({self.gpu_hours:,.2f} GPU-hours)"),
+            *((f"cost {market.value.replace('_', '-')}", f"${cost[market]:,.2f} at "
+               f"${self.gpu_hour_usd[market]:,.3f} per GPU-hour") for market in Market),
+            ("prices", f"{self.prices_source}, as of {self.prices_as_of} (they drift; plan.prices.* overrides)"),
             ("verdict", "fits" if self.fits else "DOES NOT FIT: " + "; ".join(self.problems)),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _duration(hours: float) -> str:
+    """`19.42 h`, or `12.5 min` under an hour."""
+    return f"{hours:,.2f} h" if hours >= 1 else f"{hours * 60:.1f} min"
+
+
 def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, plan: PlanConfig, *, seq_len: int,
-              vocab_size: int, storage_root: str | None = None) -> Plan:
+              vocab_size: int, storage_root: str | None = None, tune: TuneConfig | None = None) -> Plan:
     """Estimate a run of `model` under `train`/`scaling` on `plan.num_gpus` x `plan.gpu_type`.
 
-    `storage_root` resolves a `registry:` reference in `model.pretrained`.
+    Its tokens are `plan.token_budget` when set, else the configured run's: `train.max_steps` x tokens per step
+    (micro-batch x grad accumulation x workers x seq_len), or with `plan.sweep` (and `tune` given) the sweep's
+    trials x that. Time = tokens x FLOPs per token / (peak x `plan.assumed_mfu` x GPUs); cost = GPU-hours x the
+    price of one GPU-hour in `plan.prices`, on-demand and spot. `storage_root` resolves a `registry:` reference
+    in `model.pretrained`.
     """
     gpu = normalize_gpu(plan.gpu_type)
     if gpu is None:
         raise ConfigError(f"plan.gpu_type={plan.gpu_type!r}: choose one of {', '.join(PEAKS)}")
+    check_prices(plan.prices)
     spec = PEAKS[gpu]
     num_gpus = plan.num_gpus or scaling.num_workers
     config, family = architecture(model, vocab_size, storage_root)
@@ -90,9 +134,10 @@ def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, pl
                                activation_checkpointing=train.parallelism.activation_checkpointing,
                                trainable_fraction=min(1.0, trainable / size.total))
     fpt = flops_per_token(size, seq_len)
-    seconds = plan.token_budget * fpt / (spec["bf16" if bf16 else "tf32"] * plan.assumed_mfu * num_gpus)
-    hours = seconds / 3600
-    price = plan.gpu_hour_usd if plan.gpu_hour_usd is not None else spec["usd_per_hour"]
+    tokens_per_step = train.micro_batch_size * train.grad_accum_steps * seq_len * num_gpus
+    tokens, tokens_from, runs, parallel_runs = run_tokens(train, plan, tokens_per_step, tune)
+    tokens_per_s = spec["bf16" if bf16 else "tf32"] * plan.assumed_mfu * num_gpus / fpt
+    run_hours = tokens / tokens_per_s / 3600
     problems = []
     limit = spec["memory_gib"] * plan.memory_headroom * GIB
     if memory.total > limit:
@@ -103,9 +148,39 @@ def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, pl
     if train.parallelism.strategy == "none" and num_gpus > 1:
         problems.append("train.parallelism.strategy=none runs on one device only")
     return Plan(parameters=size.total, trainable_parameters=int(trainable), flops_per_token=fpt,
-                tokens_per_step=train.micro_batch_size * train.grad_accum_steps * seq_len * num_gpus,
-                memory=memory, device_memory_gib=spec["memory_gib"], gpu_type=gpu, num_gpus=num_gpus,
-                token_budget=plan.token_budget, hours=hours, cost_usd=hours * num_gpus * price, problems=problems)
+                tokens_per_step=tokens_per_step, memory=memory, device_memory_gib=spec["memory_gib"], gpu_type=gpu,
+                num_gpus=num_gpus, tokens=tokens, tokens_from=tokens_from, tokens_per_s=tokens_per_s,
+                parallel_runs=parallel_runs, hours=run_hours / runs * math.ceil(runs / parallel_runs),
+                gpu_hours=run_hours * num_gpus,
+                gpu_hour_usd={market: gpu_hour_usd(plan.prices, gpu, market) for market in Market},
+                prices_as_of=plan.prices.as_of_date, prices_source=plan.prices.source, problems=problems)
+
+
+def run_tokens(train: TrainConfig, plan: PlanConfig, tokens_per_step: int,
+               tune: TuneConfig | None) -> tuple[int, str, int, int]:
+    """(tokens of all runs, how they were found, runs, runs at once):
+    `plan.token_budget`, one run of `train.max_steps`, or a sweep's trials (each to its end: ASHA stops some early,
+    so this is an upper bound) run `tune.max_concurrent_trials` at a time. A space over `model.*` keys is planned
+    at the base model."""
+    if plan.token_budget is not None:
+        return plan.token_budget, "plan.token_budget", 1, 1
+    one_run = train.max_steps * tokens_per_step
+    if not plan.sweep:
+        return one_run, f"train.max_steps {train.max_steps:,} x {tokens_per_step:,} per step", 1, 1
+    if tune is None:
+        raise ConfigError("plan.sweep=true needs the tune config (llm-platform plan passes it)")
+    from llm_platform.tune.space import parse_space
+
+    trials = tune.num_samples
+    for dim in parse_space(tune.space):
+        if dim.kind == "grid":
+            trials *= len(dim.values)
+        elif dim.key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum_steps"):
+            raise ConfigError(f"plan.sweep=true: tune.space.{dim.key} changes each trial's tokens, which the "
+                              f"plan does not model: set plan.token_budget instead")
+    parallel = max(1, min(trials, tune.max_concurrent_trials))
+    return (trials * one_run, f"{trials} trials x train.max_steps {train.max_steps:,} x {tokens_per_step:,} per "
+                              f"step, at most", trials, parallel)
 
 
 def architecture(model: ModelConfig, vocab_size: int, storage_root: str | None) -> tuple[object, families.Family]:
