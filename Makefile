@@ -7,7 +7,7 @@ export RAY_TMPDIR ?= /tmp/llmp-ray
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-checks setup-corpora demo lint test test-fast bench clean
+.PHONY: setup setup-checks setup-corpora setup-monitoring demo lint test test-fast bench clean
 
 # uv installs (parallel downloads and installs; about half pip's time here) into plain venvs. It byte-compiles what
 # it installs (--compile-bytecode): machines here set PYTHONDONTWRITEBYTECODE=1, so without that step every Python
@@ -56,6 +56,17 @@ setup-corpora:
 	$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	  --no-install-recommends $$missing
 
+# promtool (Debian's `prometheus` package) for tests/unit/test_monitoring.py: `promtool check rules` and
+# `promtool test rules` over cluster/monitoring/alerts.yaml. apt-get runs only when promtool is missing (as root, or
+# through sudo); a machine without apt-get is told so, and those tests skip naming the package.
+setup-monitoring:
+	@if command -v promtool >/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "setup-monitoring: no apt-get here; missing: prometheus (promtool)"; exit 0; fi; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	echo "setup-monitoring: installing prometheus (promtool)"; \
+	$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends prometheus
+
 # The main job end to end on the embedded default: data -> train -> register -> eval -> serve -> a sample query.
 demo: setup
 	$(VENV)/bin/llm-platform run debug=smoke run.keep_serving=false
@@ -68,7 +79,7 @@ lint: setup
 # Lint first (seconds), then two pytest-xdist workers: the README story (a third of the suite, started first) on
 # one, the rest on the other and then both. Much of the suite waits on processes starting (Ray, servers), so two
 # workers overlap well on 2 cores.
-test: setup setup-checks setup-corpora lint
+test: setup setup-checks setup-corpora setup-monitoring lint
 	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
 
 test-fast: setup

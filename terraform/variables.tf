@@ -305,3 +305,20 @@ variable "enable_ray_up_iam" {
   type        = bool
   default     = true
 }
+
+variable "monitoring_enabled" {
+  description = "Install kube-prometheus-stack (Prometheus, Alertmanager, Grafana) with llm-platform's alert rules and dashboards from cluster/monitoring/ (terraform/monitoring.tf)."
+  type        = bool
+  default     = false
+}
+
+variable "kube_prometheus_stack_chart_version" {
+  description = "Version of the prometheus-community kube-prometheus-stack Helm chart (used when monitoring_enabled)."
+  type        = string
+  default     = "88.3.0"
+
+  validation {
+    condition     = can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.kube_prometheus_stack_chart_version))
+    error_message = "kube_prometheus_stack_chart_version must be an exact chart version (x.y.z): charts are pinned, never floating."
+  }
+}

@@ -519,8 +519,10 @@ def test_network_policies_isolate_training_from_serving_and_keep_imds_out():
             # Anyone from outside the pod's own Ray cluster gets named ports only (Jobs API, Serve), never all.
             assert not outside or rule.get("ports"), f"{role}: {sorted(outside)} may reach every port"
             for peer in outside:
+                # The monitoring namespace's Prometheus: its rule is checked in tests/unit/test_monitoring.py.
                 assert peer in {"job-submitter", operator_peer, "label:llm-platform/serve-client=true",
-                                "namespace:llm-platform/serve-ingress=true"}, f"{role} admits {peer}"
+                                "namespace:llm-platform/serve-ingress=true",
+                                "namespace:kubernetes.io/metadata.name=monitoring"}, f"{role} admits {peer}"
         for rule in spec.get("egress", []):
             peers = set().union(*(_peers(p) for p in rule.get("to", [{"podSelector": {}}])))
             assert "*" not in peers and not peers & other, f"{role} may reach {sorted(peers)}"

@@ -102,7 +102,8 @@ def test_providers_and_charts_are_pinned():
         assert body.get("version") or "?ref=" in str(body.get("source")), f"module {name} is not pinned"
     releases = [body for p in _tf_files() for r in _load(p).get("resource", [])
                 for kind, named in r.items() if kind == "helm_release" for body in named.values()]
-    assert len(releases) == 3, "expected the KubeRay operator, the NVIDIA device plugin and the cluster autoscaler"
+    assert len(releases) == 4, ("expected the KubeRay operator, the NVIDIA device plugin, the cluster autoscaler and "
+                                "kube-prometheus-stack (monitoring.tf)")
     for body in releases:
         assert body.get("version"), f"helm_release {body.get('name')} has no pinned chart version"
 
