@@ -91,6 +91,7 @@ def list_inputs(patterns: list[str], fmt: str = "auto") -> tuple[list[dict], lis
             continue
         if not uris:
             missing.append({"source": pattern, "line": 0, "reason": "missing_path: no file matches"})
+        probed = False
         for uri, detected, details in uris:
             file_fmt = detected if fmt == "auto" or detected == "hf" else fmt
             compression = split_extension(uri)[1]
@@ -99,8 +100,12 @@ def list_inputs(patterns: list[str], fmt: str = "auto") -> tuple[list[dict], lis
                 continue
             meta = {"uri": uri, "format": file_fmt, "compression": compression, "size": 0, "marker": ""}
             if file_fmt != "hf":
-                try:  # listing a bucket can be allowed while reading its objects is not
-                    details = details or storage.info(uri)
+                # Listing a bucket can be allowed while reading its objects is not: one object of each source is
+                # asked for (the listing gave the others' sizes), so a refused prefix stops the stage here, before
+                # any Ray work, naming the file.
+                try:
+                    if details is None or not probed:
+                        details, probed = storage.info(uri), True
                 except PermissionError as e:
                     raise access_denied(uri, e) from None
                 meta.update({k: v for k, v in details.items() if k in ("size", "marker")})
@@ -122,9 +127,14 @@ def access_denied(uri: str, error: BaseException) -> DataError:
 
 def _expand(pattern: str) -> list[tuple[str, str, dict | None]]:
     """(uri, format by extension, size and marker from the listing or None) of every file a source names."""
-    # A name with glob characters that exists as it is ("notes [2023].jsonl") is that file, not a pattern.
-    exists = storage.exists(pattern)
-    if not exists and any(c in pattern for c in "*?["):
+    globbing = any(c in pattern for c in "*?[")
+    try:  # a name with glob characters that exists as it is ("notes [2023].jsonl") is that file, not a pattern
+        exists = storage.exists(pattern)
+    except PermissionError:
+        if not globbing:
+            raise
+        exists = False  # refused by name: the listing says whether the whole source is
+    if not exists and globbing:
         return [(f["uri"], split_extension(f["uri"])[0], f) for f in storage.files_info(pattern)]
     if not exists:
         return []
