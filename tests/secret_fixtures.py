@@ -40,3 +40,22 @@ def files_containing(folder: str, needles: list[str] | tuple[str, ...]) -> dict[
             if found:
                 hits[path] = found
     return hits
+
+
+def git_ignored(repo_root, scratch, paths: list[str]) -> set[str]:
+    """The paths among `paths` that `repo_root`'s .gitignore ignores, asked of git itself in a new repository at
+    `scratch` (a folder that does not exist yet); skips the test without git."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed")
+    subprocess.run([git, "init", "-q", str(scratch)], check=True)
+    shutil.copy(os.path.join(repo_root, ".gitignore"), os.path.join(scratch, ".gitignore"))
+    proc = subprocess.run([git, "-C", str(scratch), "check-ignore", "--no-index", "--stdin"],
+                          input="\n".join(paths), capture_output=True, text=True)
+    assert proc.returncode in (0, 1), proc.stderr
+    return set(proc.stdout.split())

@@ -9,11 +9,9 @@ depth, and docs/cloud.md tells operators to keep serving keys outside the checko
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
+from secret_fixtures import git_ignored
 
 from llm_platform import jobs
 
@@ -27,26 +25,12 @@ NOT_KEY_FILES = [".env.example", "conf/serve/cluster.yaml", "llm_platform/serve/
                  "llm_platform/data/tokenizer.py", "docs/cloud.md", "cluster/ray-service.serve.yaml"]
 
 
-def _git_ignored(tmp_path: Path, paths: list[str]) -> set[str]:
-    """The paths among `paths` that this repository's .gitignore ignores (asked of git itself, in a scratch repo)."""
-    git = shutil.which("git")
-    if git is None:
-        pytest.skip("git is not installed")
-    scratch = tmp_path / "scratch"
-    subprocess.run([git, "init", "-q", str(scratch)], check=True)
-    shutil.copy(REPO / ".gitignore", scratch / ".gitignore")
-    proc = subprocess.run([git, "-C", str(scratch), "check-ignore", "--no-index", "--stdin"],
-                          input="\n".join(paths), capture_output=True, text=True)
-    assert proc.returncode in (0, 1), proc.stderr
-    return set(proc.stdout.split())
-
-
 def _lines(name: str) -> list[str]:
     return [line.strip() for line in (REPO / name).read_text().splitlines()]
 
 
 def test_git_ignores_key_files(tmp_path):
-    ignored = _git_ignored(tmp_path, KEY_FILES + NOT_KEY_FILES)
+    ignored = git_ignored(REPO, tmp_path / "scratch", KEY_FILES + NOT_KEY_FILES)
     assert not set(KEY_FILES) - ignored, f"not ignored: {sorted(set(KEY_FILES) - ignored)}"
     assert not set(NOT_KEY_FILES) & ignored, f"ignored but tracked: {sorted(set(NOT_KEY_FILES) & ignored)}"
 

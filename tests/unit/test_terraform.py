@@ -19,6 +19,7 @@ from pathlib import Path
 import hcl2
 import pytest
 import yaml
+from secret_fixtures import git_ignored
 
 REPO = Path(__file__).resolve().parents[2]
 TF = REPO / "terraform"
@@ -529,21 +530,6 @@ def test_network_policies_are_enforced_by_the_vpc_cni():
     assert re.search(r'each\.key == "vpc-cni" \? jsonencode\(\{\s*enableNetworkPolicy = "true"\s*\}\)', config), config
 
 
-def _git_check_ignore(tmp_path: Path, paths: list[str]) -> set[str]:
-    """The paths among `paths` that this repository's .gitignore ignores (asked of git itself, in a scratch repo)."""
-    git = shutil.which("git")
-    if git is None:
-        pytest.skip("git is not installed")
-    scratch = tmp_path / "gitignore-check"
-    scratch.mkdir()
-    subprocess.run([git, "init", "-q", str(scratch)], check=True)
-    shutil.copy(REPO / ".gitignore", scratch / ".gitignore")
-    proc = subprocess.run([git, "-C", str(scratch), "check-ignore", "--no-index", "--stdin"],
-                          input="\n".join(paths), capture_output=True, text=True)
-    assert proc.returncode in (0, 1), proc.stderr
-    return set(proc.stdout.split())
-
-
 def test_gitignore_keeps_state_and_secrets_out_and_the_lock_file_in(tmp_path):
     must_ignore = ["terraform/terraform.tfstate", "terraform/terraform.tfstate.backup",
                    "terraform/.terraform.tfstate.lock.info", "terraform/my.tfvars", "terraform/prod.auto.tfvars",
@@ -551,7 +537,7 @@ def test_gitignore_keeps_state_and_secrets_out_and_the_lock_file_in(tmp_path):
                    "terraform/.terraform/providers/x"]
     must_keep = ["terraform/.terraform.lock.hcl", "terraform/examples/small.tfvars",
                  "terraform/examples/large.tfvars", "terraform/my.tfvars.example", ".env.example"]
-    ignored = _git_check_ignore(tmp_path, must_ignore + must_keep)
+    ignored = git_ignored(REPO, tmp_path / "gitignore-check", must_ignore + must_keep)
     assert not set(must_ignore) - ignored, f"not ignored: {sorted(set(must_ignore) - ignored)}"
     assert not set(must_keep) & ignored, f"ignored but must be committable: {sorted(set(must_keep) & ignored)}"
     # The lock-file policy is written down where operators look.
