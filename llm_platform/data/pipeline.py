@@ -1,11 +1,12 @@
 """The data stage: read -> clean -> dedup -> split -> tokenizer -> tokenize -> pack -> manifest, on Ray Data.
 
-Every phase is a set of independent tasks that Ray Data schedules (one row per task: a unit of input files, a key
+Every phase is a set of independent tasks that Ray Data schedules (one row per task: a unit of input pieces, a key
 partition, a cleaned unit, an output shard), and the tasks' results are small counts and file indexes. A unit is a
-run of consecutive input files of about `data.task_target_bytes` together (`plan_units`), so many small files cost
-what their bytes cost. Data moves between phases through files under `<dataset>/_work/`, written once and read by
-the next phase; the two exchanges (dedup keys by key, tokens by output shard) are runs of numpy arrays read by byte
-range (exchange.py), so no text is shuffled and no signature travels with every band key.
+run of consecutive input pieces (files, or byte ranges of a large JSONL file) of about `data.task_target_bytes`
+together (`plan_units`), so many small files cost what their bytes cost. Data moves between phases through files
+under `<dataset>/_work/`, written once and read by the next phase; the two exchanges (dedup keys by key, tokens by
+output shard) are runs of numpy arrays read by byte range (exchange.py), so no text is shuffled and no signature
+travels with every band key.
 
     phase       task per            does                                               writes (under _work/)
     read_clean  unit of files       read, clean, filter, text hash, MinHash keys       clean/, keys/, sigs/

@@ -1,8 +1,9 @@
 """The data stage's first pass, one unit of input files per call, no Ray: read, clean, and the dedup keys.
 
-A unit is a run of consecutive input files of about `data.task_target_bytes` together (pipeline.plan_units), so a
-corpus of thousands of small files costs per byte and not per file: each call writes a handful of objects whatever
-its file count. Each call reads its files once and writes, under `<work>/` (`<unit>` = first-last file index):
+A unit is a run of consecutive input pieces (files, or byte ranges of a large line-based file: `sources.pieces`) of
+about `data.task_target_bytes` together (pipeline.plan_units), so a corpus of thousands of small files costs per
+byte and not per file: each call writes a handful of objects whatever its file count. Each call reads its pieces
+once and writes, under `<work>/` (`<unit>` = its first-last piece index):
 
     clean/<unit>.parquet    the kept records (doc_id, text_hash, text, prompt, response, messages), in file order
     keys/<unit>-<n>.bin     dedup keys bucketed by partition (exchange.py): exact (text hash) and LSH band keys

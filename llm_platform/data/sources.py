@@ -146,7 +146,7 @@ def _expand(pattern: str) -> list[tuple[str, str, dict | None]]:
     return [(pattern, split_extension(pattern)[0], None)]
 
 
-def prefetched(metas: list[dict], files: list[int]) -> Iterator[tuple[dict, int, bytes | None]]:
+def prefetched(metas: list[dict], pieces: list[int]) -> Iterator[tuple[dict, int, bytes | None]]:
     """(meta, piece index, the file's bytes or None) for each piece in order. Small files (up to `PREFETCH_BYTES`) are
     fetched a few at a time on threads while the caller parses the earlier ones: on S3 a small object costs a
     round trip, not bandwidth, so fetched one after the other they would cost per file. Larger files and saved HF
@@ -163,9 +163,9 @@ def prefetched(metas: list[dict], files: list[int]) -> Iterator[tuple[dict, int,
             return None
 
     with ThreadPoolExecutor(PREFETCH_THREADS) as pool:
-        window: collections.deque = collections.deque()  # (meta, file index, future), in file order
+        window: collections.deque = collections.deque()  # (meta, piece index, future), in file order
         held = 0  # bytes of the files in the window
-        for meta, index in zip(metas, files):
+        for meta, index in zip(metas, pieces):
             window.append((meta, index, pool.submit(fetch, meta)))
             held += int(meta["size"])
             while len(window) > 2 * PREFETCH_THREADS or held > PREFETCH_WINDOW_BYTES:
@@ -432,7 +432,7 @@ def _read_parquet(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None
     import pyarrow.parquet as pq
 
     # Parquet is read from its footer backwards, so a compressed file (a.parquet.gz) is inflated into memory first.
-    with (_open(meta) if meta["compression"] else _open_raw(meta)) as f:
+    with _open(meta) as f:
         pf = pq.ParquetFile(io.BytesIO(f.read()) if meta["compression"] else f)
         names = set(pf.schema_arrow.names)
         wanted = ([spec.text_field] if spec.kind == "pretrain" else list((spec.chat_fields or {}).values())
