@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import math
 
-from llm_platform.config.prices import GpuPriceConfig, InstancePriceConfig, Market, PricesConfig
+from llm_platform.config.prices import CpuPriceConfig, GpuPriceConfig, InstancePriceConfig, Market, PricesConfig
 from llm_platform.errors import ConfigError
 from llm_platform.models.flops import normalize_gpu
 
@@ -26,9 +26,10 @@ def check_prices(prices: PricesConfig, key: str = "plan.prices") -> None:
         datetime.date.fromisoformat(prices.as_of_date)
     except ValueError:
         raise ConfigError(f"{key}.as_of_date={prices.as_of_date!r}: give the date as YYYY-MM-DD") from None
-    entries: list[tuple[str, GpuPriceConfig | InstancePriceConfig]]
+    entries: list[tuple[str, GpuPriceConfig | InstancePriceConfig | CpuPriceConfig]]
     entries = [(f"{key}.gpus.{name}", entry) for name, entry in prices.gpus.items()]
     entries += [(f"{key}.instances.{name}", entry) for name, entry in prices.instances.items()]
+    entries.append((f"{key}.cpu", prices.cpu))
     for where, entry in entries:
         for market in MARKETS:
             value = getattr(entry, f"{market}_usd_per_hour")
@@ -67,17 +68,41 @@ def gpu_hour_usd(prices: PricesConfig, gpu_type: str, market: Market | str, inst
     return float(getattr(prices.gpus[key], field))
 
 
+def cpu_hour_usd(prices: PricesConfig, market: Market | str | None = None) -> float:
+    """$ per vCPU-hour of a CPU-only placement on `market` (None: `prices.market`)."""
+    market = as_market(prices.market if market is None else market)
+    return float(getattr(prices.cpu, f"{market.value}_usd_per_hour"))
+
+
+def placement_usd_per_hour(prices: PricesConfig, *, gpu_type: str | None, num_gpus: int, num_cpus: float = 0.0,
+                           market: Market | str | None = None, instance_type: str | None = None) -> float:
+    """$/hour of a placement: its GPUs at the GPU (or instance) price, or, for a CPU-only placement, its vCPUs at
+    the CPU price (a GPU instance's CPUs are in its price).
+
+    Raises:
+        ConfigError: a negative count, an unknown market, or a GPU the table has no price for.
+    """
+    if num_gpus < 0 or not (math.isfinite(num_cpus) and num_cpus >= 0):
+        raise ConfigError(f"num_gpus={num_gpus}, num_cpus={num_cpus}: both must be >= 0")
+    market = prices.market if market is None else market
+    if gpu_type is not None and num_gpus > 0:
+        return num_gpus * gpu_hour_usd(prices, gpu_type, market, instance_type)
+    return num_cpus * cpu_hour_usd(prices, market)
+
+
 def placement_cost_usd(prices: PricesConfig, *, gpu_type: str | None, num_gpus: int, hours: float,
-                       market: Market | str | None = None, instance_type: str | None = None) -> float:
-    """What `num_gpus` x `gpu_type` for `hours` cost at the table's prices: the accumulated cost of a run from the
-    placement it really got (e.g. `ray.train.get_context()`'s world size, the device name, wall-clock hours).
+                       num_cpus: float = 0.0, market: Market | str | None = None,
+                       instance_type: str | None = None) -> float:
+    """What a placement held for `hours` costs at the table's prices: the accumulated cost of a run from the
+    placement it really got (`ray.train.get_context()`'s world size, the device name, wall-clock hours).
 
     Args:
         prices: the price table (`plan.prices`).
         gpu_type: a device name as torch or Ray reports it (`NVIDIA H100 80GB HBM3`, `A100-SXM4-40GB`, `L4`) or a
-            table key; None (a CPU run) costs nothing here, since CPUs are not in the table.
+            table key; None for a CPU-only placement.
         num_gpus: GPUs held (all workers together).
         hours: wall-clock hours they were held.
+        num_cpus: vCPUs held by a CPU-only placement (priced at `prices.cpu`); ignored when GPUs are held.
         market: on_demand or spot; None uses `prices.market`.
         instance_type: the instance the GPUs sit on, when known (`p5.48xlarge`): its price per GPU is used.
 
@@ -87,12 +112,10 @@ def placement_cost_usd(prices: PricesConfig, *, gpu_type: str | None, num_gpus: 
     Raises:
         ConfigError: a negative count or duration, an unknown market, or a GPU the table has no price for.
     """
-    if num_gpus < 0 or not (math.isfinite(hours) and hours >= 0):
-        raise ConfigError(f"num_gpus={num_gpus}, hours={hours}: both must be >= 0")
-    if gpu_type is None or num_gpus == 0:
-        return 0.0
-    return num_gpus * hours * gpu_hour_usd(prices, gpu_type, prices.market if market is None else market,
-                                           instance_type)
+    if not (math.isfinite(hours) and hours >= 0):
+        raise ConfigError(f"hours={hours}: must be >= 0")
+    return hours * placement_usd_per_hour(prices, gpu_type=gpu_type, num_gpus=num_gpus, num_cpus=num_cpus,
+                                          market=market, instance_type=instance_type)
 
 
 def _gpu_key(prices: PricesConfig, name: str) -> str | None:

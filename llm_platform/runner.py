@@ -113,12 +113,12 @@ def run_all(cfg: PlatformConfig, connect=None) -> RunSummary:
             from llm_platform.tune.driver import run_sweep
 
             connect()
-            sweep = run_sweep(cfg.tune, cfg.model, cfg.train, cfg.scaling, dataset_uri, root)
+            sweep = run_sweep(cfg.tune, cfg.model, cfg.train, cfg.scaling, dataset_uri, root, prices=cfg.plan.prices)
             return sweep, False, sweep.uri
         from llm_platform.train.launcher import launch
 
         result = launch(cfg.model, dataclasses.replace(cfg.train, register_as=None), cfg.scaling, dataset_uri, root,
-                        connect=connect)
+                        connect=connect, prices=cfg.plan.prices)
         return result, result.reused, result.export_uri
 
     stage("train", train)

@@ -94,7 +94,7 @@ def resolve_dataset(cfg, tok, root: str) -> str | None:
 
 
 def launch(model, train, scaling, dataset_uri: str, storage_root: str, *, run_name: str | None = None,
-           callbacks=None, extra_lineage: dict | None = None, connect=None):
+           callbacks=None, extra_lineage: dict | None = None, connect=None, prices=None):
     """A finished run: export/config.json and lineage.json (last), reused when it finished with this config."""
     from llm_platform.train.launcher import TrainResult
 
@@ -119,7 +119,7 @@ def launch(model, train, scaling, dataset_uri: str, storage_root: str, *, run_na
 
 
 def run_sweep(tune_cfg, model, train, scaling, dataset_uri: str, storage_root: str, *, register: bool = True,
-              callbacks=None):
+              callbacks=None, prices=None):
     """A one-trial sweep whose winner is registered by the real `register_winner`; sweep.json last."""
     from llm_platform.tune.driver import SweepResult, register_winner
     from llm_platform.tune.summary import FINISHED, TrialRecord

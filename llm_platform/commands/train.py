@@ -65,7 +65,7 @@ def main(cfg: PlatformConfig) -> None:
     check_plan(cfg, dataset_uri)
     # Ray starts only if there is training to do: a run already finished with this config answers at once.
     result = launch(cfg.model, cfg.train, cfg.scaling, dataset_uri, cfg.storage.root,
-                    connect=lambda: cluster.connect(cfg.cluster))
+                    connect=lambda: cluster.connect(cfg.cluster), prices=cfg.plan.prices)
     shown = {k: v for k, v in sorted(result.metrics.items()) if k.startswith(("train/loss", "val/", "perf/"))}
     print(f"run: {result.run_uri}\nexport: {result.export_uri}\ncheckpoint: {result.checkpoint_uri}")
     for key, value in shown.items():

@@ -21,7 +21,8 @@ def main(cfg: PlatformConfig) -> None:
     dataset_uri = resolve_dataset_uri(cfg)
     check_plan(cfg, dataset_uri)  # the base config's GPU memory plan, as `train` checks it
     cluster.connect(cfg.cluster)
-    result = run_sweep(cfg.tune, cfg.model, cfg.train, cfg.scaling, dataset_uri, cfg.storage.root)
+    result = run_sweep(cfg.tune, cfg.model, cfg.train, cfg.scaling, dataset_uri, cfg.storage.root,
+                       prices=cfg.plan.prices)
     print(result.table)
     print(f"sweep: {result.uri}")
     winner = result.record.get("winner") or {}

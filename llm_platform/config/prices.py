@@ -58,6 +58,17 @@ class GpuPriceConfig:
     """Spot price of one GPU, $/hour."""
 
 
+@dataclass
+class CpuPriceConfig:
+    """One vCPU's $/hour on a CPU-only instance: what CPU workers and replicas cost (GPU instances' CPUs are in the
+    instance's price)."""
+
+    on_demand_usd_per_hour: float = 0.0446
+    """On-demand price of one vCPU, $/hour (c7i.xlarge: $0.1785 for 4 vCPUs)."""
+    spot_usd_per_hour: float = 0.018
+    """Spot price of one vCPU, $/hour (c7i.xlarge typical spot, rounded)."""
+
+
 # (GPU, GPUs per instance, on-demand $/h, spot $/h) per instance, AWS us-east-1 Linux, as of PRICES_AS_OF.
 _AWS_US_EAST_1: dict[str, tuple[str, int, float, float]] = {
     "g5.xlarge": ("A10G", 1, 1.006, 0.45),
@@ -106,3 +117,5 @@ class PricesConfig:
     """GPU name (a key of the peaks table in llm_platform/models/flops.py, or any other) -> its $/hour."""
     instances: dict[str, InstancePriceConfig] = field(default_factory=default_instances)
     """Instance type (`p5.48xlarge`) -> its GPUs and $/hour."""
+    cpu: CpuPriceConfig = field(default_factory=CpuPriceConfig)
+    """Per vCPU of a CPU-only placement: `plan.prices.cpu.on_demand_usd_per_hour`, `.spot_usd_per_hour`."""

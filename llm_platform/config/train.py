@@ -57,6 +57,18 @@ class ParallelismConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """What a run may spend (train/budget.py). Reaching either limit stops the run at a checkpoint with a message;
+    running it again with the limit raised resumes from that checkpoint. Costs use `plan.prices`."""
+
+    max_cost_usd: float | None = None
+    """Stop when the run's accumulated cost (placement $/hour x wall-clock hours, resumed runs included) reaches
+    this many dollars; None: no limit."""
+    max_gpu_hours: float | None = None
+    """Stop when GPUs x wall-clock hours reaches this; None: no limit (CPU workers hold no GPU-hours)."""
+
+
+@dataclass
 class TrainConfig:
     """The training loop: objective, batches, evaluation, outputs; optimizer, checkpoints and parallelism in their
     own groups."""
@@ -110,6 +122,8 @@ class TrainConfig:
     """Checkpoints: `train.checkpoint.interval_steps`, `.keep_latest`, `.resume_from`."""
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     """Parallelism and precision: `train.parallelism.strategy`, `.mixed_precision`, `.compile`, ..."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """Spending limits: `train.budget.max_cost_usd`, `.max_gpu_hours`."""
 
 
 @dataclass

@@ -7,6 +7,17 @@ from llm_platform.config.choices import Mode, TuneScheduler, TuneSearch
 
 
 @dataclass
+class TuneBudgetConfig:
+    """What a sweep may spend (tune/budget.py): once its trials together reach a limit, no trial is launched and
+    running ones stop at their next checkpoint. Costs use `plan.prices`."""
+
+    max_cost_usd: float | None = None
+    """Dollars all trials together may spend; None: no limit."""
+    max_gpu_hours: float | None = None
+    """GPU-hours all trials together may use; None: no limit."""
+
+
+@dataclass
 class TuneConfig:
     """A Ray Tune sweep over the training stage."""
 
@@ -47,3 +58,5 @@ class TuneConfig:
     report."""
     register_as: str | None = None
     """Registry model name for the winner (None uses the model preset name)."""
+    budget: TuneBudgetConfig = field(default_factory=TuneBudgetConfig)
+    """Spending limits of the whole sweep: `tune.budget.max_cost_usd`, `.max_gpu_hours`."""

@@ -23,6 +23,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from llm_platform import storage
+from llm_platform.train.budget import Spend
 from llm_platform.train.reader import DataPosition
 
 TRAIN_STATE = "train_state.json"
@@ -39,9 +40,11 @@ class TrainState:
     """Training tokens seen (all workers)."""
     data: DataPosition
     """Where the next micro-batch comes from."""
+    spend: Spend = Spend()
+    """What the run had spent when the checkpoint was taken (train/budget.py)."""
 
-    def to_json(self) -> dict[str, int]:
-        return {"step": self.step, "tokens": self.tokens, **dataclasses.asdict(self.data)}
+    def to_json(self) -> dict[str, float | None]:
+        return {"step": self.step, "tokens": self.tokens, **dataclasses.asdict(self.data), **self.spend.to_json()}
 
     @classmethod
     def from_json(cls, record: dict[str, Any], *, rows_per_batch: int, data_partitions: int) -> TrainState:
@@ -52,7 +55,8 @@ class TrainState:
         position = DataPosition(epoch=int(record["epoch"]), batches_in_epoch=data_position(record, rows_per_batch),
                                 rows_per_batch=rows_per_batch,
                                 data_partitions=int(record.get("data_partitions") or data_partitions))
-        return cls(step=int(record["step"]), tokens=int(record["tokens"]), data=position)
+        spend = Spend(**{f.name: float(record.get(f.name) or 0.0) for f in dataclasses.fields(Spend)})
+        return cls(step=int(record["step"]), tokens=int(record["tokens"]), data=position, spend=spend)
 
 
 def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, directory: str,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from llm_platform import layout, names, storage
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
+from llm_platform.config.prices import PricesConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.data.dataset import DatasetInfo, open_dataset
 from llm_platform.errors import ConfigError, StageError
@@ -29,6 +30,7 @@ from llm_platform.models.build import build_model, hf_config, read_pretrained_co
 from llm_platform.models.flops import flops_per_token, model_size, peak_flops
 from llm_platform.train import checkpoint as ckpt
 from llm_platform.train import objectives, tracking
+from llm_platform.train.budget import check_budget
 from llm_platform.train.loop import WorkerConfig
 from llm_platform.train.metrics import FollowMetrics
 
@@ -37,6 +39,10 @@ log = logging.getLogger("llm_platform.train")
 
 class TrainingError(StageError):
     """A run that started but cannot go on (a non-finite loss)."""
+
+
+class BudgetReached(TrainingError):
+    """`train.budget` stopped the run at a checkpoint; the same command with a raised limit resumes it."""
 
 
 @dataclass
@@ -54,7 +60,7 @@ class TrainResult:
 
 def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str, storage_root: str, *,
            run_name: str | None = None, callbacks: list | None = None, extra_lineage: dict | None = None,
-           connect=None) -> TrainResult:
+           connect=None, prices: PricesConfig | None = None) -> TrainResult:
     """Train `model` on the dataset at `dataset_uri` and return the run's outputs.
 
     Args:
@@ -66,6 +72,12 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
         extra_lineage: merged into lineage.json (e.g. `{"sweep": {...}}`).
         connect: called before Ray is needed (not for a run already finished with this config); None: Ray is
             connected already.
+        prices: the price table the run's cost and `train.budget` are counted in (`plan.prices`); None: the
+            default table.
+
+    Raises:
+        BudgetReached: `train.budget` stopped the run at a checkpoint (the message says how to go on).
+        TrainingError: a non-finite loss stopped it.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -74,7 +86,7 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
     run_name = run_name or train.run_name or f"{model.name}-{train.objective}-{dataset.fingerprint[:8]}"
     names.check(run_name, "train.run_name")  # it becomes the folder runs/<run_name>/
     run_uri = layout.run(storage_root, run_name)
-    config_record = {"model": as_dict(model), "train": as_dict(train), "scaling": as_dict(scaling)}
+    config_record = config_of(model, train, scaling)
     done = finished_run(run_uri, config_record)
     if done:
         log.info("run %s already finished with this config; nothing to do", run_uri)
@@ -82,7 +94,8 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
     if connect is not None:
         connect()
 
-    worker_config = build_worker_config(model, train, scaling, dataset, run_uri, pretrained_dir)
+    worker_config = build_worker_config(model, train, scaling, dataset, run_uri, pretrained_dir,
+                                        prices or PricesConfig())
     fs, runs_path = storage.pyarrow_filesystem(layout.runs(storage_root))
     from llm_platform import cluster
 
@@ -106,13 +119,9 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
              train.parallelism.strategy, scaling.num_workers, "GPU" if scaling.use_gpu else "CPU", run_uri)
     with FollowMetrics(run_uri, train.max_steps):
         result = trainer.fit()
-    # Rank 0's return value: set only when a non-finite loss stopped the run (Train V2's Result; see RunConfig above).
+    # Rank 0's return value (Train V2's Result; see RunConfig above): what the run spent, and why it stopped early.
     stopped = result.return_value or {}  # type: ignore[attr-defined]
-    if stopped.get("nonfinite_step"):
-        raise TrainingError(f"run {run_uri}: the loss became non-finite ({stopped.get('loss')}) at step "
-                            f"{stopped['nonfinite_step']} of train.max_steps={train.max_steps}; training stopped "
-                            f"without an export. Lower train.optimizer.lr, raise train.optimizer.warmup_steps or "
-                            f"train.optimizer.grad_clip, or set train.on_nonfinite_loss=skip")
+    raise_if_stopped(stopped, run_uri, train)
     metrics = {**last_logged(run_uri), **dict(result.metrics or {})}
     checkpoint_uri = storage.join(run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
     lineage = {
@@ -123,6 +132,7 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
                     "tokenizer_sha256": dataset.tokenizer_sha256},
         "run": {"name": run_name, "uri": run_uri, "config": config_record, "metrics": metrics,
                 "checkpoint": checkpoint_uri},
+        "cost": cost_record(stopped.get("spend"), worker_config.prices, train),
         "sweep": None,
         "base_model": model.pretrained,
         **(extra_lineage or {}),
@@ -142,6 +152,34 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
                        lineage=lineage)
 
 
+def raise_if_stopped(stopped: dict, run_uri: str, train: TrainConfig) -> None:
+    """Rank 0's return value as the error that says why the run stopped early and what to do, if it did."""
+    if stopped.get("nonfinite_step"):
+        raise TrainingError(f"run {run_uri}: the loss became non-finite ({stopped.get('loss')}) at step "
+                            f"{stopped['nonfinite_step']} of train.max_steps={train.max_steps}; training stopped "
+                            f"without an export. Lower train.optimizer.lr, raise train.optimizer.warmup_steps or "
+                            f"train.optimizer.grad_clip, or set train.on_nonfinite_loss=skip")
+    if stopped.get("budget_step"):
+        step = stopped["budget_step"]
+        raise BudgetReached(f"run {run_uri} stopped at step {step} of train.max_steps={train.max_steps}: "
+                            f"{stopped['reason']}. Its checkpoint checkpoint_{step:08d} is kept; run the same "
+                            f"command with the limit raised (or null) to resume from it")
+
+
+def cost_record(spend: dict | None, prices: PricesConfig, train: TrainConfig) -> dict:
+    """lineage.json's `cost`: what the run spent, at which prices, against which budget."""
+    return {**(spend or {}), "prices_as_of": prices.as_of_date, "market": str(prices.market),
+            "budget": {"max_cost_usd": train.budget.max_cost_usd, "max_gpu_hours": train.budget.max_gpu_hours}}
+
+
+def config_of(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig) -> dict:
+    """The config that decides what a run trains (lineage's `run.config`; a finished run with the same one is
+    reused). The budget is left out: raising it to let a stopped run finish changes nothing it trains."""
+    train_record = as_dict(train)
+    train_record.pop("budget", None)
+    return {"model": as_dict(model), "train": train_record, "scaling": as_dict(scaling)}
+
+
 def preflight(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str,
               storage_root: str) -> tuple[DatasetInfo, str | None]:
     """Open the dataset and the pretrained model and run every config check; no worker is started.
@@ -152,6 +190,7 @@ def preflight(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, da
     pretrained_dir = materialize_pretrained(model, storage_root)
     check(model, train, scaling, dataset, pretrained_dir)
     check_resume_from(train, scaling)
+    check_budget(train.budget)
     tracking.check(train)
     return dataset, pretrained_dir
 
@@ -301,7 +340,7 @@ def materialize_pretrained(model: ModelConfig, storage_root: str) -> str | None:
 
 
 def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset: DatasetInfo,
-                        run_uri: str, pretrained_dir: str | None) -> WorkerConfig:
+                        run_uri: str, pretrained_dir: str | None, prices: PricesConfig) -> WorkerConfig:
     """What the workers receive: their config nodes, the dataset's files and token ids, the model's FLOPs per token."""
     special = {name: dataset.special_token_id(name) for name in ("eos", "pad", "mask")}
     if pretrained_dir:
@@ -320,7 +359,8 @@ def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: Scaling
         row_groups={split: dataset.row_groups.get(split) for split in ("train", "val")},
         flops_per_token=flops_per_token(size, dataset.seq_len), compute_dtype=compute_dtype_name(train, scaling),
         pretrained_dir=pretrained_dir, base_vocab_size=dataset.base_vocab_size if pretrained_dir else None,
-        peak_flops_per_s=peak_flops(scaling.gpu_type) if scaling.use_gpu else None)
+        peak_flops_per_s=peak_flops(scaling.gpu_type) if scaling.use_gpu else None, prices=prices,
+        cpus_per_worker=scaling.cpus_per_worker)
 
 
 def compute_dtype_name(train: TrainConfig, scaling: ScalingConfig) -> str:

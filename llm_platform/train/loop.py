@@ -34,12 +34,14 @@ import torch.distributed as dist
 from llm_platform import storage
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
+from llm_platform.config.prices import PricesConfig
 from llm_platform.config.train import TrainConfig
 from llm_platform.models.build import build_model
 from llm_platform.models.flops import peak_flops
 from llm_platform.train import checkpoint as ckpt
 from llm_platform.train import objectives
-from llm_platform.train.metrics import MetricsLogger, Throughput, device_memory
+from llm_platform.train.budget import CostMeter, over_budget, price_placement
+from llm_platform.train.metrics import MetricsLogger, Throughput, TrainGauges, device_memory
 from llm_platform.train.objectives import count_targets, loss_sum
 from llm_platform.train.optim import build_optimizer, lr_factor
 from llm_platform.train.parallelize import needs_autocast, parallelize, resolve_dtype
@@ -78,6 +80,10 @@ class WorkerConfig:
     """Peak FLOP/s of one device for MFU; None looks the device up."""
     row_groups: dict[str, list[list[list[int]]] | None] = dataclasses.field(default_factory=dict)
     """Per split, each file's row groups from the manifest (None: read from the files' footers)."""
+    prices: PricesConfig = dataclasses.field(default_factory=PricesConfig)
+    """The price table the run's cost and `train.budget` are counted in (`plan.prices`)."""
+    cpus_per_worker: float = 1.0
+    """vCPUs each worker holds (what a CPU-only run is priced by)."""
 
 
 @dataclasses.dataclass
@@ -98,6 +104,8 @@ class Worker:
     logger: MetricsLogger | None
     """Rank 0's metrics sink; None on other ranks."""
     throughput: Throughput
+    meter: CostMeter
+    """What the run has spent so far (train/budget.py)."""
 
 
 @dataclasses.dataclass
@@ -127,10 +135,12 @@ class Hook:
         return step % self.interval_steps == 0 or step == max_steps
 
 
-def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any] | None:
+def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any]:
     """Ray Train's per-worker function.
 
-    Returns None, or `{"nonfinite_step", "loss"}` when a non-finite loss stopped the run (`on_nonfinite_loss=stop`).
+    Returns `{"spend": {...}}` (what the run spent, train/budget.py), with `{"nonfinite_step", "loss"}` when a
+    non-finite loss stopped the run (`on_nonfinite_loss=stop`), or `{"budget_step", "reason"}` when `train.budget` did
+    (after a checkpoint at that step). Ray Train hands rank 0's to the launcher.
     """
     import ray.train
 
@@ -146,7 +156,7 @@ def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any] | None:
     def log_train(result: StepResult) -> None:  # every rank: measure() restarts the throughput interval
         metrics = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
                    "train/tokens": tokens, "train/epoch": reader.position.epoch, **w.throughput.measure(),
-                   **device_memory()}
+                   **device_memory(), **w.meter.spend().metrics()}
         if w.logger:
             w.logger.log(result.step, metrics)
 
@@ -176,7 +186,7 @@ def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any] | None:
                 if w.logger:
                     w.logger.log(step + 1, {"train/loss": result.loss, "train/lr": result.lr})
                     w.logger.close(status="FAILED")
-                return {"nonfinite_step": step + 1, "loss": result.loss}
+                return {"nonfinite_step": step + 1, "loss": result.loss, "spend": w.meter.spend().to_json()}
             log.warning("step %d: the loss is %s; step skipped (train.on_nonfinite_loss=skip)", step + 1,
                         result.loss)
         step, tokens = step + 1, tokens + tokens_per_step
@@ -187,10 +197,20 @@ def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any] | None:
         for hook in hooks:
             if hook.due(step, tc.max_steps):
                 hook.call(result)
+        # ---- the budget: every rank must stop at the same step (their clocks differ a little), so the decision is
+        # all-reduced, and the stop saves a checkpoint for a run with a raised budget to resume from.
+        spent = w.meter.spend()
+        reason = over_budget(spent, tc.budget)
+        stop = step < tc.max_steps and has_limits(tc) and all_reduce_sum(float(reason is not None), w.device) > 0
+        if stop:
+            result.report = result.save = True
         if result.report:
-            report = {"step": step, "train/loss": result.loss, "train/tokens": tokens, **last_val}
+            # `budget/can_stop`: a checkpoint with steps left; a sweep over budget stops its trials at such a report
+            # (tune/budget.py), and lets one whose next checkpoint is its last finish.
+            report = {"step": step, "train/loss": result.loss, "train/tokens": tokens, **last_val,
+                      **spent.metrics(), "budget/can_stop": int(result.save and step < tc.max_steps)}
             if result.save:
-                state = ckpt.TrainState(step=step, tokens=tokens, data=reader.position)
+                state = ckpt.TrainState(step=step, tokens=tokens, data=reader.position, spend=spent)
                 with tempfile.TemporaryDirectory(prefix="llmp-ckpt-") as directory:
                     ckpt.save(w.model, w.optimizer, state, directory, rank=w.rank)
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -198,9 +218,21 @@ def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any] | None:
             else:
                 ray.train.report(report)
             w.throughput.measure()  # restart the interval: validation and saving are not training throughput
+        if stop:
+            why = reason or f"another worker's clock reached train.budget at ${spent.cost_usd:.4g}"
+            log.warning("step %d: stopping, %s; checkpoint saved", step, why)
+            if w.logger:
+                w.logger.log(step, spent.metrics())
+                w.logger.close(status="KILLED")
+            return {"budget_step": step, "reason": why, "spend": spent.to_json()}
     if w.logger:
         w.logger.close()
-    return None
+    return {"spend": w.meter.spend().to_json()}
+
+
+def has_limits(tc: TrainConfig) -> bool:
+    """`train.budget` sets a limit (else no collective budget check per step)."""
+    return tc.budget.max_cost_usd is not None or tc.budget.max_gpu_hours is not None
 
 
 def setup(config: WorkerConfig) -> Worker:
@@ -239,8 +271,13 @@ def setup(config: WorkerConfig) -> Worker:
         log.info("rank %d resumed at step %d (epoch %d, batch %d) from %s", rank, state.step, state.data.epoch,
                  state.data.batches_in_epoch, checkpoint.path)
 
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    placement = price_placement(config.prices, device=device_name, world=world,
+                                cpus_per_worker=config.cpus_per_worker, budget=tc.budget)
+    meter = CostMeter(placement, saved=state.spend)
     logger = None
     if rank == 0:
+        log.info("placement: %s; spent so far $%.4g", placement.describe(), state.spend.cost_usd)
         trackers = None
         if tc.mlflow_tracking_uri or tc.wandb_project:
             from llm_platform.train.tracking import Trackers, flatten
@@ -249,14 +286,16 @@ def setup(config: WorkerConfig) -> Worker:
             trackers = Trackers(train_dict, run_uri=config.run_uri,
                                 run_name=config.run_uri.rstrip("/").rsplit("/", 1)[-1],
                                 params=flatten({"model": as_dict(mcfg), "train": train_dict}))
-        logger = MetricsLogger(config.run_uri, resume_step=state.step, total_steps=tc.max_steps, trackers=trackers)
+        gauges = TrainGauges(config.run_uri.rstrip("/").rsplit("/", 1)[-1], tc.budget.max_cost_usd)
+        logger = MetricsLogger(config.run_uri, resume_step=state.step, total_steps=tc.max_steps, trackers=trackers,
+                               gauges=gauges)
     peak = config.peak_flops_per_s or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
                                        else None)
     autocast = (torch.autocast(device.type, dtype=dtype) if needs_autocast(par.strategy, dtype)
                 else contextlib.nullcontext())
     return Worker(config=config, rank=rank, world=world, device=device, model=model, optimizer=optimizer,
                   objective=objectives.get(tc.objective), autocast=autocast, state=state, logger=logger,
-                  throughput=Throughput(config.flops_per_token, peak, world))
+                  throughput=Throughput(config.flops_per_token, peak, world), meter=meter)
 
 
 def train_step(w: Worker, batches: Iterator[dict[str, np.ndarray]], step: int) -> StepResult:

@@ -35,21 +35,26 @@ class Throughput:
         self.peak_flops = peak_flops
         self.num_devices = num_devices
         self.tokens = 0
+        self.steps = 0
         self.start = time.perf_counter()
 
     def add(self, tokens: int) -> None:
-        """Count tokens processed by all workers."""
+        """Count one optimizer step and the tokens it processed on all workers."""
         self.tokens += tokens
+        self.steps += 1
 
     def measure(self) -> dict[str, float]:
-        """`perf/tokens_per_s`, `perf/flops_per_s` and (on a known device) `perf/mfu`; resets the interval."""
+        """`perf/tokens_per_s`, `perf/flops_per_s`, `perf/step_time_s` (when a step was counted) and (on a known
+        device) `perf/mfu`; resets the interval."""
         now = time.perf_counter()
         elapsed = max(now - self.start, 1e-9)
         tokens_per_s = self.tokens / elapsed
         out = {"perf/tokens_per_s": tokens_per_s, "perf/flops_per_s": tokens_per_s * self.flops_per_token}
+        if self.steps:
+            out["perf/step_time_s"] = elapsed / self.steps
         if self.peak_flops:
             out["perf/mfu"] = out["perf/flops_per_s"] / (self.peak_flops * self.num_devices)
-        self.tokens, self.start = 0, now
+        self.tokens, self.steps, self.start = 0, 0, now
         return out
 
 
@@ -67,6 +72,41 @@ def device_memory() -> dict[str, float]:
         return {"perf/memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
     except ImportError:  # pragma: no cover - not POSIX
         return {}
+
+
+class TrainGauges:
+    """Rank 0's key figures as Prometheus gauges through Ray's metrics agent, exported as `ray_llmp_train_*` with a
+    `run` label (cluster/monitoring/ dashboards and alerts read them). Set from each logged record."""
+
+    SERIES = {
+        "perf/tokens_per_s": ("llmp_train_tokens_per_s", "Training tokens per second (all workers)."),
+        "perf/mfu": ("llmp_train_mfu", "Model FLOPs utilization."),
+        "perf/step_time_s": ("llmp_train_step_time_s", "Seconds per optimizer step."),
+        "train/loss": ("llmp_train_loss", "Training loss (global token mean)."),
+        "val/loss": ("llmp_train_val_loss", "Validation loss."),
+        "cost/usd": ("llmp_train_cost_usd", "Dollars the run has spent (plan.prices)."),
+        "cost/gpu_hours": ("llmp_train_gpu_hours", "GPU-hours the run has used."),
+    }
+
+    def __init__(self, run_name: str, budget_usd: float | None = None):
+        from ray.util import metrics
+
+        self.gauges = {}
+        self.budget = None  # kept: a gauge's value lives as long as the object
+        for key, (name, description) in self.SERIES.items():
+            gauge = metrics.Gauge(name, description, tag_keys=("run",))
+            gauge.set_default_tags({"run": run_name})
+            self.gauges[key] = gauge
+        if budget_usd is not None:
+            self.budget = metrics.Gauge("llmp_train_budget_usd", "The run's dollar budget (train.budget.max_cost_usd).",
+                                        tag_keys=("run",))
+            self.budget.set(budget_usd, tags={"run": run_name})
+
+    def set(self, metrics: dict[str, Any]) -> None:
+        for key, gauge in self.gauges.items():
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                gauge.set(float(value))
 
 
 PART_LINES = 100
@@ -105,8 +145,10 @@ def read_metrics(run_uri: str) -> list[dict]:
 class MetricsLogger:
     """Rank 0's sinks. Values that are not finite numbers are written as null in JSON."""
 
-    def __init__(self, run_uri: str, *, resume_step: int = 0, total_steps: int = 0, trackers=None):
+    def __init__(self, run_uri: str, *, resume_step: int = 0, total_steps: int = 0, trackers=None,
+                 gauges: TrainGauges | None = None):
         self.run_uri = run_uri
+        self.gauges = gauges
         self.uri = storage.join(run_uri, "metrics.jsonl")
         self.remote = storage.is_remote(run_uri)
         self.trackers = trackers  # tracking.Trackers (MLflow, W&B) or None
@@ -148,6 +190,8 @@ class MetricsLogger:
         writer.flush()
         if self.trackers is not None:
             self.trackers.log(step, metrics)
+        if self.gauges is not None:
+            self.gauges.set(metrics)
         log.info("%s", format_console(step, self.total_steps, metrics))
 
     def _append(self, line: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from llm_platform import layout, names, storage
 from llm_platform.config import as_dict, from_dict
 from llm_platform.config.model import ModelConfig
+from llm_platform.config.prices import PricesConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError, StageError
@@ -55,7 +56,8 @@ def run_name(sweep_name: str, trial_id: str) -> str:
 
 
 def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str,
-              storage_root: str, *, register: bool = True, callbacks: list | None = None) -> SweepResult:
+              storage_root: str, *, register: bool = True, callbacks: list | None = None,
+              prices: PricesConfig | None = None) -> SweepResult:
     """Run (or resume) the sweep `tune_cfg.name` and register its winner (LATEST is not moved).
 
     Args:
@@ -66,12 +68,15 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
         register: register the winner (under `tune.register_as`, else the model preset's name), without moving
             LATEST: promoting it is the caller's decision.
         callbacks: extra Ray Tune callbacks (progress, tests).
+        prices: the price table trials' costs and `tune.budget` are counted in (`plan.prices`); None: the default.
 
     Raises:
         ConfigError: a bad space, scheduler, search or an existing sweep without `tune.resume=true`.
         StageError: no trial finished.
     """
     from ray import tune
+
+    from llm_platform.tune import budget as tune_budget
 
     names.check(tune_cfg.name, "tune.name")  # it becomes the folder sweeps/<name>/
     dims = spaces.parse_space(tune_cfg.space)
@@ -92,7 +97,8 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, keys=[d.key for d in dims], dataset_uri=dataset_uri,
                              storage_root=storage_root, storage_settings=storage.settings(),
-                             sweep={"name": tune_cfg.name, "uri": sweep_uri}, pbt=tune_cfg.scheduler == "pbt"),
+                             sweep={"name": tune_cfg.name, "uri": sweep_uri}, pbt=tune_cfg.scheduler == "pbt",
+                             prices=prices),
         {"CPU": 1},  # the trial's driver; its Ray Train workers reserve their own resources
     )
     fs, path = storage.pyarrow_filesystem(sweep_uri)
@@ -105,17 +111,18 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
                                    resume_errored=tune_cfg.resume_errored, storage_filesystem=fs)
     else:
         parent_fs, parent = storage.pyarrow_filesystem(layout.sweeps(storage_root))
+        search, stop, concurrency = budgeted(tune_cfg, sweep_uri)
         tuner = tune.Tuner(
             trainable,
             param_space=spaces.to_param_space(dims),
             tune_config=tune.TuneConfig(
                 metric=tune_cfg.metric, mode=tune_cfg.mode, num_samples=tune_cfg.num_samples,
-                max_concurrent_trials=tune_cfg.max_concurrent_trials, scheduler=make_scheduler(tune_cfg, train, dims),
-                search_alg=make_search(tune_cfg), trial_name_creator=_trial_name,
+                max_concurrent_trials=concurrency, scheduler=make_scheduler(tune_cfg, train, dims),
+                search_alg=search, trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
-                name=tune_cfg.name, storage_path=parent, storage_filesystem=parent_fs,
+                name=tune_cfg.name, storage_path=parent, storage_filesystem=parent_fs, stop=stop,
                 failure_config=tune.FailureConfig(max_failures=tune_cfg.max_trial_failures),
                 callbacks=[trial_lines(tune_cfg.metric, [d.key for d in dims], train.max_steps,
                                        expected_trials(tune_cfg, dims)), *(callbacks or [])],
@@ -125,10 +132,13 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
     grid = tuner.fit()
 
     trials = collect(grid, [d.key for d in dims], tune_cfg.name, storage_root)
-    # An interrupted fit (Ctrl+C, SIGUSR1) returns normally; it must not be mistaken for a finished sweep.
+    # An interrupted fit (Ctrl+C, SIGUSR1) returns normally; it must not be mistaken for a finished sweep. A sweep
+    # whose budget ran out launched fewer trials on purpose: it finishes with the trials it ran.
     expected = expected_trials(tune_cfg, dims)
     done = grid.num_terminated + grid.num_errors
-    if done < len(grid) or len(grid) < expected:
+    spent = tune_budget.SweepSpend(tune_cfg.budget, sweep_uri) if tune_budget.has_limits(tune_cfg.budget) else None
+    over = spent.reached() if spent else None
+    if done < len(grid) or (len(grid) < expected and not over):
         write_summary(sweep_uri, trials, tune_cfg.metric, tune_cfg.mode, None)
         raise StageError(f"sweep {tune_cfg.name!r} was interrupted after {done} of {expected} trials: run it again "
                          f"with tune.resume=true to finish it (finished trials are kept)")
@@ -136,7 +146,9 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
     table = write_summary(sweep_uri, trials, tune_cfg.metric, tune_cfg.mode, winner)
     log.debug("sweep %s:\n%s", sweep_uri, table)  # the command prints the table
     if winner is None:
-        raise StageError(f"no trial of sweep {tune_cfg.name!r} finished (see {storage.join(sweep_uri, 'summary.csv')})")
+        why = f": {over}, before any trial finished (raise tune.budget)" if over else ""
+        raise StageError(f"no trial of sweep {tune_cfg.name!r} finished{why} "
+                         f"(see {storage.join(sweep_uri, 'summary.csv')})")
     version = None
     if register:
         version = register_winner(storage_root, tune_cfg.register_as or model.name, winner, tune_cfg, sweep_uri)
@@ -150,6 +162,8 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
                    "run_uri": winner.run_uri, "export_uri": winner.export_uri},
         "model_version": ({"name": version.name, "version": version.version, "uri": version.uri}
                           if version else None),
+        "budget": ({"spent": spent.total(), "stopped": over, "trials_launched": len(grid),
+                    "trials_planned": expected} if spent else None),
     }
     storage.write_json(record_uri, record)  # the sweep's record, last
     return SweepResult(name=tune_cfg.name, uri=sweep_uri, trials=trials, winner=winner, model_version=version,
@@ -196,7 +210,7 @@ def _trial_name(trial) -> str:
 
 
 def _trial(config: dict, *, base: dict, keys: list[str], dataset_uri: str, storage_root: str,
-           storage_settings: dict, sweep: dict, pbt: bool = False) -> None:
+           storage_settings: dict, sweep: dict, pbt: bool = False, prices: PricesConfig | None = None) -> None:
     """One trial's driver (in a Tune actor): the trial's config, then a Ray Train run reporting to Tune.
 
     With PBT the reports carry pointer checkpoints, and a trial (re)started from one trains a new run from the
@@ -216,7 +230,7 @@ def _trial(config: dict, *, base: dict, keys: list[str], dataset_uri: str, stora
     if not pbt:
         launch(from_dict(ModelConfig, groups["model"]), from_dict(TrainConfig, groups["train"]),
                from_dict(ScalingConfig, groups["scaling"]), dataset_uri, storage_root, run_name=name,
-               callbacks=[TuneReportCallback()], extra_lineage=lineage)
+               callbacks=[TuneReportCallback()], extra_lineage=lineage, prices=prices)
         return
     from llm_platform.tune import pbt as pbt_
 
@@ -234,7 +248,7 @@ def _trial(config: dict, *, base: dict, keys: list[str], dataset_uri: str, stora
     pbt_.train_reporting_pointers(
         lambda callbacks: launch(from_dict(ModelConfig, groups["model"]), from_dict(TrainConfig, groups["train"]),
                                  from_dict(ScalingConfig, groups["scaling"]), dataset_uri, storage_root,
-                                 run_name=name, callbacks=callbacks, extra_lineage=lineage),
+                                 run_name=name, callbacks=callbacks, extra_lineage=lineage, prices=prices),
         run_uri=layout.run(storage_root, name), run_name=name, trial_id=trial_id)
 
 
@@ -253,6 +267,9 @@ def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims
         if tune_cfg.max_concurrent_trials < expected_trials(tune_cfg, dims):
             log.warning("tune.scheduler=pbt with tune.max_concurrent_trials=%d below the %d trials: PBT compares "
                         "trials that run together", tune_cfg.max_concurrent_trials, expected_trials(tune_cfg, dims))
+    from llm_platform.tune import budget as tune_budget
+
+    tune_budget.check(tune_cfg.budget)
     for key in ("num_samples", "max_concurrent_trials", "grace_period", "reduction_factor"):
         if getattr(tune_cfg, key) < 1:
             raise ConfigError(f"tune.{key}={getattr(tune_cfg, key)} must be at least 1")
@@ -326,6 +343,26 @@ def make_scheduler(tune_cfg: TuneConfig, train: TrainConfig, dims: list[spaces.D
     # it exports, so max_t is one beyond the last report and only rungs stop trials.
     return ASHAScheduler(time_attr="training_iteration", max_t=reports + 1,
                          grace_period=min(tune_cfg.grace_period, reports), reduction_factor=tune_cfg.reduction_factor)
+
+
+def budgeted(tune_cfg: TuneConfig, sweep_uri: str):
+    """(search_alg, stopper, max_concurrent_trials) for the Tuner: Tune's own without `tune.budget`; with it the
+    search algorithm (its concurrency limit built in) wrapped to launch no trial once the budget is reached, and a
+    stopper ending running trials at their next checkpoint (tune/budget.py)."""
+    from llm_platform.tune import budget as tune_budget
+
+    search = make_search(tune_cfg)
+    if not tune_budget.has_limits(tune_cfg.budget):
+        return search, None, tune_cfg.max_concurrent_trials
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
+
+    inner: BasicVariantGenerator | SearchGenerator
+    if search is None:
+        inner = BasicVariantGenerator(max_concurrent=tune_cfg.max_concurrent_trials)
+    else:
+        inner = SearchGenerator(ConcurrencyLimiter(search, max_concurrent=tune_cfg.max_concurrent_trials))
+    spend = tune_budget.SweepSpend(tune_cfg.budget, sweep_uri)
+    return tune_budget.BudgetedSearch(inner, spend), tune_budget.BudgetStopper(spend), None
 
 
 def make_search(tune_cfg: TuneConfig):
