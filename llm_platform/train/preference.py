@@ -1,0 +1,100 @@
+"""Direct preference optimization: the losses and the figures users read, as plain torch functions.
+
+DPO (Rafailov et al. 2023, eq. 7): with the policy pi and a frozen reference pi_ref,
+
+    delta = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+    loss  = -log sigmoid(beta * delta)
+
+where log pi(y|x) sums the log-probabilities of the response tokens (the labels that are not -100). Variants:
+
+- `sigmoid` with `label_smoothing` eps > 0 (conservative DPO, Mitchell 2023): the preference labels are taken as
+  flipped with probability eps, `-(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta)`;
+- `ipo` (Azar et al. 2023, eq. 17): `(delta' - 1 / (2 beta))^2`, with each side's log-ratio averaged over its
+  response tokens (the normalization trl uses, confirmed by the IPO authors), so beta is comparable across lengths.
+
+Implicit rewards are `beta * (log pi - log pi_ref)` per response; reward accuracy is the fraction of pairs whose
+chosen reward beats the rejected one. Rows come as a batch of chosen responses followed by their rejected ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSSES = ("sigmoid", "ipo")
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each row's targets, and how many targets each row has.
+
+    Args:
+        logits: (B, T, V) from the model.
+        targets: (B, T) token ids aligned with the logits (position t's logits predict targets[t]), IGNORE_INDEX
+            where there is nothing to score.
+
+    Returns:
+        (logps (B,) float32, counts (B,) float32).
+    """
+    mask = targets != IGNORE_INDEX
+    index = targets.masked_fill(~mask, 0).unsqueeze(-1)  # (B, T, 1)
+    logits = logits.float()
+    # log_softmax at the target only: the logit minus the log-partition (no (B, T, V) log-prob tensor kept).
+    token_logps = logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, T)
+    return (token_logps * mask).sum(-1), mask.sum(-1).float()
+
+
+@dataclasses.dataclass
+class PairLosses:
+    """Per-pair figures of one batch (each (P,), P pairs)."""
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Sums over the pairs (detached): what is all-reduced and divided by the global pair count for metrics."""
+        with torch.no_grad():
+            return {"loss": self.loss.sum(), "rewards/chosen": self.chosen_rewards.sum(),
+                    "rewards/rejected": self.rejected_rewards.sum(),
+                    "rewards/accuracy": (self.chosen_rewards > self.rejected_rewards).float().sum(),
+                    "rewards/margin": (self.chosen_rewards - self.rejected_rewards).sum(),
+                    "logps/chosen": self.chosen_logps.sum(), "logps/rejected": self.rejected_logps.sum()}
+
+
+def dpo_losses(policy: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor],
+               counts: tuple[torch.Tensor, torch.Tensor], *, beta: float, loss_type: str = "sigmoid",
+               label_smoothing: float = 0.0) -> PairLosses:
+    """The per-pair DPO loss and rewards.
+
+    Args:
+        policy: (chosen, rejected) summed response log-probs under the policy, each (P,).
+        reference: the same under the frozen reference (no gradient).
+        counts: (chosen, rejected) response token counts, each (P,) (IPO's normalization).
+        beta: the KL penalty's strength (DPO's beta; IPO's tau).
+        loss_type: sigmoid or ipo.
+        label_smoothing: cDPO's eps for `sigmoid` (0: plain DPO).
+    """
+    chosen_ratio = policy[0] - reference[0]
+    rejected_ratio = policy[1] - reference[1]
+    if loss_type == "sigmoid":
+        delta = beta * (chosen_ratio - rejected_ratio)
+        loss = -(1 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(-delta)
+    elif loss_type == "ipo":
+        delta = chosen_ratio / counts[0].clamp(min=1) - rejected_ratio / counts[1].clamp(min=1)
+        loss = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type={loss_type!r}: choose one of {', '.join(LOSSES)}")
+    return PairLosses(loss=loss, chosen_rewards=beta * chosen_ratio.detach(),
+                      rejected_rewards=beta * rejected_ratio.detach(), chosen_logps=policy[0].detach(),
+                      rejected_logps=policy[1].detach())
+
+
+def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (2P, ...) batch of chosen rows then rejected rows as (chosen, rejected)."""
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
