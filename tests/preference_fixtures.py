@@ -1,5 +1,6 @@
-"""Preference pairs to DPO-tune the checkpoints of checkpoint_fixtures.py on: the right color is chosen, a wrong one
-rejected, in the three record shapes data/pairs.py accepts, plus one bad record per skip reason."""
+"""Preference pairs to DPO-tune the checkpoints of checkpoint_fixtures.py on: the right color is chosen, an evasive
+answer rejected (a preference a tiny model learns in a few steps and that holds on pairs it has not seen), in the three
+record shapes data/pairs.py accepts, plus one bad record per skip reason."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from checkpoint_fixtures import COLORS, THINGS
 def pair(rng: random.Random, shape: str) -> dict:
     thing = rng.choice(THINGS)
     right = COLORS[THINGS.index(thing) % len(COLORS)]
-    wrong = rng.choice([c for c in COLORS if c != right])
-    question, good, bad = f"What color is the {thing}?", f"The {thing} is {right}.", f"The {thing} is {wrong}."
+    evasive = rng.choice(["I would rather not say.", "No idea, sorry.", "Ask someone else."])
+    question, good, bad = f"What color is the {thing}?", f"The {thing} is {right}.", evasive
     if shape == "plain":
         return {"prompt": question, "chosen": good, "rejected": bad}
     if shape == "conversation":

@@ -29,6 +29,7 @@ class Objective(Choice):
     sft = "sft"
     seq2seq = "seq2seq"
     mlm = "mlm"
+    dpo = "dpo"
 
 
 class Schedule(Choice):
@@ -92,6 +93,12 @@ class DatasetKind(Choice):
     sft = "sft"
     chat = "chat"
     seq2seq = "seq2seq"
+    preference = "preference"
+
+
+class PreferenceLoss(Choice):
+    sigmoid = "sigmoid"  # DPO (with label_smoothing: conservative DPO)
+    ipo = "ipo"
 
 
 class ChatOverflow(Choice):

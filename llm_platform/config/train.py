@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from llm_platform.config.choices import MixedPrecision, Objective, OnNonfinite, Parallelism, Placement, Schedule
+from llm_platform.config.choices import (MixedPrecision, Objective, OnNonfinite, Parallelism, Placement,
+                                         PreferenceLoss, Schedule)
 from llm_platform.config.prices import PricesConfig
 
 
@@ -57,6 +58,19 @@ class ParallelismConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference tuning with `train.objective=dpo` (train/preference.py): the policy against a frozen reference
+    (the starting weights; with LoRA, the base with its adapters off)."""
+
+    beta: float = 0.1
+    """Strength of the pull towards the reference (DPO's beta; IPO's tau)."""
+    loss: PreferenceLoss = PreferenceLoss.sigmoid
+    """sigmoid (DPO) or ipo (its squared, length-normalized variant)."""
+    label_smoothing: float = 0.0
+    """sigmoid only: the assumed chance that a pair's preference is flipped (conservative DPO); 0 is plain DPO."""
+
+
+@dataclass
 class BudgetConfig:
     """What a run may spend (train/budget.py). Reaching either limit stops the run at a checkpoint with a message;
     running it again with the limit raised resumes from that checkpoint. Costs use `plan.prices`."""
@@ -74,7 +88,8 @@ class TrainConfig:
     own groups."""
 
     objective: Objective = Objective.clm
-    """clm (causal LM), sft (prompt/response, loss on the response), seq2seq, mlm."""
+    """clm (causal LM), sft (prompt/response, loss on the response), seq2seq, mlm, dpo (preference pairs against
+    a frozen reference: `train.preference`)."""
     run_name: str | None = None
     """Run folder `runs/<run_name>/`; None derives it from the model and dataset. Reusing a name resumes it."""
     dataset: str | None = None
@@ -124,6 +139,8 @@ class TrainConfig:
     """Parallelism and precision: `train.parallelism.strategy`, `.mixed_precision`, `.compile`, ..."""
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     """Spending limits: `train.budget.max_cost_usd`, `.max_gpu_hours`."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """DPO: `train.preference.beta`, `.loss`, `.label_smoothing`."""
 
 
 @dataclass

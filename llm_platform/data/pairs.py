@@ -124,7 +124,7 @@ def pair_record(sides: tuple[tuple[list[int], list[int]], ...], seq_len: int, pa
 
 def pack_pairs(tokenizer, pairs_json: list[str], *, seq_len: int, pad_id: int
                ) -> tuple[dict[str, list], list[int], dict[str, int]]:
-    """Render a batch of parsed pairs (JSON `[prompt, chosen, rejected]` as the read phase stored them).
+    """Render a batch of parsed pairs (JSON `{prompt, chosen, rejected}` messages, as the read phase stored them).
 
     Returns (columns of the kept rows, rendered lengths of both sides, counts: `truncated`, `skipped_too_long`,
     `skipped_template_error`).
@@ -133,7 +133,8 @@ def pack_pairs(tokenizer, pairs_json: list[str], *, seq_len: int, pad_id: int
     lengths: list[int] = []
     counts = {"truncated": 0, "skipped_too_long": 0, "skipped_template_error": 0}
     for raw in pairs_json:
-        prompt, chosen, rejected = json.loads(raw)
+        pair = json.loads(raw)
+        prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
         try:
             sides = render_pair(tokenizer, prompt, chosen, rejected)
         except Exception:  # noqa: BLE001 - a template that raises on one pair is counted, not fatal to the shard

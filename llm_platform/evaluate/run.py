@@ -55,6 +55,33 @@ def _val_files(cfg: EvalConfig, lineage: dict, skipped: dict[str, str]) -> list[
     return files
 
 
+def _dataset_kind(cfg: EvalConfig, lineage: dict) -> str:
+    from llm_platform.data.dataset import open_dataset
+
+    return open_dataset(cfg.dataset_uri or lineage["dataset"]["uri"]).kind
+
+
+def _preference(cfg: EvalConfig, lineage: dict, loaded_fn, files: list[str], storage_root: str,
+                skipped: dict[str, str]) -> dict[str, float]:
+    """Preference accuracy on the val pairs against the model the run started from (`lineage.base_model`)."""
+    from llm_platform.evaluate import models, perplexity, preference
+
+    records = perplexity.read_records(files, cfg.max_val_records)
+    skipped["perplexity"] = "a preference dataset: its val pairs are scored by preference accuracy"
+    reference = None
+    base = lineage.get("base_model")
+    if base:
+        from llm_platform.models import pretrained
+
+        reference = models.load(pretrained.materialize(base, storage_root)).model
+    else:
+        skipped["preference/accuracy"] = ("the model's lineage has no base_model to compare rewards against "
+                                          "(preference/logp_accuracy needs none)")
+    train_cfg = ((lineage.get("run") or {}).get("config") or {}).get("train") or {}
+    beta = float((train_cfg.get("preference") or {}).get("beta", 0.1))
+    return preference.evaluate_pairs(loaded_fn().model, reference, records, beta=beta, batch_size=cfg.batch_size)
+
+
 def _perplexity(cfg: EvalConfig, mv, loaded_fn, files: list[str]) -> dict[str, float]:
     from llm_platform.evaluate import perplexity
 
@@ -154,6 +181,8 @@ def run_eval(cfg: EvalConfig, storage_root: str, *, connect=None) -> EvalResult:
     if val_files is not None:
         if cfg.endpoint:
             skipped["perplexity"] = "endpoint mode scores no weights (eval.endpoint is set)"
+        elif _dataset_kind(cfg, lineage) == "preference":  # pairs: scored by preference accuracy, not perplexity
+            metrics.update(_preference(cfg, lineage, loaded_fn, val_files, storage_root, skipped))
         else:
             metrics.update(_perplexity(cfg, mv, loaded_fn, val_files))
 

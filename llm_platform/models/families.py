@@ -108,7 +108,7 @@ def _bert(cfg: ModelConfig, vocab: int, special: Mapping[str, int | None]):
                       tie_word_embeddings=cfg.tie_word_embeddings)
 
 
-_CAUSAL = ("clm", "sft")
+_CAUSAL = ("clm", "sft", "dpo")
 _DECODER_LORA = ("q_proj", "v_proj")
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("gpt2", ("gpt2",), _CAUSAL, "AutoModelForCausalLM", ("h",), ("c_attn",), _gpt2, lora_fan_in_fan_out=True),

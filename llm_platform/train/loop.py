@@ -40,6 +40,7 @@ from llm_platform.models.build import build_model
 from llm_platform.models.flops import peak_flops
 from llm_platform.train import checkpoint as ckpt
 from llm_platform.train import objectives
+from llm_platform.train import preference as pref
 from llm_platform.train.budget import CostMeter, over_budget, price_placement
 from llm_platform.train.metrics import MetricsLogger, Throughput, TrainGauges, device_memory
 from llm_platform.train.objectives import count_targets, loss_sum
@@ -106,6 +107,8 @@ class Worker:
     throughput: Throughput
     meter: CostMeter
     """What the run has spent so far (train/budget.py)."""
+    reference: torch.nn.Module | None = None
+    """DPO's frozen reference model (None: not DPO, or LoRA, whose reference is the policy without adapters)."""
 
 
 @dataclasses.dataclass
@@ -118,6 +121,8 @@ class StepResult:
     lr: float
     grad_norm: float
     """Global gradient norm before clipping; NaN for a skipped step."""
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The objective's own step figures (DPO: `train/rewards/accuracy`, ...), global means."""
     report: bool = False
     """A hook due at this step asks for a Ray Train report (one per step at most)."""
     save: bool = False
@@ -155,8 +160,8 @@ def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any]:
 
     def log_train(result: StepResult) -> None:  # every rank: measure() restarts the throughput interval
         metrics = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
-                   "train/tokens": tokens, "train/epoch": reader.position.epoch, **w.throughput.measure(),
-                   **device_memory(), **w.meter.spend().metrics()}
+                   **result.extra, "train/tokens": tokens, "train/epoch": reader.position.epoch,
+                   **w.throughput.measure(), **device_memory(), **w.meter.spend().metrics()}
         if w.logger:
             w.logger.log(result.step, metrics)
 
@@ -295,7 +300,11 @@ def setup(config: WorkerConfig) -> Worker:
                 else contextlib.nullcontext())
     return Worker(config=config, rank=rank, world=world, device=device, model=model, optimizer=optimizer,
                   objective=objectives.get(tc.objective), autocast=autocast, state=state, logger=logger,
-                  throughput=Throughput(config.flops_per_token, peak, world), meter=meter)
+                  throughput=Throughput(config.flops_per_token, peak, world), meter=meter,
+                  reference=pref.build_reference(mcfg, tc, vocab_size=config.vocab_size, special=config.special,
+                                                 pretrained_dir=config.pretrained_dir,
+                                                 base_vocab_size=config.base_vocab_size, dtype=dtype, device=device,
+                                                 world=world) if tc.objective == "dpo" else None)
 
 
 def train_step(w: Worker, batches: Iterator[dict[str, np.ndarray]], step: int) -> StepResult:
@@ -308,18 +317,19 @@ def train_step(w: Worker, batches: Iterator[dict[str, np.ndarray]], step: int) -
         gen = torch.Generator().manual_seed(tc.seed * 7919 + step * 131 + i * 17 + w.rank)
         micro.append(w.objective.prepare(next(batches), special=w.config.special, vocab_size=w.config.vocab_size,
                                          mlm_probability=tc.mlm_probability, generator=gen))
-    num_targets = all_reduce_sum(sum(count_targets(t) for _, t in micro), w.device)
+    num_targets = all_reduce_sum(sum(count_of(w, t) for _, t in micro), w.device)
     local_loss = torch.zeros((), device=w.device)
+    sums: dict[str, torch.Tensor] = {}
     for i, (inputs, targets) in enumerate(micro):
         last = i == tc.grad_accum_steps - 1
         inputs = {k: v.to(w.device, non_blocking=True) for k, v in inputs.items()}
         targets = targets.to(w.device, non_blocking=True)
         with gradient_sync(w.model, tc.parallelism.strategy, last), w.autocast:
-            logits = w.model(**inputs).logits  # (B, T, V)
-            loss = loss_sum(logits, targets)
+            loss = micro_loss(w, inputs, targets, sums)
         (loss * w.world / max(num_targets, 1.0)).backward()
         local_loss += loss.detach()
     train_loss = all_reduce_sum(local_loss, w.device) / max(num_targets, 1.0)
+    extra = {f"train/{k}": v for k, v in global_means(w, sums, num_targets).items()}
 
     lr = opt.lr * lr_factor(step, max_steps=tc.max_steps, warmup_steps=opt.warmup_steps, schedule=opt.schedule,
                             min_lr_ratio=opt.min_lr_ratio)
@@ -330,7 +340,35 @@ def train_step(w: Worker, batches: Iterator[dict[str, np.ndarray]], step: int) -
         grad_norm = clip_grad_norm([p for p in w.model.parameters() if p.requires_grad], opt.grad_clip)
         w.optimizer.step()
     w.optimizer.zero_grad(set_to_none=True)  # a skipped step's NaN gradients must not leak into the next one
-    return StepResult(step=step + 1, loss=train_loss, lr=lr, grad_norm=grad_norm)
+    return StepResult(step=step + 1, loss=train_loss, lr=lr, grad_norm=grad_norm, extra=extra)
+
+
+def count_of(w: Worker, targets: torch.Tensor) -> int:
+    """What the step's loss is a mean over: target tokens, or for DPO pairs (chosen rows, then rejected ones)."""
+    return targets.shape[0] // 2 if w.config.train.objective == "dpo" else count_targets(targets)
+
+
+def micro_loss(w: Worker, inputs: dict[str, torch.Tensor], targets: torch.Tensor,
+               sums: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One micro-batch's summed loss (over tokens, or DPO's pairs, whose figures are added to `sums`)."""
+    if w.config.train.objective == "dpo":
+        pairs = pref.pair_losses(w.model, w.reference, inputs, targets, w.config.train.preference)
+        pref.add_sums(sums, pairs.sums())
+        return pairs.loss.sum()
+    return loss_sum(w.model(**inputs).logits, targets)  # logits (B, T, V)
+
+
+def global_means(w: Worker, sums: dict[str, torch.Tensor], count: float) -> dict[str, float]:
+    """The objective's figures (DPO's `pref.FIGURES`), each summed over all workers and divided by the global count:
+    one all-reduce, made by every rank whatever it had to add (a collective)."""
+    keys = pref.FIGURES if w.config.train.objective == "dpo" else ()
+    if not keys:
+        return {}
+    zero = torch.zeros((), dtype=torch.float64)
+    total = torch.stack([sums.get(k, zero) for k in keys]).to(w.device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return {k: float(v) / max(count, 1.0) for k, v in zip(keys, total.tolist())}
 
 
 def explicit_checkpoint(uri: str | None):
@@ -365,25 +403,31 @@ def take_val_batches(config: WorkerConfig, rank: int, world: int, partitions: in
 
 
 def validate(w: Worker, batches: list[dict]) -> dict[str, float]:
-    """`val/loss` and `val/perplexity` over this rank's val batches, summed over all ranks (a collective)."""
+    """`val/loss` and `val/perplexity` (DPO: `val/loss` and the reward figures, `val/rewards/accuracy`...) over this
+    rank's val batches, summed over all ranks (a collective)."""
     tc = w.config.train
     w.model.eval()
     total = torch.zeros((), device=w.device, dtype=torch.float64)
     count = 0.0
+    sums: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(tc.seed)  # MLM: the same masks at every validation
-    for batch in batches:
-        inputs, targets = w.objective.prepare(batch, special=w.config.special, vocab_size=w.config.vocab_size,
-                                              mlm_probability=tc.mlm_probability, generator=gen)
-        with w.autocast:
-            logits = w.model(**{k: v.to(w.device) for k, v in inputs.items()}).logits
-        total += loss_sum(logits, targets.to(w.device)).double()
-        count += count_targets(targets)
+    with torch.no_grad():
+        for batch in batches:
+            inputs, targets = w.objective.prepare(batch, special=w.config.special, vocab_size=w.config.vocab_size,
+                                                  mlm_probability=tc.mlm_probability, generator=gen)
+            with w.autocast:
+                summed = micro_loss(w, {k: v.to(w.device) for k, v in inputs.items()}, targets.to(w.device), sums)
+            total += summed.double()
+            count += count_of(w, targets)
     w.model.train()
     loss_total = all_reduce_sum(total, w.device)
-    tokens = all_reduce_sum(count, w.device)
-    if not tokens:
+    counted = all_reduce_sum(count, w.device)
+    figures = {f"val/{k}": v for k, v in global_means(w, sums, counted).items()}
+    if not counted:
         return {}
-    loss = loss_total / tokens
+    loss = loss_total / counted
+    if tc.objective == "dpo":  # a mean over pairs: no perplexity
+        return {"val/loss": loss, **figures}
     return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
 
 

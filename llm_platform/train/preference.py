@@ -19,7 +19,9 @@ chosen reward beats the rejected one. Rows come as a batch of chosen responses f
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -98,3 +100,65 @@ def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A (2P, ...) batch of chosen rows then rejected rows as (chosen, rejected)."""
     half = values.shape[0] // 2
     return values[:half], values[half:]
+
+
+def pair_rows(batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A micro-batch of pair rows (data/pairs.py COLUMNS, P pairs) as the model's inputs, the P chosen rows then the
+    P rejected ones, and their targets aligned with the logits.  (P, T) x 2 -> (2P, T)"""
+    def both(name: str) -> torch.Tensor:
+        return torch.cat([torch.as_tensor(np.asarray(batch[f"{side}_{name}"]), dtype=torch.long)
+                          for side in ("chosen", "rejected")])
+
+    labels = both("labels")
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]  # position t predicts token t+1 (the causal shift)
+    return {"input_ids": both("input_ids"), "attention_mask": both("attention_mask")}, targets
+
+
+def build_reference(model_cfg, train_cfg, *, vocab_size: int, special: dict, pretrained_dir: str | None,
+                    base_vocab_size: int | None, dtype: torch.dtype, device: torch.device, world: int):
+    """DPO's frozen reference: the weights the run starts from (the pretrained model, or the seeded init), built as
+    the policy is and sharded like it under FSDP (it only runs forward). None with LoRA: the policy with its adapters
+    disabled is the reference, at no extra memory."""
+    if model_cfg.lora.enabled:
+        return None
+    from llm_platform.models.build import build_model
+    from llm_platform.train.parallelize import parallelize
+
+    reference = build_model(model_cfg, vocab_size, special, pretrained_dir=pretrained_dir, seed=train_cfg.seed,
+                            dtype=dtype, base_vocab_size=base_vocab_size)
+    reference.requires_grad_(False)
+    reference.eval()
+    if train_cfg.parallelism.strategy == "fsdp" and world > 1:
+        return parallelize(reference, parallelism="fsdp", device=device, compute_dtype=dtype,
+                           activation_checkpointing=False, compile=False, cpu_offload=False, world_size=world)
+    return reference.to(device)
+
+
+def pair_losses(model, reference, inputs: dict[str, torch.Tensor], targets: torch.Tensor, cfg) -> PairLosses:
+    """The policy's and the reference's forward over one micro-batch of pairs, and the per-pair losses.
+
+    `reference` None: the policy (a peft model) with its adapters disabled.
+    """
+    logps, counts = sequence_logps(model(**inputs).logits, targets)  # (2P,)
+    with torch.no_grad():
+        if reference is None:
+            from llm_platform.train.parallelize import unwrap
+
+            peft_model: Any = unwrap(model)  # a peft PeftModel (model.lora.enabled)
+            with peft_model.disable_adapter():
+                ref_logps, _ = sequence_logps(model(**inputs).logits, targets)
+        else:
+            ref_logps, _ = sequence_logps(reference(**inputs).logits, targets)
+    return dpo_losses(split_pairs(logps), split_pairs(ref_logps.detach()), split_pairs(counts), beta=cfg.beta,
+                      loss_type=str(cfg.loss), label_smoothing=cfg.label_smoothing)
+
+
+FIGURES = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+           "logps/rejected")
+"""The per-pair figures logged as global means (`train/rewards/accuracy`, `val/rewards/margin`, ...)."""
+
+
+def add_sums(total: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    for key, value in sums.items():
+        total[key] = total.get(key, torch.zeros((), dtype=torch.float64)) + value.double().cpu()
