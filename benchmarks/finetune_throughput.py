@@ -114,7 +114,10 @@ def main() -> None:
         f"train.log_interval_steps={interval}", f"train.eval_interval_steps={args.steps}",
         f"train.checkpoint.interval_steps={args.steps}", "train.eval_batches=1", "train.export=false",
         "train.parallelism.strategy=none", "train.max_failures=0", "scaling.num_workers=1",
-        f"model.lora.rank={args.rank}", f"model.lora.alpha={2 * args.rank}"])
+        f"model.lora.rank={args.rank}", f"model.lora.alpha={2 * args.rank}",
+        # Rows of one example each, as the plain loop feeds them: this compares the training step, not the layout
+        # (benchmarks/sft_packing.py measures what packing adds).
+        "data.pack_supervised=false"])
     cluster.connect(ClusterConfig(num_cpus=4, log_to_driver=False))
     uri = build_dataset(cfg.data, cfg.tokenizer, str(root), progress=False).uri
     rows = read_rows(uri, "train")

@@ -327,6 +327,15 @@ def sample_query(url: str, prompt: str, api_key_env: str) -> dict[str, Any]:
     return {"prompt": prompt, "completion": reply.json()["choices"][0]["text"], "model": models[0]["id"]}
 
 
+def describe_cost(cost: dict[str, Any] | None) -> str | None:
+    """A run's lineage `cost` in a line: `$12.3 (4 GPU-hours, 0.5 h; on_demand prices as of 2025-07-01)`."""
+    if not cost:
+        return None
+    usd = "unpriced" if cost.get("cost_usd") is None else f"${cost['cost_usd']:.4g}"
+    return (f"{usd} ({cost.get('gpu_hours', 0):.3g} GPU-hours, {cost.get('hours', 0):.3g} h; "
+            f"{cost.get('market')} prices as of {cost.get('prices_as_of')})")
+
+
 def lineage_chain(root: str, name: str, state: dict[str, Any], endpoint: str | None,
                   version: registry.ModelVersion | None = None) -> dict[str, Any]:
     """Dataset -> tokenizer -> run -> sweep -> version -> eval report -> endpoint, from the stored records.
@@ -344,6 +353,7 @@ def lineage_chain(root: str, name: str, state: dict[str, Any], endpoint: str | N
         "tokenizer_sha256": (lineage.get("dataset") or {}).get("tokenizer_sha256"),
         "run": (lineage.get("run") or {}).get("uri"),
         "sweep": (lineage.get("sweep") or {}).get("uri") if lineage.get("sweep") else None,
+        "run_cost": describe_cost(lineage.get("cost")),
         "model_version": f"{mv.name}/{mv.version}",
         "model_uri": mv.uri,
         "eval_report": evaluation.get("uri"),

@@ -2,8 +2,9 @@
 runs or exchanges. The property tests (tests/property/test_data_properties.py) and the real-corpus test
 (tests/integration/test_data_real_corpus.py) compare the stage with it.
 
-It reuses the stage's per-record primitives (`clean.clean_record`, `dedup.text_hash`, `dedup.signature`,
-`dedup.band_keys`, `dedup.split_of`, `pack.supervised`/`pack.seq2seq`, `chat.parse_record`/`render`/`record`) and
+It reuses the stage's per-record primitives (`clean.clean_record` with `filters.build`'s rule sets,
+`dedup.text_hash`, `dedup.signature`, `dedup.band_keys`, `dedup.split_of`, `pack.supervised`/`pack.seq2seq`,
+`chat.parse_record`/`render`/`record`) and
 states the orchestration around them as directly as it can (docs/ARCHITECTURE.md, "### Data"):
 
     read      every record of every input file, files in URI order (file index), records in the order the file's
@@ -17,7 +18,8 @@ states the orchestration around them as directly as it can (docs/ARCHITECTURE.md
     split     by text hash (`dedup.split_of`); shard: train h % train shards, val train shards + h % val shards
     tokenizer BPE on the kept train documents whose text hash % stride == 0, stride = ceil(records read / max docs)
     pack      each shard's documents in doc-id order: pretrain joins token lists with EOS and cuts seq_len blocks
-              (the last partial block is the remainder); sft/seq2seq/chat make one padded row per document
+              (the last partial block is the remainder); sft/seq2seq/chat make one padded row per document, and
+              sft/chat with data.pack_supervised then put those documents, unpadded, several per row (`pack_rows`)
 
 Not covered: the HF saved-dataset reader, a pretrained tokenizer, the manifest's timings and resume markers, and
 the `stats` of non-pretrain kinds (their length histogram counts prompt lengths: see the property test's notes).
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_platform.data import chat, clean, dedup, pack
+from llm_platform.data import chat, clean, dedup, filters, pack
 
 SHARD_TARGET_BYTES = 64 << 20  # input bytes per train shard when data.num_shards is 0
 
@@ -65,6 +67,7 @@ class Expected:
     """What the stage must produce, up to the tokenizer (`expect`), then per shard (`expect_shards`)."""
 
     counts: dict[str, Any]
+    dropped_by_file: dict[str, dict[str, int]]  # the manifest's: source -> reason -> count
     skipped: list[tuple[str, int, str]]  # every dropped record's (source, line, reason code), in read order
     kept: list[Doc]  # passed the filters, in doc-id order (duplicates included)
     exact: set[int]
@@ -75,6 +78,7 @@ class Expected:
     shard_names: list[str]
     tokenizer_sample: list[str]
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)  # filled by expect_shards
+    packed: bool = False  # sft/chat with data.pack_supervised: set by expect_shards
 
 
 # ----------------------------------------------------------------------------------------------- plain readers
@@ -203,9 +207,11 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float:
 def expect(sources: list[Source], cfg, tok_cfg) -> Expected:
     """Everything up to the tokenizer: counts, dropped records, duplicates, splits, shards, the tokenizer sample."""
     dropped: dict[str, int] = {}
+    by_file: dict[str, dict[str, int]] = {}  # source -> reason -> count
     skipped: list[tuple[str, int, str]] = []
     kept: list[Doc] = []
     records_in = pii = 0
+    rules = filters.build(cfg.filters, filters.LanguageSpec.from_config(cfg))  # the rule sets the config turns on
     for file_index, src in enumerate(sorted(sources, key=lambda s: s.uri)):
         for line, fields, error in src.records:
             records_in += 1
@@ -217,11 +223,12 @@ def expect(sources: list[Source], cfg, tok_cfg) -> Expected:
                 record.update(taken)
             if error:
                 record.update(text="", prompt="", response="", messages="", drop_reason=error)
-            cleaned = clean.clean_record(record, cfg.normalize, cfg.scrub_pii, cfg.filters)
+            cleaned = clean.clean_record(record, cfg.normalize, cfg.scrub_pii, cfg.filters, rules)
             pii += int(cleaned.get("pii_replacements") or 0)
             reason = cleaned["drop_reason"]
             if reason:
                 dropped[reason] = dropped.get(reason, 0) + 1
+                by_file.setdefault(src.uri, {})[reason] = by_file.get(src.uri, {}).get(reason, 0) + 1
                 skipped.append((src.uri, line, reason))
                 continue
             kept.append(Doc(record["doc_id"], src.uri, line, cleaned["text"], cleaned["prompt"] or "",
@@ -265,8 +272,9 @@ def expect(sources: list[Source], cfg, tok_cfg) -> Expected:
     sample = [d.text for d in survivors if split[d.doc_id] == "train" and d.text_hash % stride == 0]
     counts = {"files": len(sources), "records_in": records_in, "dropped": dropped, "pii_replacements": pii,
               "exact_duplicates": len(exact), "near_duplicates": len(near), "documents_kept": len(survivors)}
-    return Expected(counts=counts, skipped=skipped, kept=kept, exact=exact, near=near,
-                    survivors=survivors, split=split, shard=shard, shard_names=names, tokenizer_sample=sample)
+    return Expected(counts=counts, dropped_by_file=dict(sorted(by_file.items())), skipped=skipped, kept=kept,
+                    exact=exact, near=near, survivors=survivors, split=split, shard=shard, shard_names=names,
+                    tokenizer_sample=sample)
 
 
 def expect_shards(exp: Expected, cfg, tokenizer_dir: str) -> dict[str, dict[str, Any]]:
@@ -283,6 +291,7 @@ def expect_shards(exp: Expected, cfg, tokenizer_dir: str) -> dict[str, dict[str,
         return backend.encode(text, add_special_tokens=False).ids
 
     out: dict[str, dict[str, Any]] = {}
+    exp.packed = pack.packs(str(cfg.kind), cfg.pack_supervised)
     for index, name in enumerate(exp.shard_names):
         docs = [d for d in exp.survivors if exp.shard[d.doc_id] == index]  # already in doc-id order
         if not docs:
@@ -332,6 +341,12 @@ def expect_shards(exp: Expected, cfg, tokenizer_dir: str) -> dict[str, dict[str,
                     continue
                 for key, value in rec.items():
                     rows.setdefault(key, []).append(value.tolist())
+        if exp.packed:  # the padded rows above, packed several per row
+            examples = [(ids[:sum(m)], labels[:sum(m)]) for ids, labels, m in
+                        zip(rows.get("input_ids", []), rows.get("labels", []), rows.get("attention_mask", []))]
+            rows = pack_rows(examples, cfg.seq_len, pad)
+            stat["packing"] = {"examples": len(examples), "rows": len(rows.get("input_ids", [])),
+                               "tokens": sum(len(ids) for ids, _ in examples)}
         stat["records"] = len(next(iter(rows.values()))) if rows else 0
         out[name] = {"rows": rows, **stat}
     exp.shards = out
@@ -357,5 +372,45 @@ def expected_splits(exp: Expected, seq_len: int) -> dict[str, dict[str, Any]]:
             entry["skipped_prompt_too_long"] += s["skipped_prompt_too_long"]
             for key, n in s["chat"].items():
                 entry["chat"][key] = entry["chat"].get(key, 0) + n
+        if exp.packed:  # rows, examples per row and the fill rate (tokens that are not padding / rows x seq_len)
+            got = [s["packing"] for shard, s in sorted(exp.shards.items()) if shard.startswith(name + "-")]
+            examples, rows, tokens = (sum(p[k] for p in got) for k in ("examples", "rows", "tokens"))
+            entry["packing"] = {"examples": examples, "rows": rows, "tokens": tokens,
+                                "examples_per_row": examples / rows if rows else 0.0,
+                                "fill_rate": tokens / (rows * seq_len) if rows else 0.0}
         splits[name] = entry
     return splits
+
+
+def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad: int,
+              window: int = pack.PACK_WINDOW_EXAMPLES) -> dict[str, list[list[int]]]:
+    """Packed supervised rows, plainly: for each run of `window` examples, longest first (ties: earlier first), each
+    into the first row of that run with room, else a new row; a row's examples in their original order, then
+    padding. Per token: the id, the label (-100 on an example's first token), attention 1, its position in the
+    example, the example's place in the row (1, 2, ...); per padding token: pad, -100, 0, 0, 1, 2, ... and 0."""
+    columns: dict[str, list[list[int]]] = {k: [] for k in ("input_ids", "labels", "attention_mask", "position_ids",
+                                                           "example_ids")}
+    for start in range(0, len(examples), window):
+        run = range(start, min(start + window, len(examples)))
+        rows: list[list[int]] = []
+        for i in sorted(run, key=lambda j: (-len(examples[j][0]), j)):
+            for row in rows:
+                if sum(len(examples[j][0]) for j in row) + len(examples[i][0]) <= seq_len:
+                    row.append(i)
+                    break
+            else:
+                rows.append([i])
+        for row in rows:
+            out: dict[str, list[int]] = {k: [] for k in columns}
+            for place, i in enumerate(sorted(row), start=1):
+                ids, labels = examples[i]
+                out["input_ids"] += ids
+                out["labels"] += [-100] + labels[1:]
+                out["attention_mask"] += [1] * len(ids)
+                out["position_ids"] += list(range(len(ids)))
+                out["example_ids"] += [place] * len(ids)
+            n = seq_len - len(out["input_ids"])
+            for key, tail in (("input_ids", [pad] * n), ("labels", [-100] * n), ("attention_mask", [0] * n),
+                              ("position_ids", list(range(n))), ("example_ids", [0] * n)):
+                columns[key].append(out[key] + tail)
+    return columns

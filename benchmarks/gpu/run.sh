@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU check for a lent H100/H200, in one call (about 8 minutes): bf16 FSDP2 + compile training MFU on the
-# llama-1b (micro-batch 8 and 16) and llama-350m presets, then serving throughput of the engine on llama-1b.
+# The whole GPU check for a lent H100/H200 (about 8 minutes, plus up to 5 for train_switches: name parts to fit one
+# 10-minute call): bf16 FSDP2 + compile training MFU on the llama-1b (micro-batch 8 and 16) and llama-350m presets,
+# every scaling switch trained and resumed, then serving throughput of the engine on llama-1b.
 # Logs land in $OUT (or /tmp/llmp-gpu). Each part has its own time limit, so one that hangs does not cost the others.
 #
 #   bash benchmarks/gpu/run.sh                        # every part
@@ -49,6 +50,12 @@ PART=train_mfu_350m; want "$@" && part $PART 150 python3 benchmarks/gpu/train_mf
 # Fine-tuning a Llama-3.2-1B-shaped model (#15): LoRA here; full fine-tuning's step is train_mfu_1b's.
 PART=finetune_lora_1b; want "$@" && part $PART 240 python3 benchmarks/gpu/train_mfu.py --model llama-1b --lora \
     --micro-batch 8
+# Every scaling switch (#25): bf16 FSDP2, activation checkpointing, compile, CPU offload, bf16 DDP autocast and the
+# llama-1b-h100 stack each train a small Llama within bf16 tolerance of fp32 and resume from their own checkpoint;
+# one `switch=<name> tokens_per_s=<n>` line each.
+PART=train_switches; want "$@" && part $PART 300 python3 -m pytest -q -s -p no:cacheprovider \
+    tests/gpu/test_train_switches_gpu.py
+want "$@" && grep -h "^switch=" "$OUT/$PART.log"
 PART=serve_engine; want "$@" && part $PART 240 python3 benchmarks/gpu/serve_engine.py --model llama-1b
 # Serving memory against weights + KV budget (#17): a 1.2B GPT-2-shaped model, 128k vocabulary, 2k-token prompts.
 PART=serve_memory; want "$@" && part $PART 240 python3 benchmarks/serve_memory.py --device cuda --layers 24 \

@@ -6,8 +6,122 @@ from llm_platform.config.choices import ChatOverflow, DatasetKind, OnError, Sour
 
 
 @dataclass
+class GopherQualityConfig:
+    """Gopher's quality rules (Rae et al. 2021, "Scaling Language Models", table A1), with datatrove's
+    GopherQualityFilter defaults as published. Words are word and punctuation tokens (llm_platform/data/filters).
+    A threshold of 0 disables its rule."""
+
+    enabled: bool = False
+    """Apply this rule set (`data/filters=gopher` or `fineweb` turns it on)."""
+    min_words: int = 50
+    """Drop documents with fewer non-symbol words."""
+    max_words: int = 100_000
+    """Drop documents with more non-symbol words."""
+    min_mean_word_length: float = 3.0
+    """Lowest allowed mean length of the non-symbol words, in characters."""
+    max_mean_word_length: float = 10.0
+    """Highest allowed mean length of the non-symbol words, in characters."""
+    max_symbol_word_ratio: float = 0.1
+    """Highest allowed ratio to words of `#` symbols, and (separately) of ellipses (`...`, `\u2026`)."""
+    max_bullet_lines_ratio: float = 0.9
+    """Highest allowed fraction of lines starting with a bullet (`\u2022` or `-`)."""
+    max_ellipsis_lines_ratio: float = 0.3
+    """Highest allowed fraction of lines ending with an ellipsis."""
+    min_alpha_words_ratio: float = 0.8
+    """Lowest allowed fraction of words with at least one alphabetic character."""
+    min_stop_words: int = 2
+    """Fewest distinct `stop_words` a document must contain."""
+    stop_words: list[str] = field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
+    """Gopher's English stop words (matched case-sensitively, as published)."""
+
+
+@dataclass
+class GopherRepetitionConfig:
+    """Gopher's repetition rules (Rae et al. 2021, table A1; datatrove's GopherRepetitionFilter defaults). Fractions
+    of characters are of the whole text. A threshold of 0 disables its rule."""
+
+    enabled: bool = False
+    """Apply this rule set (`data/filters=gopher` or `fineweb` turns it on)."""
+    max_dup_para_frac: float = 0.3
+    """Highest allowed fraction of paragraphs (split on blank lines) that repeat an earlier one."""
+    max_dup_para_char_frac: float = 0.2
+    """Highest allowed fraction of characters in repeated paragraphs."""
+    max_dup_line_frac: float = 0.3
+    """Highest allowed fraction of lines that repeat an earlier one."""
+    max_dup_line_char_frac: float = 0.2
+    """Highest allowed fraction of characters in repeated lines."""
+    max_top_2gram_char_frac: float = 0.2
+    """Highest allowed fraction of characters in the most frequent word 2-gram (its length x its count)."""
+    max_top_3gram_char_frac: float = 0.18
+    """Highest allowed fraction of characters in the most frequent word 3-gram (its length x its count)."""
+    max_top_4gram_char_frac: float = 0.16
+    """Highest allowed fraction of characters in the most frequent word 4-gram (its length x its count)."""
+    max_dup_5gram_char_frac: float = 0.15
+    """Highest allowed fraction of characters in word 5-grams repeating an earlier one (non-overlapping)."""
+    max_dup_6gram_char_frac: float = 0.14
+    """Highest allowed fraction of characters in word 6-grams repeating an earlier one (non-overlapping)."""
+    max_dup_7gram_char_frac: float = 0.13
+    """Highest allowed fraction of characters in word 7-grams repeating an earlier one (non-overlapping)."""
+    max_dup_8gram_char_frac: float = 0.12
+    """Highest allowed fraction of characters in word 8-grams repeating an earlier one (non-overlapping)."""
+    max_dup_9gram_char_frac: float = 0.11
+    """Highest allowed fraction of characters in word 9-grams repeating an earlier one (non-overlapping)."""
+    max_dup_10gram_char_frac: float = 0.1
+    """Highest allowed fraction of characters in word 10-grams repeating an earlier one (non-overlapping)."""
+
+
+@dataclass
+class C4Config:
+    """C4's rules (Raffel et al. 2020, section 2.2; datatrove's C4QualityFilter defaults): lines that fail a line rule
+    are removed from a plain-text document (sft/chat/seq2seq records keep their text and only the document rules
+    drop them), then the document is dropped with fewer than `min_sentences` left. The bad-words list is not
+    applied (it is a download)."""
+
+    enabled: bool = False
+    """Apply this rule set (`data/filters=c4` or `fineweb` turns it on)."""
+    remove_citations: bool = True
+    """Remove Wikipedia-style citation marks (`[1]`, `[edit]`, `[citation needed]`) from lines."""
+    filter_no_terminal_punct: bool = True
+    """Remove lines that do not end in terminal punctuation (`.?!"'`) or end in an ellipsis."""
+    min_words_per_line: int = 3
+    """Remove lines with fewer words (0 disables)."""
+    max_word_length: int = 1000
+    """Remove lines holding a word longer than this many characters (0 disables)."""
+    min_sentences: int = 5
+    """Drop documents with fewer sentences left (0 disables)."""
+    filter_lorem_ipsum: bool = True
+    """Drop documents containing "lorem ipsum"."""
+    filter_javascript: bool = True
+    """Remove lines mentioning "javascript"."""
+    filter_curly_bracket: bool = True
+    """Drop documents containing `{` (code)."""
+    filter_policy: bool = True
+    """Remove lines about terms of use, privacy or cookie policies."""
+
+
+@dataclass
+class FineWebConfig:
+    """FineWeb's own rules (Penedo et al. 2024; datatrove's FineWebQualityFilter defaults). A threshold of 0 disables
+    its rule."""
+
+    enabled: bool = False
+    """Apply this rule set (`data/filters=fineweb` turns it on)."""
+    min_line_punct_ratio: float = 0.12
+    """Lowest allowed fraction of lines ending in terminal punctuation."""
+    max_short_line_ratio: float = 0.67
+    """Highest allowed fraction of lines of at most `short_line_chars` characters."""
+    short_line_chars: int = 30
+    """A line this long or shorter is short."""
+    max_char_dup_ratio: float = 0.01
+    """Highest allowed fraction of characters (newlines excluded) in lines that repeat an earlier one."""
+    max_newline_word_ratio: float = 0.3
+    """Highest allowed ratio of newlines to words (list-like pages)."""
+
+
+@dataclass
 class FilterConfig:
-    """Quality filters (Gopher-style heuristics). Each has a switch and its thresholds."""
+    """Quality filters: the basic rules below (loose Gopher-style heuristics, on by default), then the published rule
+    sets (off by default; `data/filters=gopher|c4|fineweb|none` picks a preset). Each has a switch and thresholds."""
 
     min_chars: int = 20
     """Drop documents shorter than this many characters (0 disables)."""
@@ -33,6 +147,16 @@ class FilterConfig:
     """Enable the duplicate-line fraction filter."""
     max_repeated_line_fraction: float = 0.3
     """Highest allowed fraction of lines that repeat an earlier line of the same document."""
+    # The published rule sets, applied after the rules above, in datatrove's FineWeb order (llm_platform/data/filters).
+    # Each preset in conf/data/filters/ turns its sets on and the overlapping rules above off.
+    gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
+    """Gopher's repetition rules."""
+    gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
+    """Gopher's quality rules."""
+    c4: C4Config = field(default_factory=C4Config)
+    """C4's rules."""
+    fineweb: FineWebConfig = field(default_factory=FineWebConfig)
+    """FineWeb's rules."""
 
 
 @dataclass
@@ -83,7 +207,7 @@ class DataConfig:
     kind: DatasetKind = DatasetKind.pretrain
     """Record kind: pretrain (packed text), sft (prompt/response with a loss mask), chat (conversations rendered
     with the tokenizer's chat template, loss on the assistant turns: llm_platform/data/chat.py), seq2seq
-    (source/target)."""
+    (source/target), preference (prompt with a chosen and a rejected answer, for DPO: llm_platform/data/pairs.py)."""
     prompt_field: str = "prompt"
     """Prompt field for sft records."""
     response_field: str = "response"
@@ -99,6 +223,15 @@ class DataConfig:
     chat_overflow: ChatOverflow = ChatOverflow.truncate
     """A chat longer than seq_len tokens: truncate (cut at seq_len; skipped if no assistant token is left) or skip.
     Both are counted in the manifest."""
+    pack_supervised: bool = True
+    """sft and chat: several whole records per seq_len row (first-fit-decreasing, `position_ids` restarting per
+    record; training keeps each record's attention inside itself), not one record padded per row. Other kinds
+    ignore it. Part of the fingerprint only when it packs (llm_platform/data/pack.py)."""
+    chosen_field: str = "chosen"
+    """Preference records: the preferred answer (a string, or assistant message(s); llm_platform/data/pairs.py)."""
+    rejected_field: str = "rejected"
+    """Preference records: the dispreferred answer. The prompt is `prompt_field` (a string or messages), or the
+    shared start of chosen and rejected when both are whole conversations."""
     source_field: str = "source"
     """Source field for seq2seq records."""
     target_field: str = "target"
@@ -115,6 +248,15 @@ class DataConfig:
     """Replace emails, phone numbers and IP addresses with placeholders."""
     filters: FilterConfig = field(default_factory=FilterConfig)
     """Quality filters."""
+    languages: list[str] | None = field(default_factory=list)
+    """ISO 639 codes of the languages to keep (`[en,de]`), detected with fastText's LID-176 model; empty (or null)
+    keeps every language and detects none (unless `detect_language`)."""
+    language_threshold: float = 0.65
+    """A document is kept when a listed language's confidence is above this (datatrove's default)."""
+    detect_language: bool = False
+    """Detect every document's language even with no `languages` listed (a `language` column and counts)."""
+    filter_examples_reported: int = 3
+    """Dropped documents shown per drop reason in the manifest (`filter_examples`: the first ones in file order)."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
     """Deduplication."""
     sample: SampleCorpusConfig = field(default_factory=SampleCorpusConfig)

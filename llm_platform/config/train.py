@@ -2,8 +2,15 @@
 
 from dataclasses import dataclass, field
 
-from llm_platform.config.choices import (MixedPrecision, Objective, OnNonfinite, Parallelism, Placement,
-                                         PreferenceLoss, Schedule)
+from llm_platform.config.choices import (
+    MixedPrecision,
+    Objective,
+    OnNonfinite,
+    Parallelism,
+    Placement,
+    PreferenceLoss,
+    Schedule,
+)
 from llm_platform.config.prices import PricesConfig
 
 

@@ -1,12 +1,17 @@
-"""Text cleaning, PII scrubbing and Gopher-style quality filters. Plain Python, no Ray."""
+"""Text cleaning, PII scrubbing, the basic quality filters, then the published rule sets and language ID
+(`llm_platform/data/filters`, when the config turns them on). Plain Python, no Ray."""
 
 from __future__ import annotations
 
 import json
 import re
 import unicodedata
+from typing import TYPE_CHECKING
 
 from llm_platform.config.data import FilterConfig
+
+if TYPE_CHECKING:
+    from llm_platform.data.filters import Chain
 
 # Control characters other than newline and tab (C0, DEL, C1), and zero-width/bidi marks that break tokens.
 # Lone surrogates too: valid in JSON ("\\ud83d" from text cut mid-emoji) but not text, and no UTF-8 encoder takes them.
@@ -80,34 +85,71 @@ def _clean_field(value: str, form: str, pii: bool) -> tuple[str, int]:
     return scrub_pii(value) if pii and value else (value, 0)
 
 
-def clean_record(record: dict, form: str, pii: bool, filters: FilterConfig) -> dict:
-    """Clean one record in place-style (returns a new dict): normalize fields, scrub PII, apply filters.
+def judge(out: dict, filters: FilterConfig, rules: Chain | None, rewrite: bool) -> dict:
+    """Set `drop_reason` (the basic filters, then the rule sets) and, when the rule sets ran, `language` and
+    `language_score`; the rule sets may rewrite `text` when `rewrite` (a plain-text record)."""
+    out["drop_reason"] = quality_reason(out["text"], filters)
+    if rules is not None and not out["drop_reason"]:
+        verdict = rules(out["text"], rewrite)
+        out.update(text=verdict.text, drop_reason=verdict.reason, language=verdict.language,
+                   language_score=verdict.language_score)
+    return out
+
+
+def _clean_pair(out: dict, pair: dict, form: str, pii: bool, filters: FilterConfig, rules: Chain | None) -> dict:
+    """A preference pair's messages cleaned one by one, as a chat's are; an answer left empty drops the pair."""
+    pii_count = 0
+    for part in pair.values():
+        for m in part:
+            m["content"], n = _clean_field(m["content"], form, pii)
+            pii_count += n
+    out["messages"] = json.dumps(pair, ensure_ascii=False)
+    out["text"] = "\n\n".join(m["content"] for part in pair.values() for m in part)
+    if not all(part[-1]["content"] for part in (pair["chosen"], pair["rejected"])):
+        out["drop_reason"] = "empty_response"
+    elif pair["chosen"] == pair["rejected"]:  # cleaning can make two answers equal (PII, whitespace)
+        out["drop_reason"] = "identical"
+    else:
+        judge(out, filters, rules, rewrite=False)
+    return out | {"pii_replacements": pii_count}
+
+
+def clean_record(record: dict, form: str, pii: bool, filters: FilterConfig, rules: Chain | None = None) -> dict:
+    """Clean one record in place-style (returns a new dict): normalize fields, scrub PII, apply the filters and the
+    rule sets (`rules`: `filters.build(...)`, None for the basic filters only).
 
     A chat record's turns (`messages`, JSON) are cleaned one by one, and its `text` (what filters and dedup see) is
-    rebuilt from the cleaned turns: the conversation is what gets tokenized, so it is what must be scrubbed."""
+    rebuilt from the cleaned turns: the conversation is what gets tokenized, so it is what must be scrubbed. The rule
+    sets judge the text of every record but rewrite (C4's line removal) only a plain-text one: the text of the others
+    is rebuilt from their fields."""
     out = dict(record)
     if out.get("drop_reason"):
         return out
     pii_count = 0
     if out.get("messages"):
         messages = json.loads(out["messages"])
+        if isinstance(messages, dict):  # a preference pair: {prompt, chosen, rejected} messages (data/pairs.py)
+            return _clean_pair(out, messages, form, pii, filters, rules)
         for m in messages:
             m["content"], n = _clean_field(m["content"], form, pii)
             pii_count += n
         out["messages"] = json.dumps(messages, ensure_ascii=False)
         out["text"] = "\n\n".join(m["content"] for m in messages)
         # As when reading (chat.parse_record): an assistant turn left with nothing to learn drops the conversation.
-        empty = any(m["role"] == "assistant" and not m["content"] for m in messages)
-        out["drop_reason"] = "empty_assistant" if empty else quality_reason(out["text"], filters)
+        if any(m["role"] == "assistant" and not m["content"] for m in messages):
+            out["drop_reason"] = "empty_assistant"
+        else:
+            judge(out, filters, rules, rewrite=False)
         return out | {"pii_replacements": pii_count}
     for key in ("text", "prompt", "response"):
         out[key], n = _clean_field(out.get(key) or "", form, pii)
         pii_count += n
-    if out.get("prompt") or out.get("response"):
+    fielded = bool(out.get("prompt") or out.get("response"))
+    if fielded:
         out["text"] = out["prompt"] + "\n\n" + out["response"]
         if not out["prompt"] or not out["response"]:
             out["drop_reason"] = "empty"
             return out | {"pii_replacements": pii_count}
-    out["drop_reason"] = quality_reason(out["text"], filters)
+    judge(out, filters, rules, rewrite=not fielded)
     out["pii_replacements"] = pii_count
     return out

@@ -30,6 +30,9 @@ class Split(TypedDict):
     remainder_tokens: int
     skipped_prompt_too_long: int
     chat: dict[str, int]  # chat: truncated and skipped conversations by reason
+    # Packed sft/chat (data.pack_supervised): examples, rows, tokens (not padding), examples_per_row, fill_rate
+    # (tokens / (rows x seq_len)), from pack.packing_summary. Absent for every other dataset.
+    packing: NotRequired[dict[str, float | int]]
 
 
 class Manifest(TypedDict, total=False):
@@ -52,6 +55,8 @@ class Manifest(TypedDict, total=False):
     timings_s: dict[str, float]
     created_at: str
     resumed_phases: list[str]
+    dropped_by_file: dict[str, dict[str, int]]  # input URI -> drop reason -> records (files with drops only)
+    filter_examples: dict[str, list[dict[str, Any]]]  # per drop reason: the first dropped (source, line, text)
 
 
 def _empty_split() -> Split:
@@ -77,6 +82,7 @@ def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], units: lis
         counts["dropped"][reason] = counts["dropped"].get(reason, 0) + 1
     counts["exact_duplicates"] = int(dups["exact"].sum())
     counts["near_duplicates"] = int((~dups["exact"]).sum())
+    counts["languages"] = language_counts(units)
     splits: dict[str, Split] = {}
     token_counts = np.zeros(tok_record["vocab_size"], dtype=np.int64)
     hist = np.zeros(len(pack.LENGTH_EDGES) - 1, dtype=np.int64)
@@ -101,6 +107,8 @@ def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], units: lis
         splits.setdefault(name, _empty_split())
         if all(g is not None for g in groups.get(name, [])):
             splits[name]["row_groups"] = groups.get(name, [])
+    if pack.packs(str(cfg.kind), cfg.pack_supervised):
+        _add_packing(splits, shards, cfg.seq_len)
     counts["documents_kept"] = sum(s["documents"] for s in splits.values())
     total = max(1, int(token_counts.sum()))
     return {
@@ -111,5 +119,42 @@ def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], units: lis
         "config": {"data": asdict(cfg), "tokenizer": asdict(tok)},
         "stats": {"token_frequencies": (token_counts / total).tolist(),
                   "doc_length_tokens": {"edges": pack.LENGTH_EDGES, "counts": hist.tolist()}},
+        "dropped_by_file": dropped_by_file(units),
+        "filter_examples": first_examples(units, cfg.filter_examples_reported),
         "timings_s": timings, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _add_packing(splits: dict[str, Split], shards: list[dict], seq_len: int) -> None:
+    """Each split's `packing` entry, summed over its shards' counts (pack.pack_examples)."""
+    for name, split in splits.items():
+        got = [s["packing"] for s in shards if s["split"] == name and "packing" in s]
+        split["packing"] = pack.packing_summary(sum(int(p["examples"]) for p in got), sum(int(p["rows"]) for p in got),
+                                                sum(int(p["tokens"]) for p in got), seq_len)
+
+
+def dropped_by_file(units: list[dict]) -> dict[str, dict[str, int]]:
+    """The units' drops per input file and reason (files without drops left out). Outside `counts`, which stays the
+    same wherever the same files are read from."""
+    out: dict[str, dict[str, int]] = {}
+    for u in units:
+        for source, reasons in (u.get("dropped_by_file") or {}).items():
+            out[source] = sum_counters([out.get(source, {}), reasons])
+    return dict(sorted(out.items()))
+
+
+def language_counts(units: list[dict]) -> dict[str, dict[str, int]]:
+    """Documents per detected language: `detected` (all that reached language ID) and `kept` (passed every rule,
+    before dedup)."""
+    langs = [u.get("languages") or {} for u in units]
+    return {k: sum_counters([lang.get(k) or {} for lang in langs]) for k in ("detected", "kept")}
+
+
+def first_examples(units: list[dict], limit: int) -> dict[str, list[dict[str, Any]]]:
+    """Per drop reason, the first `limit` dropped documents in file order (units come in file order, each with its
+    first ones in order), whatever order the tasks finished in."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for u in units:
+        for reason, examples in (u.get("examples") or {}).items():
+            out.setdefault(reason, []).extend(examples)
+    return {reason: examples[:limit] for reason, examples in sorted(out.items()) if limit > 0}

@@ -56,12 +56,12 @@ def parse_pair(fields: dict[str, Any], names: dict[str, str]
         if not prompt:
             return None, "no_prompt:the two conversations share no first message"
     prompt_msgs, reason = _messages(prompt, "user", names["prompt"])
-    if reason:
+    if reason or prompt_msgs is None:
         return None, reason
-    sides = []
+    sides: list[list[dict]] = []
     for key, value in ((names["chosen"], chosen), (names["rejected"], rejected)):
         msgs, reason = _messages(value, "assistant", key)
-        if reason:
+        if reason or msgs is None:
             return None, reason
         if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
             return None, f"empty_response:{key} ends without an assistant answer"

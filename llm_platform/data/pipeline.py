@@ -40,12 +40,15 @@ import numpy as np
 from llm_platform import cluster, console, layout, names, storage
 from llm_platform.config.data import DataConfig
 from llm_platform.config.tokenizer import TokenizerConfig
+from llm_platform.data import filters, prepare, sample, shards, sources
 from llm_platform.data import manifest as manifests
-from llm_platform.data import prepare, sample, shards, sources
+from llm_platform.data import metrics as data_metrics
 from llm_platform.data import tokenizer as tokenizers
 from llm_platform.data.dataset import MANIFEST
 from llm_platform.data.exchange import segments
+from llm_platform.data.filters.report import filter_report
 from llm_platform.data.manifest import FORMAT_VERSION
+from llm_platform.data.pack import packs
 from llm_platform.data.report import summary_table
 from llm_platform.errors import ConfigError, DataError
 
@@ -55,7 +58,8 @@ UNITS_PER_TASK_SLOT = 3  # at least this many units per task that runs at once: 
 KEY_PARTITION_BYTES = 32 << 20  # input bytes per dedup key partition (the keys are about as large as the text)
 # Knobs that change speed, not output, left out of the fingerprint; and `sources`, whose files are in it (listed in
 # URI order): the same files named by other patterns, or in another order, are the same dataset.
-_NOT_FINGERPRINTED = ("tokenize_batch_size", "max_records_reported", "name", "task_target_bytes", "sources")
+_NOT_FINGERPRINTED = ("tokenize_batch_size", "max_records_reported", "name", "task_target_bytes", "sources",
+                      "filter_examples_reported")
 
 
 @dataclass
@@ -68,7 +72,7 @@ class DatasetResult:
 
     def summary(self) -> str:
         head = "already complete, nothing to do" if self.reused else "built"
-        return f"dataset {self.uri} ({head})\n" + summary_table(self.manifest)
+        return f"dataset {self.uri} ({head})\n" + summary_table(self.manifest) + filter_report(self.manifest)
 
 
 def validate(cfg: DataConfig, tok: TokenizerConfig) -> None:
@@ -83,6 +87,7 @@ def validate(cfg: DataConfig, tok: TokenizerConfig) -> None:
         raise ConfigError(f"data.dedup.threshold={cfg.dedup.threshold} must be in (0, 1]")
     if tok.kind == "bpe" and tok.vocab_size < 300:
         raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} must be at least 300 (256 bytes + special tokens)")
+    filters.validate(cfg)  # data.languages, data.language_threshold, the rule sets' thresholds
 
 
 def sample_corpus_uri(cfg: DataConfig, root: str) -> str:
@@ -105,9 +110,18 @@ def fingerprint(cfg: DataConfig, tok: TokenizerConfig, inputs: list[dict], root:
     """Hash of the inputs (uri, size, etag/mtime), the output-relevant config and the tokenizer config (with the
     files of a pretrained tokenizer; `root` resolves a `registry:` tokenizer path)."""
     data = {k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
+    # Hashed only where it packs: padded sft/chat and every other kind keep the fingerprints (and the finished
+    # datasets) they had before the key existed; a packed dataset is never a padded one reused.
+    if not packs_supervised(cfg):
+        data.pop("pack_supervised", None)
     tok_record = tokenizers.fingerprint_record(tok, root or ".")
     listing = [(m["uri"], m["size"], m["marker"], m["format"]) for m in inputs]
     return storage.fingerprint({"v": FORMAT_VERSION, "inputs": listing, "data": data, "tokenizer": tok_record})
+
+
+def packs_supervised(cfg: DataConfig) -> bool:
+    """Whether this dataset's records are packed several per row (`data.pack_supervised`, sft and chat only)."""
+    return packs(str(cfg.kind), cfg.pack_supervised)
 
 
 def resolve_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str) -> str | None:
@@ -181,6 +195,8 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     manifest["resumed_phases"] = resumed
     storage.write_json(storage.join(out, MANIFEST), manifest)
     storage.delete(work)
+    if executor is None:
+        data_metrics.export(data_metrics.phase_figures(inputs, units, dups, manifest), cfg.name)
     return DatasetResult(out, manifest)
 
 
@@ -306,7 +322,8 @@ def _read_and_clean(tasks: Callable[..., list], pieces: list[dict], plan: list[l
         read=read_spec, normalize=cfg.normalize, scrub_pii=cfg.scrub_pii,
         filters=cfg.filters, keys=prepare.KeyParams.from_config(cfg.dedup),
         partitions=max(1, min(512, math.ceil(total / KEY_PARTITION_BYTES))), work=work,
-        max_reported=cfg.max_records_reported)
+        max_reported=cfg.max_records_reported, language=filters.LanguageSpec.from_config(cfg),
+        examples=cfg.filter_examples_reported)
     return tasks(prepare.prepare_unit, [([pieces[i] for i in unit], unit) for unit in plan], num_cpus=1, spec=spec)
 
 
@@ -323,6 +340,9 @@ def _file_lines(units: list[dict], pieces: list[dict]) -> None:
     for u in units:
         for r in u["skipped"]:
             r["line"] += offset.get(r.pop("piece", -1), 0)
+        for examples in u.get("examples", {}).values():  # the rule sets' dropped examples, numbered alike
+            for r in examples:
+                r["line"] += offset.get(r.pop("piece", -1), 0)
 
 
 # ----------------------------------------------------------------------------------------------------- dedup
@@ -425,7 +445,8 @@ def _pack(tasks: Callable[..., list], cfg: DataConfig, inputs: list[dict], work:
         kind=cfg.kind, seq_len=cfg.seq_len, target_len=cfg.target_len, val_fraction=cfg.val_fraction,
         counts=_num_shards(cfg, inputs), tokenizer_uri=storage.join(out, "tokenizer"),
         eos=tok_record["eos_token_id"], pad=tok_record["pad_token_id"], vocab=tok_record["vocab_size"],
-        batch=cfg.tokenize_batch_size, chat_overflow=cfg.chat_overflow, work=work, out=out)
+        batch=cfg.tokenize_batch_size, chat_overflow=cfg.chat_overflow, work=work, out=out,
+        pack_supervised=packs_supervised(cfg))
     encoded = tasks(shards.encode_unit, [(u["unit"], d) for u, d in zip(units, _dups_by_unit(dups, units))
                                          if u["kept"]], num_cpus=1, spec=spec)
     runs = [r for e in encoded for r in e["runs"]]  # units in file order: document order

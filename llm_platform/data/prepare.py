@@ -5,10 +5,12 @@ about `data.task_target_bytes` together (pipeline.plan_units), so a corpus of th
 byte and not per file: each call writes a handful of objects whatever its file count. Each call reads its pieces
 once and writes, under `<work>/` (`<unit>` = its first-last piece index):
 
-    clean/<unit>.parquet    the kept records (doc_id, text_hash, text, prompt, response, messages), in file order
+    clean/<unit>.parquet    the kept records (doc_id, text_hash, text, prompt, response, messages, language,
+                            language_score), in file order
     keys/<unit>-<n>.bin     dedup keys bucketed by partition (exchange.py): exact (text hash) and LSH band keys
     sigs/<unit>-<n>.bin     the kept documents' b-bit MinHash signatures, read back only for candidate pairs
-    clean/<unit>.json       the unit's counts (read, dropped by reason, the first skipped records), written last:
+    clean/<unit>.json       the unit's counts (read, dropped by reason and by file, languages, the first skipped
+                            records and dropped examples per reason), written last:
                             a resumed stage skips every unit that has it
 
 Dedup then works on keys alone (`dedup_partition`): equal keys meet in one reduce task, which returns exact
@@ -18,18 +20,20 @@ band row carried its document's signature through a shuffle: 15 rows x 145 bytes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from llm_platform import storage
 from llm_platform.config.data import FilterConfig
-from llm_platform.data import clean, dedup, sources
+from llm_platform.data import clean, dedup, filters, sources
 from llm_platform.data.exchange import PartitionedWriter, read_partition, read_segments, segments
+from llm_platform.data.filters import LanguageSpec
 
 READ_BATCH_ROWS = 2048
 CLEAN_COLUMNS = ("doc_id", "text_hash", "text", "prompt", "response", "messages")
+EXAMPLE_CHARS = 200  # of a dropped document's text, in the manifest's examples
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,31 @@ class PrepareSpec:
     """Dedup key partitions (reduce tasks)."""
     work: str
     max_reported: int
+    language: LanguageSpec = field(default_factory=LanguageSpec)
+    """`data.languages` and its threshold."""
+    examples: int = 3
+    """Dropped documents kept as examples per drop reason (`data.filter_examples_reported`)."""
+
+
+_RULES: dict[str, filters.Chain | None] = {}
+
+
+def rules_of(spec: PrepareSpec) -> filters.Chain | None:
+    """The spec's rule sets, built once per process and config (keyed by the configs' repr: dataclasses holding
+    lists do not hash)."""
+    key = repr((spec.filters, spec.language))
+    if key not in _RULES:
+        _RULES[key] = filters.build(spec.filters, spec.language)
+    return _RULES[key]
 
 
 def clean_records(records: list[dict], spec: PrepareSpec) -> list[dict]:
-    """Normalize, scrub and filter each record (`clean.clean_record`); a kept one gets its `text_hash`."""
+    """Normalize, scrub and filter each record (`clean.clean_record`, with the spec's rule sets); a kept one gets its
+    `text_hash`."""
     out = []
+    rules = rules_of(spec)
     for r in records:
-        c = clean.clean_record(r, spec.normalize, spec.scrub_pii, spec.filters)
+        c = clean.clean_record(r, spec.normalize, spec.scrub_pii, spec.filters, rules)
         c["text_hash"] = dedup.text_hash(c["text"]) if not c["drop_reason"] else 0
         out.append(c)
     return out
@@ -135,9 +157,11 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
     keys = PartitionedWriter(storage.join(spec.work, "keys", name))
     sigs = PartitionedWriter(storage.join(spec.work, "sigs", name))
     stats: dict[str, Any] = {"unit": name, "pieces": [pieces[0], pieces[-1]], "records": 0, "kept": 0, "dropped": {},
-                             "pii_replacements": 0, "skipped": [], "range_lines": {}}
+                             "pii_replacements": 0, "skipped": [], "range_lines": {}, "dropped_by_file": {},
+                             "examples": {}, "languages": {"detected": {}, "kept": {}}}
     schema = pa.schema([("doc_id", pa.int64()), ("text_hash", pa.int64())] +
-                       [(c, pa.string()) for c in CLEAN_COLUMNS[2:]])
+                       [(c, pa.string()) for c in CLEAN_COLUMNS[2:]] +
+                       [("language", pa.string()), ("language_score", pa.float32())])
     fs, path = storage.pyarrow_filesystem(clean_uri)
     if not storage.is_remote(clean_uri):
         storage.makedirs(storage.join(spec.work, "clean"))
@@ -154,20 +178,17 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
             stats["records"] += len(cleaned)
             stats["pii_replacements"] += sum(int(r.get("pii_replacements") or 0) for r in cleaned)
             kept = [r for r in cleaned if not r["drop_reason"]]
-            for r in cleaned:
-                if r["drop_reason"]:
-                    stats["dropped"][r["drop_reason"]] = stats["dropped"].get(r["drop_reason"], 0) + 1
-                    if len(stats["skipped"]) < spec.max_reported:  # the unit's first ones, by file and line
-                        stats["skipped"].append({"source": r["source"], "line": int(r["line"]),
-                                                 "reason": r.get("detail") or r["drop_reason"],
-                                                 "piece": int(r["doc_id"]) >> 32})
+            count_drops(stats, cleaned, spec)
             if not kept:
                 continue
             stats["kept"] += len(kept)
             columns = {c: [r.get(c) or "" for r in kept] for c in CLEAN_COLUMNS[2:]}
             doc_ids = np.fromiter((r["doc_id"] for r in kept), np.int64, len(kept))
             hashes = np.fromiter((r["text_hash"] for r in kept), np.int64, len(kept))
-            writer.write_table(pa.table({"doc_id": doc_ids, "text_hash": hashes, **columns}, schema=schema))
+            languages = {"language": [r.get("language") or "" for r in kept],
+                         "language_score": [float(r.get("language_score") or 0.0) for r in kept]}
+            writer.write_table(pa.table({"doc_id": doc_ids, "text_hash": hashes, **columns, **languages},
+                                        schema=schema))
             found, signatures = dedup_keys(doc_ids, hashes, columns["text"], spec.keys)
             _write_keys(keys, found, spec.partitions)
             if signatures is not None:
@@ -175,6 +196,34 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
     stats["key_runs"], stats["sig_runs"] = keys.close(), sigs.close()
     storage.write_json(done, stats)
     return {**stats, "resumed": False}
+
+
+def count_drops(stats: dict[str, Any], cleaned: list[dict], spec: PrepareSpec) -> None:
+    """Add a batch's drops to the unit's counts: by reason, by file and reason, the first skipped records (by file and
+    line), the first `spec.examples` dropped documents of each reason (the start of their text), and the detected
+    languages of all and of the kept documents."""
+    languages = stats["languages"]
+    for r in cleaned:
+        reason = r["drop_reason"]
+        lang = r.get("language")
+        if lang:
+            languages["detected"][lang] = languages["detected"].get(lang, 0) + 1
+            if not reason:
+                languages["kept"][lang] = languages["kept"].get(lang, 0) + 1
+        if not reason:
+            continue
+        stats["dropped"][reason] = stats["dropped"].get(reason, 0) + 1
+        by_file = stats["dropped_by_file"].setdefault(r["source"], {})
+        by_file[reason] = by_file.get(reason, 0) + 1
+        piece = int(r["doc_id"]) >> 32
+        if len(stats["skipped"]) < spec.max_reported:  # the unit's first ones, by file and line
+            stats["skipped"].append({"source": r["source"], "line": int(r["line"]),
+                                     "reason": r.get("detail") or reason, "piece": piece})
+        if r.get("text") and len(stats["examples"].get(reason, ())) < spec.examples:
+            example = {"source": r["source"], "line": int(r["line"]), "text": r["text"][:EXAMPLE_CHARS], "piece": piece}
+            if lang:  # what language ID made of it (why `language.*` dropped it)
+                example |= {"language": lang, "language_score": round(float(r["language_score"]), 4)}
+            stats["examples"].setdefault(reason, []).append(example)
 
 
 def _batches(items, size: int):

@@ -11,6 +11,8 @@ any text or sorting.
     sft        prompt + response + EOS, loss on the response, padded (pack.supervised)
     seq2seq    source and target padded apart (pack.seq2seq)
     chat       rendered with the tokenizer's chat template, loss on assistant turns (chat.pack_chats)
+    sft, chat with `data.pack_supervised`: those records unpadded, then several whole ones per row
+               (pack.pack_examples, per shard in document order)
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from typing import Any
 import numpy as np
 
 from llm_platform import storage
-from llm_platform.data import chat, dedup, pack
+from llm_platform.data import chat, dedup, pack, pairs
 from llm_platform.data.exchange import PartitionedWriter, read_partition
 
 SHARD_ROW_GROUP_ROWS = 256
 _COLUMN = "col:"  # prefix of the arrays that become parquet columns (in the order they are added)
+_EXAMPLE = "ex:"  # prefix of the unpadded records that pack_shard packs (data.pack_supervised)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class ShardSpec:
     chat_overflow: str
     work: str
     out: str
+    pack_supervised: bool = False
+    """sft/chat: records go whole, several per row (`pack.pack_examples`), not padded one per row."""
 
     def shard_names(self) -> list[str]:
         """Every shard's name, in partition order: train-00000 ... then val-00000 ..."""
@@ -115,7 +120,7 @@ def encode_unit(name: str, dup_ids: np.ndarray, spec: ShardSpec) -> dict[str, An
     if storage.exists(done):
         return {**storage.read_json(done), "resumed": True}
     fields = {"pretrain": ["text"], "sft": ["prompt", "response"], "seq2seq": ["prompt", "response"],
-              "chat": ["messages"]}[spec.kind]
+              "chat": ["messages"], "preference": ["messages"]}[spec.kind]
     writer = PartitionedWriter(storage.join(spec.work, "tokens", name))
     token_dtype = np.uint16 if spec.vocab <= 1 << 16 else np.int32
     for batch in read_clean(storage.join(spec.work, "clean", f"{name}.parquet"), ["doc_id", "text_hash", *fields]):
@@ -156,7 +161,17 @@ def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str
         meta: dict[str, Any] = {"documents": len(sel), "tokens_in": 0, "skipped_prompt_too_long": 0}
         lengths: list[int] = []
         counted: list[np.ndarray] = []  # the tokens whose frequencies the manifest reports
-        if spec.kind == "chat":
+        if spec.kind == "preference":  # two rows' worth per pair (data/pairs.py), never packed
+            found, lengths, counts = pairs.pack_pairs(_chat_tokenizer(spec.tokenizer_uri),
+                                                      [chunk["messages"][i] for i in sel], seq_len=spec.seq_len,
+                                                      pad_id=spec.pad)
+            meta["tokens_in"], meta["chat"] = sum(lengths), counts
+            for side in pairs.SIDES:
+                for ids, attended in zip(found.get(f"{side}_input_ids", []), found.get(f"{side}_attention_mask", [])):
+                    counted.append(np.asarray(ids)[np.asarray(attended) == 1])
+            for key, value in found.items():
+                rows.setdefault(key, []).extend(value)
+        elif spec.kind == "chat":
             found, lengths, counts = chat.pack_chats(_chat_tokenizer(spec.tokenizer_uri),
                                                      [chunk["messages"][i] for i in sel],
                                                      seq_len=spec.seq_len, pad_id=spec.pad,
@@ -180,7 +195,10 @@ def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str
                     continue
                 for key, column in rec.items():
                     rows.setdefault(key, []).append(column)
-        arrays = {_COLUMN + k: np.stack(v) for k, v in rows.items()}
+        if spec.pack_supervised:  # whole records, unpadded: pack_shard places them in rows
+            arrays = {_EXAMPLE + k: v for k, v in pack.unpadded(rows).items()}
+        else:
+            arrays = {_COLUMN + k: np.stack(v) for k, v in rows.items()}
         arrays["length"] = np.asarray(lengths, np.int32)
         arrays["counted"] = (np.concatenate(counted) if counted else np.empty(0, np.int64)).astype(np.int64)
         writer.add(int(p), arrays, meta)
@@ -217,10 +235,15 @@ def pack_shard(name: str, segs: list[dict[str, Any]], spec: ShardSpec) -> dict[s
     else:
         columns = {k[len(_COLUMN):]: v for k, v in cat.items() if k.startswith(_COLUMN)}
         counted = cat.get("counted", np.empty(0, np.int64))
+        if spec.pack_supervised:  # several whole records per row, in document order (pack.py's docstring)
+            none = np.empty(0, np.int32)
+            columns, stat["packing"] = pack.pack_examples(
+                cat.get(_EXAMPLE + "tokens", none), cat.get(_EXAMPLE + "labels", none),
+                cat.get(_EXAMPLE + "length", none), seq_len=spec.seq_len, pad_id=spec.pad)
     stat["records"] = int(len(next(iter(columns.values())))) if columns else 0
     stat["tokens_out"] = stat["records"] * spec.seq_len
     if stat["records"]:
-        table = pa.table({k: _list_column(v, pa.int8() if k == "attention_mask" else pa.int32())
+        table = pa.table({k: _list_column(v, pa.int8() if k.endswith("attention_mask") else pa.int32())
                           for k, v in columns.items()})
         buf = io.BytesIO()
         # Small row groups: a training worker reads whole groups, and only those of its own partitions

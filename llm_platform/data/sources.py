@@ -44,6 +44,8 @@ class ReadSpec:
     on_error: str
     chat_fields: dict[str, str] | None = None
     """chat records: field names `messages`, `instruction`, `input`, `output`, `prompt`, `response`."""
+    pair_fields: dict[str, str] | None = None
+    """preference records: field names `prompt`, `chosen`, `rejected`."""
 
     @classmethod
     def from_config(cls, cfg) -> ReadSpec:
@@ -54,9 +56,10 @@ class ReadSpec:
         chat_fields = {"messages": cfg.messages_field, "instruction": cfg.instruction_field,
                        "input": cfg.input_field, "output": cfg.output_field, "prompt": cfg.prompt_field,
                        "response": cfg.response_field}
+        pair_fields = {"prompt": cfg.prompt_field, "chosen": cfg.chosen_field, "rejected": cfg.rejected_field}
         return cls(kind=cfg.kind, text_field=cfg.text_field, prompt_field=prompt, response_field=response,
                    text_unit=cfg.text_unit, max_record_bytes=cfg.max_record_bytes, on_error=cfg.on_error,
-                   chat_fields=chat_fields)
+                   chat_fields=chat_fields, pair_fields=pair_fields)
 
 
 def split_extension(uri: str) -> tuple[str, str | None]:
@@ -298,6 +301,15 @@ def _take_fields(fields: dict, spec: ReadSpec, record: dict) -> str | None:
             return f"wrong_type:{spec.text_field} is {type(value).__name__}"
         record["text"] = value
         return None
+    if spec.kind == "preference":  # the pair, as {prompt, chosen, rejected} messages (data/pairs.py)
+        from llm_platform.data import pairs
+
+        parsed, error = pairs.parse_pair(fields, spec.pair_fields or {})
+        if error or parsed is None:
+            return error
+        record["messages"] = json.dumps(dict(zip(("prompt", "chosen", "rejected"), parsed)), ensure_ascii=False)
+        record["text"] = "\n\n".join(m["content"] for part in parsed for m in part)
+        return None
     if spec.kind == "chat":
         from llm_platform.data import chat
 
@@ -436,7 +448,8 @@ def _read_parquet(meta: dict, spec: ReadSpec) -> Iterator[tuple[int, dict | None
         pf = pq.ParquetFile(io.BytesIO(f.read()) if meta["compression"] else f)
         names = set(pf.schema_arrow.names)
         wanted = ([spec.text_field] if spec.kind == "pretrain" else list((spec.chat_fields or {}).values())
-                  if spec.kind == "chat" else [spec.prompt_field, spec.response_field])
+                  if spec.kind == "chat" else list((spec.pair_fields or {}).values())
+                  if spec.kind == "preference" else [spec.prompt_field, spec.response_field])
         columns = [c for c in wanted if c in names]
         row = 0
         for batch in pf.iter_batches(batch_size=1024, columns=columns or None):

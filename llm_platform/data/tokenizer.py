@@ -97,7 +97,8 @@ def check_usable(tok, kind: str, where: str) -> None:
     """Refuse a tokenizer that cannot build `kind` records, naming what it lacks."""
     from llm_platform.data import chat
 
-    needs_eos = kind in ("pretrain", "sft", "seq2seq") or (kind == "chat" and chat.template_of(tok)[1])
+    needs_eos = kind in ("pretrain", "sft", "seq2seq") or (kind in ("chat", "preference")
+                                                            and chat.template_of(tok)[1])
     if needs_eos and tok.eos_token_id is None:
         raise ConfigError(f"{where} has no EOS token, which data.kind={kind} needs (documents end with it; with the "
                           f"default chat template, assistant turns do): use a tokenizer that defines eos_token")

@@ -25,16 +25,36 @@ def _stack(column: Any) -> np.ndarray:
 
 
 def score_batch(model, batch: dict[str, Any], is_seq2seq: bool) -> tuple[float, int]:
-    """Summed NLL and scored tokens of one record batch (`input_ids` [+ `labels`, `attention_mask`])."""
+    """Summed NLL and scored tokens of one record batch (`input_ids` [+ `labels`, `attention_mask`]; packed
+    supervised rows also `position_ids`)."""
     from llm_platform.evaluate.models import sequence_nll
 
     if "input_ids" not in batch:
         raise DataError(f"val records have no `input_ids` column (columns: {sorted(batch)})")
+    if "position_ids" in batch and not is_seq2seq:  # packed supervised rows: several examples per row
+        return packed_nll(model, batch)
     labels = _stack(batch["labels"]) if "labels" in batch else None
     mask = _stack(batch["attention_mask"]) if "attention_mask" in batch else None
     nll, count = sequence_nll(model, _stack(batch["input_ids"]), labels=labels, attention_mask=mask,
                               is_seq2seq=is_seq2seq)
     return float(nll.sum()), int(count.sum())
+
+
+def packed_nll(model, batch: dict[str, Any]) -> tuple[float, int]:
+    """Summed NLL and scored tokens of packed rows (`data.pack_supervised`), each example scored as if alone: the
+    same inputs and targets as training's (models/packing.py), without a KV cache (which would turn off the
+    per-example attention mask)."""
+    import torch
+    import torch.nn.functional as F
+
+    from llm_platform.models.packing import IGNORE, packed_inputs
+
+    inputs, targets = packed_inputs({k: _stack(batch[k]) for k in ("input_ids", "labels", "position_ids")})
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                          reduction="sum")
+    return float(nll), int((targets != IGNORE).sum())
 
 
 def summarize(nll_sum: float, num_tokens: int, source: str) -> dict[str, float]:

@@ -76,6 +76,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: Mapping[str, int | N
     import torch
 
     dtype = dtype or torch.float32
+    # A plain str, not the config's Enum: transformers calls str methods on it inside each attention forward, and
+    # torch.compile cannot trace those on a str subclass (a graph break in every compiled block).
+    attn = str(cfg.attn_implementation)
     if pretrained_dir:
         family = resolve_family(cfg, read_pretrained_config(pretrained_dir))
         if not any(f.endswith(".safetensors") for f in os.listdir(pretrained_dir)):
@@ -83,7 +86,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: Mapping[str, int | N
                               f"are never loaded")
         torch.manual_seed(seed)  # LoRA's adapter init below
         model = families.model_class(family).from_pretrained(
-            pretrained_dir, use_safetensors=True, attn_implementation=cfg.attn_implementation, dtype=dtype)
+            pretrained_dir, use_safetensors=True, attn_implementation=attn, dtype=dtype)
         model.config.use_cache = False
         if base_vocab_size is not None and vocab_size > base_vocab_size:
             init_added_rows(model, base_vocab_size, vocab_size)
@@ -97,7 +100,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, special: Mapping[str, int | N
         cls = families.model_class(family)
         # Auto classes have `from_config`; concrete ones (T5, BERT) the equivalent `_from_config`.
         make = getattr(cls, "from_config", None) or cls._from_config
-        model = make(config, attn_implementation=cfg.attn_implementation, dtype=torch.float32)
+        model = make(config, attn_implementation=attn, dtype=torch.float32)
     if cfg.lora.enabled:
         model = add_lora(model, cfg, family)
     for p in model.parameters():

@@ -80,7 +80,9 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
         TrainingError: a non-finite loss stopped it.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from llm_platform.train.parallelize import process_group_backend
 
     dataset, pretrained_dir = preflight(model, train, scaling, dataset_uri, storage_root)
     run_name = run_name or train.run_name or f"{model.name}-{train.objective}-{dataset.fingerprint[:8]}"
@@ -102,6 +104,8 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
     trainer = TorchTrainer(
         # The typed WorkerConfig travels pickled with the function; no `train_loop_config` dict to rebuild.
         functools.partial(_train_fn(), worker_config),
+        # CPU offload on GPUs: the offloaded gradients' norm is all-reduced on the host, so gloo joins NCCL.
+        torch_config=TorchConfig(backend=process_group_backend(train.parallelism.cpu_offload, scaling.use_gpu)),
         scaling_config=ray_scaling(scaling),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=runs_path, storage_filesystem=fs,

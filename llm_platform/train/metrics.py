@@ -274,11 +274,17 @@ class FollowMetrics:
             self.show()
 
 
+CONSOLE_QUIET = ("cost/hours", "perf/flops_per_s", "train/tokens", "train/epoch")
+"""Logged and recorded, but left off the console line (the record and TensorBoard have them)."""
+
+
 def format_console(step: int, total: int, metrics: dict[str, Any]) -> str:
-    """`step 20/200 (10%) train/loss 5.1234 val/loss 5.2 perf/tokens_per_s 1.2e+04 ...`"""
+    """`step 20/200 (10%) cost/usd 0.012 train/loss 5.1234 val/loss 5.2 perf/tokens_per_s 1.2e+04 ...`"""
     pct = f" ({100 * step / total:.0f}%)" if total else ""
     parts = [f"step {step}/{total}{pct}"]
     for key in sorted(metrics):
         value = metrics[key]
+        if key in CONSOLE_QUIET or (key == "cost/gpu_hours" and not value):  # CPU workers hold no GPU-hours
+            continue
         parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " ".join(parts)

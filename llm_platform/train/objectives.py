@@ -5,9 +5,12 @@ the loop computes every objective's loss the same way (`loss_sum`) and can norma
 across all workers and micro-batches of a step. That is why the record has no loss of its own.
 
     clm      pretrain blocks; predict token t+1 from tokens <= t
-    sft      prompt/response records; as clm, but the dataset's labels are -100 on the prompt and padding
+    sft      prompt/response records; as clm, but the dataset's labels are -100 on the prompt and padding; packed
+             rows (several examples per row) also pass position_ids, keeping attention inside each example
     seq2seq  source -> target (T5); the decoder reads the target shifted right behind the start token (pad)
     mlm      pretrain blocks; BERT masking: 15% of tokens chosen, 80% -> <|mask|>, 10% random, 10% unchanged
+    dpo      preference pairs: chosen rows then rejected rows, targets on each answer; the loop computes DPO's
+             loss over pairs against a frozen reference (train/preference.py), not `loss_sum`
 
 Adding an objective: a member of `config.choices.Objective`, a record in `OBJECTIVES`, and the objective in the
 `objectives` of the model families that can train it (`models/families.py`).
@@ -23,7 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_platform.data.pairs import COLUMNS as pair_columns
 from llm_platform.errors import ConfigError
+from llm_platform.models.packing import is_packed, packed_inputs
+from llm_platform.train.preference import pair_rows
 
 IGNORE = -100
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
@@ -81,6 +87,8 @@ def _clm(batch: dict[str, Any], **_) -> Batch:
 
 
 def _sft(batch: dict[str, Any], **_) -> Batch:
+    if is_packed(batch):  # several whole examples per row: attention kept inside each (models/packing.py)
+        return packed_inputs(batch)
     inputs = {"input_ids": _tensor(batch["input_ids"]), "attention_mask": _tensor(batch["attention_mask"])}
     return inputs, shift_left(_tensor(batch["labels"]))
 
@@ -103,11 +111,14 @@ def _mlm(batch: dict[str, Any], *, special: dict[str, int], vocab_size: int, mlm
 
 _TOKENS = ("input_ids",)
 _RECORDS = ("input_ids", "labels", "attention_mask")
+_SUPERVISED = (*_RECORDS, "position_ids")  # position_ids: packed datasets only (the reader skips it elsewhere)
 OBJECTIVES: dict[str, ObjectiveSpec] = {o.name: o for o in (
     ObjectiveSpec("clm", ("pretrain",), _TOKENS, _clm),
-    ObjectiveSpec("sft", ("sft", "chat"), _RECORDS, _sft),  # rendered chats are prompt/response records too
+    ObjectiveSpec("sft", ("sft", "chat"), _SUPERVISED, _sft),  # rendered chats are prompt/response records too
     ObjectiveSpec("seq2seq", ("seq2seq",), _RECORDS, _seq2seq),
     ObjectiveSpec("mlm", ("pretrain",), _TOKENS, _mlm),
+    # DPO: each row a pair; the loop scores chosen and rejected rows against a frozen reference (train/preference.py)
+    ObjectiveSpec("dpo", ("preference",), pair_columns, lambda batch, **_: pair_rows(batch)),
 )}
 
 

@@ -10,15 +10,18 @@ checkpoint written under FSDP2 loads into DDP, a single process, or the driver's
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any, cast
 
 import torch
 
+from llm_platform.errors import ConfigError
 from llm_platform.models.build import transformer_blocks
 
 
 def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """Compute dtype: `auto` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and not what we test)."""
+    """Compute dtype: `auto` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow, but `bf16` runs there)."""
     if mixed_precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if mixed_precision not in ("bf16", "fp32"):
@@ -49,6 +52,7 @@ def parallelize(model: torch.nn.Module, *, parallelism: str, device: torch.devic
 
     # 2. Compile each block: small graphs compile fast and recompile rarely; the embedding and loss stay eager.
     if compile:
+        check_compiler(device)
         for block in blocks:
             block.compile()
 
@@ -59,7 +63,12 @@ def parallelize(model: torch.nn.Module, *, parallelism: str, device: torch.devic
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         kwargs: dict[str, Any] = {"mp_policy": mp}
         if cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+            # Sharded parameters, gradients and optimizer states live in host memory; each block's parameters are
+            # copied to the device for its all-gather. Pinned memory needs an accelerator: on CPU workers the
+            # offload path runs unpinned (and moves nothing, the device being the host). The model stays on the
+            # host: fully_shard moves only what the device must hold.
+            check_offload_backend(device)
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
         else:
             model.to(device)
         for i, block in enumerate(blocks):
@@ -78,6 +87,38 @@ def parallelize(model: torch.nn.Module, *, parallelism: str, device: torch.devic
             raise ValueError("train.parallelism.strategy=none needs scaling.num_workers=1")
         return model
     raise ValueError(f"train.parallelism.strategy={parallelism!r}: choose fsdp, ddp or none")
+
+
+def check_compiler(device: torch.device) -> None:
+    """Inductor builds CPU kernels with a C++ compiler ($CXX, else g++); without one the first forward would fail
+    deep inside torch on every worker, so say so here, naming the key."""
+    compiler = os.environ.get("CXX") or "g++"
+    if device.type == "cpu" and not shutil.which(compiler):
+        raise ConfigError(f"train.parallelism.compile=true on CPU workers needs a C++ compiler for inductor; "
+                          f"{compiler!r} is not on this worker's PATH (install g++, set CXX, or turn compile off)")
+
+
+def process_group_backend(cpu_offload: bool, use_gpu: bool) -> str | None:
+    """The torch.distributed backend the workers' process group needs (Ray Train's `TorchConfig.backend`).
+
+    None is Ray's default: NCCL on GPUs, gloo on CPUs. FSDP2's CPU offload on GPUs keeps the sharded gradients in
+    host memory, and clipping all-reduces their norms there: NCCL has no CPU tensors, so gloo serves the CPU side
+    (as torchtitan does; pytorch/pytorch#148532).
+    """
+    return "cpu:gloo,cuda:nccl" if cpu_offload and use_gpu else None
+
+
+def check_offload_backend(device: torch.device) -> None:
+    """Refuse CPU offload on GPUs under a process group without a CPU backend, before the first step's gradient
+    clipping fails with `No backend type associated with device type cpu`."""
+    import torch.distributed as dist
+
+    if device.type != "cuda" or not dist.is_initialized():
+        return
+    config = dist.get_backend_config()  # e.g. "cuda:nccl" or "cpu:gloo,cuda:nccl"
+    if "cpu:" not in config:
+        raise ConfigError(f"train.parallelism.cpu_offload=true on GPU workers needs a process group with a CPU "
+                          f"backend ({process_group_backend(True, True)}); this one is {config!r}")
 
 
 def needs_autocast(parallelism: str, compute_dtype: torch.dtype) -> bool:

@@ -109,10 +109,14 @@ def pair_rows(batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Ten
         return torch.cat([torch.as_tensor(np.asarray(batch[f"{side}_{name}"]), dtype=torch.long)
                           for side in ("chosen", "rejected")])
 
-    labels = both("labels")
+    ids, mask, labels = both("input_ids"), both("attention_mask"), both("labels")
+    # Rows are right-padded to data.seq_len; columns past the longest row's tokens are padding in every row, so they
+    # are cut (attention and labels there are zero and -100 anyway): a batch of short pairs costs what they hold.
+    width = max(int(mask.sum(1).max()), 1)
+    ids, mask, labels = ids[:, :width], mask[:, :width], labels[:, :width]
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]  # position t predicts token t+1 (the causal shift)
-    return {"input_ids": both("input_ids"), "attention_mask": both("attention_mask")}, targets
+    return {"input_ids": ids, "attention_mask": mask}, targets
 
 
 def build_reference(model_cfg, train_cfg, *, vocab_size: int, special: dict, pretrained_dir: str | None,

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from llm_platform import storage
+from llm_platform.data.pack import PACKED_COLUMNS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,7 @@ class SplitFiles:
         return [Block(f, g, s, min(size, n - s)) for f, g, n in groups for s in range(0, n, size)]
 
     def read(self, block: Block) -> dict[str, np.ndarray]:
-        """The block's rows as {column: (rows, T) int64}."""
+        """The block's rows as {column: (rows, T) int64} (`pack.PACKED_COLUMNS` only where the files have them)."""
         key = (block.file, block.row_group)
         table = self._cache.get(key)
         if table is None:
@@ -117,8 +118,13 @@ class SplitFiles:
 
             fs, path = storage.pyarrow_filesystem(self.files[block.file])
             with fs.open_input_file(path) as f:
-                group = pq.ParquetFile(f).read_row_group(block.row_group, columns=self.columns)
-            table = {c: _stack(group.column(c)) for c in self.columns}
+                parquet = pq.ParquetFile(f)
+                names = set(parquet.schema_arrow.names)
+                # A packed supervised dataset's own columns are read where they exist (a padded one has none);
+                # any other missing column is an error pyarrow names.
+                wanted = [c for c in self.columns if c in names or c not in PACKED_COLUMNS]
+                group = parquet.read_row_group(block.row_group, columns=wanted)
+            table = {c: _stack(group.column(c)) for c in wanted}
             self.rows_read += group.num_rows
             self._cache[key] = table
             self._cached += sum(v.nbytes for v in table.values())

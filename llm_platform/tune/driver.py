@@ -162,6 +162,7 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
                    "run_uri": winner.run_uri, "export_uri": winner.export_uri},
         "model_version": ({"name": version.name, "version": version.version, "uri": version.uri}
                           if version else None),
+        "cost": {key: sum(t.last(f"cost/{key}") or 0.0 for t in trials) for key in ("usd", "gpu_hours")},
         "budget": ({"spent": spent.total(), "stopped": over, "trials_launched": len(grid),
                     "trials_planned": expected} if spent else None),
     }

@@ -164,7 +164,8 @@ def test_sft_records_mask_the_prompt(ray_session, tmp_path):
     result = pipeline.build_dataset(cfg.data, cfg.tokenizer, root, progress=False)
     ds = open_dataset(result.uri)
     table = pq.read_table(ds.files["train"][0])
-    assert set(table.column_names) == {"input_ids", "labels", "attention_mask"}
+    # Packed (data.pack_supervised, the default for sft): several records per row, each with its own positions.
+    assert set(table.column_names) == {"input_ids", "labels", "attention_mask", "position_ids", "example_ids"}
     tok = ds.load_tokenizer()
     for ids, labels in zip(table["input_ids"].to_pylist()[:5], table["labels"].to_pylist()[:5]):
         answer = tok.decode([t for t in labels if t != -100])

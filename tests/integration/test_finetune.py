@@ -36,13 +36,17 @@ def mean_loss(folder, rows: dict[str, np.ndarray]) -> float:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    # Packed rows (data.pack_supervised, the default): position ids and no mask, and no KV cache, which would turn
+    # off transformers' per-example mask (llm_platform/models/packing.py); training models run without one.
+    where = ({"position_ids": torch.as_tensor(rows["position_ids"])} if "position_ids" in rows
+             else {"attention_mask": torch.as_tensor(rows["attention_mask"])})
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(rows["input_ids"]), labels=torch.as_tensor(rows["labels"]),
-                    attention_mask=torch.as_tensor(rows["attention_mask"]))
+                    use_cache=False, **where)
     # Cross-check: the platform's loss on the same rows (what the training loop computes).
     inputs, targets = prepare_batch("sft", rows, special=SPECIAL, vocab_size=model.config.vocab_size)
     with torch.no_grad():
-        ours = loss_sum(model(**inputs).logits, targets) / count_targets(targets)
+        ours = loss_sum(model(**inputs, use_cache=False).logits, targets) / count_targets(targets)
     assert float(ours) == pytest.approx(float(out.loss), abs=1e-5)
     return float(out.loss)
 
@@ -68,7 +72,9 @@ def test_full_finetune_of_a_gpt2_layout(ray_session, tmp_path, chats):
     assert {r: manifest["counts"]["dropped"].get(r) for r in bad} == {r: 1 for r in bad}
     assert {(s["reason"].split(":")[0], s["line"]) for s in manifest["skipped"]} == {(r, n) for r, n in bad.items()}
     splits = manifest["splits"]
-    assert splits["train"]["num_records"] + splits["val"]["num_records"] + manifest["counts"]["exact_duplicates"] == 96
+    # Packed chats (data.pack_supervised, the default): the manifest counts the examples in its rows.
+    examples = splits["train"]["packing"]["examples"] + splits["val"]["packing"]["examples"]
+    assert examples + manifest["counts"]["exact_duplicates"] == 96
     # The model's own tokenizer, unaltered: same hash, same length, no pad or mask token added.
     assert manifest["tokenizer"]["sha256"] == manifest["tokenizer"]["base_sha256"] == storage.file_sha256(
         str(base / "tokenizer.json"))

@@ -19,8 +19,14 @@ import pytest
 from train_fixtures import make_dataset, plain_pytorch_run
 
 from llm_platform.config.model import ModelConfig
-from llm_platform.config.train import (BudgetConfig, CheckpointConfig, OptimizerConfig, ParallelismConfig,
-                                       ScalingConfig, TrainConfig)
+from llm_platform.config.train import (
+    BudgetConfig,
+    CheckpointConfig,
+    OptimizerConfig,
+    ParallelismConfig,
+    ScalingConfig,
+    TrainConfig,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -95,6 +101,7 @@ def test_a_sweep_over_budget_launches_no_more_trials(ray_session, dataset, tmp_p
     assert "tune.budget.max_cost_usd=1e-09" in record["stopped"]
     assert record["spent"]["usd"] >= TINY_USD
     (trial,) = result.trials
+    assert result.record["cost"]["usd"] == pytest.approx(trial.last("cost/usd"))  # one trial: its run's cost
     assert trial.status == "finished" and [r["step"] for r in trial.reports] == [2, 4]
     assert result.winner is not None and result.winner.trial_id == trial.trial_id
     assert os.path.exists(os.path.join(result.winner.export_uri, "model.safetensors"))

@@ -92,3 +92,28 @@ def test_chat_turns_are_normalized_and_scrubbed_and_text_follows_them():
     emptied = {"messages": json.dumps([{"role": "user", "content": "Say nothing at all please."},
                                        {"role": "assistant", "content": "\u200b\x00"}]), "text": "x", "drop_reason": ""}
     assert clean.clean_record(emptied, "NFC", False, FilterConfig())["drop_reason"] == "empty_assistant"
+
+
+def test_rule_sets_judge_every_record_but_rewrite_plain_text_only():
+    """C4 removes failing lines from a plain document; a supervised or chat record's text is rebuilt from its fields,
+    so there the rules only decide, and the fields stay as cleaned."""
+    import json
+
+    from llm_platform.config.data import C4Config
+    from llm_platform.data import filters
+
+    c4_on = FilterConfig(c4=C4Config(enabled=True, min_sentences=1))
+    rules = filters.build(c4_on)
+    plain = clean.clean_record({"text": "A first full line here.\nmenu home login", "drop_reason": ""}, "NFC", False,
+                               c4_on, rules)
+    assert (plain["text"], plain["drop_reason"]) == ("A first full line here.", "")
+    sft = clean.clean_record({"prompt": "Say it in words?", "response": "Yes, in three words.\nok", "text": "",
+                              "drop_reason": ""}, "NFC", False, c4_on, rules)
+    assert sft["drop_reason"] == "" and sft["text"] == "Say it in words?\n\nYes, in three words.\nok"
+    messages = [{"role": "user", "content": "Show me code please."},
+                {"role": "assistant", "content": "Here is the code that you asked for {a}."}]
+    chat = clean.clean_record({"messages": json.dumps(messages), "text": "", "drop_reason": ""}, "NFC", False, c4_on,
+                              rules)
+    assert chat["drop_reason"] == "c4.curly_bracket"
+    # Without rule sets nothing changes: no language, the basic filters only.
+    assert "language" not in clean.clean_record({"text": GOOD, "drop_reason": ""}, "NFC", False, FilterConfig())

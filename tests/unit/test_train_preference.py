@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +141,27 @@ def test_an_unknown_loss_is_refused():
     zero = torch.zeros(1)
     with pytest.raises(ValueError, match="loss_type='hinge'"):
         dpo_losses((zero, zero), (zero, zero), (zero, zero), beta=0.1, loss_type="hinge")
+
+
+def test_pair_rows_cut_the_padding_every_row_shares_and_score_the_same(models):
+    from llm_platform.train.preference import pair_rows
+
+    policy, _ = models
+    pairs = [([5, 6, 7], [8, 9], [10]), ([11], [12, 13, 14], [15, 16])]
+    ids, mask, labels = batch(pairs)  # as wide as the longest row
+    seq_len = 24  # the dataset's rows: right-padded to data.seq_len
+    rows = {}
+    for side, sl in (("chosen", slice(0, 2)), ("rejected", slice(2, 4))):
+        pad = seq_len - ids.shape[1]
+        rows[f"{side}_input_ids"] = F.pad(ids[sl], (0, pad), value=PAD).numpy()
+        rows[f"{side}_attention_mask"] = F.pad(mask[sl], (0, pad)).numpy()
+        rows[f"{side}_labels"] = F.pad(labels[sl], (0, pad), value=-100).numpy()
+    inputs, targets = pair_rows(rows)
+    assert inputs["input_ids"].shape == (4, 5) == targets.shape  # the longest row: 3 + 2 tokens
+    with torch.no_grad():
+        cut, _ = sequence_logps(policy(**inputs).logits, targets)
+        full, _ = sequence_logps(policy(input_ids=torch.as_tensor(np.concatenate(
+            [rows["chosen_input_ids"], rows["rejected_input_ids"]])).long(), attention_mask=torch.as_tensor(
+            np.concatenate([rows["chosen_attention_mask"], rows["rejected_attention_mask"]])).long()).logits,
+            shift_left(torch.as_tensor(np.concatenate([rows["chosen_labels"], rows["rejected_labels"]])).long()))
+    torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-5)
