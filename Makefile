@@ -57,14 +57,15 @@ setup-corpora:
 	  --no-install-recommends $$missing || \
 	  echo "setup-corpora: could not install $$missing (apt-get failed, or no root or passwordless sudo); the real-corpus tests skip"
 
-# promtool (Debian's `prometheus` package) for tests/unit/test_monitoring.py: `promtool check rules` and
-# `promtool test rules` over cluster/monitoring/alerts.yaml. apt-get runs only when promtool is missing (as root, or
-# through passwordless sudo); where it cannot, `make test` says so and goes on, and those tests skip naming it.
+# Debian's `prometheus` package: promtool for tests/unit/test_monitoring.py (`promtool check rules` and `promtool
+# test rules` over cluster/monitoring/alerts.yaml) and the server for tests/integration/test_prometheus.py (a real
+# scrape of the test's Ray). apt-get runs only when either is missing (as root, or through passwordless sudo); where
+# it cannot, `make test` says so and goes on, and those tests skip naming the package.
 setup-monitoring:
-	@if command -v promtool >/dev/null; then exit 0; fi; \
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null; then echo "setup-monitoring: no apt-get here; missing: prometheus (promtool)"; exit 0; fi; \
 	sudo=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
-	echo "setup-monitoring: installing prometheus (promtool)"; \
+	echo "setup-monitoring: installing prometheus (the server and promtool)"; \
 	$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	  --no-install-recommends prometheus || \
 	  echo "setup-monitoring: could not install prometheus (apt-get failed, or no root or passwordless sudo); the promtool tests skip"

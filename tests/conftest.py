@@ -20,6 +20,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # No spot preemption on one machine: one actor process fewer per training run (cluster.connect does the same for a
 # local Ray; set here too for the Ray heads that tests start themselves).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray's processes push their metrics to the node's metrics agent every 10 s by default; at 1 s (its floor) a test's
+# Prometheus (tests/integration/test_prometheus.py) sees a series a second after it is recorded.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+# Ray's agent drops a gauge not set again for two report intervals (2 s here); Serve's controller sets its replica
+# health gauge every 10 s unless told otherwise.
+os.environ.setdefault("RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S", "1")
 # Fake credentials for the loopback S3 only; never real ones in tests.
 for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_DEFAULT_REGION": "us-east-1"}.items():

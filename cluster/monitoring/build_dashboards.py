@@ -8,9 +8,9 @@ and committed as JSON, so Grafana, terraform/monitoring.tf and a reviewer read t
 tests/unit/test_monitoring.py rebuilds them and compares. Edit the panel lists below, never the JSON.
 
 Series names are what Prometheus scrapes from Ray's metrics agent: `ray_` + the metric name, counters with `_total`,
-histograms with `_bucket` (README.md). The serving panels use metrics that exist (llm_platform/serve/monitor.py and
-Ray Serve's own); the training and data panels use the names planned for them (`ray_llmp_train_*`,
-`ray_llmp_data_*`), which nothing exports yet.
+histograms with `_bucket` (README.md). Serving: llm_platform/serve/monitor.py and Ray Serve's own metrics; training:
+llm_platform/train/metrics.py (rank 0's gauges); data: llm_platform/data/metrics.py (counters added when a data stage
+finishes). plot_panels.py draws the same panels as PNGs from a Prometheus.
 """
 
 from __future__ import annotations
@@ -21,13 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from grafana_foundation_sdk.builders import common, dashboard, prometheus, timeseries
-from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement, SortOrder, TooltipDisplayMode
-from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos
-
 OUT = Path(__file__).resolve().parent / "dashboards"
-DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 PANEL_W, PANEL_H = 12, 8  # two panels a row on Grafana's 24-column grid
 
 
@@ -75,6 +69,15 @@ SERVE = {
               (("ray_llmp_serve_running_sequences", "running {{replica}}"),
                ("ray_llmp_serve_queue_depth", "waiting {{replica}}")),
               "Alert ServeQueueSaturated at 24 waiting for 10 minutes."),
+        Panel("Inter-token latency", "s",
+              ((_p50("ray_llmp_serve_inter_token_latency_s"), "p50 {{application}}"),
+               (_p95("ray_llmp_serve_inter_token_latency_s"), "p95 {{application}}")),
+              "Seconds between consecutive tokens of a sequence in the engine; a stream sends them in chunks of "
+              "serve.engine.stream_interval_tokens."),
+        Panel("KV-cache use per replica", "percentunit",
+              (("max by (replica) (ray_llmp_serve_kv_cache_used_fraction)", "{{replica}}"),),
+              "Share of serve.engine.max_batch_tokens the running batch's cache holds; near 1, requests wait for "
+              "room."),
     ],
     "Drift": [
         Panel("Prompt drift", "short",
@@ -91,10 +94,13 @@ SERVE = {
               (("sum by (deployment) (ray_serve_deployment_replica_starts_total)", "starts {{deployment}}"),
                ("sum by (deployment) (increase(ray_serve_health_check_failures_total[$__rate_interval]))",
                 "failed checks {{deployment}}"))),
+        Panel("Cost rate", "currencyUSD",
+              (("sum by (application) (ray_llmp_serve_cost_usd_per_hour)", "$/hour {{application}}"),),
+              "What the running replicas cost per hour at serve.prices (GPUs x the GPU's price, or vCPUs x the "
+              "vCPU price)."),
     ],
 }
 
-# Planned metrics (README.md): nothing exports them yet.
 TRAIN = {
     "Throughput": [
         Panel("Tokens per second", "short", (("sum by (run) (ray_llmp_train_tokens_per_s)", "{{run}}"),)),
@@ -102,29 +108,65 @@ TRAIN = {
         Panel("Step time", "s", (("max by (run) (ray_llmp_train_step_time_s)", "{{run}}"),)),
     ],
     "Progress and cost": [
-        Panel("Training loss", "short", (("avg by (run) (ray_llmp_train_loss)", "{{run}}"),)),
+        Panel("Loss", "short", (("avg by (run) (ray_llmp_train_loss)", "train {{run}}"),
+                                ("avg by (run) (ray_llmp_train_val_loss)", "val {{run}}"))),
         Panel("Cost against budget", "currencyUSD",
               (("max by (run) (ray_llmp_train_cost_usd)", "spent {{run}}"),
                ("max by (run) (ray_llmp_train_budget_usd)", "budget {{run}}")),
-              "Alert TrainBudgetNearlySpent at 90% (depends on the budget feature)."),
+              "Alert TrainBudgetNearlySpent at 90%; at 100% the run stops at a checkpoint (train.budget)."),
     ],
 }
 
+# A data stage adds its counts once, when it finishes: a counter's first sample is its whole value, which `rate()`
+# cannot see, so these panels show totals and shares per dataset, not rates.
 DATA = {
     "Pipeline": [
-        Panel("Documents per second by phase", "short",
-              (("sum by (phase) (rate(ray_llmp_data_documents_total[$__rate_interval]))", "{{phase}}"),)),
-        Panel("Bytes per second by phase", "Bps",
-              (("sum by (phase) (rate(ray_llmp_data_bytes_total[$__rate_interval]))", "{{phase}}"),)),
         Panel("Documents by phase (total)", "short",
-              (("sum by (phase) (ray_llmp_data_documents_total)", "{{phase}}"),),
-              "How many documents each phase (read, clean, dedup, tokenize, pack) kept."),
+              (("sum by (dataset, phase) (ray_llmp_data_documents_total)", "{{dataset}} {{phase}}"),),
+              "Documents each phase (read, clean, dedup, pack) left, summed over the stage's runs."),
+        Panel("Share of read documents kept", "percentunit",
+              (("sum by (dataset, phase) (ray_llmp_data_documents_total) / ignoring (phase) group_left "
+                'sum by (dataset) (ray_llmp_data_documents_total{phase="read"})', "{{dataset}} {{phase}}"),),
+              "Cleaning, quality and language filters, then exact and near duplicates."),
+        Panel("Bytes read (total)", "bytes",
+              (("sum by (dataset) (ray_llmp_data_bytes_total)", "{{dataset}}"),)),
     ],
 }
+
+
+@dataclass(frozen=True)
+class Board:
+    """One dashboard: the file it is written to, its Grafana uid and title, its rows of panels, its tags."""
+
+    file: str
+    uid: str
+    title: str
+    rows: dict[str, list[Panel]]
+    tags: tuple[str, ...]
+
+
+BOARDS = (
+    Board("llm-platform-serve.json", "llmp-serve", "llm-platform / serving", SERVE, ("serve",)),
+    Board("llm-platform-train.json", "llmp-train", "llm-platform / training", TRAIN, ("train",)),
+    Board("llm-platform-data.json", "llmp-data", "llm-platform / data", DATA, ("data",)),
+)
+"""Every dashboard this script writes (plot_panels.py draws the same panels from a Prometheus)."""
 
 
 def build(uid: str, title: str, rows: dict[str, list[Panel]], tags: list[str]) -> dict:
     """One dashboard as the dict Grafana imports: a Prometheus datasource variable, then a row per group."""
+    # Imported here: plot_panels.py reads the panels above without Grafana's SDK installed.
+    from grafana_foundation_sdk.builders import common, dashboard, prometheus, timeseries
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.common import (
+        LegendDisplayMode,
+        LegendPlacement,
+        SortOrder,
+        TooltipDisplayMode,
+    )
+    from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos
+
+    datasource = DataSourceRef(type_val="prometheus", uid="${datasource}")
     board = (dashboard.Dashboard(title).uid(uid).tags(["llm-platform", *tags]).editable()
              .time("now-6h", "now").refresh("1m").timezone("browser")
              .with_variable(dashboard.DatasourceVariable("datasource").label("Prometheus").type("prometheus")))
@@ -135,7 +177,7 @@ def build(uid: str, title: str, rows: dict[str, list[Panel]], tags: list[str]) -
         y += 1
         for i, panel in enumerate(panels):
             panel_id += 1
-            built = (timeseries.Panel().id(panel_id).title(panel.title).unit(panel.unit).datasource(DATASOURCE)
+            built = (timeseries.Panel().id(panel_id).title(panel.title).unit(panel.unit).datasource(datasource)
                      .grid_pos(GridPos(h=PANEL_H, w=PANEL_W, x=(i % 2) * PANEL_W, y=y + (i // 2) * PANEL_H))
                      .legend(common.VizLegendOptions().show_legend(True).display_mode(LegendDisplayMode.LIST)
                              .placement(LegendPlacement.BOTTOM))
@@ -144,7 +186,7 @@ def build(uid: str, title: str, rows: dict[str, list[Panel]], tags: list[str]) -
                 built = built.description(panel.description)
             for ref, (expr, legend) in zip("ABCDEFGH", panel.queries):
                 built = built.with_target(prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref)
-                                          .datasource(DATASOURCE))
+                                          .datasource(datasource))
             board = board.with_panel(built)
         y += ((len(panels) + 1) // 2) * PANEL_H
     return json.loads(JSONEncoder(sort_keys=True).encode(board.build()))
@@ -152,11 +194,7 @@ def build(uid: str, title: str, rows: dict[str, list[Panel]], tags: list[str]) -
 
 def dashboards() -> dict[str, dict]:
     """File name -> dashboard JSON (as dicts) of every dashboard this script writes."""
-    return {
-        "llm-platform-serve.json": build("llmp-serve", "llm-platform / serving", SERVE, ["serve"]),
-        "llm-platform-train.json": build("llmp-train", "llm-platform / training (planned metrics)", TRAIN, ["train"]),
-        "llm-platform-data.json": build("llmp-data", "llm-platform / data (planned metrics)", DATA, ["data"]),
-    }
+    return {b.file: build(b.uid, b.title, b.rows, list(b.tags)) for b in BOARDS}
 
 
 def render(board: dict) -> str:

@@ -8,6 +8,7 @@
 from dataclasses import dataclass, field
 
 from llm_platform.config.choices import Ingress, WeightDtype
+from llm_platform.config.prices import PricesConfig
 
 
 @dataclass
@@ -189,3 +190,7 @@ class ServeConfig:
     """What one request may ask."""
     drift: DriftConfig = field(default_factory=DriftConfig)
     """Prompt drift against the training data."""
+    prices: PricesConfig = field(default_factory=PricesConfig)
+    """The price table of the endpoint's cost rate (the `llmp_serve_cost_usd_per_hour` gauge, logged at deploy): a
+    replica's GPUs x the GPU's $/hour at `serve.prices.market`, or its vCPUs x `serve.prices.cpu` (the same
+    defaults as `plan.prices`; llm_platform/config/prices.py)."""

@@ -59,7 +59,7 @@ class OpenAIServer:
 
         from llm_platform import storage
         from llm_platform.serve.engine import Engine, load_model
-        from llm_platform.serve.monitor import DriftMonitor, ServeMetrics, reference_for_model
+        from llm_platform.serve.monitor import DriftMonitor, ServeMetrics, reference_for_model, replica_usd_per_hour
         from llm_platform.serve.service import Service
 
         ingress.check(cfg.http.ingress)  # before the model loads: a mismatch fails the deployment at once
@@ -84,6 +84,15 @@ class OpenAIServer:
                              max_consecutive_failed_steps=engine_cfg.max_consecutive_failed_steps)
         self.engine.start()
         metrics = ServeMetrics(self.engine)
+        metrics.start_sampler()
+        d = cfg.deployment
+        gpu_type = torch.cuda.get_device_name(self.engine.device) if self.engine.device.type == "cuda" else None
+        try:  # priced once: a replica's resources do not change while it lives
+            metrics.set_cost_rate(replica_usd_per_hour(cfg.prices, num_gpus=d.num_gpus_per_replica,
+                                                       num_cpus=d.num_cpus_per_replica, gpu_type=gpu_type))
+        except ConfigError as e:  # the cost rate is for reading, never a reason not to serve
+            log.warning("no cost rate for this replica: %s", e)
+        self.metrics = metrics
         reference = drift_reference or reference_for_model(folder)
         if isinstance(reference, list):  # texts given by the caller (tests, models without lineage)
             from llm_platform.serve.monitor import reference_from_texts
@@ -113,6 +122,8 @@ class OpenAIServer:
     def __del__(self):
         # Serve calls this on shutdown after draining; let admitted sequences finish, then stop the thread.
         engine = getattr(self, "engine", None)
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.stop_sampler()
         if engine is not None:
             engine.shutdown(drain_timeout_s=self.cfg.deployment.graceful_shutdown_timeout_s)
 
@@ -211,7 +222,34 @@ def deploy(cfg: ServeConfig, storage_root: str | None = None, storage_settings: 
         if reason is None:
             raise
         raise ConfigError(f"serve app {cfg.app_name!r}: its replicas refused to start: {reason}") from None
+    log.info("%s", cost_summary(cfg, _cluster_gpu_type() if cfg.deployment.num_gpus_per_replica else None))
     return f"http://{http.host}:{http.port}{http.route_prefix.rstrip('/')}"
+
+
+def cost_summary(cfg: ServeConfig, gpu_type: str | None) -> str:
+    """One line for the deploy log: the endpoint's replicas and what they cost per hour at `serve.prices`."""
+    from llm_platform.serve.monitor import replica_usd_per_hour
+
+    d, scaling, prices = cfg.deployment, cfg.autoscaling, cfg.prices
+    lo, hi = ((scaling.min_replicas, scaling.max_replicas) if scaling.min_replicas is not None
+              else (d.num_replicas, d.num_replicas))
+    replicas = f"{lo} replica{'s' if lo != 1 else ''}" if lo == hi else f"{lo}-{hi} replicas (autoscaling)"
+    try:
+        per = replica_usd_per_hour(prices, num_gpus=d.num_gpus_per_replica, num_cpus=d.num_cpus_per_replica,
+                                   gpu_type=gpu_type)
+    except ConfigError as e:
+        return f"endpoint: {replicas}; cost unknown: {e}"
+    usd = f"${lo * per:.4g}" if lo == hi else f"${lo * per:.4g}-${hi * per:.4g}"
+    return (f"endpoint: {replicas}, about {usd}/hour ({prices.market.value} prices of {prices.as_of_date}, "
+            f"serve.prices)")
+
+
+def _cluster_gpu_type() -> str | None:
+    """The GPU type Ray detected on the cluster's nodes (its `accelerator_type:<name>` resource), if one."""
+    import ray
+
+    found = sorted(k.split(":", 1)[1] for k in ray.cluster_resources() if k.startswith("accelerator_type:"))
+    return found[0] if found else None
 
 
 def replica_error(app_name: str) -> str | None:

@@ -18,12 +18,14 @@ mask, which works for any HF decoder (GPT-2, Llama, ...) that accepts `position_
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import queue
 import random
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -69,6 +71,7 @@ class RequestTooLarge(ValueError):
 LOGIT_CHUNK = 64
 PREFILL_CHUNK_TOKENS = 512  # prompt columns per prefill forward pass (see Engine._prefill_group)
 PREFILL_SCORE_BYTES = 64 << 20  # attention scores a prefill group may hold per layer (see Engine._prefill)
+TOKEN_GAPS_KEPT = 65536  # inter-token gaps held for the metrics sampler (monitor.py) between two of its reads
 """Prompt positions whose full-vocabulary logits exist at once when prompt log-probabilities are computed."""
 
 
@@ -125,6 +128,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._admitting: list[Seq] = []  # admitted this iteration: in the step even before they join `_running`
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "requests": 0, "failed_steps": 0}
+        # For the metrics (monitor.py reads them from the event loop's side): the token slots the batch's cache
+        # holds now (`BatchShape.slots` of the block last allocated), and each sequence's gaps between consecutive
+        # tokens (its inter-token latency, prefills of others included), oldest dropped past TOKEN_GAPS_KEPT.
+        self.kv_slots_allocated = 0
+        self.token_gaps: collections.deque[float] = collections.deque(maxlen=TOKEN_GAPS_KEPT)
+        self._last_token_s: weakref.WeakKeyDictionary[Seq, float] = weakref.WeakKeyDictionary()
 
     @property
     def max_batch_tokens(self) -> int:
@@ -163,6 +172,10 @@ class Engine:
     def num_running(self) -> int:
         """Sequences in the running batch."""
         return len(self._running)
+
+    def kv_cache_used_fraction(self) -> float:
+        """The share of the KV-cache budget (`max_batch_tokens`) the running batch's cache holds now."""
+        return self.kv_slots_allocated / max(self.max_batch_tokens, 1)
 
     def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new requests, let the admitted ones finish (up to `drain_timeout_s`), then stop the thread."""
@@ -360,6 +373,7 @@ class Engine:
             if self.device.type == "cpu":
                 release_freed_memory()
         self._mask = torch.cat([torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1) for m in masks])
+        self.kv_slots_allocated = shape.slots
         self._step_tokens(torch.cat(lasts), new)
 
     def _prefill_group(self, seqs: list[Seq], cache=None):
@@ -425,6 +439,7 @@ class Engine:
             return
         if not keep:
             self._running, self._cache, self._mask = [], None, None
+            self.kv_slots_allocated = 0
             return
         assert self._mask is not None  # set whenever a batch runs
         rows = torch.tensor([self._running.index(s) for s in keep], device=self.device)
@@ -435,6 +450,7 @@ class Engine:
         for i, layer in enumerate(self._cache.layers):
             self._cache.layers[i] = gathered_layer([(layer.keys, layer.values, rows.tolist(), first)], shape)
             layer.keys = layer.values = layer.kbuf = layer.vbuf = None
+        self.kv_slots_allocated = shape.slots
         if self.device.type == "cpu":
             release_freed_memory()
 
@@ -453,7 +469,12 @@ class Engine:
         self.stats["generated_tokens"] += len(seqs)
         by_request: dict[int, tuple[Request, list[SeqDelta]]] = {}
         finished: set[int] = set()
+        now = time.monotonic()
         for seq, info in zip(seqs, infos):
+            last = self._last_token_s.get(seq)  # None for a first token (that is time to first token)
+            if last is not None:
+                self.token_gaps.append(now - last)
+            self._last_token_s[seq] = now
             delta = seq.advance(info, self.eos_token_id, self.max_positions)
             if delta.finish_reason:
                 finished.add(id(seq))
@@ -498,5 +519,6 @@ class Engine:
             except RuntimeError:  # its event loop is closed: nobody is waiting for it
                 pass
         self._running, self._admitting, self._cache, self._mask = [], [], None, None
+        self.kv_slots_allocated = 0
         if everyone:
             self._waiting = []

@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from llm_platform.config.prices import PricesConfig
+from llm_platform.errors import ConfigError
+
 log = logging.getLogger(__name__)
 _EPS = 1e-6
 
@@ -164,11 +167,24 @@ class DriftMonitor:
 
 
 class ServeMetrics:
-    """Prometheus metrics of one replica through `ray.serve.metrics` (exported by Ray's metrics agent)."""
+    """Prometheus metrics of one replica through `ray.serve.metrics` (exported by Ray's metrics agent).
+
+    Requests record their own (status, latency, time to first token, tokens); the engine's state (queue, batch, KV
+    cache) is sampled every `SAMPLE_INTERVAL_S` by `start_sampler`'s thread as well as after each request, so a
+    replica whose requests stop finishing (a wedged engine, a full queue) still reports it, and that thread moves the
+    engine's inter-token gaps into their histogram (a few thousand a second at most, off the event loop). The
+    sampler also sets the gauges that change rarely (cost rate, drift, last request's tokens/s) again: Ray's metrics
+    agent drops a gauge value not set for two report intervals, and the cost rate, set once, was gone from
+    Prometheus seconds after the replica started.
+    """
 
     LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+    # A decode step of one sequence: from a fraction of a millisecond (a small model on a GPU) to seconds (a
+    # large one on CPU, or a step stalled behind long prefills).
+    INTER_TOKEN_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+    SAMPLE_INTERVAL_S = 1.0
 
-    def __init__(self, engine=None):
+    def __init__(self, engine: Any = None) -> None:
         from ray.serve import metrics
 
         self.requests = metrics.Counter("llmp_serve_requests", "Requests by HTTP status.", tag_keys=("status",))
@@ -176,14 +192,25 @@ class ServeMetrics:
                                          boundaries=self.LATENCY_BOUNDARIES_S)
         self.ttft = metrics.Histogram("llmp_serve_ttft_s", "Time to first token in seconds.",
                                       boundaries=self.LATENCY_BOUNDARIES_S)
+        self.inter_token = metrics.Histogram(
+            "llmp_serve_inter_token_latency_s", "Seconds between consecutive tokens of a sequence, in the engine "
+            "(a stream sends them in chunks of serve.engine.stream_interval_tokens).",
+            boundaries=self.INTER_TOKEN_BOUNDARIES_S)
         self.tokens = metrics.Counter("llmp_serve_generated_tokens", "Generated tokens.")
         self.tokens_per_s = metrics.Gauge("llmp_serve_tokens_per_s", "Generated tokens per second (last request).")
         self.queue_depth = metrics.Gauge("llmp_serve_queue_depth", "Requests waiting for a batch slot.")
         self.running = metrics.Gauge("llmp_serve_running_sequences", "Sequences in the running batch.")
+        self.kv_used = metrics.Gauge("llmp_serve_kv_cache_used_fraction", "Share of the replica's KV-cache budget "
+                                     "(serve.engine.max_batch_tokens) the running batch's cache holds.")
+        self.cost_rate = metrics.Gauge("llmp_serve_cost_usd_per_hour", "What the replica's resources cost per "
+                                       "hour at the price table's prices (serve.prices).")
         self.drift_js = metrics.Gauge("llmp_serve_drift_js", "JS divergence of prompt tokens vs training data.")
         self.drift_psi = metrics.Gauge("llmp_serve_drift_psi", "PSI of prompt lengths vs training data.")
         self.drift_ppl = metrics.Gauge("llmp_serve_prompt_perplexity", "Mean prompt perplexity (rolling window).")
         self.engine = engine
+        self._held: dict[str, tuple[Any, float]] = {}  # gauge name -> (gauge, last value), set again by the sampler
+        self._held_lock = threading.Lock()
+        self._stop = threading.Event()
 
     def count_request(self, status: int) -> None:
         self.requests.inc(tags={"status": str(status)})
@@ -193,16 +220,72 @@ class ServeMetrics:
         self.ttft.observe(ttft_s)
         if tokens:
             self.tokens.inc(tokens)
-            self.tokens_per_s.set(tokens / max(latency_s, 1e-6))
-        self.sample_engine()
+            self._hold("tokens_per_s", self.tokens_per_s, tokens / max(latency_s, 1e-6))
+        self._set_engine_gauges()
 
-    def sample_engine(self) -> None:
+    def _hold(self, name: str, gauge: Any, value: float) -> None:
+        with self._held_lock:
+            self._held[name] = (gauge, value)
+        gauge.set(value)
+
+    def _set_engine_gauges(self) -> None:
         if self.engine is not None:
             self.queue_depth.set(self.engine.num_waiting())
             self.running.set(self.engine.num_running())
+            self.kv_used.set(self.engine.kv_cache_used_fraction())
+
+    def sample_engine(self) -> None:
+        """The sampler's round (one thread; the inter-token gaps are drained here, never on the event loop): the
+        engine's gauges, its inter-token gaps into the histogram, the held gauges set again."""
+        self._set_engine_gauges()
+        with self._held_lock:
+            held = list(self._held.values())
+        for gauge, value in held:
+            gauge.set(value)
+        if self.engine is not None:
+            gaps = self.engine.token_gaps
+            while gaps:  # popleft beside the engine thread's append: a deque makes both atomic
+                self.inter_token.observe(gaps.popleft())
+
+    def start_sampler(self) -> None:
+        """Sample the engine every `SAMPLE_INTERVAL_S` in a daemon thread until `stop_sampler`."""
+        def run() -> None:
+            while not self._stop.wait(self.SAMPLE_INTERVAL_S):
+                try:
+                    self.sample_engine()
+                except Exception as e:  # metrics must never take a replica down
+                    log.warning("sampling the engine's metrics failed: %s", e)
+
+        threading.Thread(target=run, name="llmp-metrics", daemon=True).start()
+
+    def stop_sampler(self) -> None:
+        self._stop.set()
+
+    def set_cost_rate(self, usd_per_hour: float) -> None:
+        self._hold("cost_rate", self.cost_rate, usd_per_hour)
 
     def set_drift(self, report: dict[str, Any]) -> None:
-        self.drift_js.set(report["js_divergence"])
-        self.drift_psi.set(report["psi_prompt_length"])
+        self._hold("drift_js", self.drift_js, report["js_divergence"])
+        self._hold("drift_psi", self.drift_psi, report["psi_prompt_length"])
         if report.get("mean_prompt_perplexity") is not None:
-            self.drift_ppl.set(report["mean_prompt_perplexity"])
+            self._hold("drift_ppl", self.drift_ppl, report["mean_prompt_perplexity"])
+
+
+def replica_usd_per_hour(prices: PricesConfig, *, num_gpus: float, num_cpus: float, gpu_type: str | None) -> float:
+    """What one replica's resources cost per hour at `prices.market`: its GPUs (a fraction of one costs that
+    fraction) at the GPU's price, or, without GPUs, its vCPUs at the per-vCPU price.
+
+    Raises:
+        ConfigError: GPUs without a known type, or a GPU the table has no price for (naming the key to add).
+    """
+    from llm_platform import costs
+
+    if num_gpus > 0:
+        if not gpu_type:
+            raise ConfigError(f"serve.deployment.num_gpus_per_replica={num_gpus:g}: the GPU type is unknown, so "
+                              "the endpoint's cost rate is too")
+        try:
+            return num_gpus * costs.gpu_hour_usd(prices, gpu_type, prices.market)
+        except ConfigError as e:  # the lookup names plan.prices, the planner's table; this one is the endpoint's
+            raise ConfigError(str(e).replace("plan.prices", "serve.prices")) from None
+    return num_cpus * costs.cpu_hour_usd(prices, prices.market)

@@ -76,7 +76,11 @@ def device_memory() -> dict[str, float]:
 
 class TrainGauges:
     """Rank 0's key figures as Prometheus gauges through Ray's metrics agent, exported as `ray_llmp_train_*` with a
-    `run` label (cluster/monitoring/ dashboards and alerts read them). Set from each logged record."""
+    `run` label (cluster/monitoring/ dashboards and alerts read them). Set from each logged record.
+
+    Ray 2.60's agent drops a gauge not set for two report intervals (20 s by default), so a thread sets the last
+    values again every `refresh_s` (logs can be minutes apart on a big model; the budget is set only once).
+    """
 
     SERIES = {
         "perf/tokens_per_s": ("llmp_train_tokens_per_s", "Training tokens per second (all workers)."),
@@ -88,25 +92,48 @@ class TrainGauges:
         "cost/gpu_hours": ("llmp_train_gpu_hours", "GPU-hours the run has used."),
     }
 
-    def __init__(self, run_name: str, budget_usd: float | None = None):
+    def __init__(self, run_name: str, budget_usd: float | None = None, refresh_s: float = 5.0):
+        import threading
+
         from ray.util import metrics
 
         self.gauges = {}
-        self.budget = None  # kept: a gauge's value lives as long as the object
         for key, (name, description) in self.SERIES.items():
             gauge = metrics.Gauge(name, description, tag_keys=("run",))
             gauge.set_default_tags({"run": run_name})
             self.gauges[key] = gauge
+        self.last: dict[str, float] = {}
         if budget_usd is not None:
-            self.budget = metrics.Gauge("llmp_train_budget_usd", "The run's dollar budget (train.budget.max_cost_usd).",
-                                        tag_keys=("run",))
-            self.budget.set(budget_usd, tags={"run": run_name})
+            self.gauges["budget/usd"] = metrics.Gauge(
+                "llmp_train_budget_usd", "The run's dollar budget (train.budget.max_cost_usd).", tag_keys=("run",))
+            self.gauges["budget/usd"].set_default_tags({"run": run_name})
+            self.last["budget/usd"] = float(budget_usd)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._refresh_s = refresh_s
+        self._flush()
+        self._thread = threading.Thread(target=self._run, name="train-gauges", daemon=True)
+        self._thread.start()
 
     def set(self, metrics: dict[str, Any]) -> None:
-        for key, gauge in self.gauges.items():
-            value = metrics.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                gauge.set(float(value))
+        with self._lock:
+            for key in self.SERIES:
+                value = metrics.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.last[key] = float(value)
+        self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            for key, value in self.last.items():
+                self.gauges[key].set(value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._refresh_s):
+            self._flush()
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 PART_LINES = 100
@@ -215,6 +242,8 @@ class MetricsLogger:
             self.part, self.part_index = [], 0
 
     def close(self, status: str = "FINISHED") -> None:
+        if self.gauges is not None:
+            self.gauges.close()
         self.consolidate()
         if self.trackers is not None:
             self.trackers.close(status)

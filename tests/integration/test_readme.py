@@ -250,6 +250,9 @@ def test_every_readme_command_works_as_written(installed, tmp_path, reliability_
                 record = json.loads((storage / "status" / "last_run.json").read_text())
                 for key in ("dataset", "run", "eval_report", "endpoint", "tokenizer_sha256", "model_version"):
                     assert record["chain"][key], key
+                # The run's cost: CPU workers priced per vCPU (plan.prices.cpu), so a few cents at most, not nothing.
+                assert re.fullmatch(r"\$[0-9.e-]+ \(0 GPU-hours, [0-9.e-]+ h; on_demand prices as of \d{4}-\d\d-\d\d\)",
+                                    record["chain"]["run_cost"]), record["chain"]["run_cost"]
                 assert (Path(record["chain"]["eval_report"]) / "metrics.json").is_file()
                 seen.append(raw)
                 continue
@@ -328,6 +331,7 @@ def _check(cmd: str, out: subprocess.CompletedProcess, work: Path) -> None:
                  and line.split()[0] in STAGES]
         assert order == sorted(order, key=STAGES.index), text
         assert order[:1] == ["data"] or order[:1] == ["train"], text
+        assert re.search(r"run_cost\s+\$", text), text
     elif cmd.startswith("llm-platform run ") and "--until eval" in cmd:
         results = {line.split()[0]: line.split()[1] for line in text.splitlines()
                    if line.split()[:1] and line.split()[0] in STAGES}
