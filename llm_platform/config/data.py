@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from llm_platform.config.choices import ChatOverflow, DatasetKind, OnError, SourceFormat, TextUnit
+from llm_platform.config.choices import ChatOverflow, Choice, DatasetKind, OnError, SourceFormat, TextUnit
 
 
 @dataclass
@@ -118,6 +118,34 @@ class FineWebConfig:
     """Highest allowed ratio of newlines to words (list-like pages)."""
 
 
+class DecontaminationMode(Choice):
+    drop = "drop"
+    report = "report"
+
+
+@dataclass
+class DecontaminationConfig:
+    """Eval-set decontamination (llm_platform/data/filters/decontam.py): a document sharing a word n-gram (lower-cased,
+    punctuation stripped) with an eval task's text is dropped or reported, counted as `decontamination.<task>`, and
+    listed in the manifest with the overlapping span. Off by default."""
+
+    enabled: bool = False
+    """Check the cleaned documents against `sources`."""
+    ngram: int = 13
+    """Words per n-gram (13: GPT-3's decontamination and most since)."""
+    mode: DecontaminationMode = DecontaminationMode.drop
+    """drop (remove the document) or report (keep it; count and list it in the manifest)."""
+    sources: list[str] = field(default_factory=list)
+    """Eval texts: JSONL files (local or s3://, e.g. the eval stage's `eval.tasks_uri`), whose `text_fields` are read,
+    and lm-evaluation-harness tasks as `harness:<task>` (the `harness` extra)."""
+    text_fields: list[str] = field(default_factory=lambda: ["prompt", "references"])
+    """Fields of a JSONL source holding eval text (a string or a list of strings; missing fields are skipped)."""
+    harness_include_path: str | None = None
+    """A local folder of lm-eval task YAMLs for `harness:` sources (relative `data_files` name files inside it)."""
+    documents_reported: int = 100
+    """Contaminated documents listed in the manifest (task, file, line, span; all are counted)."""
+
+
 @dataclass
 class FilterConfig:
     """Quality filters: the basic rules below (loose Gopher-style heuristics, on by default), then the published rule
@@ -157,6 +185,8 @@ class FilterConfig:
     """C4's rules."""
     fineweb: FineWebConfig = field(default_factory=FineWebConfig)
     """FineWeb's rules."""
+    decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
+    """Eval-set decontamination (after every rule, on the cleaned text)."""
 
 
 @dataclass

@@ -57,6 +57,10 @@ class Manifest(TypedDict, total=False):
     resumed_phases: list[str]
     dropped_by_file: dict[str, dict[str, int]]  # input URI -> drop reason -> records (files with drops only)
     filter_examples: dict[str, list[dict[str, Any]]]  # per drop reason: the first dropped (source, line, text)
+    # With data.filters.decontamination on: mode, ngram, the tasks (name, source, sha256 of their texts, n-grams),
+    # `counts` (`decontamination.<task>` -> documents, dropped or reported) and `documents` (the first ones in file
+    # order: task, source, line, ngrams, span). Absent when it is off.
+    decontamination: dict[str, Any]
 
 
 def _empty_split() -> Split:
@@ -158,3 +162,34 @@ def first_examples(units: list[dict], limit: int) -> dict[str, list[dict[str, An
         for reason, examples in (u.get("examples") or {}).items():
             out.setdefault(reason, []).extend(examples)
     return {reason: examples[:limit] for reason, examples in sorted(out.items()) if limit > 0}
+
+
+def decontamination(cfg: Any, tasks: list[Any], contaminated: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's `decontamination` entry from `data.filters.decontamination`, the eval tasks it read
+    (`decontam.TaskText`) and every contaminated document (`decontam.count`, in file order)."""
+    from llm_platform.data.filters import decontam
+
+    counts: dict[str, int] = {}
+    for c in contaminated:
+        reason = f"decontamination.{c['task']}"
+        counts[reason] = counts.get(reason, 0) + 1
+    return {"mode": str(cfg.mode), "ngram": int(cfg.ngram),
+            "tasks": [{"name": name, "source": source, "sha256": sha, "texts": len(t.texts)}
+                      for (name, source, sha), t in zip(decontam.digest(tasks), tasks)],
+            "counts": dict(sorted(counts.items())), "documents_total": len(contaminated),
+            "documents": [{k: c[k] for k in ("task", "source", "line", "ngrams", "span")}
+                          for c in contaminated[:max(0, cfg.documents_reported)]]}
+
+
+def decontamination_report(manifest: Any) -> str:
+    """The console lines for a manifest's `decontamination` entry ("" without one): what each task matched, and
+    the first contaminated documents with their span."""
+    d = manifest.get("decontamination")
+    if not d:
+        return ""
+    verb = "dropped" if d["mode"] == "drop" else "kept (report mode)"
+    found = ", ".join(f"{k}: {n:,}" for k, n in d["counts"].items()) or "none"
+    lines = [f"decontamination ({d['ngram']}-grams, {len(d['tasks'])} tasks): {d['documents_total']:,} documents "
+             f"{verb}; {found}"]
+    lines += [f"  {c['source']}:{c['line']} [{c['task']}]: {c['span'][:100]}" for c in d["documents"][:5]]
+    return "\n".join(lines) + "\n"

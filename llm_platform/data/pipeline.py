@@ -10,6 +10,8 @@ travels with every band key.
 
     phase       task per            does                                               writes (under _work/)
     read_clean  unit of files       read, clean, filter, text hash, MinHash keys       clean/, keys/, sigs/
+    decontam-   cleaned unit        documents sharing an n-gram with an eval task      decontam/ (the driver
+    inate                           (only with data.filters.decontamination.enabled)   wrote decontam.npz)
     dedup       key partition       equal keys -> exact dups, near candidate pairs;    dups.parquet
                                     the driver verifies candidates' signatures
     tokenizer   cleaned unit        a deterministic sample of train docs -> BPE        tokenizer/ (in the dataset)
@@ -46,6 +48,7 @@ from llm_platform.data import metrics as data_metrics
 from llm_platform.data import tokenizer as tokenizers
 from llm_platform.data.dataset import MANIFEST
 from llm_platform.data.exchange import segments
+from llm_platform.data.filters import decontam
 from llm_platform.data.filters.report import filter_report
 from llm_platform.data.manifest import FORMAT_VERSION
 from llm_platform.data.pack import packs
@@ -72,7 +75,8 @@ class DatasetResult:
 
     def summary(self) -> str:
         head = "already complete, nothing to do" if self.reused else "built"
-        return f"dataset {self.uri} ({head})\n" + summary_table(self.manifest) + filter_report(self.manifest)
+        return (f"dataset {self.uri} ({head})\n" + summary_table(self.manifest) + filter_report(self.manifest)
+                + manifests.decontamination_report(self.manifest))
 
 
 def validate(cfg: DataConfig, tok: TokenizerConfig) -> None:
@@ -106,10 +110,22 @@ def _inputs(cfg: DataConfig, root: str, create: bool) -> tuple[list[dict], list[
     return sources.list_inputs(patterns, cfg.format)
 
 
-def fingerprint(cfg: DataConfig, tok: TokenizerConfig, inputs: list[dict], root: str | None = None) -> str:
+def fingerprint(cfg: DataConfig, tok: TokenizerConfig, inputs: list[dict], root: str | None = None,
+                eval_tasks: list[decontam.TaskText] | None = None) -> str:
     """Hash of the inputs (uri, size, etag/mtime), the output-relevant config and the tokenizer config (with the
-    files of a pretrained tokenizer; `root` resolves a `registry:` tokenizer path)."""
+    files of a pretrained tokenizer; `root` resolves a `registry:` tokenizer path), and with decontamination on, the
+    eval tasks' texts (`eval_tasks`, read here when not given)."""
     data = {k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
+    # Hashed only when on: every other dataset keeps the fingerprint it had before decontamination existed. The
+    # tasks' names and texts are hashed, not where they were read from: a task file edited in place is another
+    # dataset, the same file named by another path the same one.
+    decontamination = data["filters"].pop("decontamination")
+    if cfg.filters.decontamination.enabled:
+        for key in ("documents_reported", "sources", "harness_include_path"):
+            decontamination.pop(key)
+        tasks = eval_tasks if eval_tasks is not None else decontam.read_sources(cfg.filters.decontamination)
+        data["decontamination"] = {"config": decontamination,
+                                   "tasks": [[name, sha] for name, _, sha in decontam.digest(tasks)]}
     # Hashed only where it packs: padded sft/chat and every other kind keep the fingerprints (and the finished
     # datasets) they had before the key existed; a packed dataset is never a padded one reused.
     if not packs_supervised(cfg):
@@ -134,6 +150,11 @@ def resolve_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str) -> str | N
     return uri if storage.exists(storage.join(uri, MANIFEST)) else None
 
 
+def _eval_tasks(cfg: DataConfig) -> list[decontam.TaskText]:
+    """The eval tasks' texts to decontaminate against (none when it is off), read once by the driver."""
+    return decontam.read_sources(cfg.filters.decontamination) if cfg.filters.decontamination.enabled else []
+
+
 def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress: bool | None = None,
                   connect=None, executor: Callable[..., list] | None = None) -> DatasetResult:
     """Run the data stage (see the module docstring). Ray must be connected (`cluster.connect`), or `connect` given:
@@ -151,7 +172,8 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     if not inputs:
         reasons = "; ".join(f"{m['source']}: {m['reason']}" for m in missing) or "data.sources is empty"
         raise DataError(f"no readable input files: {reasons}")
-    fp = fingerprint(cfg, tok, inputs, root)
+    eval_tasks = _eval_tasks(cfg)
+    fp = fingerprint(cfg, tok, inputs, root, eval_tasks)
     out = layout.dataset(root, cfg.name, fp)
     if storage.exists(storage.join(out, MANIFEST)):
         log.info("dataset %s is complete; nothing to do", out)
@@ -183,16 +205,26 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
     plan = plan_units([int(p["size"]) for p in pieces], cfg.task_target_bytes,
                       min_units=UNITS_PER_TASK_SLOT * _parallelism(executor))
     units = timed("read_clean", lambda: _read_and_clean(tasks, pieces, plan, read_spec, cfg, work))
-    _file_lines(units, pieces)
+    offsets = _file_lines(units, pieces)
     if units and all(u["resumed"] for u in units):
         resumed.append("read_clean")
+    contaminated = timed("decontaminate", lambda: _decontaminate(tasks, cfg, work, units, pieces, offsets,
+                                                                 eval_tasks, fp)) if eval_tasks else []
     dups = timed("dedup", lambda: _deduplicate(tasks, cfg, work, units, resumed))
-    tok_record = timed("tokenizer", lambda: _tokenizer(tasks, cfg, tok, work, out, units, dups, resumed, root))
-    packed = timed("tokenize_pack", lambda: _pack(tasks, cfg, inputs, work, out, units, dups, tok_record))
+    # What the later phases leave out: the duplicates, and contaminated documents when they are dropped.
+    removed = dups
+    if contaminated and cfg.filters.decontamination.mode == "drop":
+        ids = np.asarray(sorted({int(c["doc_id"]) for c in contaminated}), np.int64)
+        removed = {"doc_id": np.concatenate([dups["doc_id"], ids])}
+    tok_record = timed("tokenizer", lambda: _tokenizer(tasks, cfg, tok, work, out, units, removed, resumed, root))
+    packed = timed("tokenize_pack", lambda: _pack(tasks, cfg, inputs, work, out, units, removed, tok_record))
     if any(s.get("resumed") for s in packed):
         resumed.append(f"pack:{sum(1 for s in packed if s.get('resumed'))}/{len(packed)} shards")
     manifest = manifests.build(cfg, tok, fp, inputs, missing, units, dups, tok_record, packed, timings)
     manifest["resumed_phases"] = resumed
+    if eval_tasks:
+        manifest["decontamination"] = manifests.decontamination(cfg.filters.decontamination, eval_tasks,
+                                                                contaminated)
     storage.write_json(storage.join(out, MANIFEST), manifest)
     storage.delete(work)
     if executor is None:
@@ -327,9 +359,10 @@ def _read_and_clean(tasks: Callable[..., list], pieces: list[dict], plan: list[l
     return tasks(prepare.prepare_unit, [([pieces[i] for i in unit], unit) for unit in plan], num_cpus=1, spec=spec)
 
 
-def _file_lines(units: list[dict], pieces: list[dict]) -> None:
+def _file_lines(units: list[dict], pieces: list[dict]) -> dict[int, int]:
     """Number the skipped records of a file's later byte ranges by the file's lines, as one read of it would: each
-    range counted its lines from its own start, and reported how many it held (`range_lines`)."""
+    range counted its lines from its own start, and reported how many it held (`range_lines`). Returns each piece's
+    offset (its file's lines before it)."""
     lines = {int(p): n for u in units for p, n in u.get("range_lines", {}).items()}
     offset, before = {}, 0
     for i, p in enumerate(pieces):
@@ -343,6 +376,23 @@ def _file_lines(units: list[dict], pieces: list[dict]) -> None:
         for examples in u.get("examples", {}).values():  # the rule sets' dropped examples, numbered alike
             for r in examples:
                 r["line"] += offset.get(r.pop("piece", -1), 0)
+    return offset
+
+
+# ---------------------------------------------------------------------------------------------- decontaminate
+def _decontaminate(tasks: Callable[..., list], cfg: DataConfig, work: str, units: list[dict], pieces: list[dict],
+                   offsets: dict[int, int], eval_tasks: list[decontam.TaskText], fp: str) -> list[dict]:
+    """The kept documents that share an n-gram with an eval task (filters/decontam.py), with their file and line;
+    when dropped, counted in their units' stats (before the manifest sums them). The driver hashes the tasks' n-grams
+    once and ships them as one file; its contaminated documents are a small list, each unit's kept on disk."""
+    dc = cfg.filters.decontamination
+    table_uri = storage.join(work, "decontam.npz")
+    if not storage.exists(table_uri):
+        decontam.save_table(table_uri, decontam.build_table(eval_tasks, dc.ngram))
+    spec = decontam.ScanSpec(work=work, table_uri=table_uri, table_key=fp, ngram=dc.ngram)
+    found = tasks(decontam.scan_unit, [(u["unit"],) for u in units], num_cpus=1, spec=spec)
+    where = {i: (p["uri"], offsets.get(i, 0)) for i, p in enumerate(pieces)}
+    return decontam.count(units, found, where, drop=dc.mode == "drop", examples=cfg.filter_examples_reported)
 
 
 # ----------------------------------------------------------------------------------------------------- dedup

@@ -5,8 +5,9 @@ A rule set is a `RuleSet` record: its name, whether the config turns it on, and 
 rule's name (or None), and optionally rewrites the text (C4 removes lines). `build` keeps the sets the config turns
 on, in datatrove's FineWeb order (language -> Gopher repetition -> Gopher quality -> C4 -> FineWeb), and a drop is
 named `<set>.<rule>` (`gopher_quality.stop_words`): the manifest counts each, per file too, with the first dropped
-documents as examples. Another rule set (decontamination, a URL list) is one more record in `RULE_SETS` with a
-config node under `data.filters`, and a `make` that loads what it needs once per task."""
+documents as examples. Another rule set (a URL list) is one more record in `RULE_SETS` with a config node under
+`data.filters`, and a `make` that loads what it needs once per task. Decontamination (decontam.py) is a phase of its
+own after the rule sets: it names each document's file, line and span, and may keep the document."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from llm_platform.config.data import FilterConfig
-from llm_platform.data.filters import c4, fineweb, gopher, language
+from llm_platform.data.filters import c4, decontam, fineweb, gopher, language
 from llm_platform.data.filters.language import LanguageSpec
 from llm_platform.data.filters.text import Doc
 
@@ -120,6 +121,7 @@ def validate(data_cfg: Any) -> None:
     from llm_platform.errors import ConfigError
 
     language.check(LanguageSpec.from_config(data_cfg))
+    decontam.check(data_cfg.filters.decontamination)  # n-gram, sources, lm-eval installed for harness: sources
     for name in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
         node = getattr(data_cfg.filters, name)
         for f in dataclasses.fields(node):
