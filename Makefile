@@ -90,3 +90,15 @@ test-fast: setup
 
 clean:
 	rm -rf .llm-platform $(RAY_TMPDIR)
+
+# datatrove, for benchmarks/data_datatrove.py only, in its own venv (it pins packages that clash with ours). spaCy
+# gives its English word tokenizer (spacy.blank, no model download); orjson and aiohttp are imports its JsonlReader
+# and its asset cache need even when nothing is downloaded.
+DATATROVE_VENV ?= .venv-datatrove
+setup-datatrove: $(DATATROVE_VENV)/.installed
+
+$(DATATROVE_VENV)/.installed: | $(UV)
+	python3 -m venv $(DATATROVE_VENV)
+	$(UV_INSTALL) $(DATATROVE_VENV)/bin/python 'datatrove[processing]==0.10.1' spacy==3.8.18 orjson==3.13.0 \
+	  aiohttp==3.14.5
+	touch $@
