@@ -30,6 +30,7 @@ LOCAL_PATH_KEYS = (
     "eval.explain.output_uri",
     "eval.harness.include_path",
     "serve.auth.api_key_file",
+    "data.filters.decontamination.harness_include_path",
 )
 # Keys that also take names that are not paths (`registry:<name>`, a Hugging Face Hub id such as
 # `meta-llama/Llama-3.2-1B`, an MLflow server): made absolute only when the value is clearly a local path (starts
@@ -41,6 +42,7 @@ MAYBE_PATH_KEYS = (
     "eval.human.compare_model",
     "serve.model",
     "train.mlflow_tracking_uri",
+    "data.filters.decontamination.sources",  # task files, or `harness:<task>` names
 )
 
 

@@ -241,8 +241,11 @@ def test_checkpoints_and_export_under_s3_faults_match_a_clean_run(ray_session, s
         assert result.checkpoint_uri.endswith("/checkpoint_00000004")
     assert [n for n in storage.listdir(faulty.run_uri) if n.startswith("checkpoint_0")] == ["checkpoint_00000004"]
     assert storage.exists(storage.join(faulty.run_uri, "lineage.json"))  # the run's record, written last
-    assert storage.read_json(storage.join(faulty.checkpoint_uri, "train_state.json")) == \
-        storage.read_json(storage.join(clean.checkpoint_uri, "train_state.json"))
+    # The same position and step; what each run spent (wall-clock hours, train/budget.py) differs, of course.
+    spend = ("cost_usd", "gpu_hours", "hours")
+    states = [{k: v for k, v in storage.read_json(storage.join(r.checkpoint_uri, "train_state.json")).items()
+               if k not in spend} for r in (faulty, clean)]
+    assert states[0] == states[1] and states[0]["step"] == 4
     assert_same_state(checkpoint_state(faulty.checkpoint_uri, tmp_path / "faulty"),
                       checkpoint_state(clean.checkpoint_uri, tmp_path / "clean"))
 

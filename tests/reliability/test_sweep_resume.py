@@ -12,6 +12,7 @@ with a message that says how to continue.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -96,7 +97,7 @@ def test_sweep_driver_sigkill_then_resume(ray_session, tmp_path, reliability_rep
 
     with pytest.raises(ConfigError, match="tune.resume=true"):
         run_sweep(TUNE, MODEL, TRAIN, SCALING, dataset, root)
-    resumed_cfg = TuneConfig(**{**as_dict(TUNE), "resume": True})
+    resumed_cfg = dataclasses.replace(TUNE, resume=True)
     result = run_sweep(resumed_cfg, MODEL, TRAIN, SCALING, dataset, root)
 
     by_batch = {t.params["train.micro_batch_size"]: t for t in result.trials}

@@ -23,7 +23,7 @@ from llm_platform.data import pipeline
 from llm_platform.data.filters import decontam
 from llm_platform.errors import ConfigError, DataError
 
-HARNESS_TASKS = os.path.join(os.path.dirname(__file__), "..", "data", "harness_tasks")
+HARNESS_TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "harness_tasks")
 PASSAGE = "Scientists have studied the migration of birds for many years, and they still find surprising patterns."
 
 
