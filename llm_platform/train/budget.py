@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from llm_platform.config.prices import PricesConfig
 from llm_platform.config.train import BudgetConfig
+from llm_platform.config.tune import TuneBudgetConfig
 from llm_platform.costs import placement_usd_per_hour
 from llm_platform.errors import ConfigError
 
@@ -109,9 +110,14 @@ def over_budget(spend: Spend, budget: BudgetConfig) -> str | None:
     return None
 
 
-def check_budget(budget: BudgetConfig) -> None:
-    """Refuse a limit that is not a positive number, naming the key."""
-    for key in ("max_cost_usd", "max_gpu_hours"):
-        value = getattr(budget, key)
+def check_budget(budget: BudgetConfig | TuneBudgetConfig, key: str = "train.budget") -> None:
+    """Refuse a limit that is not a positive number, naming the key (`train.budget` or `tune.budget`)."""
+    for name in ("max_cost_usd", "max_gpu_hours"):
+        value = getattr(budget, name)
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"train.budget.{key}={value}: give a number > 0, or null for no limit")
+            raise ConfigError(f"{key}.{name}={value}: give a number > 0, or null for no limit")
+
+
+def has_limits(budget: BudgetConfig | TuneBudgetConfig) -> bool:
+    """A run's or a sweep's budget sets a limit."""
+    return budget.max_cost_usd is not None or budget.max_gpu_hours is not None

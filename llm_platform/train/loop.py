@@ -41,7 +41,7 @@ from llm_platform.models.flops import peak_flops
 from llm_platform.train import checkpoint as ckpt
 from llm_platform.train import objectives
 from llm_platform.train import preference as pref
-from llm_platform.train.budget import CostMeter, over_budget, price_placement
+from llm_platform.train.budget import CostMeter, has_limits, over_budget, price_placement
 from llm_platform.train.metrics import MetricsLogger, Throughput, TrainGauges, device_memory
 from llm_platform.train.objectives import count_targets, loss_sum
 from llm_platform.train.optim import build_optimizer, lr_factor
@@ -206,7 +206,7 @@ def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any]:
         # all-reduced, and the stop saves a checkpoint for a run with a raised budget to resume from.
         spent = w.meter.spend()
         reason = over_budget(spent, tc.budget)
-        stop = step < tc.max_steps and has_limits(tc) and all_reduce_sum(float(reason is not None), w.device) > 0
+        stop = step < tc.max_steps and has_limits(tc.budget) and all_reduce_sum(float(reason is not None), w.device) > 0
         if stop:
             result.report = result.save = True
         if result.report:
@@ -233,11 +233,6 @@ def train_loop_per_worker(config: WorkerConfig) -> dict[str, Any]:
     if w.logger:
         w.logger.close()
     return {"spend": w.meter.spend().to_json()}
-
-
-def has_limits(tc: TrainConfig) -> bool:
-    """`train.budget` sets a limit (else no collective budget check per step)."""
-    return tc.budget.max_cost_usd is not None or tc.budget.max_gpu_hours is not None
 
 
 def setup(config: WorkerConfig) -> Worker:

@@ -22,7 +22,6 @@ from ray.tune.search import SearchAlgorithm
 
 from llm_platform import storage
 from llm_platform.config.tune import TuneBudgetConfig
-from llm_platform.errors import ConfigError
 
 log = logging.getLogger("llm_platform.tune")
 RECORD = "budget.json"
@@ -94,18 +93,6 @@ class SweepSpend:
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def check(budget: TuneBudgetConfig) -> None:
-    """Refuse a limit that is not a positive number, naming the key."""
-    for key in ("max_cost_usd", "max_gpu_hours"):
-        value = getattr(budget, key)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"tune.budget.{key}={value}: give a number > 0, or null for no limit")
-
-
-def has_limits(budget: TuneBudgetConfig) -> bool:
-    return budget.max_cost_usd is not None or budget.max_gpu_hours is not None
 
 
 class BudgetedSearch(SearchAlgorithm):

@@ -28,6 +28,7 @@ from llm_platform.config.prices import PricesConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError, StageError
+from llm_platform.train.budget import check_budget, has_limits
 from llm_platform.tune import space as spaces
 from llm_platform.tune.summary import ERROR, FINISHED, STOPPED, TrialRecord, select_winner, write_summary
 
@@ -136,7 +137,7 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
     # whose budget ran out launched fewer trials on purpose: it finishes with the trials it ran.
     expected = expected_trials(tune_cfg, dims)
     done = grid.num_terminated + grid.num_errors
-    spent = tune_budget.SweepSpend(tune_cfg.budget, sweep_uri) if tune_budget.has_limits(tune_cfg.budget) else None
+    spent = tune_budget.SweepSpend(tune_cfg.budget, sweep_uri) if has_limits(tune_cfg.budget) else None
     over = spent.reached() if spent else None
     if done < len(grid) or (len(grid) < expected and not over):
         write_summary(sweep_uri, trials, tune_cfg.metric, tune_cfg.mode, None)
@@ -268,9 +269,8 @@ def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims
         if tune_cfg.max_concurrent_trials < expected_trials(tune_cfg, dims):
             log.warning("tune.scheduler=pbt with tune.max_concurrent_trials=%d below the %d trials: PBT compares "
                         "trials that run together", tune_cfg.max_concurrent_trials, expected_trials(tune_cfg, dims))
-    from llm_platform.tune import budget as tune_budget
 
-    tune_budget.check(tune_cfg.budget)
+    check_budget(tune_cfg.budget, "tune.budget")
     for key in ("num_samples", "max_concurrent_trials", "grace_period", "reduction_factor"):
         if getattr(tune_cfg, key) < 1:
             raise ConfigError(f"tune.{key}={getattr(tune_cfg, key)} must be at least 1")
@@ -353,7 +353,7 @@ def budgeted(tune_cfg: TuneConfig, sweep_uri: str):
     from llm_platform.tune import budget as tune_budget
 
     search = make_search(tune_cfg)
-    if not tune_budget.has_limits(tune_cfg.budget):
+    if not has_limits(tune_cfg.budget):
         return search, None, tune_cfg.max_concurrent_trials
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 
