@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from llm_platform.config import open_overrides
+
 # stage -> (module with `main()`, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
     "data": ("llm_platform.commands.data", "corpus URIs -> cleaned, deduplicated, tokenized, packed dataset"),
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         args = [args[0], *_stage_flags(args[1:])]
     # -v / --verbose: Ray's, Ray Data's, Serve's and the workers' own lines on the console too (console.py).
     args = [("verbose=true" if a in ("-v", "--verbose") else a) for a in args]
+    args = [args[0], *open_overrides(args[1:])]  # `data.mixture.<name>...=`: entries the user names
     module = importlib.import_module(STAGES[stage][0])
     # Hydra reads sys.argv; make it look like the stage was the program.
     sys.argv = [f"llm-platform {stage}", *args[1:]]

@@ -51,8 +51,9 @@ def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     from omegaconf import DictConfig, OmegaConf
 
     schema = OmegaConf.get_type(node)
-    if not dataclasses.is_dataclass(schema):  # a free-form dict field (tune.space): any key is fine
-        return []
+    if not dataclasses.is_dataclass(schema):  # a dict field: any key is fine (tune.space), its typed values checked
+        return [k for key in node.keys() if isinstance(child := node._get_node(key), DictConfig)
+                and not child._is_none() for k in unknown_keys(child, f"{prefix}{key}.")]
     declared = {f.name for f in dataclasses.fields(schema)}
     found = []
     for key in node.keys():
@@ -98,6 +99,29 @@ def to_object(cfg: Any) -> PlatformConfig:
     return make_absolute(obj)
 
 
+# Dict-valued keys whose entries users name themselves (`data.mixture.web.weight=0.7`): Hydra's struct mode refuses
+# a new entry unless the override is written `++key=...`, so `open_overrides` writes it so.
+NAMED_ENTRY_KEYS = ("data.mixture",)
+
+
+def open_overrides(overrides: list[str]) -> list[str]:
+    """Command-line overrides of NAMED_ENTRY_KEYS written as forced merges of a nested dict, so an entry the user
+    names is added, not refused, and built as its typed schema (`data.mixture.web.weight=0.7` ->
+    `++data.mixture={web: {weight: 0.7}}`; OmegaConf would create `web` as an untyped dict from the dotted form)."""
+    out = []
+    for override in overrides:
+        plain = override.lstrip("+")
+        key, eq, value = plain.partition("=")
+        base = next((k for k in NAMED_ENTRY_KEYS if eq and (key == k or key.startswith(k + "."))), None)
+        if base is None:
+            out.append(override)
+            continue
+        for part in reversed(key[len(base):].split(".")[1:]):
+            value = f"{{{part}: {value}}}"
+        out.append(f"++{base}={value}")
+    return out
+
+
 def compose(stage: str, overrides: list[str] | None = None) -> PlatformConfig:
     """Compose a stage's primary config outside Hydra's CLI (tests, `run`, notebooks)."""
     from hydra import compose as hydra_compose
@@ -108,7 +132,7 @@ def compose(stage: str, overrides: list[str] | None = None) -> PlatformConfig:
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name=stage, overrides=list(overrides or []))
+        cfg = hydra_compose(config_name=stage, overrides=open_overrides(list(overrides or [])))
     return to_object(cfg)
 
 

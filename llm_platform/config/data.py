@@ -74,8 +74,8 @@ class GopherRepetitionConfig:
 class C4Config:
     """C4's rules (Raffel et al. 2020, section 2.2; datatrove's C4QualityFilter defaults): lines that fail a line rule
     are removed from a plain-text document (sft/chat/seq2seq records keep their text and only the document rules
-    drop them), then the document is dropped with fewer than `min_sentences` left. The bad-words list is not
-    applied (it is a download)."""
+    drop them), then the document is dropped with fewer than `min_sentences` left, or when it holds a word of C4's
+    bad-words list (`bad_words`; llm_platform/data/filters/badwords.py)."""
 
     enabled: bool = False
     """Apply this rule set (`data/filters=c4` or `fineweb` turns it on)."""
@@ -97,6 +97,14 @@ class C4Config:
     """Drop documents containing `{` (code)."""
     filter_policy: bool = True
     """Remove lines about terms of use, privacy or cookie policies."""
+    bad_words: bool = False
+    """Drop documents holding a word of their language's LDNOOBW list (C4's bad-words filter; the lists ship with
+    the package, for 25 languages). `data/filters=c4` turns it on."""
+    bad_words_language: str = "en"
+    """The list for documents whose language was not detected (no `data.languages` or `data.detect_language`)."""
+    bad_words_uri: str = ""
+    """A list of your own (a word or phrase per line, local or s3://) instead of the bundled ones, for every
+    language. Its contents are not part of the dataset's fingerprint: give an edited list a new name."""
 
 
 @dataclass
@@ -218,6 +226,24 @@ class SampleCorpusConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One named source of a mixture (`data.mixture.<name>`): its files, its share and its caps
+    (llm_platform/data/mixture.py)."""
+
+    sources: list[str] = field(default_factory=list)
+    """URIs or globs of this source's files (as `data.sources`). A file may belong to several sources that keep
+    different `languages`; a document goes to the first source (in name order) that keeps its language."""
+    weight: float = 1.0
+    """This source's share of the mixture's train tokens (weights are normalized; 0 leaves the source out)."""
+    max_tokens: int = 0
+    """Take at most this many train tokens of this source before weighting (0: no cap)."""
+    max_documents: int = 0
+    """Take at most this many train documents of this source before weighting (0: no cap)."""
+    languages: list[str] = field(default_factory=list)
+    """Only documents detected in these languages (LID-176 codes) belong to this source; empty: any language."""
+
+
+@dataclass
 class DataConfig:
     """The data stage: corpus URIs to a tokenized, packed dataset."""
 
@@ -289,6 +315,16 @@ class DataConfig:
     """Dropped documents shown per drop reason in the manifest (`filter_examples`: the first ones in file order)."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
     """Deduplication."""
+    mixture: dict[str, MixtureSource] = field(default_factory=dict)
+    """Named sources weighted into one dataset (`data.mixture={web: {sources: [...], weight: 0.7}, code: {...}}`),
+    used instead of `data.sources`: each source is read, cleaned and deduplicated with the others, then its
+    documents are sampled (or repeated) to its weight's share of the train tokens (llm_platform/data/mixture.py).
+    The manifest's `mixture` gives the realised proportions."""
+    mixture_tokens: int = 0
+    """Train tokens of the mixture; 0 takes as many as the weights allow without repeating any source (the source
+    shortest of its share is taken whole). Larger: sources short of their share are repeated (reported)."""
+    mixture_seed: int = 0
+    """Seed of the documents each source's sample takes (the same seed and inputs give the same dataset)."""
     sample: SampleCorpusConfig = field(default_factory=SampleCorpusConfig)
     """Built-in sample corpus."""
     on_error: OnError = OnError.skip

@@ -31,6 +31,7 @@ LOCAL_PATH_KEYS = (
     "eval.harness.include_path",
     "serve.auth.api_key_file",
     "data.filters.decontamination.harness_include_path",
+    "data.filters.c4.bad_words_uri",
 )
 # Keys that also take names that are not paths (`registry:<name>`, a Hugging Face Hub id such as
 # `meta-llama/Llama-3.2-1B`, an MLflow server): made absolute only when the value is clearly a local path (starts
@@ -86,4 +87,6 @@ def make_absolute(cfg: Any) -> Any:
             elif isinstance(value, list):
                 setattr(node, name, [absolute(v, only_if_local=only_if_local) if isinstance(v, str) else v
                                      for v in value])
+    for source in cfg.data.mixture.values():  # data.mixture.<name>.sources, like data.sources
+        source.sources = [absolute(v) for v in source.sources]
     return cfg

@@ -168,17 +168,18 @@ def record(ids: list[int], mask: list[int], seq_len: int, pad_id: int, overflow:
     }
 
 
-def pack_chats(tokenizer, messages_json: list[str], *, seq_len: int, pad_id: int, overflow: str
-               ) -> tuple[dict[str, list], list[int], dict[str, int]]:
+def pack_chats(tokenizer, messages_json: list[str], *, seq_len: int, pad_id: int, overflow: str,
+               kept: list[int] | None = None) -> tuple[dict[str, list], list[int], dict[str, int]]:
     """Render and mask a batch of conversations (JSON strings as the read phase stored them).
 
     Returns (columns of the kept rows, rendered lengths, counts: `truncated`, `skipped_too_long`,
-    `skipped_no_assistant_tokens`, `skipped_template_error`).
+    `skipped_no_assistant_tokens`, `skipped_template_error`). `kept`, when given, gets the index of each record kept
+    (a row of the columns).
     """
     columns: dict[str, list] = {}
     lengths: list[int] = []
     counts = {"truncated": 0, "skipped_too_long": 0, "skipped_no_assistant_tokens": 0, "skipped_template_error": 0}
-    for raw in messages_json:
+    for index, raw in enumerate(messages_json):
         try:
             ids, mask = render(tokenizer, json.loads(raw))
         except Exception:  # noqa: BLE001 - a template that raises on one conversation (jinja, TemplateError)
@@ -190,6 +191,8 @@ def pack_chats(tokenizer, messages_json: list[str], *, seq_len: int, pad_id: int
             counts[f"skipped_{row}"] += 1
             continue
         counts["truncated"] += len(ids) > seq_len
+        if kept is not None:
+            kept.append(index)
         for key, value in row.items():
             columns.setdefault(key, []).append(value)
     return columns, lengths, counts

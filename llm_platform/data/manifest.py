@@ -61,6 +61,10 @@ class Manifest(TypedDict, total=False):
     # `counts` (`decontamination.<task>` -> documents, dropped or reported) and `documents` (the first ones in file
     # order: task, source, line, ngrams, span). Absent when it is off.
     decontamination: dict[str, Any]
+    # With data.mixture: per source its weight, files, available and pool (caps) documents and tokens, planned
+    # tokens, repeats, what train and val hold and its realised share of train tokens; the seed, the planned train
+    # tokens and the documents no source kept (`unassigned`). Absent without a mixture (llm_platform/data/mixture.py).
+    mixture: dict[str, Any]
 
 
 def _empty_split() -> Split:

@@ -26,6 +26,7 @@ the same inputs and config finds the manifest and does nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import logging
@@ -42,7 +43,7 @@ import numpy as np
 from llm_platform import cluster, console, layout, names, storage
 from llm_platform.config.data import DataConfig
 from llm_platform.config.tokenizer import TokenizerConfig
-from llm_platform.data import filters, prepare, sample, shards, sources
+from llm_platform.data import filters, mixture, prepare, sample, shards, sources
 from llm_platform.data import manifest as manifests
 from llm_platform.data import metrics as data_metrics
 from llm_platform.data import tokenizer as tokenizers
@@ -76,7 +77,8 @@ class DatasetResult:
     def summary(self) -> str:
         head = "already complete, nothing to do" if self.reused else "built"
         return (f"dataset {self.uri} ({head})\n" + summary_table(self.manifest) + filter_report(self.manifest)
-                + manifests.decontamination_report(self.manifest))
+                + manifests.decontamination_report(self.manifest)
+                + (mixture.table(self.manifest["mixture"]) if self.manifest.get("mixture") else ""))
 
 
 def validate(cfg: DataConfig, tok: TokenizerConfig) -> None:
@@ -92,6 +94,7 @@ def validate(cfg: DataConfig, tok: TokenizerConfig) -> None:
     if tok.kind == "bpe" and tok.vocab_size < 300:
         raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} must be at least 300 (256 bytes + special tokens)")
     filters.validate(cfg)  # data.languages, data.language_threshold, the rule sets' thresholds
+    mixture.validate(cfg.mixture, list(cfg.sources), cfg.mixture_tokens)
 
 
 def sample_corpus_uri(cfg: DataConfig, root: str) -> str:
@@ -99,6 +102,8 @@ def sample_corpus_uri(cfg: DataConfig, root: str) -> str:
 
 
 def _inputs(cfg: DataConfig, root: str, create: bool) -> tuple[list[dict], list[dict]]:
+    if cfg.mixture:
+        return mixture.list_inputs(cfg.mixture, cfg.format)
     patterns = list(cfg.sources)
     if not patterns:
         uri = sample_corpus_uri(cfg, root)
@@ -130,6 +135,7 @@ def fingerprint(cfg: DataConfig, tok: TokenizerConfig, inputs: list[dict], root:
     # datasets) they had before the key existed; a packed dataset is never a padded one reused.
     if not packs_supervised(cfg):
         data.pop("pack_supervised", None)
+    mixture.fingerprint_record(data, inputs)
     tok_record = tokenizers.fingerprint_record(tok, root or ".")
     listing = [(m["uri"], m["size"], m["marker"], m["format"]) for m in inputs]
     return storage.fingerprint({"v": FORMAT_VERSION, "inputs": listing, "data": data, "tokenizer": tok_record})
@@ -217,11 +223,15 @@ def build_dataset(cfg: DataConfig, tok: TokenizerConfig, root: str, *, progress:
         ids = np.asarray(sorted({int(c["doc_id"]) for c in contaminated}), np.int64)
         removed = {"doc_id": np.concatenate([dups["doc_id"], ids])}
     tok_record = timed("tokenizer", lambda: _tokenizer(tasks, cfg, tok, work, out, units, removed, resumed, root))
-    packed = timed("tokenize_pack", lambda: _pack(tasks, cfg, inputs, work, out, units, removed, tok_record))
+    membership = mixture.membership(cfg.mixture, pieces, cfg.mixture_seed) if cfg.mixture else None
+    packed, mix = timed("tokenize_pack", lambda: _pack(tasks, cfg, inputs, work, out, units, removed, tok_record,
+                                                       membership))
     if any(s.get("resumed") for s in packed):
         resumed.append(f"pack:{sum(1 for s in packed if s.get('resumed'))}/{len(packed)} shards")
     manifest = manifests.build(cfg, tok, fp, inputs, missing, units, dups, tok_record, packed, timings)
     manifest["resumed_phases"] = resumed
+    if mix is not None:
+        manifest["mixture"] = mix
     if eval_tasks:
         manifest["decontamination"] = manifests.decontamination(cfg.filters.decontamination, eval_tasks,
                                                                 contaminated)
@@ -490,16 +500,31 @@ def _num_shards(cfg: DataConfig, inputs: list[dict]) -> dict[str, int]:
 
 
 def _pack(tasks: Callable[..., list], cfg: DataConfig, inputs: list[dict], work: str, out: str, units: list[dict],
-          dups: dict, tok_record: dict) -> list[dict]:
+          dups: dict, tok_record: dict, membership: mixture.Membership | None
+          ) -> tuple[list[dict], dict[str, Any] | None]:
+    """Tokenize every cleaned unit, then pack every output shard; with a mixture, the plan is made between the two
+    (mixture.py) and returned with what the shards wrote."""
     spec = shards.ShardSpec(
         kind=cfg.kind, seq_len=cfg.seq_len, target_len=cfg.target_len, val_fraction=cfg.val_fraction,
         counts=_num_shards(cfg, inputs), tokenizer_uri=storage.join(out, "tokenizer"),
         eos=tok_record["eos_token_id"], pad=tok_record["pad_token_id"], vocab=tok_record["vocab_size"],
         batch=cfg.tokenize_batch_size, chat_overflow=cfg.chat_overflow, work=work, out=out,
-        pack_supervised=packs_supervised(cfg))
+        pack_supervised=packs_supervised(cfg), membership=membership)
     encoded = tasks(shards.encode_unit, [(u["unit"], d) for u, d in zip(units, _dups_by_unit(dups, units))
                                          if u["kept"]], num_cpus=1, spec=spec)
     runs = [r for e in encoded for r in e["runs"]]  # units in file order: document order
     names_ = spec.shard_names()
     used = sorted({int(p) for r in runs for p in r["parts"]})
-    return tasks(shards.pack_shard, [(names_[p], segments(runs, p)) for p in used], num_cpus=0.5, spec=spec)
+    record = None
+    if membership is not None:
+        hist = sum((mixture.from_record(e["mixture"]) for e in encoded),
+                   mixture.empty_histogram(len(membership.names)))
+        plan, record = mixture.plan(hist, cfg.mixture, membership.names, cfg.mixture_tokens)
+        spec = dataclasses.replace(spec, plan=plan)
+        record |= {"seed": cfg.mixture_seed}
+        for s, name in enumerate(membership.names):
+            record["sources"][name]["files"] = sum(1 for m in inputs if s in m["mixture"])
+    packed = tasks(shards.pack_shard, [(names_[p], segments(runs, p)) for p in used], num_cpus=0.5, spec=spec)
+    if record is not None and membership is not None:
+        record = mixture.realised(record, membership.names, packed)
+    return packed, record

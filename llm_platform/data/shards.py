@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from llm_platform import storage
-from llm_platform.data import chat, dedup, pack, pairs
+from llm_platform.data import chat, dedup, mixture, pack, pairs
 from llm_platform.data.exchange import PartitionedWriter, read_partition
 
 SHARD_ROW_GROUP_ROWS = 256
@@ -53,6 +53,10 @@ class ShardSpec:
     out: str
     pack_supervised: bool = False
     """sft/chat: records go whole, several per row (`pack.pack_examples`), not padded one per row."""
+    membership: mixture.Membership | None = None
+    """`data.mixture`: each record's source and draw are kept with it, and counted (mixture.py)."""
+    plan: mixture.Plan | None = None
+    """`data.mixture`: what each source takes, set by the driver before the shards are packed."""
 
     def shard_names(self) -> list[str]:
         """Every shard's name, in partition order: train-00000 ... then val-00000 ..."""
@@ -123,24 +127,48 @@ def encode_unit(name: str, dup_ids: np.ndarray, spec: ShardSpec) -> dict[str, An
               "chat": ["messages"], "preference": ["messages"]}[spec.kind]
     writer = PartitionedWriter(storage.join(spec.work, "tokens", name))
     token_dtype = np.uint16 if spec.vocab <= 1 << 16 else np.int32
-    for batch in read_clean(storage.join(spec.work, "clean", f"{name}.parquet"), ["doc_id", "text_hash", *fields]):
+    member = spec.membership
+    hist = mixture.empty_histogram(len(member.names)) if member else None
+    columns = ["doc_id", "text_hash", *fields] + (["language"] if member else [])
+    for batch in read_clean(storage.join(spec.work, "clean", f"{name}.parquet"), columns):
         doc_ids = batch.column("doc_id").to_numpy()
         keep = ~np.isin(doc_ids, dup_ids)
         hashes = batch.column("text_hash").to_numpy()[keep]
         shards = split_and_shard(hashes, spec)
         values = {f: np.asarray(batch.column(f).to_pylist(), dtype=object)[keep] for f in fields}
+        draws = None
+        if member:
+            languages = np.asarray(batch.column("language").to_pylist(), dtype=object)[keep].tolist()
+            draws = (member.assign(doc_ids[keep], languages), member.buckets(hashes))
         for start in range(0, hashes.shape[0], spec.batch):
             part = shards[start:start + spec.batch]
             chunk = {f: [str(v) for v in values[f][start:start + spec.batch]] for f in fields}
-            _encode_chunk(writer, part, chunk, spec, token_dtype)
+            mix = None if draws is None or hist is None else (draws[0][start:start + spec.batch],
+                                                              draws[1][start:start + spec.batch], hist)
+            _encode_chunk(writer, part, chunk, spec, token_dtype, mix)
     runs = writer.close()
-    storage.write_json(done, {"unit": name, "runs": runs})
-    return {"unit": name, "runs": runs, "resumed": False}
+    record: dict[str, Any] = {"unit": name, "runs": runs}
+    if hist is not None:
+        record["mixture"] = mixture.to_record(hist)
+    storage.write_json(done, record)
+    return {**record, "resumed": False}
 
 
 def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str, list[str]], spec: ShardSpec,
-                  token_dtype) -> None:
-    """Encode one batch of documents and hand each shard its share, in document order."""
+                  token_dtype, mix: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+    """Encode one batch of documents and hand each shard its share, in document order. With a mixture (`mix`: the
+    documents' sources and draw buckets, and the unit's histogram) each written record keeps its source, bucket and
+    token count (`mix:*` arrays), and is counted in the histogram."""
+    train_shards = spec.counts.get("train", 0)
+
+    def mixed(arrays: dict[str, np.ndarray], p: int, sel: np.ndarray, kept: list[int], tokens: list[int]) -> None:
+        if mix is None:
+            return
+        source, bucket = mix[0][sel][kept], mix[1][sel][kept]
+        counts = np.asarray(tokens, np.int64)
+        mixture.add(mix[2], source, 0 if p < train_shards else 1, bucket, counts)
+        arrays.update({"mix:source": source, "mix:bucket": bucket, "mix:tokens": counts.astype(np.int32)})
+
     if spec.kind == "pretrain":
         ids = encode(spec.tokenizer_uri, chunk["text"])
         sizes = np.fromiter(map(len, ids), np.int64, len(ids))
@@ -151,9 +179,10 @@ def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str
         for p in np.unique(shards):
             sel = np.nonzero(shards == p)[0]
             pieces = [flat[e - n:e] for e, n in zip(ends[sel].tolist(), sizes[sel].tolist())]
-            writer.add(int(p), {"length": sizes[sel].astype(np.int32),
-                                "tokens": np.concatenate(pieces) if pieces else flat[:0]},
-                       {"documents": len(sel)})
+            arrays = {"length": sizes[sel].astype(np.int32),
+                      "tokens": np.concatenate(pieces) if pieces else flat[:0]}
+            mixed(arrays, int(p), sel, list(range(len(sel))), (sizes[sel] + 1).tolist())  # with its EOS
+            writer.add(int(p), arrays, {"documents": len(sel)})
         return
     for p in np.unique(shards):
         sel = np.nonzero(shards == p)[0]
@@ -161,30 +190,35 @@ def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str
         meta: dict[str, Any] = {"documents": len(sel), "tokens_in": 0, "skipped_prompt_too_long": 0}
         lengths: list[int] = []
         counted: list[np.ndarray] = []  # the tokens whose frequencies the manifest reports
+        kept: list[int] = []  # positions in `sel` of the records written, and their tokens
+        kept_tokens: list[int] = []
         if spec.kind == "preference":  # two rows' worth per pair (data/pairs.py), never packed
             found, lengths, counts = pairs.pack_pairs(_chat_tokenizer(spec.tokenizer_uri),
                                                       [chunk["messages"][i] for i in sel], seq_len=spec.seq_len,
-                                                      pad_id=spec.pad)
+                                                      pad_id=spec.pad, kept=kept)
             meta["tokens_in"], meta["chat"] = sum(lengths), counts
             for side in pairs.SIDES:
                 for ids, attended in zip(found.get(f"{side}_input_ids", []), found.get(f"{side}_attention_mask", [])):
                     counted.append(np.asarray(ids)[np.asarray(attended) == 1])
+            kept_tokens = [sum(int(np.count_nonzero(found[f"{side}_attention_mask"][r])) for side in pairs.SIDES)
+                           for r in range(len(kept))]
             for key, value in found.items():
                 rows.setdefault(key, []).extend(value)
         elif spec.kind == "chat":
             found, lengths, counts = chat.pack_chats(_chat_tokenizer(spec.tokenizer_uri),
                                                      [chunk["messages"][i] for i in sel],
                                                      seq_len=spec.seq_len, pad_id=spec.pad,
-                                                     overflow=spec.chat_overflow)
+                                                     overflow=spec.chat_overflow, kept=kept)
             meta["tokens_in"], meta["chat"] = sum(lengths), counts
             for ids, attended in zip(found.get("input_ids", []), found.get("attention_mask", [])):
                 counted.append(np.asarray(ids)[np.asarray(attended) == 1])
+                kept_tokens.append(int(counted[-1].shape[0]))
             for key, value in found.items():
                 rows.setdefault(key, []).extend(value)
         else:
             prompts = encode(spec.tokenizer_uri, [chunk["prompt"][i] for i in sel])
             responses = encode(spec.tokenizer_uri, [chunk["response"][i] for i in sel])
-            for p_ids, r_ids in zip(prompts, responses):
+            for j, (p_ids, r_ids) in enumerate(zip(prompts, responses)):
                 lengths.append(len(p_ids))
                 counted.append(np.asarray(p_ids + r_ids, dtype=np.int64))
                 meta["tokens_in"] += len(p_ids) + len(r_ids) + 1
@@ -193,6 +227,10 @@ def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str
                 if isinstance(rec, str):
                     meta["skipped_prompt_too_long"] += 1
                     continue
+                kept.append(j)
+                kept_tokens.append(int(np.count_nonzero(rec["attention_mask"]))  # seq2seq: and its target
+                                   + (int(np.count_nonzero(rec["labels"] != pack.IGNORE_INDEX))
+                                      if spec.kind == "seq2seq" else 0))
                 for key, column in rec.items():
                     rows.setdefault(key, []).append(column)
         if spec.pack_supervised:  # whole records, unpadded: pack_shard places them in rows
@@ -201,6 +239,7 @@ def _encode_chunk(writer: PartitionedWriter, shards: np.ndarray, chunk: dict[str
             arrays = {_COLUMN + k: np.stack(v) for k, v in rows.items()}
         arrays["length"] = np.asarray(lengths, np.int32)
         arrays["counted"] = (np.concatenate(counted) if counted else np.empty(0, np.int64)).astype(np.int64)
+        mixed(arrays, int(p), sel, kept, kept_tokens)
         writer.add(int(p), arrays, meta)
 
 
@@ -214,6 +253,7 @@ def pack_shard(name: str, segs: list[dict[str, Any]], spec: ShardSpec) -> dict[s
     if storage.exists(done):  # resumed run: this shard was written before the interruption
         return {**storage.read_json(done), "resumed": True}
     cat, meta = read_partition(segs)
+    chosen = _mixture_selection(cat, split, spec)
     lengths = cat.get("length", np.empty(0, np.int32))
     uri_rel = f"{split}/part-{index}.parquet"
     stat: dict[str, Any] = {"shard": name, "split": split, "file": uri_rel, "documents": int(meta.get("documents", 0)),
@@ -240,6 +280,11 @@ def pack_shard(name: str, segs: list[dict[str, Any]], spec: ShardSpec) -> dict[s
             columns, stat["packing"] = pack.pack_examples(
                 cat.get(_EXAMPLE + "tokens", none), cat.get(_EXAMPLE + "labels", none),
                 cat.get(_EXAMPLE + "length", none), seq_len=spec.seq_len, pad_id=spec.pad)
+    if chosen is not None:  # a mixture: what each source wrote, and the documents and tokens written
+        stat["documents"] = int(chosen["idx"].shape[0])
+        stat["mixture"] = {str(s): [int(n), int(t)] for s, n, t in _per_source(chosen)}
+        if spec.kind != "pretrain":
+            stat["tokens_in"] = int(chosen["tokens"].sum())
     stat["records"] = int(len(next(iter(columns.values())))) if columns else 0
     stat["tokens_out"] = stat["records"] * spec.seq_len
     if stat["records"]:
@@ -256,6 +301,51 @@ def pack_shard(name: str, segs: list[dict[str, Any]], spec: ShardSpec) -> dict[s
     stat["length_hist"] = pack.length_histogram(lengths.tolist())
     storage.write_json(done, stat)
     return {**stat, "resumed": False}
+
+
+def _mixture_selection(cat: dict[str, np.ndarray], split: str, spec: ShardSpec) -> dict[str, np.ndarray] | None:
+    """With a mixture plan, keep (and repeat) the shard's records as the plan says, in place in `cat` (records in
+    pass order: mixture.order); returns the chosen records' sources and token counts. None without a mixture."""
+    if spec.plan is None:
+        return None
+    source = cat.pop("mix:source", np.empty(0, np.int16))
+    bucket = cat.pop("mix:bucket", np.empty(0, np.int16))
+    tokens = cat.pop("mix:tokens", np.empty(0, np.int32))
+    idx = mixture.order(spec.plan.copies(source, bucket, split))
+    if spec.kind == "pretrain":
+        lengths = cat.get("length", np.empty(0, np.int32))
+        cat["tokens"] = mixture.gather(cat.get("tokens", np.empty(0, np.int32)), lengths, idx)
+        cat["length"] = lengths[idx]
+    else:
+        for key in [k for k in cat if k.startswith(_COLUMN)]:
+            cat[key] = cat[key][idx]
+        if _EXAMPLE + "length" in cat:
+            ex_len = cat[_EXAMPLE + "length"]
+            for key in (_EXAMPLE + "tokens", _EXAMPLE + "labels"):
+                cat[key] = mixture.gather(cat[key], ex_len, idx)
+            cat[_EXAMPLE + "length"] = ex_len[idx]
+        # The records' own token counts (unpadded) stand for what the manifest counts: the kept records only.
+        cat["length"] = tokens[idx]
+        cat["counted"] = _attended_tokens(cat)
+    return {"idx": idx, "source": source[idx], "tokens": tokens[idx].astype(np.int64)}
+
+
+def _per_source(chosen: dict[str, np.ndarray]) -> list[tuple[int, int, int]]:
+    sources = np.unique(chosen["source"])
+    return [(int(s), int((chosen["source"] == s).sum()), int(chosen["tokens"][chosen["source"] == s].sum()))
+            for s in sources]
+
+
+def _attended_tokens(cat: dict[str, np.ndarray]) -> np.ndarray:
+    """The tokens of the chosen records that are not padding (their frequencies go into the manifest)."""
+    if _EXAMPLE + "tokens" in cat:
+        return cat[_EXAMPLE + "tokens"].astype(np.int64)
+    parts = []
+    for key in [k for k in cat if k.startswith(_COLUMN) and k.endswith("input_ids")]:
+        mask = cat.get(key[:-len("input_ids")] + "attention_mask")
+        ids = cat[key]
+        parts.append((ids[mask == 1] if mask is not None else ids.reshape(-1)).astype(np.int64))
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
 def row_group_runs(sizes: list[int]) -> list[list[int]]:

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections import Counter
+from importlib import resources
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_platform.config import compose
 from llm_platform.config.data import (
@@ -20,7 +24,7 @@ from llm_platform.config.data import (
     GopherRepetitionConfig,
 )
 from llm_platform.data import clean, filters, manifest
-from llm_platform.data.filters import c4, fineweb, gopher, language
+from llm_platform.data.filters import badwords, c4, fineweb, gopher, language
 from llm_platform.data.filters.text import Doc, words
 from llm_platform.errors import ConfigError
 
@@ -529,3 +533,64 @@ def test_rule_sets_decide_as_datatrove_does():
     # The documents cross many thresholds, not one, and pass every set too.
     assert len({k for k in fired if k[1] is not None}) >= 20, fired
     assert all(fired[(name, None)] for name in ("quality", "repetition", "fineweb", "c4")), fired
+
+
+# ------------------------------------------------------------------------------------------ C4's bad words
+def _first_plain_word(lang: str) -> str:
+    """A bundled list's first entry made of letters only (the test names none itself)."""
+    text = (resources.files("llm_platform.data.filters") / "ldnoobw" / f"{lang}.txt").read_text(encoding="utf-8")
+    return next(w for w in text.splitlines() if w.isalpha() and w.lower() not in badwords.ALLOWLIST)
+
+
+def test_bundled_lists_cover_c4_languages_and_match_whole_words():
+    assert {"en", "de", "fr", "es", "it", "ru", "ja", "zh", "th"} <= set(badwords.languages())
+    assert set(badwords.languages()) <= language.LABELS  # named by the codes language ID gives
+    for lang in badwords.languages():
+        word = _first_plain_word(lang)
+        assert badwords.bad_words(f"Some text, {word.upper()}! more", lang) == "bad_words", lang
+        glued = badwords.bad_words(f"Some text xq{word}qx more", lang)
+        assert glued == ("bad_words" if lang in badwords.NO_WORD_BOUNDARY else None), lang
+    assert badwords.bad_words("nothing to see here", "en") is None
+    assert badwords.pattern("xx") is None  # no list: the document passes
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["alpha", "beta", "blue moon", "blue", "moon", "xalpha", "alphax", "zork", "zorks",
+                                 ",", ".", " ", "\n", "-", "é"]), max_size=12))
+def test_bad_words_match_like_a_plain_word_scan(tmp_path_factory, parts):
+    """A list of your own (`bad_words_uri`): the rule equals a plain scan for a listed word or phrase between
+    non-word characters."""
+    folder = tmp_path_factory.getbasetemp()
+    listed = folder / "words.txt"
+    listed.write_text("Alpha\nblue moon\nzork\n\n")
+    text = " ".join(parts)
+    lower = text.lower()
+
+    def flanked(word: str) -> bool:  # some occurrence with a non-word character (or an end) on each side
+        at = [i for i in range(len(lower)) if lower.startswith(word, i)]
+        return any((i == 0 or not re.match(r"\w", lower[i - 1])) and
+                   (i + len(word) == len(lower) or not re.match(r"\w", lower[i + len(word)])) for i in at)
+
+    expected = any(flanked(w) for w in ("alpha", "blue moon", "zork"))
+    assert (badwords.bad_words(text, "en", str(listed)) == "bad_words") == expected
+
+
+def test_chain_drops_bad_words_in_the_detected_language():
+    f = FilterConfig(c4=C4Config(enabled=True, min_sentences=0, filter_no_terminal_punct=False, bad_words=True))
+    de = _first_plain_word("de")
+    german = f"Der Hund schläft heute im Garten und die Katze auch, sagt {de} am Abend."
+    chain = filters.build(f, language.LanguageSpec(detect=True))
+    assert chain(german).reason == "c4.bad_words" and chain(german).language == "de"
+    # Not detected: the default list (English) decides, and a German word is not on it.
+    assert filters.build(f)(german).reason == ""
+    assert filters.build(f)(f"A plain line with {_first_plain_word('en')} inside.").reason == "c4.bad_words"
+    # The word on a line the line rules removed does not count.
+    strict = dataclasses.replace(f, c4=dataclasses.replace(f.c4, filter_no_terminal_punct=True))
+    assert filters.build(strict)(f"A fine sentence stays.\nremoved {_first_plain_word('en')} line").reason == ""
+
+
+def test_c4_preset_turns_bad_words_on_and_refuses_an_unlisted_default_language():
+    assert compose("data", ["data/filters=c4"]).data.filters.c4.bad_words
+    cfg = compose("data", ["data/filters=c4", "data.filters.c4.bad_words_language=xx"])
+    with pytest.raises(ConfigError, match="data.filters.c4.bad_words_language='xx' has no bundled list"):
+        filters.validate(cfg.data)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from llm_platform.config.data import FilterConfig
-from llm_platform.data.filters import c4, decontam, fineweb, gopher, language
+from llm_platform.data.filters import badwords, c4, decontam, fineweb, gopher, language
 from llm_platform.data.filters.language import LanguageSpec
 from llm_platform.data.filters.text import Doc
 
@@ -67,6 +67,9 @@ def _plain(rule: Callable[[Doc, Any], str | None], cfg: Any) -> Check:
 def _c4(f: FilterConfig, spec: LanguageSpec) -> Check:
     def check(doc: Doc, rewrite: bool) -> tuple[str, str | None, str, float]:
         text, reason = c4.c4(doc.text, f.c4)
+        if reason is None and f.c4.bad_words:  # on what the line rules kept, in the language ID found
+            lang = doc.language or f.c4.bad_words_language
+            reason = badwords.bad_words(text, lang, f.c4.bad_words_uri)
         return (text if rewrite else doc.text), reason, "", 0.0
     return check
 
@@ -105,6 +108,7 @@ class Chain:
                 return Verdict(doc.text, f"{name}.{reason}", lang, score)
             if new_text != doc.text:  # the next sets judge what is kept
                 doc = Doc(new_text)
+            doc.language = lang  # what language ID found, for the rules that depend on it (C4's bad words)
         return Verdict(doc.text, "", lang, score)
 
 
@@ -122,6 +126,10 @@ def validate(data_cfg: Any) -> None:
 
     language.check(LanguageSpec.from_config(data_cfg))
     decontam.check(data_cfg.filters.decontamination)  # n-gram, sources, lm-eval installed for harness: sources
+    c4_cfg = data_cfg.filters.c4
+    if c4_cfg.bad_words and not c4_cfg.bad_words_uri and c4_cfg.bad_words_language not in badwords.languages():
+        raise ConfigError(f"data.filters.c4.bad_words_language={c4_cfg.bad_words_language!r} has no bundled list; "
+                          f"choose one of {', '.join(badwords.languages())} or set data.filters.c4.bad_words_uri")
     for name in ("gopher_repetition", "gopher_quality", "c4", "fineweb"):
         node = getattr(data_cfg.filters, name)
         for f in dataclasses.fields(node):

@@ -1,7 +1,8 @@
 """C4's rules (Raffel et al. 2020, "Exploring the Limits of Transfer Learning", section 2.2), as datatrove's
 C4QualityFilter applies them (the paper's list plus the reference code's long-word and policy lines): lines that
 fail a line rule are removed, a document with "lorem ipsum" or a curly bracket is dropped whole, and one left with
-fewer than `min_sentences` sentences is dropped. The bad-words list (a download) is not applied."""
+fewer than `min_sentences` sentences is dropped. The bad-words rule (`bad_words`, on the text the line rules keep)
+is in badwords.py."""
 
 from __future__ import annotations
 

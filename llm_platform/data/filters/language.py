@@ -29,7 +29,8 @@ class LanguageSpec:
     @classmethod
     def from_config(cls, data_cfg: Any) -> LanguageSpec:
         return cls(languages=tuple(data_cfg.languages or ()), threshold=float(data_cfg.language_threshold),
-                   detect=bool(data_cfg.detect_language))
+                   detect=bool(data_cfg.detect_language)  # a mixture's sources may be split by language
+                   or any(m.languages for m in (getattr(data_cfg, "mixture", None) or {}).values()))
 
 
 # LID-176's labels (ISO 639-1 where one exists, else 639-3 or a Wikipedia code: `als`, `bar`, `sh`...).

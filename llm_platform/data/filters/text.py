@@ -26,10 +26,12 @@ def words(text: str) -> list[str]:
 class Doc:
     """A document's text and its words, split on first use and shared by every rule set that reads them."""
 
-    __slots__ = ("text", "__dict__")
+    __slots__ = ("text", "language", "__dict__")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, language: str = "") -> None:
         self.text = text
+        self.language = language
+        """What language ID found for it (set by the chain), for the rules that depend on it."""
 
     @cached_property
     def words(self) -> list[str]:
