@@ -299,7 +299,8 @@ def _tasks(fn: Callable[..., Any], items: list[tuple], *, num_cpus: float, cpu: 
     slots = cluster.cpu_task_slots()
     # Ray's annotation of map_batches' fn does not model the extra arguments that fn_kwargs supplies.
     ds = items_ds.map_batches(_call, batch_size=1, num_cpus=num_cpus,  # type: ignore[arg-type]
-                              concurrency=None if slots is None else min(len(rows), slots + 1),
+                              compute=ray.data.TaskPoolStrategy(  # `concurrency=` is deprecated in Ray 2.60
+                                  size=None if slots is None else min(len(rows), slots + 1)),
                               fn_kwargs={"fn": fn, "kwargs": kwargs, "settings": storage.settings()})
     results: list[Any] = [None] * len(items)
     for row in ds.iter_rows():
