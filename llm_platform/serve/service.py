@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm_platform.config.serve import ServeConfig
 from llm_platform.serve import auth
@@ -16,11 +16,15 @@ from llm_platform.serve.api import APIError
 from llm_platform.serve.engine import Engine, EngineOverloaded, EngineStopped, RequestOutput, RequestTooLarge
 from llm_platform.serve.sampling import SamplingParams, TokenLogprob
 
+if TYPE_CHECKING:
+    from llm_platform.serve.vllm_engine import VLLMEngine
+
 
 class Service:
     """Everything a request needs: engine, tokenizer, served model id, limits, keys and an optional monitor."""
 
-    def __init__(self, engine: Engine, tokenizer, model_id: str, cfg: ServeConfig, monitor=None, metrics=None):
+    def __init__(self, engine: Engine | VLLMEngine, tokenizer, model_id: str, cfg: ServeConfig, monitor=None,
+                 metrics=None):
         self.engine, self.tokenizer, self.model_id, self.cfg = engine, tokenizer, model_id, cfg
         self.monitor, self.metrics = monitor, metrics
         self.api_keys = auth.load_api_keys(cfg.auth)
@@ -35,10 +39,18 @@ class Service:
                            type="authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_id:
-            raise APIError(404, f"model {model!r} is not served here; available: {self.model_id!r}",
+    @property
+    def model_ids(self) -> list[str]:
+        """The served model and, with the vllm backend, its LoRA adapters (`serve.engine.vllm.lora_adapters`)."""
+        return [self.model_id, *sorted(getattr(self.engine, "adapters", {}))]
+
+    def check_model(self, model: str) -> str | None:
+        """404 unless `model` is served here; returns the LoRA adapter it names (None: the base model)."""
+        if model not in self.model_ids:
+            available = ", ".join(repr(m) for m in self.model_ids)
+            raise APIError(404, f"model {model!r} is not served here; available: {available}",
                            type="invalid_request_error", param="model", code="model_not_found")
+        return None if model == self.model_id else model
 
     def encode_prompt(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
@@ -78,8 +90,8 @@ class Service:
                               top_k=max(req.top_k, 0), stop=req.stop or [], seed=req.seed, n=req.n,
                               logprobs=logprobs, echo=echo, ignore_eos=req.ignore_eos)
 
-    async def run(self, prompt_ids: list[int], params: SamplingParams,
-                  stream: bool = True) -> AsyncIterator[RequestOutput]:
+    async def run(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True,
+                  lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Engine events, with overload and shutdown mapped to 429/503 and metrics recorded. `stream=False` (a
         non-streamed response): the first token's event, then the rest in one event at the end."""
         # max_tokens=0 (score the prompt only, as eval harnesses do with echo): generate one token and drop it.
@@ -88,8 +100,9 @@ class Service:
         generated = 0
         chunking, retry = self.cfg.engine, {"Retry-After": str(self.cfg.deployment.retry_after_s)}
         try:
+            adapter = {"lora": lora} if lora else {}  # only the vllm backend serves adapters
             async for out in self.engine.generate(prompt_ids, engine_params, stream, chunking.stream_interval_tokens,
-                                                  chunking.stream_max_delay_ms / 1000):
+                                                  chunking.stream_max_delay_ms / 1000, **adapter):
                 if out.error:  # generic, with the error id the replica's log has the details under
                     raise APIError(503, out.error, type="server_error", code="engine_error", headers=retry)
                 if first is None:

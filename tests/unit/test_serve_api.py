@@ -18,19 +18,53 @@ from llm_platform.serve.routes import Service, create_api
 KEY = "sk-test-0123456789"
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def _config() -> ServeConfig:
     import os
 
     os.environ["LLMP_TEST_SERVE_KEYS"] = f"other-key,{KEY}"
+    return ServeConfig(auth=AuthConfig(api_key_env="LLMP_TEST_SERVE_KEYS"),
+                       limits=LimitsConfig(max_request_bytes=4000, max_tokens_cap=64))
+
+
+@pytest.fixture(scope="module")
+def builtin_service(tmp_path_factory):
+    """The built-in engine on a tiny GPT-2 (the tests that reach into that engine use this one)."""
     folder = build_tiny_model(tmp_path_factory.mktemp("tiny"))
     model, tok = load_model(folder)
     engine = Engine(model, tok, max_batch_size=8)
     engine.start()
-    cfg = ServeConfig(auth=AuthConfig(api_key_env="LLMP_TEST_SERVE_KEYS"),
-                      limits=LimitsConfig(max_request_bytes=4000, max_tokens_cap=64))
+    yield Service(engine, tok, "tiny", _config())
+    engine.shutdown(5)
+
+
+@pytest.fixture(scope="module")
+def vllm_service(tmp_path_factory):
+    """vLLM's engine (serve.engine.backend=vllm) in process on a tiny Llama-3-layout checkpoint (own tokenizer, chat
+    template, padded vocab, bf16 weights; head_dim 32, the least vLLM's CPU attention takes). Runs where vLLM is
+    installed: `make test-vllm`, part of `make test`, in .venv-vllm."""
+    import dataclasses
+
+    pytest.importorskip("vllm")
+    from checkpoint_fixtures import llama3_checkpoint
+
+    from llm_platform.config.serve import EngineConfig, VLLMConfig
+    from llm_platform.serve.vllm_engine import VLLMEngine, load_tokenizer
+
+    folder = str(llama3_checkpoint(tmp_path_factory.mktemp("llama"), head_dim=32, max_positions=128))
+    tok = load_tokenizer(folder)
+    cfg = _config()
+    cfg = dataclasses.replace(cfg, engine=EngineConfig(
+        backend="vllm", max_batch_size=8, vllm=VLLMConfig(enforce_eager=True, cpu_kvcache_space_gb=1)))  # type: ignore
+    engine = VLLMEngine(folder, cfg.engine, tok)
+    engine.start()
     yield Service(engine, tok, "tiny", cfg)
     engine.shutdown(5)
+
+
+@pytest.fixture(scope="module", params=["builtin", pytest.param("vllm", marks=pytest.mark.vllm)])
+def service(request):
+    """The same API tests against both backends."""
+    return request.getfixturevalue(f"{request.param}_service")
 
 
 def call(service, fn):
@@ -165,7 +199,8 @@ def test_validation_error_names_the_field():
     assert err.status == 400 and err.param == "top_p" and json.dumps(err.body())
 
 
-def test_overloaded_engine_answers_429_and_stopped_engine_503(service):
+def test_overloaded_engine_answers_429_and_stopped_engine_503(builtin_service):
+    service = builtin_service  # this test reaches into the built-in engine
     full = Service(Engine(service.engine.model, service.tokenizer, max_waiting=0), service.tokenizer, "tiny",
                    service.cfg)
     full.engine.start()
@@ -279,7 +314,8 @@ def test_fastapi_own_errors_are_openai_shaped(service):
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text
 
 
-def test_a_request_that_can_never_fit_the_kv_budget_is_a_400_naming_max_tokens(service):
+def test_a_request_that_can_never_fit_the_kv_budget_is_a_400_naming_max_tokens(builtin_service):
+    service = builtin_service  # this test reaches into the built-in engine
     small = Service(Engine(service.engine.model, service.tokenizer, max_batch_tokens=40), service.tokenizer, "tiny",
                     service.cfg)
     small.engine.start()
@@ -307,10 +343,11 @@ LEAK = ("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.10 GiB total
         "allocated); key states of shape [64, 32, 4096, 128]")
 
 
-def test_5xx_bodies_are_generic_with_an_error_id_that_the_log_has_in_full(service, caplog):
+def test_5xx_bodies_are_generic_with_an_error_id_that_the_log_has_in_full(builtin_service, caplog):
     """Issue #24: the 503 body carried the raw torch exception (shapes, CUDA memory statistics). Now a step that
     fails before the response starts (503), one that fails mid-stream (in-band) and a bug in a route (500) all answer
     `internal error (id ...)`, and the replica's log has the exception under that id."""
+    service = builtin_service  # this test reaches into the built-in engine
     import re
 
     eng = Engine(service.engine.model, service.tokenizer, max_batch_size=4, score_prompts_every=0,
