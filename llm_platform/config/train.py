@@ -190,3 +190,7 @@ class PlanConfig:
     """Fraction of device memory a plan may use before it is refused."""
     force: bool = False
     """Launch even when the plan says the config does not fit (train), or exit 0 anyway (plan)."""
+    serve_context: int = 0
+    """Serving lines: the context (prompt + generated tokens) each sequence may reach; 0: the model's maximum."""
+    serve_batch: int = 32
+    """Serving lines: sequences a replica holds at once (`serve.engine.max_batch_size`)."""

