@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size / --max-num-seqs of every side")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+                    help="serve.http.ingress of our endpoints (direct: no Ray proxy hop, behind Serve's HAProxy)")
     args = ap.parse_args()
 
     from conftest import free_port
@@ -82,12 +84,14 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from llm_platform.serve import ingress
     from llm_platform.serve.app import build_app
 
+    ingress.prepare(args.ingress)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _temp_dir=os.environ["RAY_TMPDIR"])
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"model": str(folder), "model_name": "bench",
+    common = {"model": str(folder), "model_name": "bench", "http": {"ingress": args.ingress},
               "deployment": {"num_cpus_per_replica": 1, "num_gpus_per_replica": gpus, "max_ongoing_requests": 64},
               "engine": {"max_batch_size": args.batch, "dtype": args.dtype, "device": args.device}}
     sides: dict[str, str] = {}
@@ -101,13 +105,14 @@ def main() -> None:
     standalone_port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
            "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(standalone_port), "--dtype",
-           args.dtype, "--max-num-seqs", str(args.batch), "--disable-log-requests"] + (["--enforce-eager"] if eager
-                                                                                      else [])
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           args.dtype, "--max-num-seqs", str(args.batch)] + (["--enforce-eager"] if eager else [])
+    server_log = Path(tempfile.mkdtemp(prefix="llmp-bench-")) / "vllm-server.log"
+    server = subprocess.Popen(cmd, stdout=server_log.open("w"), stderr=subprocess.STDOUT)
     try:
         sides["standalone vLLM"] = f"http://127.0.0.1:{standalone_port}"
-        wait_healthy(sides["standalone vLLM"], 600, "vllm api_server")
+        wait_healthy(sides["standalone vLLM"], 600, f"vllm api_server (its log: {server_log})")
         print(f"model={folder} requests={args.requests} max_tokens={args.max_tokens} batch={args.batch} "
+              f"ingress={args.ingress} "
               f"dtype={args.dtype} device={args.device} cpus={os.cpu_count()} "
               f"date={time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         runs: dict[str, dict] = {}

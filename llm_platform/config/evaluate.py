@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from llm_platform.config.choices import ExplainMethod
+from llm_platform.config.choices import ExplainMethod, ServeBackend
 
 
 @dataclass
@@ -135,6 +135,10 @@ class EvalConfig:
     """Actors in the Ray Data pool that holds the model."""
     actor_num_cpus: float = 0.5
     """Logical CPUs per actor (fractional, so the pool does not starve other Ray work)."""
+    backend: ServeBackend = ServeBackend.builtin
+    """Generation engine: builtin (HF `generate`, in process or on the Ray Data actor pool of `use_ray`) or vllm
+    (Ray Data LLM's vLLM processor: `ray.data.llm`, `num_actors` engines; needs vLLM where the actors run). The
+    same metrics and report either way; perplexity is scored by the builtin path."""
     endpoint: str | None = None
     """Base URL of a running OpenAI-compatible endpoint (`http://host:8000/v1`) to generate with instead of weights."""
     endpoint_model: str | None = None

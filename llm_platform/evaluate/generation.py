@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -185,6 +186,38 @@ def ray_generator(model_uri: str, max_new_tokens: int, batch_size: int, num_acto
         outs = [""] * len(prompts)
         for row in done.iter_rows():
             outs[int(row["id"])] = str(row["output"])
+        return outs
+
+    return run
+
+
+def vllm_generator(model_uri: str, max_new_tokens: int, batch_size: int, num_engines: int,
+                   device: str = "cpu") -> Generator:
+    """Generate with Ray Data LLM's vLLM processor (`eval.backend=vllm`): `num_engines` vLLM engines, greedy, outputs
+    in the prompts' order, stripped as the builtin path's are. On CPU each engine takes one CPU bundle (no GPU)."""
+
+    def run(prompts: list[str]) -> list[str]:
+        import ray.data
+        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+        if not prompts:
+            return []
+        gpu = device.startswith("cuda")
+        cpu_only: dict[str, Any] = {} if gpu else {
+            "placement_group_config": {"bundles": [{"CPU": 1}], "strategy": "PACK"},
+            "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}
+        config = vLLMEngineProcessorConfig(
+            model_source=model_uri, batch_size=batch_size, concurrency=max(1, num_engines),
+            engine_kwargs={"enforce_eager": not gpu, "max_num_seqs": max(batch_size, 8)}, **cpu_only)
+        processor = build_processor(
+            config,
+            preprocess=lambda row: {"prompt": row["prompt"],
+                                    "sampling_params": {"temperature": 0.0, "max_tokens": max_new_tokens}},
+            postprocess=lambda row: {"id": row["id"], "output": row["generated_text"]})
+        ds = ray.data.from_items([{"id": i, "prompt": p} for i, p in enumerate(prompts)])
+        outs = [""] * len(prompts)
+        for row in processor(ds).iter_rows():
+            outs[int(row["id"])] = str(row["output"]).strip()
         return outs
 
     return run

@@ -19,28 +19,39 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from llm_platform.config.serve import EngineConfig
-from llm_platform.serve.requests import RequestOutput, SeqDelta, coalesce
+from llm_platform.serve.requests import ChunkHold, RequestOutput, SeqDelta, coalesce, deliver
 from llm_platform.serve.sampling import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 TOKEN_GAPS_KEPT = 4096
 
 
-class EngineOverloaded(Exception):  # the built-in engine's names, so the service maps them the same way
-    pass
-
-
 def _engine_errors():
     from llm_platform.serve.engine import EngineOverloaded, EngineStopped
 
     return EngineOverloaded, EngineStopped
+
+
+@dataclass
+class _Request:
+    """One request's link between vLLM's loop and its caller's."""
+
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    n: int
+    hold: ChunkHold
+    prompt: list[TokenLogprob] | None = None
+    """The prompt's log-probabilities, sent with the first event that goes out."""
 
 
 class _Admission:
@@ -100,6 +111,7 @@ class VLLMEngine:
         self._sched: Any = None  # vLLM's last SchedulerStats
         self._ids = itertools.count()
         self._in_flight = 0
+        self._pending: list[tuple[_Request, RequestOutput]] = []  # events of this pass of vLLM's output handler
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -209,8 +221,8 @@ class VLLMEngine:
                        interval: int = 1, max_delay_s: float = 0.0, lora: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Events of one request, as the built-in engine's `generate` gives them: the first token's at once, then
-        chunks of about `interval` tokens a sequence (sooner after `max_delay_s`), or, not streamed, the rest in one
-        event at the end. Closing the iterator early aborts the request in vLLM."""
+        chunks of `interval` tokens a sequence (sooner after `max_delay_s`), or, not streamed, the rest in one event
+        at the end (the same `ChunkHold`, applied on vLLM's loop). Closing the iterator early aborts the request."""
         overloaded, stopped = _engine_errors()
         if self._draining or not self.healthy() or self._loop is None:
             raise stopped("the engine is shutting down or unhealthy")
@@ -220,33 +232,18 @@ class VLLMEngine:
         self.stats["prompt_tokens"] += len(prompt_ids)
         score = self.score_prompts_every > 0 and self.stats["requests"] % self.score_prompts_every == 0
         request_id = f"llmp-{next(self._ids)}"
-        caller = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        hold = (max(1, interval), max_delay_s) if stream else (math.inf, math.inf)
+        req = _Request(request_id, asyncio.get_running_loop(), asyncio.Queue(), params.n,
+                       ChunkHold(interval=hold[0], max_delay_s=hold[1]))
         self._in_flight += 1
         task = asyncio.run_coroutine_threadsafe(
-            self._run(request_id, prompt_ids, self.sampling_params(len(prompt_ids), params, score), lora, caller,
-                      queue, params.n), self._loop)
+            self._run(req, prompt_ids, self.sampling_params(len(prompt_ids), params, score), lora), self._loop)
         finished = False
         try:
-            first = True
             while not finished:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                held_since = time.monotonic()
-                while not out.finished and not first:  # gather a chunk (everything, when not streamed)
-                    if stream and (min((len(d.tokens) for d in out.deltas), default=0) >= interval
-                                   or time.monotonic() - held_since >= max_delay_s):
-                        break
-                    wait = None if not stream else max(0.0, max_delay_s - (time.monotonic() - held_since))
-                    try:
-                        nxt = await asyncio.wait_for(queue.get(), wait)
-                    except asyncio.TimeoutError:
-                        break
-                    if isinstance(nxt, BaseException):
-                        raise nxt
-                    out = coalesce(out, nxt)
-                first = False
+                out: RequestOutput = await req.queue.get()
+                while not out.finished and not req.queue.empty():  # events queued behind a busy reader: as one
+                    out = coalesce(out, req.queue.get_nowait())
                 finished = out.finished
                 yield out
         finally:
@@ -255,16 +252,14 @@ class VLLMEngine:
                 task.cancel()
                 asyncio.run_coroutine_threadsafe(self.llm.abort(request_id), self._loop)
 
-    async def _run(self, request_id: str, prompt_ids: list[int], sampling: Any, lora: str | None,
-                   caller: asyncio.AbstractEventLoop, queue: asyncio.Queue, n: int) -> None:
-        """On vLLM's loop: the request's outputs, converted, handed to the caller's loop (a greedy request's one
-        sequence copied to its `n` choices)."""
-        lora_request = self._lora(lora)
+    async def _run(self, req: _Request, prompt_ids: list[int], sampling: Any, lora: str | None) -> None:
+        """On vLLM's loop: the request's outputs, converted (a greedy request's one sequence copied to its `n`
+        choices), chunked, and handed to the caller's loop."""
         last: dict[int, float] = {}
         sent_prompt = False
         try:
-            async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id,
-                                               lora_request=lora_request):
+            async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, sampling, req.request_id,
+                                               lora_request=self._lora(lora)):
                 now = time.perf_counter()
                 deltas = []
                 for co in out.outputs:
@@ -276,23 +271,41 @@ class VLLMEngine:
                     self.stats["generated_tokens"] += len(tokens)
                     reason = co.finish_reason if co.finish_reason in ("stop", "length") else (
                         "stop" if co.finish_reason else None)
-                    if sampling.n == n:
+                    if sampling.n == req.n:
                         deltas.append(SeqDelta(co.index, co.text, tokens, reason))
                     else:
-                        deltas += [SeqDelta(i, co.text, list(tokens), reason) for i in range(n)]
-                prompt = None
+                        deltas += [SeqDelta(i, co.text, list(tokens), reason) for i in range(req.n)]
                 if not sent_prompt and out.prompt_logprobs is not None:
-                    prompt = [self._token(t, lp, sampling.prompt_logprobs) for t, lp in
-                              zip(prompt_ids, out.prompt_logprobs)]
+                    req.prompt = [self._token(t, lp, sampling.prompt_logprobs)
+                                  for t, lp in zip(prompt_ids, out.prompt_logprobs)]
                 sent_prompt = True
-                caller.call_soon_threadsafe(queue.put_nowait, RequestOutput(deltas, prompt, bool(out.finished)))
+                released = req.hold.release(deltas, bool(out.finished), time.monotonic())
+                if released is not None:
+                    self._deliver(req, RequestOutput(released, req.prompt, bool(out.finished)))
+                    req.prompt = None
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - handed to the caller, which maps it (engine errors -> 503)
             self.stats["failed_steps"] += 1
-            log.exception("vLLM request %s failed", request_id)
-            caller.call_soon_threadsafe(queue.put_nowait, RequestOutput([], None, True, error=(
+            log.exception("vLLM request %s failed", req.request_id)
+            self._deliver(req, RequestOutput([], None, True, error=(
                 f"the engine failed on this request ({type(e).__name__}); see the replica's log")))
+
+    def _deliver(self, req: _Request, out: RequestOutput) -> None:
+        """Queue an event for its caller; the events of one pass of vLLM's output handler go out together, one
+        wake-up per caller loop (each `call_soon_threadsafe` writes that loop's self-pipe and contends for the GIL)."""
+        if not self._pending:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        self._pending.append((req, out))
+
+    def _flush(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for req, out in self._pending:
+            by_loop.setdefault(req.loop, []).append((req.queue, out))
+        self._pending = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(deliver, items)
 
     @staticmethod
     def _token(token_id: int, logprobs: dict | None, k: int | None) -> TokenLogprob:

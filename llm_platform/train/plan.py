@@ -164,11 +164,13 @@ def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, pl
 
 def serving_needs(config, size, plan: PlanConfig, gpu_memory_gib: float) -> ServingNeeds:
     """The serving lines of a plan, from the transformers config (GPT-2's and Llama's attribute names)."""
-    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1))
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or size.hidden_size // heads)
-    context = plan.serve_context or int(getattr(config, "max_position_embeddings", None)
-                                        or getattr(config, "n_positions", 2048))
+    def attr(*names: str, default: int) -> int:
+        return int(next((v for v in (getattr(config, n, None) for n in names) if v), default))
+
+    heads = attr("num_attention_heads", "n_head", default=1)
+    kv_heads = attr("num_key_value_heads", default=heads)
+    head_dim = attr("head_dim", default=size.hidden_size // heads)
+    context = plan.serve_context or attr("max_position_embeddings", "n_positions", default=2048)
     return sizing.serving_needs(size.total, size.num_layers, kv_heads, head_dim, context=context,
                                 batch=plan.serve_batch, gpu_memory_gib=gpu_memory_gib, usable=plan.memory_headroom)
 

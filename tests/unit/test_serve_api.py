@@ -402,3 +402,28 @@ def test_5xx_bodies_are_generic_with_an_error_id_that_the_log_has_in_full(builti
         assert "Tried to allocate 20.00 GiB" in line  # the details, in the log only
     for response in (r["engine"], r["route"], r["stream"]):
         assert "GiB" not in response.text and "shape" not in response.text and "/srv" not in response.text
+
+
+def test_build_app_checks_the_vllm_keys():
+    """`serve.engine.vllm.*` are checked on the driver, naming the key (vLLM itself is only imported in replicas)."""
+    from ray.serve import Application
+
+    from llm_platform.errors import ConfigError
+    from llm_platform.serve.app import build_app
+
+    def vllm(**keys):
+        return {"model": "m", "engine": {"backend": "vllm", **keys.pop("engine", {}), "vllm": keys}}
+
+    with pytest.raises(ConfigError, match="serve.engine.vllm.tensor_parallel_size=0"):
+        build_app(vllm(tensor_parallel_size=0))
+    with pytest.raises(ConfigError, match="serve.engine.vllm.gpu_memory_utilization=1.5"):
+        build_app(vllm(gpu_memory_utilization=1.5))
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 but serve.deployment.num_gpus_per_replica=1"):
+        build_app({**vllm(tensor_parallel_size=2, engine={"device": "cuda"}),
+                   "deployment": {"num_gpus_per_replica": 1}})
+    with pytest.raises(ConfigError, match=r"serve.engine.vllm.lora_adapters.\.\./x"):
+        build_app(vllm(lora_adapters={"../x": "registry:a"}))
+    with pytest.raises(ConfigError, match=r"unknown serve keys \['engine.vllm.tp'\]"):
+        build_app(vllm(tp=2))
+    assert isinstance(build_app({**vllm(tensor_parallel_size=2, engine={"device": "cuda"}),
+                                 "deployment": {"num_gpus_per_replica": 2}}), Application)

@@ -1,0 +1,47 @@
+"""`eval.backend=vllm`: generation through Ray Data LLM's vLLM processor gives what the builtin path (HF `generate`,
+greedy) gives on the same checkpoint and prompts, in the prompts' order. The checkpoint's output layer is scaled so
+that greedy choices are far from ties (random weights otherwise leave near-equal logits, which two correct
+implementations may break differently). Runs where vLLM is installed (`make test-vllm`, in .venv-vllm)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from checkpoint_fixtures import llama3_checkpoint
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def sharpened_checkpoint(folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = llama3_checkpoint(folder, head_dim=32, max_positions=256)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    model.save_pretrained(path)
+    return path
+
+
+def test_vllm_generation_equals_hf_greedy(tmp_path):
+    pytest.importorskip("vllm")
+    import ray
+
+    from llm_platform.evaluate import generation
+    from llm_platform.evaluate.models import load
+
+    folder = sharpened_checkpoint(tmp_path / "llama")
+    prompts = ["What color is the sky", "user: the grass is", "system user assistant What color is the", "snow",
+               "The sun and the sea are"]
+    expected = generation.local_generator(load(str(folder)), max_new_tokens=8, batch_size=1)(prompts)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             _temp_dir=os.environ.get("RAY_TMPDIR", "/tmp/llmp-ray"))
+    try:
+        got = generation.vllm_generator(str(folder), max_new_tokens=8, batch_size=4, num_engines=1)(prompts)
+    finally:
+        ray.shutdown()
+    assert got == expected and any(got)
