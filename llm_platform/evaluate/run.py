@@ -101,7 +101,8 @@ def _generator(cfg: EvalConfig, mv, loaded_fn):
         return generation.endpoint_generator(cfg.endpoint, cfg.endpoint_model or mv.name, cfg.max_new_tokens,
                                              cfg.endpoint_timeout_s)
     if cfg.backend == "vllm":
-        return generation.vllm_generator(mv.uri, cfg.max_new_tokens, cfg.batch_size, cfg.num_actors)
+        return generation.vllm_generator(mv.uri, cfg.max_new_tokens, cfg.batch_size, cfg.num_actors,
+                                         device=cfg.vllm_device)
     if cfg.use_ray:
         return generation.ray_generator(mv.uri, cfg.max_new_tokens, cfg.batch_size, cfg.num_actors,
                                         cfg.actor_num_cpus)
