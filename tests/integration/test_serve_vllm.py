@@ -20,6 +20,37 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 KEY = "sk-vllm-test-key"
 
 
+def sharpened(folder):
+    """The checkpoint with its output layer scaled, so greedy choices are far from ties (random weights leave
+    near-equal logits, which two correct implementations may break differently)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def lora_adapter(base, folder):
+    """A LoRA adapter of `base` as `model.lora.export=adapter` writes one (peft's adapter_config.json and
+    adapter_model.safetensors), with B made non-zero so it changes what the model says."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tuned = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    tuned.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
     pytest.importorskip("vllm")
@@ -29,7 +60,8 @@ def endpoint(tmp_path_factory):
     from llm_platform.config.serve import ServeConfig
     from llm_platform.serve.app import build_app
 
-    folder = llama3_checkpoint(tmp_path_factory.mktemp("llama"), head_dim=32, max_positions=256)
+    folder = sharpened(llama3_checkpoint(tmp_path_factory.mktemp("llama"), head_dim=32, max_positions=256))
+    adapter = lora_adapter(folder, tmp_path_factory.mktemp("adapter"))
     keys = tmp_path_factory.mktemp("secret") / "keys"
     keys.write_text(f"{KEY}\n")
     if ray.is_initialized():
@@ -40,7 +72,8 @@ def endpoint(tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": str(folder), "model_name": "llama", "auth": {"api_key_file": str(keys)},
             "engine": {"backend": "vllm", "max_batch_size": 8,
-                       "vllm": {"enforce_eager": True, "cpu_kvcache_space_gb": 1}},
+                       "vllm": {"enforce_eager": True, "cpu_kvcache_space_gb": 1, "max_lora_rank": 8,
+                                "lora_adapters": {"tuned": str(adapter)}}},
             "deployment": {"num_cpus_per_replica": 1, "health_check_period_s": 2.0,
                            "graceful_shutdown_timeout_s": 5.0},
             "limits": {"max_tokens_cap": 48}}
@@ -57,7 +90,7 @@ def endpoint(tmp_path_factory):
         time.sleep(2)
     else:
         pytest.fail(f"the vLLM replica did not become healthy: {serve.status()}")
-    yield base, folder
+    yield base, folder, adapter
     serve.shutdown()
     ray.shutdown()
 
@@ -66,9 +99,9 @@ def test_openai_client_against_the_vllm_endpoint(endpoint):
     import openai
     from transformers import AutoTokenizer
 
-    base, folder = endpoint
+    base, folder, _ = endpoint
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
-    assert [m.id for m in client.models.list().data] == ["llama"]
+    assert [m.id for m in client.models.list().data] == ["llama", "tuned"]
     done = client.completions.create(model="llama", prompt="What color is the", max_tokens=8, temperature=0,
                                      logprobs=2)
     choice = done.choices[0]
@@ -103,7 +136,7 @@ def test_openai_client_against_the_vllm_endpoint(endpoint):
 
 
 def test_metrics_and_query_cli(endpoint):
-    base, _ = endpoint
+    base, _, _ = endpoint
     out = subprocess.run([sys.executable, "-m", "llm_platform", "query", "What color is the", "--stream",
                           "--url", base, "--model", "llama", "--max-tokens", "6"],
                          capture_output=True, text=True, timeout=120,
@@ -111,3 +144,26 @@ def test_metrics_and_query_cli(endpoint):
     assert out.returncode == 0, out.stderr[-2000:]
     monitoring = httpx.get(f"{base}/v1/monitoring", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
     assert monitoring["engine"]["healthy"] is True and monitoring["engine"]["requests"] >= 1
+
+
+def test_a_served_lora_adapter_answers_as_the_merged_model(endpoint):
+    """`serve.engine.vllm.lora_adapters`: a request naming the adapter gets what the base with the adapter merged
+    (peft, HF greedy) says, and the base model's own answer differs."""
+    import openai
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, folder, adapter = endpoint
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    prompts = ["What color is the", "the sea is", "user: snow"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                                       adapter).merge_and_unload()
+    for prompt in prompts:
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        expected = merged.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        got = client.completions.create(model="tuned", prompt=prompt, max_tokens=6, temperature=0, logprobs=0)
+        plain = client.completions.create(model="llama", prompt=prompt, max_tokens=6, temperature=0)
+        assert got.model == "tuned" and got.choices[0].text == tok.decode(expected, skip_special_tokens=True)
+        assert plain.choices[0].text != got.choices[0].text
