@@ -44,17 +44,10 @@ def build_model(folder: Path, layers: int, width: int) -> Path:
 
 
 def wait_healthy(url: str, timeout_s: float, what: str) -> None:
-    import httpx
+    from serve_fixtures import wait_healthy as answered
 
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise SystemExit(f"{what} did not become healthy in {timeout_s:.0f} s")
+    if not answered(url, timeout_s, poll_s=2):
+        raise SystemExit(f"{what} did not become healthy in {timeout_s:.0f} s")
 
 
 def main() -> None:

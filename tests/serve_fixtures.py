@@ -47,3 +47,20 @@ def build_tiny_model(folder: str | Path, vocab_size: int = 400, n_positions: int
     model = GPT2LMHeadModel(config)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def wait_healthy(url: str, timeout_s: float, poll_s: float = 1.0) -> bool:
+    """Whether `url`/health answered 200 within `timeout_s` (a replica starting, an app being deployed)."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    return False

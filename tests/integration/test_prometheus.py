@@ -23,7 +23,7 @@ import openai
 import pytest
 from conftest import free_port
 from prometheus_fixtures import Prometheus, start_prometheus
-from serve_fixtures import build_tiny_model, sample_texts
+from serve_fixtures import build_tiny_model, sample_texts, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -100,15 +100,7 @@ def endpoint(ray_session, tmp_path_factory):
             "drift_reference": sample_texts(200, seed=1)}
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}", blocking=False)
     base = f"http://127.0.0.1:{port}/{APP}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
+    if not wait_healthy(base, 180, poll_s=0.5):
         pytest.fail(f"Serve app not healthy: {serve.status()}")
     yield base
     serve.delete(APP)

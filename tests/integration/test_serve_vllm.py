@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from checkpoint_fixtures import llama3_checkpoint
 from conftest import free_port
+from serve_fixtures import wait_healthy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 KEY = "sk-vllm-test-key"
@@ -80,15 +80,7 @@ def endpoint(tmp_path_factory):
     assert ServeConfig  # the args are the serve config's keys, as a RayService's import_path passes them
     serve.run(build_app(args), name="vllm", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 420
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    else:
+    if not wait_healthy(base, 420, poll_s=2):
         pytest.fail(f"the vLLM replica did not become healthy: {serve.status()}")
     yield base, folder, adapter
     serve.shutdown()
