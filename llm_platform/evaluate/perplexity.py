@@ -170,3 +170,55 @@ def ray_perplexity(model_uri: str, files: list[str], *, limit: int | None = None
         tokens += int(row["num_tokens"])
     return summarize(nll_sum, tokens, ", ".join(files))
 
+
+
+def vllm_targets(records: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+    """Each causal record as (the tokens vLLM reads: padding dropped, the positions whose token is scored): the
+    next-token targets `sequence_nll` scores (labels aligned with input_ids; -100 and padding not scored)."""
+    ids = _stack(records["input_ids"])
+    mask = _stack(records["attention_mask"]) if "attention_mask" in records else np.ones_like(ids)
+    labels = _stack(records["labels"]) if "labels" in records else ids
+    out = []
+    for row, keep, lab in zip(ids, mask, labels):
+        tokens = row[keep == 1].tolist()
+        scored = [t for t in range(1, len(tokens)) if lab[t] != -100 and keep[t] == 1]
+        out.append((tokens, scored))
+    return out
+
+
+def vllm_perplexity(model_uri: str, records: dict[str, Any], *, batch_size: int = 8, num_engines: int = 1,
+                    device: str = "cpu", dtype: str = "auto", source: str = "val split") -> dict[str, float]:
+    """Perplexity with vLLM engines on Ray Data (`eval.backend=vllm`): each record's prompt log-probabilities
+    (`prompt_logprobs=0`, one generated token dropped), summed over the positions `sequence_nll` scores. Causal,
+    unpacked records only (the caller keeps the builtin scorer for packed rows and seq2seq models)."""
+    import ray.data
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    rows = [{"id": i, "tokens": tokens, "scored": scored}
+            for i, (tokens, scored) in enumerate(vllm_targets(records)) if scored]
+    if not rows:
+        raise DataError(f"no scorable tokens in {source}")
+    gpu = device.startswith("cuda")
+    cpu_only: dict[str, Any] = {} if gpu else {
+        "placement_group_config": {"bundles": [{"CPU": 1}], "strategy": "PACK"},
+        "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}
+    config = vLLMEngineProcessorConfig(
+        model_source=model_uri, batch_size=batch_size, concurrency=max(1, num_engines), chat_template_stage=False,
+        tokenize_stage=False, detokenize_stage=False,
+        engine_kwargs={"enforce_eager": not gpu, "max_num_seqs": max(batch_size, 8), "dtype": dtype}, **cpu_only)
+
+    def nll(row: dict[str, Any]) -> dict[str, Any]:
+        logprobs, tokens = row["prompt_logprobs"], list(row["tokens"])
+        return {"nll": -sum(float(logprobs[t][tokens[t]]["logprob"]) for t in row["scored"]),
+                "n": len(row["scored"])}
+
+    processor = build_processor(
+        config,
+        preprocess=lambda row: {"tokens": row["tokens"], "scored": row["scored"], "tokenized_prompt": row["tokens"],
+                                "sampling_params": {"max_tokens": 1, "prompt_logprobs": 0, "temperature": 0.0}},
+        postprocess=nll)
+    nll_sum, count = 0.0, 0
+    for row in processor(ray.data.from_items(rows)).iter_rows():
+        nll_sum += float(row["nll"])
+        count += int(row["n"])
+    return summarize(nll_sum, count, source)

@@ -85,6 +85,11 @@ def _preference(cfg: EvalConfig, lineage: dict, loaded_fn, files: list[str], sto
 def _perplexity(cfg: EvalConfig, mv, loaded_fn, files: list[str]) -> dict[str, float]:
     from llm_platform.evaluate import perplexity
 
+    if cfg.backend == "vllm":
+        records = perplexity.read_records(files, cfg.max_val_records)
+        if "position_ids" not in records and not loaded_fn().is_seq2seq:  # else: the builtin scorer below
+            return perplexity.vllm_perplexity(mv.uri, records, batch_size=cfg.batch_size, num_engines=cfg.num_actors,
+                                              device=cfg.vllm_device, source=", ".join(files))
     if cfg.use_ray:
         return perplexity.ray_perplexity(mv.uri, files, limit=cfg.max_val_records, batch_size=cfg.batch_size,
                                          num_actors=cfg.num_actors, actor_num_cpus=cfg.actor_num_cpus)

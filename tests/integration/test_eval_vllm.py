@@ -1,7 +1,9 @@
 """`eval.backend=vllm`: generation through Ray Data LLM's vLLM processor gives what the builtin path (HF `generate`,
-greedy) gives on the same checkpoint and prompts, in the prompts' order. The checkpoint's output layer is scaled so
-that greedy choices are far from ties (random weights otherwise leave near-equal logits, which two correct
-implementations may break differently). Runs where vLLM is installed (`make test-vllm`, in .venv-vllm)."""
+greedy) gives on the same checkpoint and prompts, in the prompts' order; perplexity from vLLM's prompt
+log-probabilities equals the builtin scorer's on pretrain blocks and on padded supervised records. The checkpoint's
+output layer is scaled so that greedy choices are far from ties (random weights otherwise leave near-equal logits,
+which two correct implementations may break differently). Runs where vLLM is installed (`make test-vllm`, in
+.venv-vllm)."""
 
 from __future__ import annotations
 
@@ -41,8 +43,35 @@ def test_vllm_generation_equals_hf_greedy(tmp_path):
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              _temp_dir=os.environ.get("RAY_TMPDIR", "/tmp/llmp-ray"))
     try:
+        ppl = perplexity_pairs(str(folder))
         got = generation.vllm_generator(str(folder), max_new_tokens=8, batch_size=4, num_engines=1,
                                         dtype="float32")(prompts)  # vLLM's CPU "auto" would cast to bf16
     finally:
         ray.shutdown()
     assert got == expected and any(got)
+    for builtin, ours in ppl:
+        assert ours["val/tokens"] == builtin["val/tokens"]
+        assert ours["val/loss"] == pytest.approx(builtin["val/loss"], rel=1e-5)
+
+
+def perplexity_pairs(folder: str) -> list[tuple[dict, dict]]:
+    """(builtin, vllm) perplexity of pretrain blocks and of right-padded sft records with a masked prompt."""
+    import numpy as np
+
+    from llm_platform.evaluate import perplexity
+    from llm_platform.evaluate.models import load
+
+    rng = np.random.default_rng(0)
+    blocks = {"input_ids": rng.integers(5, 300, size=(6, 24)).tolist()}
+    ids = rng.integers(5, 300, size=(5, 20))
+    mask = np.ones_like(ids)
+    labels = ids.copy()
+    for i, (prompt, length) in enumerate([(3, 20), (5, 12), (8, 17), (2, 9), (10, 14)]):
+        mask[i, length:] = 0
+        labels[i, :prompt] = -100
+        labels[i, length:] = -100
+        ids[i, length:] = 0
+    sft = {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+    model = load(folder).model
+    return [(perplexity.direct_perplexity(model, records),
+             perplexity.vllm_perplexity(folder, records, batch_size=4, dtype="float32")) for records in (blocks, sft)]
