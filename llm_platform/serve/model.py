@@ -127,16 +127,24 @@ def cgroup_available_bytes(root: str | Path | None = None) -> int | None:
     return None
 
 
-def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
-    """Model and tokenizer of an HF-format folder; weights only from safetensors (never pickle)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(folder: str | Path):
+    """The tokenizer of an HF-format model folder (the service encodes prompts and renders chats with it)."""
+    from transformers import AutoTokenizer
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}/config.json not found: serve.model must be an HF-format model folder")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_model(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """Model and tokenizer of an HF-format folder; weights only from safetensors (never pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    tokenizer = load_tokenizer(folder)
     if not list(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"no *.safetensors in {folder}: weights are loaded only from safetensors")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True,
                                                                   dtype=getattr(torch, dtype))
     return model.to(device).eval(), tokenizer

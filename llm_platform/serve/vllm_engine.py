@@ -78,17 +78,6 @@ def engine_args(folder: str, cfg: EngineConfig, adapters: dict[str, str]) -> Any
         max_lora_rank=v.max_lora_rank, disable_log_stats=False, seed=0)
 
 
-def load_tokenizer(folder: str):
-    """The checkpoint's own tokenizer (the service encodes prompts and renders chats with it, as vLLM does)."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    if not (Path(folder) / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}/config.json not found: serve.model must be an HF-format model folder")
-    return AutoTokenizer.from_pretrained(folder)
-
-
 class VLLMEngine:
     """The built-in engine's interface (`generate`, `max_positions`, `max_batch_size`, `scheduler.fits_alone`,
     health, queue and KV gauges, `token_gaps`, `stats`) over vLLM's `AsyncLLM`."""
@@ -200,7 +189,7 @@ class VLLMEngine:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ requests
-    def sampling_params(self, prompt_len: int, params: SamplingParams, score_prompt: bool) -> Any:
+    def sampling_params(self, params: SamplingParams, score_prompt: bool) -> Any:
         from vllm import SamplingParams as VSampling
         from vllm.sampling_params import RequestOutputKind
 
@@ -237,7 +226,7 @@ class VLLMEngine:
                        ChunkHold(interval=hold[0], max_delay_s=hold[1]))
         self._in_flight += 1
         task = asyncio.run_coroutine_threadsafe(
-            self._run(req, prompt_ids, self.sampling_params(len(prompt_ids), params, score), lora), self._loop)
+            self._run(req, prompt_ids, self.sampling_params(params, score), lora), self._loop)
         finished = False
         try:
             while not finished:
