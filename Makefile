@@ -108,8 +108,10 @@ $(VLLM_VENV)/.installed: pyproject.toml | $(UV)
 	$(UV) pip uninstall -q --python $(VLLM_VENV)/bin/python torchvision torchaudio torchcodec triton
 	touch $@
 
+# The files that hold `vllm` tests (.venv-vllm lacks the other suites' imports: hcl2, lm_eval, moto...).
+VLLM_TESTS ?= tests/unit/test_serve_api.py tests/integration/test_serve_vllm.py tests/integration/test_eval_vllm.py
 test-vllm: setup-vllm
-	$(VLLM_VENV)/bin/python -m pytest -q -ra -m vllm -p no:cacheprovider
+	$(VLLM_VENV)/bin/python -m pytest -q -ra -m vllm -p no:cacheprovider $(VLLM_TESTS)
 
 # datatrove, for benchmarks/data_datatrove.py only, in its own venv (it pins packages that clash with ours). spaCy
 # gives its English word tokenizer (spacy.blank, no model download); orjson and aiohttp are imports its JsonlReader

@@ -1,6 +1,6 @@
 """`eval.backend=vllm`: generation through Ray Data LLM's vLLM processor gives what the builtin path (HF `generate`,
 greedy) gives on the same checkpoint and prompts, in the prompts' order; perplexity from vLLM's prompt
-log-probabilities equals the builtin scorer's on pretrain blocks and on padded supervised records. The checkpoint's
+log-probabilities equals the builtin scorer's on full blocks and on padded supervised records. The checkpoint's
 output layer is scaled so that greedy choices are far from ties (random weights otherwise leave near-equal logits,
 which two correct implementations may break differently). Runs where vLLM is installed (`make test-vllm`, in
 .venv-vllm)."""
@@ -55,23 +55,23 @@ def test_vllm_generation_equals_hf_greedy(tmp_path):
 
 
 def perplexity_pairs(folder: str) -> list[tuple[dict, dict]]:
-    """(builtin, vllm) perplexity of pretrain blocks and of right-padded sft records with a masked prompt."""
+    """(builtin, vllm) perplexity of records mixing full blocks (every next token scored, as pretrain's) and
+    right-padded sft records with a masked prompt, in one engine start."""
     import numpy as np
 
     from llm_platform.evaluate import perplexity
     from llm_platform.evaluate.models import load
 
     rng = np.random.default_rng(0)
-    blocks = {"input_ids": rng.integers(5, 300, size=(6, 24)).tolist()}
-    ids = rng.integers(5, 300, size=(5, 20))
+    ids = rng.integers(5, 300, size=(9, 20))
     mask = np.ones_like(ids)
     labels = ids.copy()
-    for i, (prompt, length) in enumerate([(3, 20), (5, 12), (8, 17), (2, 9), (10, 14)]):
+    for i, (prompt, length) in enumerate([(3, 20), (5, 12), (8, 17), (2, 9), (10, 14)]):  # rows 5-8: full blocks
         mask[i, length:] = 0
         labels[i, :prompt] = -100
         labels[i, length:] = -100
         ids[i, length:] = 0
-    sft = {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
-    model = load(folder).model
-    return [(perplexity.direct_perplexity(model, records),
-             perplexity.vllm_perplexity(folder, records, batch_size=4, dtype="float32")) for records in (blocks, sft)]
+    records = {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+    assert len(perplexity.vllm_targets(records)[6][1]) == 19  # a full block: every next token is scored
+    return [(perplexity.direct_perplexity(load(folder).model, records),
+             perplexity.vllm_perplexity(folder, records, batch_size=4, dtype="float32"))]
