@@ -136,9 +136,10 @@ def gather(flat: np.ndarray, lengths: np.ndarray, idx: np.ndarray) -> np.ndarray
     return flat[np.repeat(starts[idx], take) + within]
 
 
-def plan(hist: np.ndarray, mixture: dict[str, Any], names: tuple[str, ...], total_tokens: int
-         ) -> tuple[Plan, dict[str, Any]]:
-    """The plan from the summed histograms, and its record for the manifest (before anything is written)."""
+def plan(hist: np.ndarray, mixture: dict[str, Any], names: tuple[str, ...], total_tokens: int, *,
+         files: list[int], seed: int) -> tuple[Plan, dict[str, Any]]:
+    """The plan from the summed histograms, and its record for the manifest (before anything is written; `files`:
+    each source's input files, `seed`: data.mixture_seed, both for the record)."""
     train = hist[:len(names), 0]  # (sources, docs/tokens, buckets)
     cum = np.cumsum(train, axis=2)
     weights = np.asarray([float(mixture[n].weight) for n in names])
@@ -168,14 +169,14 @@ def plan(hist: np.ndarray, mixture: dict[str, Any], names: tuple[str, ...], tota
         passes.append(whole)
         partial.append(k)
         sources[name] = {
-            "weight": round(float(weights[s]), 6), "files": None,
+            "weight": round(float(weights[s]), 6), "files": files[s],
             "available": {"documents": int(cum[s, _DOCS, -1]), "tokens": int(cum[s, _TOKENS, -1])},
             "pool": {"documents": int(cum[s, _DOCS, pool[s] - 1]) if pool[s] else 0, "tokens": int(available[s]),
                      "capped": pool[s] < BUCKETS},
             "planned_tokens": int(round(want)),
             "repeats": round(float(want / available[s]), 4) if available[s] else 0.0}
     unassigned = hist[-1, :, :, :].sum(axis=(0, 2))
-    record = {"tokens_target": target, "sources": sources,
+    record = {"seed": seed, "tokens_target": target, "sources": sources,
               "unassigned": {"documents": int(unassigned[_DOCS]), "tokens": int(unassigned[_TOKENS])}}
     return Plan(tuple(pool), tuple(passes), tuple(partial)), record
 

@@ -520,11 +520,10 @@ def _pack(tasks: Callable[..., list], cfg: DataConfig, inputs: list[dict], work:
     if membership is not None:
         hist = sum((mixture.from_record(e["mixture"]) for e in encoded),
                    mixture.empty_histogram(len(membership.names)))
-        plan, record = mixture.plan(hist, cfg.mixture, membership.names, cfg.mixture_tokens)
+        files = [sum(1 for m in inputs if s in m["mixture"]) for s in range(len(membership.names))]
+        plan, record = mixture.plan(hist, cfg.mixture, membership.names, cfg.mixture_tokens, files=files,
+                                    seed=cfg.mixture_seed)
         spec = dataclasses.replace(spec, plan=plan)
-        record |= {"seed": cfg.mixture_seed}
-        for s, name in enumerate(membership.names):
-            record["sources"][name]["files"] = sum(1 for m in inputs if s in m["mixture"])
     packed = tasks(shards.pack_shard, [(names_[p], segments(runs, p)) for p in used], num_cpus=0.5, spec=spec)
     if record is not None and membership is not None:
         record = mixture.realised(record, membership.names, packed)

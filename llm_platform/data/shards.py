@@ -331,9 +331,10 @@ def _mixture_selection(cat: dict[str, np.ndarray], split: str, spec: ShardSpec) 
 
 
 def _per_source(chosen: dict[str, np.ndarray]) -> list[tuple[int, int, int]]:
-    sources = np.unique(chosen["source"])
-    return [(int(s), int((chosen["source"] == s).sum()), int(chosen["tokens"][chosen["source"] == s].sum()))
-            for s in sources]
+    """(source, records, tokens) of each source among the chosen records."""
+    sources = chosen["source"].astype(np.int64)
+    records, tokens = np.bincount(sources), np.bincount(sources, weights=chosen["tokens"])
+    return [(s, int(records[s]), int(tokens[s])) for s in np.flatnonzero(records).tolist()]
 
 
 def _attended_tokens(cat: dict[str, np.ndarray]) -> np.ndarray:

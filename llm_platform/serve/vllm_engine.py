@@ -28,17 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_platform.config.serve import EngineConfig
+from llm_platform.serve.engine import EngineOverloaded, EngineStopped
 from llm_platform.serve.requests import ChunkHold, RequestOutput, SeqDelta, coalesce, deliver
 from llm_platform.serve.sampling import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 TOKEN_GAPS_KEPT = 4096
-
-
-def _engine_errors():
-    from llm_platform.serve.engine import EngineOverloaded, EngineStopped
-
-    return EngineOverloaded, EngineStopped
 
 
 @dataclass
@@ -151,10 +146,6 @@ class VLLMEngine:
     def healthy(self) -> bool:
         return self.health_problem() is None
 
-    @property
-    def fatal_error(self) -> str | None:
-        return self.health_problem()
-
     def num_waiting(self) -> int:
         return int(getattr(self._sched, "num_waiting_reqs", 0))
 
@@ -212,11 +203,10 @@ class VLLMEngine:
         """Events of one request, as the built-in engine's `generate` gives them: the first token's at once, then
         chunks of `interval` tokens a sequence (sooner after `max_delay_s`), or, not streamed, the rest in one event
         at the end (the same `ChunkHold`, applied on vLLM's loop). Closing the iterator early aborts the request."""
-        overloaded, stopped = _engine_errors()
         if self._draining or not self.healthy() or self._loop is None:
-            raise stopped("the engine is shutting down or unhealthy")
+            raise EngineStopped("the engine is shutting down or unhealthy")
         if self._in_flight >= self.max_batch_size + self.max_waiting:
-            raise overloaded(f"{self._in_flight} requests are in flight")
+            raise EngineOverloaded(f"{self._in_flight} requests are in flight")
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(prompt_ids)
         score = self.score_prompts_every > 0 and self.stats["requests"] % self.score_prompts_every == 0
