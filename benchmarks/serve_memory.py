@@ -58,7 +58,7 @@ def child(args: argparse.Namespace) -> dict:
     from tokenizers import Tokenizer, models
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from llm_platform.serve import engine as engine_mod
+    from llm_platform.serve import model_runner
     from llm_platform.serve.engine import Engine
     from llm_platform.serve.sampling import SamplingParams
 
@@ -76,8 +76,8 @@ def child(args: argparse.Namespace) -> dict:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                         eos_token="t0", pad_token="t0")
     if args.mode == "before":
-        engine_mod.split_model = lambda m: (None, None)
-        engine_mod.LOGIT_CHUNK = 1 << 30
+        model_runner.split_model = lambda m: (None, None)
+        model_runner.LOGIT_CHUNK = 1 << 30
     budget = args.rows * (args.prompt_tokens + args.max_tokens)
     engine = Engine(model, tokenizer, max_batch_size=args.concurrency, max_waiting=4 * args.concurrency,
                     max_prefill_tokens=4096, max_batch_tokens=budget,

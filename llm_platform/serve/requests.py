@@ -1,8 +1,8 @@
 """What the engine keeps per request and sequence, and what it sends back: plain records, no model.
 
 A request (`Request`) has one sequence (`Seq`) per choice (`n`); each decode step turns a sequence's new token
-into a `SeqDelta` (its text, cut at stop strings, and why it ended), and `ChunkHold` decides when a streamed
-request's deltas go out as one `RequestOutput`.
+into a `SeqDelta` (its text, cut at stop strings, and why it ended: outputs.py), and `ChunkHold` decides when a
+streamed request's deltas go out as one `RequestOutput`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_platform.serve.sampling import SamplingParams, StopMatcher, TextStream, TokenLogprob
+from llm_platform.serve.scheduler import Candidate
 
 
 @dataclass
@@ -66,6 +67,9 @@ class ChunkHold:
 
 @dataclass
 class Request:
+    """One request as the engine holds it: its prompt and parameters, where its events go (`queue` in the caller's
+    event `loop`), how they are chunked, and how many of its sequences are still open."""
+
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
@@ -80,6 +84,11 @@ class Request:
     prompt_logprobs: list[TokenLogprob] | None = None
     """Computed at prefill; sent with the first event, then dropped."""
 
+    @property
+    def candidate(self) -> Candidate:
+        """What admission counts of it (scheduler.py)."""
+        return Candidate(len(self.prompt_ids), self.params.max_tokens, self.params.n)
+
 
 class Seq:
     """One sequence (choice `index`) of a request: its tokens, text stream, stop matcher and generator."""
@@ -91,19 +100,20 @@ class Seq:
         self.stop = StopMatcher(req.params.stop)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def advance(self, info: TokenLogprob, eos_token_id: int | None, max_positions: int) -> SeqDelta:
-        """Append the sampled token; its new text (detokenized, cut at a stop string) and why it ends, if it does."""
-        token, p = info.token_id, self.req.params
-        self.tokens.append(token)
-        if token == eos_token_id and not p.ignore_eos:
-            return SeqDelta(self.index, self.stop.feed(self.stream.flush(), final=True), [info], "stop")
-        at_limit = len(self.tokens) >= p.max_tokens or len(self.req.prompt_ids) + len(self.tokens) >= max_positions
-        text = self.stop.feed(self.stream.push(token), final=at_limit)
-        if self.stop.stopped:
-            return SeqDelta(self.index, text, [info], "stop")
-        if at_limit:
-            return SeqDelta(self.index, text + self.stop.feed(self.stream.flush(), final=True), [info], "length")
-        return SeqDelta(self.index, text, [info])
+    @property
+    def prompt_tokens(self) -> int:
+        """Its prompt's length (the scheduler counts cache columns from it)."""
+        return len(self.req.prompt_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens it may generate at most."""
+        return self.req.params.max_tokens
+
+    @property
+    def generated(self) -> int:
+        """Tokens it has generated so far."""
+        return len(self.tokens)
 
 
 def merge_deltas(deltas: list[SeqDelta]) -> list[SeqDelta]:

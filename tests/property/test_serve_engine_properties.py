@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from serve_fixtures import WORDS, build_tiny_model
 
-from llm_platform.serve import engine as engine_mod
+from llm_platform.serve import model_runner
 from llm_platform.serve.engine import Engine, load_model
 from llm_platform.serve.sampling import SamplingParams, TextStream
 from llm_platform.serve.scheduler import BatchShape
@@ -123,19 +122,20 @@ def mixes(draw):
         "max_prefill_tokens": draw(st.sampled_from([8, 64, 4096])),
         "score_prompts_every": draw(st.sampled_from([0, 1, 3])),
         "prefill_chunk_tokens": draw(st.sampled_from([3, 512])),
-        "prefill_score_bytes": draw(st.sampled_from([1, engine_mod.PREFILL_SCORE_BYTES])),
+        "prefill_score_bytes": draw(st.sampled_from([1, model_runner.PREFILL_SCORE_BYTES])),
     }
 
 
 def cache_bytes(eng: Engine) -> int:
     """Bytes the engine's KV-cache buffers hold, from the tensors themselves."""
-    if eng._cache is None:
+    cache = eng.runner.cache
+    if cache is None:
         return 0
-    return sum(t.element_size() * t.numel() for layer in eng._cache.layers for t in (layer.kbuf, layer.vbuf))
+    return sum(t.element_size() * t.numel() for layer in cache.layers for t in (layer.kbuf, layer.vbuf))
 
 
 def cache_rows(eng: Engine) -> int:
-    return 0 if eng._cache is None else int(eng._cache.layers[0].kbuf.shape[0])
+    return 0 if eng.runner.cache is None else int(eng.runner.cache.layers[0].kbuf.shape[0])
 
 
 # ------------------------------------------------------------------------------------------------ the property
@@ -144,8 +144,8 @@ def cache_rows(eng: Engine) -> int:
 def test_engine_serves_generated_request_mixes_as_the_reference_says(tiny, mix):
     model, tok, _, prompts = tiny
     reqs = [{**r, "prompt": prompts[r["prompt"][0]][:r["prompt"][1]]} for r in mix["requests"]]
-    saved = engine_mod.PREFILL_CHUNK_TOKENS, engine_mod.PREFILL_SCORE_BYTES
-    engine_mod.PREFILL_CHUNK_TOKENS, engine_mod.PREFILL_SCORE_BYTES = (mix["prefill_chunk_tokens"],
+    saved = model_runner.PREFILL_CHUNK_TOKENS, model_runner.PREFILL_SCORE_BYTES
+    model_runner.PREFILL_CHUNK_TOKENS, model_runner.PREFILL_SCORE_BYTES = (mix["prefill_chunk_tokens"],
                                                                        mix["prefill_score_bytes"])
     eng = Engine(model, tok, max_batch_size=mix["max_batch_size"], max_prefill_tokens=mix["max_prefill_tokens"],
                  max_batch_tokens=mix["budget"], score_prompts_every=mix["score_prompts_every"])
@@ -158,14 +158,15 @@ def test_engine_serves_generated_request_mixes_as_the_reference_says(tiny, mix):
     cancelled_at: dict[int, int] = {}
 
     def step(logits, seqs):  # the generation thread: one call per step, prefill or decode
-        steps.append({id(s.req) for s in eng._running})
-        seen.update((id(s.req), s.req) for s in eng._running)  # an id is never reused while its request lives
+        steps.append({id(s.req) for s in eng.scheduler.running})
+        seen.update((id(s.req), s.req) for s in eng.scheduler.running)  # an id is never reused while its request lives
         queued.append(eng.num_waiting() > 0)
         for when in ("before", "after"):
             if cache_bytes(eng) > limit:
                 problems.append(f"step {len(steps)} {when}: the cache holds {cache_bytes(eng)} bytes > {limit}")
-            if cache_rows(eng) != len(eng._running):
-                problems.append(f"step {len(steps)} {when}: {cache_rows(eng)} cache rows for {len(eng._running)}")
+            rows = len(eng.scheduler.running)
+            if cache_rows(eng) != rows:
+                problems.append(f"step {len(steps)} {when}: {cache_rows(eng)} cache rows for {rows}")
             if when == "before":
                 real_step(logits, seqs)
 
@@ -211,13 +212,11 @@ def test_engine_serves_generated_request_mixes_as_the_reference_says(tiny, mix):
     eng.start()
     try:
         results = asyncio.run(asyncio.wait_for(all_(), 120))
-        deadline = time.monotonic() + 10
-        while (eng.num_running() or eng.num_waiting()) and time.monotonic() < deadline:
-            time.sleep(0.01)  # cancelled requests leave at the engine's next iteration
+        assert eng.wait_idle(10)  # cancelled requests leave at the engine's next iteration
         assert eng.num_running() == 0 and eng.num_waiting() == 0 and cache_rows(eng) == 0
     finally:
         eng.shutdown(drain_timeout_s=5)
-        engine_mod.PREFILL_CHUNK_TOKENS, engine_mod.PREFILL_SCORE_BYTES = saved
+        model_runner.PREFILL_CHUNK_TOKENS, model_runner.PREFILL_SCORE_BYTES = saved
     assert not problems, problems[:5]
     event(f"admission queued: {any(queued)}")
     event(f"cancelled mid-stream: {bool(cancelled_at)}")

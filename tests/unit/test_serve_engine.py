@@ -133,7 +133,7 @@ def test_a_failed_step_delivers_the_held_tokens_before_its_error(tiny, caplog):
 
     _, model, tok = tiny
     eng = Engine(model, tok, max_batch_size=4)
-    real, calls = eng._forward, {"n": 0}
+    real, calls = eng.runner.forward, {"n": 0}
 
     def fails_at_the_sixth_step(*args, **kwargs):
         calls["n"] += 1
@@ -141,7 +141,7 @@ def test_a_failed_step_delivers_the_held_tokens_before_its_error(tiny, caplog):
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    eng._forward = fails_at_the_sixth_step
+    eng.runner.forward = fails_at_the_sixth_step
     eng.start()
     try:
         async def events():
@@ -318,7 +318,7 @@ def _head_inputs(model) -> tuple[list[tuple[int, ...]], object]:
 def test_generation_computes_logits_only_at_the_last_position(tiny):
     _, model, tok = tiny
     eng = Engine(model, tok, max_batch_size=8, score_prompts_every=0)
-    assert eng._base is not None  # GPT-2: logits are the head over the base's last hidden state
+    assert eng.runner.base is not None  # GPT-2: logits are the head over the base's last hidden state
     shapes, handle = _head_inputs(model)
     eng.start()
     try:
@@ -338,11 +338,11 @@ def test_generation_computes_logits_only_at_the_last_position(tiny):
 
 
 def test_prompt_logprobs_are_exact_and_computed_a_chunk_at_a_time(tiny, monkeypatch):
-    from llm_platform.serve import engine as engine_mod
+    from llm_platform.serve import model_runner
 
     _, model, tok = tiny
-    monkeypatch.setattr(engine_mod, "LOGIT_CHUNK", 4)
-    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK_TOKENS", 5)  # the prompt's hidden states come in 3 passes
+    monkeypatch.setattr(model_runner, "LOGIT_CHUNK", 4)
+    monkeypatch.setattr(model_runner, "PREFILL_CHUNK_TOKENS", 5)  # the prompt's hidden states come in 3 passes
     eng = Engine(model, tok, max_batch_size=8, score_prompts_every=0)
     shapes, handle = _head_inputs(model)
     eng.start()
@@ -363,14 +363,14 @@ def test_prompt_logprobs_are_exact_and_computed_a_chunk_at_a_time(tiny, monkeypa
 
 
 def test_a_model_that_is_not_head_over_hidden_uses_its_own_forward(tiny, monkeypatch):
-    from llm_platform.serve import engine as engine_mod
+    from llm_platform.serve import model_runner
 
     _, model, tok = tiny
     ids = tok("once upon a time").input_ids
     split = Engine(model, tok, max_batch_size=4, score_prompts_every=1)
-    monkeypatch.setattr(engine_mod, "split_model", lambda m: (None, None))
+    monkeypatch.setattr(model_runner, "split_model", lambda m: (None, None))
     whole = Engine(model, tok, max_batch_size=4, score_prompts_every=1)
-    assert split._base is not None and whole._base is None
+    assert split.runner.base is not None and whole.runner.base is None
     outs = []
     for eng in (split, whole):
         eng.start()
@@ -395,7 +395,7 @@ def test_admission_keeps_the_batch_within_the_kv_budget(tiny):
     real_step = eng._step_tokens
 
     def spy(logits, seqs):
-        running.append(len(eng._running))
+        running.append(len(eng.scheduler.running))
         assert cache_bytes(eng) <= eng.max_batch_tokens * eng.kv_bytes_per_token  # what the buffers hold
         real_step(logits, seqs)
 
@@ -452,9 +452,10 @@ def test_a_mixed_batch_never_holds_more_kv_cache_than_the_budget(tiny):
 
 def cache_bytes(eng) -> int:
     """Bytes the engine's KV-cache buffers hold now, summed from the tensors themselves."""
-    if eng._cache is None:
+    cache = eng.runner.cache
+    if cache is None:
         return 0
-    return sum(t.element_size() * t.numel() for layer in eng._cache.layers for t in (layer.kbuf, layer.vbuf))
+    return sum(t.element_size() * t.numel() for layer in cache.layers for t in (layer.kbuf, layer.vbuf))
 
 
 def test_kv_budget_default_comes_from_the_model_and_free_memory(tiny):

@@ -86,7 +86,7 @@ def test_repeated_step_failures_make_the_replica_unhealthy(tiny):
     def broken(*args, **kwargs):
         raise RuntimeError("weights on the wrong device")
 
-    eng._forward = broken
+    eng.runner.forward = broken
     eng.start()
     try:
         first = asyncio.run(asyncio.wait_for(collect(eng, [5, 6, 7]), 30))
@@ -105,7 +105,7 @@ def test_repeated_step_failures_make_the_replica_unhealthy(tiny):
 def a_then_b_with_a_failing_decode(eng, error: Exception):
     """One row at a time: A runs, B waits for its slot; A's second decode raises `error` (the forward pass fails
     once). Returns ((A's tokens, A's error), (B's tokens, B's error))."""
-    real, calls, b_submitted = eng._forward, [0], threading.Event()
+    real, calls, b_submitted = eng.runner.forward, [0], threading.Event()
 
     def fails_at_the_second_decode(*args, **kwargs):
         calls[0] += 1
@@ -115,7 +115,7 @@ def a_then_b_with_a_failing_decode(eng, error: Exception):
             raise error
         return real(*args, **kwargs)
 
-    eng._forward = fails_at_the_second_decode
+    eng.runner.forward = fails_at_the_second_decode
     eng.start()
 
     async def both():
@@ -160,7 +160,7 @@ def test_a_stalled_step_with_work_pending_fails_the_health_check(tiny):
     """Before: `last_step_s` was never read; a step that hung (a stuck device) kept the replica healthy."""
     model, tok = tiny
     eng = Engine(model, tok, max_batch_size=4, score_prompts_every=0, stall_timeout_s=0.3)
-    real, calls, entered, release = eng._forward, [0], threading.Event(), threading.Event()
+    real, calls, entered, release = eng.runner.forward, [0], threading.Event(), threading.Event()
 
     def hangs_at_the_first_decode(*args, **kwargs):
         calls[0] += 1
@@ -169,7 +169,7 @@ def test_a_stalled_step_with_work_pending_fails_the_health_check(tiny):
             release.wait(30)
         return real(*args, **kwargs)
 
-    eng._forward = hangs_at_the_first_decode
+    eng.runner.forward = hangs_at_the_first_decode
     eng.start()
     try:
         time.sleep(0.5)
