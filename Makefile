@@ -74,10 +74,14 @@ setup-monitoring:
 demo: setup
 	$(VENV)/bin/llm-platform run debug=smoke run.keep_serving=false
 
-# ruff over the code, tests and benchmarks; mypy over llm_platform/ (its settings are in pyproject.toml).
+# ruff over the code, tests and benchmarks; mypy over llm_platform/; the architecture's import contracts
+# (lint-imports: layers, Hydra and Ray only where docs/ARCHITECTURE.md says); dead code (vulture, over the code,
+# tests and benchmarks with .vulture_whitelist.py). Their settings are in pyproject.toml.
 lint: setup
 	$(VENV)/bin/ruff check llm_platform tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/vulture
 
 # Lint first (seconds), then two pytest-xdist workers: the README story (a third of the suite, started first) on
 # one, the rest on the other and then both. Much of the suite waits on processes starting (Ray, servers), so two

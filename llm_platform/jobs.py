@@ -13,7 +13,8 @@ carries the code and the storage settings:
 
 The driver of the job finds the cluster through `RAY_ADDRESS`, which the job supervisor sets, so stages need no
 address of their own. This module is one of the Ray seams (docs/ARCHITECTURE.md); `commands/submit.py` and
-`commands/jobs.py` are its command lines.
+`commands/jobs.py` are its command lines, and the submit command composes the stage's config before submitting
+(only the command layer imports Hydra).
 """
 
 from __future__ import annotations
@@ -222,32 +223,6 @@ def runtime_env(working_dir: str | Path | Upload | None, extra_env: dict[str, st
         # The uploaded conf/ must win over any LLM_PLATFORM_CONF baked into the cluster's environment.
         env["LLM_PLATFORM_CONF"] = ""
     return spec
-
-
-def check_overrides(stage: str, overrides: list[str]) -> None:
-    """Compose the stage's config locally so a typo fails here, naming the key, not minutes later on the cluster.
-
-    Interpolations are not resolved: `${oc.env:LLM_PLATFORM_BUCKET}` may only exist on the cluster.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from llm_platform.config import conf_dir, register
-
-    register()
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            compose(config_name=stage, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        # Hydra's own line names the override; its cause (OmegaConf) says what is wrong with it.
-        lines = [str(err).strip().splitlines()[0] for err in (e, e.__cause__) if err is not None and str(err).strip()]
-        raise ConfigError(f"{stage} config: {'; '.join(lines) or type(e).__name__}") from None
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def _use_auth_token_if_available() -> None:

@@ -39,6 +39,34 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def check_overrides(stage: str, overrides: list[str]) -> None:
+    """Compose the stage's config locally so a typo fails here, naming the key, not minutes later on the cluster.
+
+    Interpolations are not resolved (`config.compose` would resolve them): `${oc.env:LLM_PLATFORM_BUCKET}` may only
+    exist on the cluster.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from llm_platform.config import conf_dir, register
+    from llm_platform.errors import ConfigError
+
+    register()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            compose(config_name=stage, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        # Hydra's own line names the override; its cause (OmegaConf) says what is wrong with it.
+        lines = [str(err).strip().splitlines()[0] for err in (e, e.__cause__) if err is not None and str(err).strip()]
+        raise ConfigError(f"{stage} config: {'; '.join(lines) or type(e).__name__}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def main(argv: list[str] | None = None) -> None:
     from llm_platform.errors import StageError
 
@@ -57,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"llm-platform submit: leaving {rel} out of the upload (a key file; keep keys outside the "
                   "checkout, e.g. in $HOME/.config/llm-platform/: docs/cloud.md)", file=sys.stderr)
         if not args.no_check:
-            jobs.check_overrides(args.stage, args.overrides)
+            check_overrides(args.stage, args.overrides)
         client = jobs.connect(args.address)
         job_id = jobs.submit(client, args.stage, args.overrides, upload, extra_env,
                              submission_id=args.submission_id, entrypoint_num_gpus=args.num_gpus)

@@ -70,21 +70,39 @@ def _jobs_api_up(address: str) -> bool:
         return False
 
 
+def _wait_until(condition, timeout_s: float, poll_s: float = 0.2) -> bool:
+    """Check `condition` every `poll_s` until it holds (True) or `timeout_s` has passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def _group_gone(proc: subprocess.Popen) -> bool:
+    """True once the head (reaped here) and every other process of its group have exited."""
+    if proc.poll() is None:
+        return False
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Stop a head started by `_start_head`: its own process group only, never `ray stop`."""
     # start_new_session=True made the head its own group leader, so its group id is its pid (even once it has
     # exited). `ray start --block` tears its children down on SIGTERM; the group SIGKILL catches any stragglers.
     # A short grace: this head's state is thrown away, and a full `ray start --block` teardown took 35 s in CI.
-    for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 0)):
+    for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
-        try:
-            proc.wait(timeout=grace_s or 5)
-        except subprocess.TimeoutExpired:
-            pass
-        time.sleep(1)
+        # Bounded: a process this container's init never reaps stays in the group as a zombie.
+        _wait_until(lambda: _group_gone(proc), grace_s)
 
 
 def _start_head(temp_dir: Path, log: Path, timeout_s: float = 420) -> tuple[subprocess.Popen | None, str, str]:
@@ -111,11 +129,10 @@ def _start_head(temp_dir: Path, log: Path, timeout_s: float = 420) -> tuple[subp
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _jobs_api_up(address):
-            return proc, address, ""
-        time.sleep(1)
+    # Until the Jobs API answers, or the head has exited (a failed start: no use waiting on).
+    _wait_until(lambda: proc.poll() is not None or _jobs_api_up(address), timeout_s, poll_s=1.0)
+    if proc.poll() is None and _jobs_api_up(address):
+        return proc, address, ""
     _stop(proc)
     return None, address, log.read_text()[-3000:]
 

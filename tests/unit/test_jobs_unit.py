@@ -92,11 +92,11 @@ def test_runtime_env_uploads_a_checkout_without_environments_or_state(tmp_path):
 
 
 def test_check_overrides_names_the_bad_key():
-    jobs.check_overrides("data", ["debug=smoke", "data.seq_len=32"])
+    submit_cmd.check_overrides("data", ["debug=smoke", "data.seq_len=32"])
     with pytest.raises(ConfigError, match="dat"):
-        jobs.check_overrides("data", ["dat.seq_len=3"])
+        submit_cmd.check_overrides("data", ["dat.seq_len=3"])
     with pytest.raises(ConfigError, match="ten"):
-        jobs.check_overrides("data", ["data.seq_len=ten"])
+        submit_cmd.check_overrides("data", ["data.seq_len=ten"])
 
 
 def test_default_address_prefers_an_http_ray_address(monkeypatch):

@@ -31,7 +31,7 @@ def no_tensorboard(monkeypatch):
 def test_local_lines_are_appended_and_a_resume_drops_what_follows_the_checkpoint(tmp_path, monkeypatch):
     run = str(tmp_path / "run")
     writes = []
-    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: writes.append(uri))  # no whole rewrites
+    monkeypatch.setattr(storage.records, "write_bytes", lambda uri, data: writes.append(uri))  # no whole rewrites
     logger = MetricsLogger(run, total_steps=10)
     for step in range(1, 7):
         logger.log(step, {"train/loss": 1.0 / step})
@@ -66,7 +66,7 @@ def test_s3_parts_bound_each_put_and_close_consolidates(s3_bucket, monkeypatch):
         puts.append((uri, data.count(b"\n")))
         real_write(uri, data)
 
-    monkeypatch.setattr(storage, "write_bytes", spy)
+    monkeypatch.setattr(storage.records, "write_bytes", spy)
     logger = MetricsLogger(run, total_steps=8)
     for step in range(1, 8):
         logger.log(step, {"train/loss": float(step)})
