@@ -233,7 +233,7 @@ def folded_text(doc) -> str:  # noqa: ANN001 (a datatrove Document; datatrove is
 folded_text.__annotations__["return"] = str  # datatrove picks its hash function from the (evaluated) annotation
 
 
-def place_lid_model(hf_home: str, model: str) -> str:
+def place_lid_model(model: str) -> str:
     """Put `model` where datatrove's FT176LID looks for its download (with the marker that says it is complete), so
     it loads this file and downloads nothing. Returns the path."""
     from datatrove.io import strip_protocol
@@ -265,7 +265,7 @@ def run_datatrove(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     w, n = os.path.join(args.work, "datatrove"), args.workers
-    lid_path = place_lid_model(os.environ["HF_HOME"], args.lid_model)
+    lid_path = place_lid_model(args.lid_model)
     exact = ExactDedupConfig(content_getter=folded_text)
     minhash = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=9)
     stages = {

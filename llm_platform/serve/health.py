@@ -48,7 +48,6 @@ class StepHealth:
         self.last_step_s = time.monotonic()
         """When the generation thread last finished an iteration (monotonic seconds)."""
         self.consecutive_failures = 0
-        self.failed_steps = 0
         self.last_error: str | None = None
         """`<id>: <exception>` of the latest failed step (for the log and health check, never for clients)."""
         self.fatal_error: str | None = None
@@ -66,7 +65,6 @@ class StepHealth:
         log.error("engine step failed (error id %s)", eid, exc_info=exc)
         self.last_step_s = time.monotonic()
         self.consecutive_failures += 1
-        self.failed_steps += 1
         self.last_error = f"{eid}: {type(exc).__name__}: {exc}"
         if self.fatal_error is None:
             if leaves_device_unusable(exc):

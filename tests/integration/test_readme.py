@@ -136,7 +136,7 @@ class Story:
     """README commands run one after another in one working directory, as a user would."""
 
     def __init__(self, installed: dict, cwd: Path):
-        self.env, self.cwd, self.bin = dict(installed["env"]), cwd, installed["bin"]
+        self.env, self.cwd = dict(installed["env"]), cwd
         self.server: subprocess.Popen | None = None
         self.seconds: list[tuple[float, str]] = []
 

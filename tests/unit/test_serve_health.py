@@ -65,7 +65,7 @@ def test_step_health_counts_failures_in_a_row_and_stalls_only_with_work_pending(
     assert "three" in health.fatal_error
 
     stalled = StepHealth(stall_timeout_s=0.05)
-    time.sleep(0.1)
+    stalled.last_step_s -= 0.1  # the last iteration ended 0.1 s ago
     assert stalled.problem(work_pending=False) is None  # idle: nothing to be late for
     assert "serve.engine.stall_timeout_s=0.05" in stalled.problem(work_pending=True)
     assert StepHealth(stall_timeout_s=None).problem(work_pending=True) is None
@@ -136,7 +136,7 @@ def test_a_failed_step_fails_only_the_requests_in_it(tiny):
     model, tok = tiny
     eng = Engine(model, tok, max_batch_size=1, score_prompts_every=0)
     try:
-        (a_tokens, a_error), (b_tokens, b_error) = a_then_b_with_a_failing_decode(eng, RuntimeError("boom"))
+        (_, a_error), (b_tokens, b_error) = a_then_b_with_a_failing_decode(eng, RuntimeError("boom"))
     finally:
         eng.shutdown(drain_timeout_s=5)
     assert a_error and "boom" not in a_error
