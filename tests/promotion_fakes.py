@@ -1,4 +1,4 @@
-"""Fast stand-ins for the expensive stage functions of `runner.run_all`, for the promotion tests.
+"""Fast stand-ins for the expensive stage functions of `runner.run_all` (`runner/stages.py`), for the promotion tests.
 
 Each fake writes what the real function writes and the runner reads back, in a real local storage root: a data
 manifest, a run's `export/` (config.json) and `lineage.json`, a sweep's `sweep.json`, an evaluation's
@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 from llm_platform import layout, registry, storage
 from llm_platform.config import PlatformConfig, as_dict
+from llm_platform.config.choices import Stage
 from llm_platform.config.evaluate import EvalConfig, GateConfig
 from llm_platform.errors import ConfigError
 
@@ -39,9 +40,15 @@ def config(root: str, *, max_steps: int = 10, use_tune: bool = False, compare_to
     cfg.eval = dataclasses.replace(cfg.eval, compare_to=compare_to,
                                    gate=GateConfig(guard_metrics=["val/perplexity"],
                                                    max_regression_pct=max_regression_pct))
-    cfg.run = dataclasses.replace(cfg.run, use_tune=use_tune, from_stage=from_stage, until_stage=until_stage,
-                                  keep_serving=False, **({"stages": stages} if stages is not None else {}))
+    # Stage names as the Enums compose gives (a name outside the set fails there, before the runner sees it).
+    cfg.run = dataclasses.replace(cfg.run, use_tune=use_tune, from_stage=_stage(from_stage),
+                                  until_stage=_stage(until_stage), keep_serving=False,
+                                  **({"stages": [Stage(s) for s in stages]} if stages is not None else {}))
     return cfg
+
+
+def _stage(name: str | None) -> Stage | None:
+    return None if name is None else Stage(name)
 
 
 def install(monkeypatch) -> dict:
@@ -49,7 +56,7 @@ def install(monkeypatch) -> dict:
     their calls in (`evals`: how many evaluations ran, `served`: the versions deployed)."""
     import llm_platform.data.pipeline as pipeline
     import llm_platform.evaluate.run as eval_run
-    import llm_platform.runner as runner
+    import llm_platform.runner.stages as stages
     import llm_platform.serve.app as serve_app
     import llm_platform.train.launcher as launcher
     import llm_platform.tune.driver as driver
@@ -71,7 +78,7 @@ def install(monkeypatch) -> dict:
     monkeypatch.setattr(driver, "run_sweep", run_sweep)
     monkeypatch.setattr(eval_run, "run_eval", counted_eval)
     monkeypatch.setattr(serve_app, "deploy", recorded_deploy)
-    monkeypatch.setattr(runner, "sample_query", lambda url, prompt, key_env: {"prompt": prompt, "completion": "ok"})
+    monkeypatch.setattr(stages, "sample_query", lambda url, prompt, key_env: {"prompt": prompt, "completion": "ok"})
     return calls
 
 

@@ -1,6 +1,6 @@
 """`llm-platform run`: data -> train (or tune) -> register -> eval -> promote -> serve, then a sample query.
 
-Only the promote stage moves LATEST, after a passing gate on an evaluation of that version (runner.py).
+Only the promote stage moves LATEST, after a passing gate on an evaluation of that version (runner/).
 
 `--from STAGE` / `--until STAGE` select stages (same as `run.from_stage=` / `run.until_stage=`); each stage is
 skipped when its output for the same inputs and config exists, so a second run is fast. It keeps serving until
@@ -15,14 +15,15 @@ def preflight(cfg: PlatformConfig) -> None:
     """Every check of the selected stages that needs no earlier stage's output, before the first one starts: a bad
     train or serve key fails before the data stage has written anything."""
     from llm_platform.commands.train import check_plan
+    from llm_platform.config.choices import Stage
     from llm_platform.runner import selected_stages
 
     todo = selected_stages(cfg)
-    if "data" in todo:
+    if Stage.data in todo:
         from llm_platform.data.pipeline import validate
 
         validate(cfg.data, cfg.tokenizer)
-    if "train" in todo:
+    if Stage.train in todo:
         from llm_platform.train.launcher import check_config
 
         check_config(cfg.model, cfg.train, cfg.scaling)
@@ -31,10 +32,7 @@ def preflight(cfg: PlatformConfig) -> None:
 
             parse_space(cfg.tune.space)
         check_plan(cfg, None)  # GPU memory, from the data config's sequence length
-    if "serve" in todo:
-        from llm_platform.serve import ingress
-
-        ingress.validate(cfg.serve.http.ingress)
+    # serve: `serve.http.ingress` is an Enum, refused at compose time; nothing is left to check before the run.
 
 
 @stage_main("run")

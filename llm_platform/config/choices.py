@@ -150,3 +150,16 @@ class Mode(Choice):
 class ExplainMethod(Choice):
     grad_x_input = "grad_x_input"
     integrated_gradients = "integrated_gradients"
+
+
+class Stage(Choice):
+    """A stage of `llm-platform run`, in `run.stages`, `--from` and `--until`; `tune` names the train stage run as a
+    sweep (`run.use_tune`)."""
+
+    data = "data"
+    train = "train"
+    tune = "tune"
+    register = "register"
+    eval = "eval"
+    promote = "promote"
+    serve = "serve"

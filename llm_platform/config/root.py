@@ -7,6 +7,7 @@ own node.
 
 from dataclasses import dataclass, field
 
+from llm_platform.config.choices import Stage
 from llm_platform.config.cluster import ClusterConfig
 from llm_platform.config.data import DataConfig
 from llm_platform.config.evaluate import EvalConfig
@@ -22,12 +23,13 @@ from llm_platform.config.tune import TuneConfig
 class RunConfig:
     """`llm-platform run`: the stages in order."""
 
-    stages: list[str] = field(default_factory=lambda: ["data", "train", "register", "eval", "promote", "serve"])
+    stages: list[Stage] = field(default_factory=lambda: [Stage.data, Stage.train, Stage.register, Stage.eval,
+                                                         Stage.promote, Stage.serve])
     """Stages to run, in this order (data, train or tune, register, eval, promote, serve); only promote moves
     LATEST, and only after a passing gate on an evaluation of that version."""
-    from_stage: str | None = None
+    from_stage: Stage | None = None
     """Start at this stage (`--from`); one of `stages`."""
-    until_stage: str | None = None
+    until_stage: Stage | None = None
     """Stop after this stage (`--until`); one of `stages`. `--until eval` or earlier leaves LATEST where it is."""
     use_tune: bool = False
     """Run a sweep instead of a single training run."""

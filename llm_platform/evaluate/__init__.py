@@ -11,6 +11,8 @@ Library entry: `run_eval(cfg.eval, storage_root)` (in `evaluate.run`). One job p
     harness      lm-evaluation-harness tasks, in process or through the endpoint
     report       plots, report.md/html, metrics.json
     gate         baseline comparison for promotion
+    section      the evaluator protocol, SectionResult, EvalContext, read_inputs
+    evaluators   one evaluator per report section (EVALUATORS), run in order by run_eval
 """
 
 from __future__ import annotations

@@ -10,10 +10,15 @@ passes as `lower_is_better`.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llm_platform.errors import ConfigError
+
+if TYPE_CHECKING:
+    from llm_platform.config.evaluate import GateConfig
+    from llm_platform.evaluate.section import SectionResult
 
 LOWER_IS_BETTER = ("loss", "perplexity")
 HARNESS_PREFIX = "harness/"
@@ -100,6 +105,17 @@ def compare(current: dict[str, float], baseline: dict[str, float], guard_metrics
             result.failures.append(f"{name}: {base:.4g} -> {cur:.4g} ({reg:+.1f}% worse, limit {max_regression_pct}%)")
         result.rows.append(GateRow(name, base, cur, guard, reg, status))
     return result
+
+
+def judge(results: Sequence[SectionResult], baseline: tuple[dict[str, float], str], cfg: GateConfig) -> GateResult:
+    """The gate over every section's metrics against `baseline` (`load_baseline`'s metrics and URI).
+
+    A harness guard that this evaluation did not produce is a misnamed metric, not a skipped measurement."""
+    metrics = {k: v for r in results for k, v in r.metrics.items()}
+    lower_is_better = [m for r in results for m in r.lower_is_better]
+    return compare(metrics, baseline[0], cfg.guard_metrics, cfg.max_regression_pct, baseline[1],
+                   lower_is_better=lower_is_better,
+                   expected=[g for g in cfg.guard_metrics if g.startswith(HARNESS_PREFIX)])
 
 
 def load_baseline(storage_root: str, model_name: str, version: str, eval_name: str) -> tuple[dict[str, float], str]:

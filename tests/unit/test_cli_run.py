@@ -3,7 +3,6 @@
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -52,23 +51,31 @@ def test_stage_selection():
     assert selected_stages(compose("run", ["run.from_stage=promote"])) == ["promote", "serve"]
     with pytest.raises(ConfigError, match="run.from_stage='promote' is not one of the run's stages"):
         selected_stages(compose("run", ["run.stages=[data,train,register,eval,serve]", "run.from_stage=promote"]))
-    with pytest.raises(ConfigError, match="run.from_stage"):
-        selected_stages(compose("run", ["run.from_stage=deploy"]))
+    # tune is the train stage run as a sweep: either name selects it.
+    assert selected_stages(compose("run", ["run.stages=[data,tune,register]", "run.from_stage=train"])) == [
+        "train", "register"]
+    assert selected_stages(compose("run", ["run.until_stage=tune"])) == ["data", "train"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_serving_commands_stop_cleanly_on_ctrl_c_or_sigterm_even_if_sigint_was_ignored(signum):
     """`run` and `serve` wait in `wait_until_interrupted`: both signals drain (KeyboardInterrupt), also when the
     shell that started the command left SIGINT ignored (a background job, a CI runner)."""
+    # The child says "waiting" once wait_until_interrupted has set its SIGINT handler (the second of the two it
+    # sets), so the signal is sent when the handlers are in place, not after a guessed delay.
     code = ("import signal, sys\n"
             "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "set_handler = signal.signal\n"
+            "def announce(signum, handler):\n"
+            "    previous = set_handler(signum, handler)\n"
+            "    if signum == signal.SIGINT:\n        print('waiting', flush=True)\n"
+            "    return previous\n"
+            "signal.signal = announce\n"
             "from llm_platform.commands import wait_until_interrupted\n"
-            "print('waiting', flush=True)\n"
             "try:\n    wait_until_interrupted()\n"
             "except KeyboardInterrupt:\n    print('drained', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "waiting"
-    time.sleep(1.0)  # the handlers are set right after the print
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=30)
     assert out.strip() == "drained" and proc.returncode == 0
