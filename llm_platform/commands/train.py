@@ -57,7 +57,7 @@ def check_plan(cfg: PlatformConfig, dataset_uri: str | None) -> None:
 @stage_main("train")
 def main(cfg: PlatformConfig) -> None:
     from llm_platform import cluster, storage
-    from llm_platform.train.launcher import launch, preflight
+    from llm_platform.train.launcher import launch, preflight, register_run
 
     storage.configure(cfg.storage)
     dataset_uri = resolve_dataset_uri(cfg)
@@ -66,6 +66,8 @@ def main(cfg: PlatformConfig) -> None:
     # Ray starts only if there is training to do: a run already finished with this config answers at once.
     result = launch(cfg.model, cfg.train, cfg.scaling, dataset_uri, cfg.storage.root,
                     connect=lambda: cluster.connect(cfg.cluster), prices=cfg.plan.prices)
+    if cfg.train.register_as:  # a run registered under this name before is not registered twice
+        register_run(cfg.storage.root, cfg.train.register_as, result)
     shown = {k: v for k, v in sorted(result.metrics.items()) if k.startswith(("train/loss", "val/", "perf/"))}
     print(f"run: {result.run_uri}\nexport: {result.export_uri}\ncheckpoint: {result.checkpoint_uri}")
     for key, value in shown.items():

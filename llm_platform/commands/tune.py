@@ -2,7 +2,7 @@
 
 The sweep registers its winner without moving LATEST (`run_sweep`); this command, which evaluates nothing, then
 points LATEST at it at once, as `llm-platform train train.register_as=...` does for its run. `llm-platform run
-run.use_tune=true` instead promotes the winner only after its evaluation passes the gate (runner.py).
+run.use_tune=true` instead promotes the winner only after its evaluation passes the gate (runner/).
 """
 
 from llm_platform.commands import stage_main

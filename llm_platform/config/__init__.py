@@ -6,11 +6,10 @@ Only entry points (`llm_platform.commands`) import Hydra; library code receives 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from llm_platform.config.root import PlatformConfig
 
-T = TypeVar("T")
 SCHEMA_NAME = "platform_schema"
 
 
@@ -66,33 +65,18 @@ def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     return found
 
 
-def _suggest(key: str) -> str:
-    """` (did you mean data.seq_len?)` for `data.sq_len`, or nothing."""
-    import dataclasses
-    import difflib
-    import typing
-
-    *parents, name = key.split(".")
-    node: Any = PlatformConfig
-    for part in parents:
-        node = typing.get_type_hints(node).get(part)
-        if not dataclasses.is_dataclass(node):
-            return ""
-    close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(node)], n=1)
-    return f" (did you mean {'.'.join([*parents, close[0]])}?)" if close else ""
-
-
 def to_object(cfg: Any) -> PlatformConfig:
     """A composed DictConfig as the typed dataclass tree (interpolations resolved), its keys checked against the
     schema and its local paths made absolute (`config.paths`)."""
     from omegaconf import OmegaConf
 
+    from llm_platform.config.merge import suggest
     from llm_platform.config.paths import make_absolute
     from llm_platform.errors import ConfigError
 
     stray = unknown_keys(cfg)
     if stray:
-        raise ConfigError("; ".join(f"unknown config key {key}{_suggest(key)}" for key in stray)
+        raise ConfigError("; ".join(f"unknown config key {key}{suggest(PlatformConfig, key, '')}" for key in stray)
                           + ": the schema (llm_platform/config/) has no such field")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, PlatformConfig), type(obj)
@@ -137,25 +121,9 @@ def compose(stage: str, overrides: list[str] | None = None) -> PlatformConfig:
 
 
 def as_dict(node: Any) -> dict:
-    """A dataclass config node as a plain dict (what Ray workers receive)."""
+    """A dataclass config node as a plain dict, for records whose output is a dict (lineage and sweep JSON, a
+    fingerprint, a metrics tracker's params). Never for a Ray boundary: the typed node itself pickles, and
+    `config.merge.merge` applies changes onto it."""
     import dataclasses
 
     return dataclasses.asdict(node)
-
-
-def from_dict(cls: type[T], data: dict) -> T:
-    """Rebuild a dataclass config node from `as_dict` output, nested dataclasses included."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        hint = hints[f.name]
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value)
-        kwargs[f.name] = value
-    return cls(**kwargs)  # type: ignore[call-arg]

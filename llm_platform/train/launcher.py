@@ -1,12 +1,17 @@
 """Launch a training run with Ray Train V2 (`TorchTrainer`), then export and record it.
 
-    checks (no workers yet) -> TorchTrainer.fit (train/loop.py on every worker) -> HF export -> lineage.json
+    checks (train/checks.py, no workers yet) -> TorchTrainer.fit (train/loop.py on every worker) -> HF export
+    -> lineage.json (last)
 
 Run folder `runs/<run_name>/` (under the storage root): Ray Train writes `checkpoint_<step>/` there (it is the
 run's `storage_path/name`), rank 0 writes `metrics.jsonl` and `tensorboard/`, the driver writes `export/` and, last,
 `lineage.json`. A run that reuses a name resumes from its latest checkpoint; a finished run with the same config is
 returned as is; `train.checkpoint.resume_from` seeds a new run with another run's checkpoint. A non-finite loss (with
 `train.on_nonfinite_loss=stop`) raises `TrainingError` naming the step.
+
+`launch` registers nothing: a caller that wants the export in the registry calls `register_run` with the result
+(`llm-platform train` under `train.register_as`; a sweep registers only its winner; `llm-platform run` in its register
+stage).
 """
 
 from __future__ import annotations
@@ -18,23 +23,28 @@ import logging
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
 from llm_platform import layout, names, storage
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.prices import PricesConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
-from llm_platform.data.dataset import DatasetInfo, open_dataset
-from llm_platform.errors import ConfigError, StageError
+from llm_platform.data.dataset import DatasetInfo
+from llm_platform.errors import StageError
 from llm_platform.models.build import build_model, hf_config, read_pretrained_config, resolve_family
 from llm_platform.models.flops import flops_per_token, model_size, peak_flops
 from llm_platform.train import checkpoint as ckpt
-from llm_platform.train import objectives, tracking
-from llm_platform.train.budget import check_budget
+from llm_platform.train.checks import check_config, check_resume_from, preflight
 from llm_platform.train.loop import WorkerConfig
 from llm_platform.train.metrics import FollowMetrics
 
 log = logging.getLogger("llm_platform.train")
+# Importers of the checks from here, from before they moved to train/checks.py.
+__all__ = ["BudgetReached", "TrainResult", "TrainingError", "check_config", "check_resume_from", "launch",
+           "preflight", "register_run"]
+UNTRAINED_KEYS = ("budget", "register_as")
+"""`train` keys left out of a run's config record: they change nothing the run trains (`config_of`)."""
 
 
 class TrainingError(StageError):
@@ -58,10 +68,21 @@ class TrainResult:
     """The run had already finished with this config: nothing was trained."""
 
 
+@dataclass
+class RunSpec:
+    """One run as the driver prepared it: its name and folder, dataset, the workers' config and its config record."""
+
+    name: str
+    uri: str
+    dataset: DatasetInfo
+    worker: WorkerConfig
+    config_record: dict
+
+
 def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str, storage_root: str, *,
            run_name: str | None = None, callbacks: list | None = None, extra_lineage: dict | None = None,
            connect=None, prices: PricesConfig | None = None) -> TrainResult:
-    """Train `model` on the dataset at `dataset_uri` and return the run's outputs.
+    """Train `model` on the dataset at `dataset_uri` and return the run's outputs (registering is `register_run`).
 
     Args:
         model, train, scaling: the config nodes.
@@ -79,11 +100,6 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
         BudgetReached: `train.budget` stopped the run at a checkpoint (the message says how to go on).
         TrainingError: a non-finite loss stopped it.
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from llm_platform.train.parallelize import process_group_backend
-
     dataset, pretrained_dir = preflight(model, train, scaling, dataset_uri, storage_root)
     run_name = run_name or train.run_name or f"{model.name}-{train.objective}-{dataset.fingerprint[:8]}"
     names.check(run_name, "train.run_name")  # it becomes the folder runs/<run_name>/
@@ -95,20 +111,34 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
         return done
     if connect is not None:
         connect()
+    worker = build_worker_config(model, train, scaling, dataset, run_uri, pretrained_dir, prices or PricesConfig())
+    spec = RunSpec(name=run_name, uri=run_uri, dataset=dataset, worker=worker, config_record=config_record)
+    log.info("training %s (%s, %s) on %d %s worker(s) -> %s", model.name, train.objective,
+             train.parallelism.strategy, scaling.num_workers, "GPU" if scaling.use_gpu else "CPU", run_uri)
+    result = fit(spec, train, scaling, storage_root, callbacks)
+    # Rank 0's return value (Train V2's Result; see RunConfig in `fit`): what the run spent, why it stopped early.
+    stopped = result.return_value or {}  # type: ignore[attr-defined]
+    raise_if_stopped(stopped, run_uri, train)
+    return finish_run(spec, model, train, result, stopped.get("spend"), extra_lineage)
 
-    worker_config = build_worker_config(model, train, scaling, dataset, run_uri, pretrained_dir,
-                                        prices or PricesConfig())
-    fs, runs_path = storage.pyarrow_filesystem(layout.runs(storage_root))
+
+def fit(spec: RunSpec, train: TrainConfig, scaling: ScalingConfig, storage_root: str, callbacks: list | None):
+    """Run the workers (train/loop.py) under Ray Train's TorchTrainer; returns Ray Train's Result."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     from llm_platform import cluster
+    from llm_platform.train.parallelize import process_group_backend
 
+    fs, runs_path = storage.pyarrow_filesystem(layout.runs(storage_root))
     trainer = TorchTrainer(
         # The typed WorkerConfig travels pickled with the function; no `train_loop_config` dict to rebuild.
-        functools.partial(_train_fn(), worker_config),
+        functools.partial(_train_fn(), spec.worker),
         # CPU offload on GPUs: the offloaded gradients' norm is all-reduced on the host, so gloo joins NCCL.
         torch_config=TorchConfig(backend=process_group_backend(train.parallelism.cpu_offload, scaling.use_gpu)),
         scaling_config=ray_scaling(scaling),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=runs_path, storage_filesystem=fs,
+            name=spec.name, storage_path=runs_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoint.keep_latest),
             callbacks=list(callbacks or []),
@@ -119,41 +149,59 @@ def launch(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, datas
         # No `resume_from_checkpoint`: Ray Train V2 refuses it. `train.checkpoint.resume_from` reaches the workers in
         # their WorkerConfig and the loop loads it when the run has no checkpoint of its own (loop.py).
     )
-    log.info("training %s (%s, %s) on %d %s worker(s) -> %s", model.name, train.objective,
-             train.parallelism.strategy, scaling.num_workers, "GPU" if scaling.use_gpu else "CPU", run_uri)
-    with FollowMetrics(run_uri, train.max_steps):
-        result = trainer.fit()
-    # Rank 0's return value (Train V2's Result; see RunConfig above): what the run spent, and why it stopped early.
-    stopped = result.return_value or {}  # type: ignore[attr-defined]
-    raise_if_stopped(stopped, run_uri, train)
-    metrics = {**last_logged(run_uri), **dict(result.metrics or {})}
-    checkpoint_uri = storage.join(run_uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    with FollowMetrics(spec.uri, train.max_steps):
+        return trainer.fit()
+
+
+def finish_run(spec: RunSpec, model: ModelConfig, train: TrainConfig, result, spend: dict | None,
+               extra_lineage: dict | None) -> TrainResult:
+    """Export the final checkpoint (with `train.export`) and write lineage.json, the run's record, last."""
+    metrics = {**last_logged(spec.uri), **dict(result.metrics or {})}
+    checkpoint_uri = storage.join(spec.uri, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+    dataset = spec.dataset
     lineage = {
         "kind": "run",
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "code_version": code_version(),
         "dataset": {"uri": dataset.uri, "fingerprint": dataset.fingerprint, "manifest_sha256": dataset.manifest_sha256,
                     "tokenizer_sha256": dataset.tokenizer_sha256},
-        "run": {"name": run_name, "uri": run_uri, "config": config_record, "metrics": metrics,
+        "run": {"name": spec.name, "uri": spec.uri, "config": spec.config_record, "metrics": metrics,
                 "checkpoint": checkpoint_uri},
-        "cost": cost_record(stopped.get("spend"), worker_config.prices, train),
+        "cost": cost_record(spend, spec.worker.prices, train),
         "sweep": None,
         "base_model": model.pretrained,
         **(extra_lineage or {}),
     }
     export_uri = None
     if train.export and result.checkpoint:
-        export_uri = storage.join(run_uri, "export")
+        export_uri = storage.join(spec.uri, "export")
         with result.checkpoint.as_directory() as directory:
-            export(model, worker_config, dataset, directory, export_uri, lineage)
-    storage.write_json(storage.join(run_uri, ckpt.LINEAGE), lineage)  # the run's record, last
-    if train.register_as and export_uri:
-        from llm_platform.registry import register
-
-        version = register(storage_root, train.register_as, export_uri, lineage)
-        log.info("registered %s version %s", train.register_as, getattr(version, "version", version))
-    return TrainResult(run_uri=run_uri, export_uri=export_uri, checkpoint_uri=checkpoint_uri, metrics=metrics,
+            export(model, spec.worker, dataset, directory, export_uri, lineage)
+    storage.write_json(storage.join(spec.uri, ckpt.LINEAGE), lineage)  # the run's record, last
+    return TrainResult(run_uri=spec.uri, export_uri=export_uri, checkpoint_uri=checkpoint_uri, metrics=metrics,
                        lineage=lineage)
+
+
+def register_run(storage_root: str, name: str, result: TrainResult, *, make_latest: bool = True) -> Any:
+    """Register a run's export as a new version of `name` (moving LATEST unless `make_latest=False`).
+
+    A run registered under `name` before is not registered again: its version is returned as it is, so rerunning a
+    command whose run is reused adds no version. Returns the registry's ModelVersion, or None for a run without an
+    export (`train.export=false`).
+    """
+    from llm_platform import registry
+
+    if not result.export_uri:
+        log.warning("run %s has no export: nothing to register as %s", result.run_uri, name)
+        return None
+    for version in reversed(registry.list_versions(storage_root, name)):
+        if (version.lineage.get("source_uri") == result.export_uri
+                and version.lineage.get("created_at") == result.lineage.get("created_at")):
+            log.info("run %s is registered already as %s %s", result.run_uri, name, version.version)
+            return version
+    version = registry.register(storage_root, name, result.export_uri, result.lineage, make_latest=make_latest)
+    log.info("registered %s version %s", name, version.version)
+    return version
 
 
 def raise_if_stopped(stopped: dict, run_uri: str, train: TrainConfig) -> None:
@@ -178,169 +226,18 @@ def cost_record(spend: dict | None, prices: PricesConfig, train: TrainConfig) ->
 
 def config_of(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig) -> dict:
     """The config that decides what a run trains (lineage's `run.config`; a finished run with the same one is
-    reused). The budget is left out: raising it to let a stopped run finish changes nothing it trains."""
+    reused), without UNTRAINED_KEYS: raising the budget to let a stopped run finish, or registering the export under
+    a name, changes nothing the run trains."""
     train_record = as_dict(train)
-    train_record.pop("budget", None)
+    for key in UNTRAINED_KEYS:
+        train_record.pop(key, None)
     return {"model": as_dict(model), "train": train_record, "scaling": as_dict(scaling)}
-
-
-def preflight(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str,
-              storage_root: str) -> tuple[DatasetInfo, str | None]:
-    """Open the dataset and the pretrained model and run every config check; no worker is started.
-
-    Entry points call it before connecting to Ray so that a bad config fails in a second with the key named.
-    """
-    dataset = open_dataset(dataset_uri)
-    pretrained_dir = materialize_pretrained(model, storage_root)
-    check(model, train, scaling, dataset, pretrained_dir)
-    check_resume_from(train, scaling)
-    check_budget(train.budget)
-    tracking.check(train)
-    return dataset, pretrained_dir
-
-
-def check_resume_from(train: TrainConfig, scaling: ScalingConfig) -> None:
-    """Refuse a `train.checkpoint.resume_from` that is not a training checkpoint, is already at `train.max_steps`, or
-    whose data position this run's batch shape cannot continue."""
-    uri = train.checkpoint.resume_from
-    if not uri:
-        return
-    state_uri = storage.join(uri, ckpt.TRAIN_STATE)
-    if not storage.exists(state_uri):
-        raise ConfigError(f"train.checkpoint.resume_from={uri!r} is not a training checkpoint ({ckpt.TRAIN_STATE} "
-                          f"is missing): give a runs/<run>/checkpoint_<step> folder")
-    state = storage.read_json(state_uri)
-    if int(state["step"]) >= train.max_steps:
-        raise ConfigError(f"train.checkpoint.resume_from={uri!r} is at step {state['step']}, not below "
-                          f"train.max_steps={train.max_steps}: nothing to train (raise train.max_steps)")
-    try:
-        ckpt.data_position(state, train.micro_batch_size * scaling.num_workers)
-    except ValueError as e:
-        raise ConfigError(f"train.checkpoint.resume_from={uri!r}: {e}") from None
 
 
 def _train_fn():
     from llm_platform.train.loop import train_loop_per_worker
 
     return train_loop_per_worker
-
-
-def check_config(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig) -> None:
-    """The checks that need neither the dataset, the checkpoint nor the cluster: `llm-platform run` makes them
-    before its data stage. (A value outside a key's choices never gets here: the schema's Enums refuse it.)"""
-    counts = {f"train.{key}": getattr(train, key) for key in ("max_steps", "micro_batch_size", "grad_accum_steps",
-                                                               "log_interval_steps", "eval_interval_steps")}
-    counts["train.checkpoint.interval_steps"] = train.checkpoint.interval_steps
-    counts["train.checkpoint.keep_latest"] = train.checkpoint.keep_latest
-    for key, value in counts.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1")
-    if train.parallelism.strategy == "none" and scaling.num_workers != 1:
-        raise ConfigError(f"train.parallelism.strategy=none needs scaling.num_workers=1 (got {scaling.num_workers})")
-    if model.lora.enabled and model.lora.export == "adapter" and train.register_as:
-        raise ConfigError("model.lora.export=adapter writes a peft adapter, which the registry (and serving) cannot "
-                          "load: unset train.register_as or export merged")
-    if train.parallelism.cpu_offload and train.parallelism.strategy != "fsdp":
-        raise ConfigError("train.parallelism.cpu_offload=true needs train.parallelism.strategy=fsdp")
-
-
-def check(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset: DatasetInfo,
-          pretrained_dir: str | None) -> None:
-    """Refuse a config that cannot work, before any worker starts, naming the key."""
-    check_config(model, train, scaling)
-    pretrained = read_pretrained_config(pretrained_dir) if pretrained_dir else None
-    family = resolve_family(model, pretrained)
-    where = f"model.pretrained={model.pretrained!r}" if pretrained else f"model.family={model.family!r}"
-    if train.objective not in family.objectives:
-        raise ConfigError(f"train.objective={train.objective!r} does not fit {where} (a {family.name} model; it "
-                          f"trains {', '.join(family.objectives)})")
-    kinds = objectives.get(train.objective).dataset_kinds
-    if dataset.kind not in kinds:
-        wanted = " or ".join(map(repr, kinds))
-        raise ConfigError(f"train.objective={train.objective!r} needs a {wanted} dataset; {dataset.uri} is "
-                          f"{dataset.kind!r} (set data.kind or train.dataset)")
-    if train.objective == "mlm" and dataset.special_token_id("mask") is None:
-        raise ConfigError(f"train.objective=mlm needs a mask token; the tokenizer of {dataset.uri} has none")
-    positions = model.max_position_embeddings
-    if pretrained is not None and pretrained_dir:  # (pretrained is read from pretrained_dir)
-        positions = pretrained.get("max_position_embeddings") or pretrained.get("n_positions") or positions
-        check_tokenizer(model, dataset, pretrained_dir, int(pretrained.get("vocab_size", 0)))
-    if family.name != "t5" and dataset.seq_len > positions:
-        raise ConfigError(f"data.seq_len={dataset.seq_len} is beyond model.max_position_embeddings={positions}")
-    if model.vocab_size is not None and model.vocab_size != dataset.vocab_size:
-        raise ConfigError(f"model.vocab_size={model.vocab_size} does not match the dataset tokenizer's vocab size "
-                          f"{dataset.vocab_size} (leave model.vocab_size unset to follow the tokenizer)")
-    rows = train.micro_batch_size * scaling.num_workers
-    train_records = int(dataset.manifest["splits"]["train"]["num_records"])
-    if train_records < rows:
-        raise ConfigError(f"the train split of {dataset.uri} has {train_records} records, fewer than "
-                          f"train.micro_batch_size * scaling.num_workers = {rows}")
-    if scaling.check_resources:
-        check_placement(scaling)
-
-
-def check_placement(scaling: ScalingConfig) -> None:
-    """Refuse more workers than the connected Ray cluster can place now (skipped without a running Ray)."""
-    import ray
-
-    if not ray.is_initialized():
-        return
-    need_cpu = scaling.num_workers * scaling.cpus_per_worker
-    total = ray.cluster_resources()
-    if scaling.use_gpu and total.get("GPU", 0) < scaling.num_workers:
-        raise ConfigError(f"scaling.num_workers={scaling.num_workers} GPU workers do not fit: the cluster has "
-                          f"{int(total.get('GPU', 0))} GPUs "
-                          "(set scaling.check_resources=false on an autoscaling cluster)")
-    if total.get("CPU", 0) < need_cpu:
-        raise ConfigError(f"scaling.num_workers={scaling.num_workers} x "
-                          f"scaling.cpus_per_worker={scaling.cpus_per_worker} "
-                          f"needs {need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g} "
-                          f"(set scaling.check_resources=false on an autoscaling cluster)")
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if scaling.placement_strategy == "STRICT_SPREAD" and len(nodes) < scaling.num_workers:
-        raise ConfigError(f"scaling.placement_strategy=STRICT_SPREAD needs {scaling.num_workers} nodes; the cluster "
-                          f"has {len(nodes)}")
-
-
-def check_tokenizer(model: ModelConfig, dataset: DatasetInfo, pretrained_dir: str, model_vocab: int) -> None:
-    """Refuse a dataset tokenized with another tokenizer than the checkpoint's own (compared by the hash of
-    tokenizer.json, not by vocab size: two tokenizers of one size give the same ids different meanings).
-
-    A dataset built from the model's tokenizer plus `tokenizer.special_tokens` records the base hash; its added
-    ids get new embedding rows. A checkpoint without tokenizer.json can only be compared by size.
-    """
-    own = os.path.join(pretrained_dir, "tokenizer.json")
-    if not os.path.exists(own):
-        log.warning("model.pretrained=%r has no tokenizer.json: only the vocab sizes of model and dataset %s can be "
-                    "compared", model.pretrained, dataset.uri)
-        if model_vocab < dataset.vocab_size:
-            raise ConfigError(f"model.pretrained={model.pretrained!r} has vocab_size={model_vocab}, but the dataset "
-                              f"tokenizer has {dataset.vocab_size}: tokenizer and model do not match")
-        return
-    own_sha = storage.file_sha256(own)
-    used = dataset.base_tokenizer_sha256 or dataset.tokenizer_sha256
-    if used != own_sha:
-        tok_cfg = (dataset.manifest.get("config") or {}).get("tokenizer") or {}
-        built_with = (f"tokenizer.kind=pretrained from {dataset.manifest['tokenizer'].get('source')}"
-                      if dataset.base_tokenizer_sha256 else f"tokenizer.kind={tok_cfg.get('kind', '?')} (trained on "
-                      f"the corpus)")
-        raise ConfigError(f"the dataset {dataset.uri} was tokenized with {built_with}, tokenizer.json sha256 "
-                          f"{used[:12]}, but model.pretrained={model.pretrained!r} has its own tokenizer, sha256 "
-                          f"{own_sha[:12]}: the ids would mean other tokens. Rebuild the data with the model's "
-                          f"tokenizer (tokenizer=model, as experiment=finetune does) or set train.dataset to such a "
-                          f"dataset")
-    if dataset.base_vocab_size is None and model_vocab < dataset.vocab_size:
-        raise ConfigError(f"model.pretrained={model.pretrained!r} has vocab_size={model_vocab}, smaller than its own "
-                          f"tokenizer's {dataset.vocab_size}")
-
-
-def materialize_pretrained(model: ModelConfig, storage_root: str) -> str | None:
-    """A local folder with the pretrained model (registry reference, s3://, path or Hub id), or None from scratch."""
-    if not model.pretrained:
-        return None
-    from llm_platform.models import pretrained
-
-    return pretrained.materialize(model.pretrained, storage_root)
 
 
 def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset: DatasetInfo,
@@ -412,7 +309,11 @@ def finished_run(run_uri: str, config_record: dict) -> TrainResult | None:
         return None
     lineage = storage.read_json(record_uri)
     run = lineage.get("run") or {}
-    if json.loads(json.dumps(run.get("config"), default=str)) != json.loads(json.dumps(config_record, default=str)):
+    recorded = json.loads(json.dumps(run.get("config"), default=str))
+    if isinstance(recorded, dict) and isinstance(recorded.get("train"), dict):
+        # Records written while launch still registered runs carry `train.register_as` (now in UNTRAINED_KEYS).
+        recorded["train"].pop("register_as", None)
+    if recorded != json.loads(json.dumps(config_record, default=str)):
         return None
     export_uri = storage.join(run_uri, "export")
     return TrainResult(run_uri=run_uri, export_uri=export_uri if storage.exists(export_uri) else None,

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_platform.config.choices import Objective
 from llm_platform.data.pairs import COLUMNS as pair_columns
-from llm_platform.errors import ConfigError
 from llm_platform.models.packing import is_packed, packed_inputs
 from llm_platform.train.preference import pair_rows
 
@@ -112,7 +112,7 @@ def _mlm(batch: dict[str, Any], *, special: dict[str, int], vocab_size: int, mlm
 _TOKENS = ("input_ids",)
 _RECORDS = ("input_ids", "labels", "attention_mask")
 _SUPERVISED = (*_RECORDS, "position_ids")  # position_ids: packed datasets only (the reader skips it elsewhere)
-OBJECTIVES: dict[str, ObjectiveSpec] = {o.name: o for o in (
+OBJECTIVES: dict[Objective, ObjectiveSpec] = {Objective(o.name): o for o in (
     ObjectiveSpec("clm", ("pretrain",), _TOKENS, _clm),
     ObjectiveSpec("sft", ("sft", "chat"), _SUPERVISED, _sft),  # rendered chats are prompt/response records too
     ObjectiveSpec("seq2seq", ("seq2seq",), _RECORDS, _seq2seq),
@@ -122,14 +122,17 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {o.name: o for o in (
 )}
 
 
-def get(name: str) -> ObjectiveSpec:
-    """The record of `train.objective`; a ConfigError lists the choices."""
-    if name not in OBJECTIVES:
-        raise ConfigError(f"train.objective={name!r}: choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
+# `train.objective` is an Objective, which the schema checks (compose, config.merge), so a lookup needs no check of
+# its own; this makes sure every member has its record.
+assert set(OBJECTIVES) == set(Objective), f"objectives without a record: {set(Objective) - set(OBJECTIVES)}"
 
 
-def prepare_batch(objective: str, batch: dict[str, Any], *, special: dict[str, int], vocab_size: int,
+def get(name: Objective | str) -> ObjectiveSpec:
+    """The record of `train.objective` (an Objective; its string value finds the same record)."""
+    return OBJECTIVES[Objective(name)]
+
+
+def prepare_batch(objective: Objective | str, batch: dict[str, Any], *, special: dict[str, int], vocab_size: int,
                   mlm_probability: float = 0.15, generator: torch.Generator | None = None) -> Batch:
     """Model keyword inputs and aligned targets for one micro-batch of dataset rows.
 
@@ -141,9 +144,7 @@ def prepare_batch(objective: str, batch: dict[str, Any], *, special: dict[str, i
         mlm_probability: fraction of tokens chosen for MLM.
         generator: seeded RNG for MLM masking (deterministic per step, so resumes replay the same masks).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"train.objective={objective!r}: choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[objective].prepare(batch, special=special, vocab_size=vocab_size,
+    return get(objective).prepare(batch, special=special, vocab_size=vocab_size,
                                          mlm_probability=mlm_probability, generator=generator)
 
 

@@ -6,9 +6,9 @@ adds them up on the driver: per trial the last value, plus what its earlier runs
 restarts from another's checkpoint starts a new run, whose cost starts again from zero). It is kept in the sweep
 folder (`budget.json`) so that a resumed sweep goes on counting.
 
-A Ray Tune seam module (tune/driver.py imports it only when a sweep runs). Two Tune objects read the spend:
-`BudgetedSearch` wraps the search algorithm and stops handing out trials, and `BudgetStopper` (the RunConfig's
-`stop`) ends a running trial at its next report that carries a checkpoint.
+A Ray Tune seam module (tune/driver.py and tune/schedulers.py import it only when a sweep runs). Two Tune objects
+read the spend: `BudgetedSearch` wraps the search algorithm and stops handing out trials, and `BudgetStopper` (the
+RunConfig's `stop`) ends a running trial at its next report that carries a checkpoint.
 """
 
 from __future__ import annotations

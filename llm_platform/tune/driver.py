@@ -3,15 +3,19 @@
     space (YAML) -> Tuner(trial driver function) -> each trial: launch() a Ray Train run, reports -> scheduler
                  -> summary.csv, trials.jsonl, curves.png -> register the winner's export -> sweep.json (last)
 
-Ray Train V2 no longer runs as `Tuner(TorchTrainer(...))`; instead each trial runs `_trial`, a driver function that
-builds the trial's config and calls `llm_platform.train.launcher.launch`, whose `TorchTrainer` reports every
-training report to Tune through `TuneReportCallback`. The trial's driver holds one CPU on top of its workers.
+Ray Train V2 no longer runs as `Tuner(TorchTrainer(...))`; instead each trial runs `trial.run_trial`, a driver
+function that applies the trial's parameters onto the typed base config and calls `train.launcher.launch`, whose
+`TorchTrainer` reports every training report to Tune through `TuneReportCallback`. The trial's driver holds one CPU
+on top of its workers.
 
 Each trial trains the run `runs/<sweep>-<trial_id>/`. With ASHA and FIFO, Tune sees no checkpoints in this pattern
 (`Result.checkpoint` is empty), so the run and export URIs are derived from that name; a retried or resumed trial
 reuses the name and so resumes from its run's latest checkpoint. With PBT (`tune/pbt.py`) every report carries a small
 Tune checkpoint pointing at the run's checkpoint; a trial restarted from one (a PBT exploit) trains a new run with
 `train.checkpoint.resume_from`, and the trial's last pointer names its final run.
+
+The checks before any trial (`checks.py`), the scheduler and search (`schedulers.py`), one trial (`trial.py`) and
+reading the results back (`results.py`) live beside this module.
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_platform import layout, names, storage
-from llm_platform.config import as_dict, from_dict
+from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.prices import PricesConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError, StageError
-from llm_platform.train.budget import check_budget, has_limits
+from llm_platform.train.budget import has_limits
 from llm_platform.tune import space as spaces
+from llm_platform.tune.checks import check, expected_trials
+from llm_platform.tune.results import collect
+from llm_platform.tune.schedulers import budgeted, make_scheduler
 from llm_platform.tune.summary import ERROR, FINISHED, STOPPED, TrialRecord, select_winner, write_summary
 
 log = logging.getLogger("llm_platform.tune")
@@ -51,9 +58,21 @@ class SweepResult:
     """The sweep's record (sweep.json)."""
 
 
-def run_name(sweep_name: str, trial_id: str) -> str:
-    """The training run of a trial (`runs/<name>/`)."""
-    return f"{sweep_name}-{trial_id}"
+@dataclass
+class SweepSetup:
+    """What every trial of one sweep shares: where it runs, what it trains on, and the typed base config."""
+
+    tune: TuneConfig
+    base: spaces.TrialConfig
+    dims: list[spaces.Dimension]
+    dataset_uri: str
+    storage_root: str
+    uri: str
+    prices: PricesConfig | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        return [d.key for d in self.dims]
 
 
 def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, dataset_uri: str,
@@ -75,86 +94,141 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
         ConfigError: a bad space, scheduler, search or an existing sweep without `tune.resume=true`.
         StageError: no trial finished.
     """
-    from ray import tune
-
-    from llm_platform.tune import budget as tune_budget
-
     names.check(tune_cfg.name, "tune.name")  # it becomes the folder sweeps/<name>/
     dims = spaces.parse_space(tune_cfg.space)
     check(tune_cfg, train, scaling, dims)
-    sweep_uri = layout.sweep(storage_root, tune_cfg.name)
-    base = {"model": as_dict(model), "train": {**as_dict(train), "register_as": None}, "scaling": as_dict(scaling)}
-    fingerprint = storage.fingerprint({"tune": {k: v for k, v in as_dict(tune_cfg).items() if k != "resume"},
-                                       **base, "dataset": dataset_uri})
-    record_uri = storage.join(sweep_uri, RECORD)
-    if storage.exists(record_uri):
-        record = storage.read_json(record_uri)
-        if record.get("fingerprint") == fingerprint:
-            log.info("sweep %s already finished with this config; nothing to do", sweep_uri)
-            return SweepResult(name=tune_cfg.name, uri=sweep_uri, record=record,
-                               table=storage.read_text(storage.join(sweep_uri, "summary.csv")))
-        raise ConfigError(f"sweep {sweep_uri} already finished with another config: choose another tune.name")
+    setup = SweepSetup(tune=tune_cfg, base=spaces.TrialConfig(model=model, train=train, scaling=scaling), dims=dims,
+                       dataset_uri=dataset_uri, storage_root=storage_root,
+                       uri=layout.sweep(storage_root, tune_cfg.name), prices=prices)
+    fingerprint = sweep_fingerprint(setup)
+    done = finished_sweep(setup, fingerprint)
+    if done is not None:
+        return done
+    grid = make_tuner(setup, callbacks).fit()
+    trials = collect(grid, setup.keys, tune_cfg.name, storage_root)
+    winner, table, budget = settle(setup, grid, trials)
+    version = None
+    if register:
+        version = register_winner(storage_root, tune_cfg.register_as or model.name, winner, tune_cfg, setup.uri)
+    record = sweep_record(setup, fingerprint, trials, winner, version, budget)
+    storage.write_json(storage.join(setup.uri, RECORD), record)  # the sweep's record, last
+    return SweepResult(name=tune_cfg.name, uri=setup.uri, trials=trials, winner=winner, model_version=version,
+                       table=table, record=record)
 
+
+def sweep_fingerprint(setup: SweepSetup) -> str:
+    """What decides a sweep's outcome, hashed (sweep.json's `fingerprint`). `train.register_as` is recorded as null:
+    trials never register (the sweep registers its winner), and sweeps recorded so must keep their fingerprint."""
+    base = setup.base
+    return storage.fingerprint({"tune": {k: v for k, v in as_dict(setup.tune).items() if k != "resume"},
+                                "model": as_dict(base.model), "train": {**as_dict(base.train), "register_as": None},
+                                "scaling": as_dict(base.scaling), "dataset": setup.dataset_uri})
+
+
+def finished_sweep(setup: SweepSetup, fingerprint: str) -> SweepResult | None:
+    """The result of a sweep that already finished with this config; None when there is none.
+
+    Raises:
+        ConfigError: the sweep finished with another config.
+    """
+    record_uri = storage.join(setup.uri, RECORD)
+    if not storage.exists(record_uri):
+        return None
+    record = storage.read_json(record_uri)
+    if record.get("fingerprint") != fingerprint:
+        raise ConfigError(f"sweep {setup.uri} already finished with another config: choose another tune.name")
+    log.info("sweep %s already finished with this config; nothing to do", setup.uri)
+    return SweepResult(name=setup.tune.name, uri=setup.uri, record=record,
+                       table=storage.read_text(storage.join(setup.uri, "summary.csv")))
+
+
+def make_tuner(setup: SweepSetup, callbacks: list | None):
+    """The Tuner of the sweep: restored from its folder when it started before (with `tune.resume=true`), else new."""
+    from ray import tune
+
+    from llm_platform.tune.trial import run_trial
+
+    tune_cfg = setup.tune
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base, keys=[d.key for d in dims], dataset_uri=dataset_uri,
-                             storage_root=storage_root, storage_settings=storage.settings(),
-                             sweep={"name": tune_cfg.name, "uri": sweep_uri}, pbt=tune_cfg.scheduler == "pbt",
-                             prices=prices),
+        tune.with_parameters(run_trial, base=setup.base, keys=setup.keys, dataset_uri=setup.dataset_uri,
+                             storage_root=setup.storage_root, storage_settings=storage.settings(),
+                             sweep={"name": tune_cfg.name, "uri": setup.uri}, pbt=tune_cfg.scheduler == "pbt",
+                             prices=setup.prices),
         {"CPU": 1},  # the trial's driver; its Ray Train workers reserve their own resources
     )
-    fs, path = storage.pyarrow_filesystem(sweep_uri)
+    fs, path = storage.pyarrow_filesystem(setup.uri)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         if not tune_cfg.resume:
-            raise ConfigError(f"sweep {sweep_uri} exists but did not finish: set tune.resume=true to continue it, "
+            raise ConfigError(f"sweep {setup.uri} exists but did not finish: set tune.resume=true to continue it, "
                               f"or choose another tune.name")
-        log.info("resuming sweep %s (finished trials are kept)", sweep_uri)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=tune_cfg.resume_errored, storage_filesystem=fs)
-    else:
-        parent_fs, parent = storage.pyarrow_filesystem(layout.sweeps(storage_root))
-        search, stop, concurrency = budgeted(tune_cfg, sweep_uri)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=spaces.to_param_space(dims),
-            tune_config=tune.TuneConfig(
-                metric=tune_cfg.metric, mode=tune_cfg.mode, num_samples=tune_cfg.num_samples,
-                max_concurrent_trials=concurrency, scheduler=make_scheduler(tune_cfg, train, dims),
-                search_alg=search, trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=tune_cfg.name, storage_path=parent, storage_filesystem=parent_fs, stop=stop,
-                failure_config=tune.FailureConfig(max_failures=tune_cfg.max_trial_failures),
-                callbacks=[trial_lines(tune_cfg.metric, [d.key for d in dims], train.max_steps,
-                                       expected_trials(tune_cfg, dims)), *(callbacks or [])],
-                verbose=tune_cfg.verbose,
-            ),
-        )
-    grid = tuner.fit()
+        log.info("resuming sweep %s (finished trials are kept)", setup.uri)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=tune_cfg.resume_errored, storage_filesystem=fs)
+    return new_tuner(setup, trainable, callbacks)
 
-    trials = collect(grid, [d.key for d in dims], tune_cfg.name, storage_root)
+
+def new_tuner(setup: SweepSetup, trainable, callbacks: list | None):
+    """A Tuner for a sweep that has not started: its space, scheduler, search, budget and console lines."""
+    from ray import tune
+
+    tune_cfg, train = setup.tune, setup.base.train
+    parent_fs, parent = storage.pyarrow_filesystem(layout.sweeps(setup.storage_root))
+    search, stop, concurrency = budgeted(tune_cfg, setup.uri)
+    return tune.Tuner(
+        trainable,
+        param_space=spaces.to_param_space(setup.dims),
+        tune_config=tune.TuneConfig(
+            metric=tune_cfg.metric, mode=tune_cfg.mode, num_samples=tune_cfg.num_samples,
+            max_concurrent_trials=concurrency, scheduler=make_scheduler(tune_cfg, train, setup.dims),
+            search_alg=search, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=tune_cfg.name, storage_path=parent, storage_filesystem=parent_fs, stop=stop,
+            failure_config=tune.FailureConfig(max_failures=tune_cfg.max_trial_failures),
+            callbacks=[trial_lines(tune_cfg.metric, setup.keys, train.max_steps,
+                                   expected_trials(tune_cfg, setup.dims)), *(callbacks or [])],
+            verbose=tune_cfg.verbose,
+        ),
+    )
+
+
+def settle(setup: SweepSetup, grid, trials: list[TrialRecord]) -> tuple[TrialRecord, str, dict | None]:
+    """(winner, summary table, budget record) of a fitted sweep, its summary written.
+
+    Raises:
+        StageError: the fit was interrupted (resume it), or no trial finished.
+    """
+    from llm_platform.tune import budget as tune_budget
+
+    tune_cfg = setup.tune
     # An interrupted fit (Ctrl+C, SIGUSR1) returns normally; it must not be mistaken for a finished sweep. A sweep
     # whose budget ran out launched fewer trials on purpose: it finishes with the trials it ran.
-    expected = expected_trials(tune_cfg, dims)
+    expected = expected_trials(tune_cfg, setup.dims)
     done = grid.num_terminated + grid.num_errors
-    spent = tune_budget.SweepSpend(tune_cfg.budget, sweep_uri) if has_limits(tune_cfg.budget) else None
+    spent = tune_budget.SweepSpend(tune_cfg.budget, setup.uri) if has_limits(tune_cfg.budget) else None
     over = spent.reached() if spent else None
     if done < len(grid) or (len(grid) < expected and not over):
-        write_summary(sweep_uri, trials, tune_cfg.metric, tune_cfg.mode, None)
+        write_summary(setup.uri, trials, tune_cfg.metric, tune_cfg.mode, None)
         raise StageError(f"sweep {tune_cfg.name!r} was interrupted after {done} of {expected} trials: run it again "
                          f"with tune.resume=true to finish it (finished trials are kept)")
     winner = select_winner(trials, tune_cfg.metric, tune_cfg.mode)
-    table = write_summary(sweep_uri, trials, tune_cfg.metric, tune_cfg.mode, winner)
-    log.debug("sweep %s:\n%s", sweep_uri, table)  # the command prints the table
+    table = write_summary(setup.uri, trials, tune_cfg.metric, tune_cfg.mode, winner)
+    log.debug("sweep %s:\n%s", setup.uri, table)  # the command prints the table
     if winner is None:
         why = f": {over}, before any trial finished (raise tune.budget)" if over else ""
         raise StageError(f"no trial of sweep {tune_cfg.name!r} finished{why} "
-                         f"(see {storage.join(sweep_uri, 'summary.csv')})")
-    version = None
-    if register:
-        version = register_winner(storage_root, tune_cfg.register_as or model.name, winner, tune_cfg, sweep_uri)
-    record = {
-        "name": tune_cfg.name, "uri": sweep_uri, "fingerprint": fingerprint,
+                         f"(see {storage.join(setup.uri, 'summary.csv')})")
+    budget = ({"spent": spent.total(), "stopped": over, "trials_launched": len(grid), "trials_planned": expected}
+              if spent else None)
+    return winner, table, budget
+
+
+def sweep_record(setup: SweepSetup, fingerprint: str, trials: list[TrialRecord], winner: TrialRecord, version,
+                 budget: dict | None) -> dict[str, Any]:
+    """sweep.json: the sweep's config fingerprint, trial counts, winner, registered version, cost and budget."""
+    tune_cfg = setup.tune
+    return {
+        "name": tune_cfg.name, "uri": setup.uri, "fingerprint": fingerprint,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "metric": tune_cfg.metric, "mode": tune_cfg.mode, "scheduler": tune_cfg.scheduler, "search": tune_cfg.search,
         "trials": {s: sum(t.status == s for t in trials) for s in (FINISHED, STOPPED, ERROR)},
@@ -164,12 +238,8 @@ def run_sweep(tune_cfg: TuneConfig, model: ModelConfig, train: TrainConfig, scal
         "model_version": ({"name": version.name, "version": version.version, "uri": version.uri}
                           if version else None),
         "cost": {key: sum(t.last(f"cost/{key}") or 0.0 for t in trials) for key in ("usd", "gpu_hours")},
-        "budget": ({"spent": spent.total(), "stopped": over, "trials_launched": len(grid),
-                    "trials_planned": expected} if spent else None),
+        "budget": budget,
     }
-    storage.write_json(record_uri, record)  # the sweep's record, last
-    return SweepResult(name=tune_cfg.name, uri=sweep_uri, trials=trials, winner=winner, model_version=version,
-                       table=table, record=record)
 
 
 def trial_lines(metric: str, keys: list[str], max_steps: int, total: int):
@@ -209,247 +279,6 @@ def _short(value) -> str:
 
 def _trial_name(trial) -> str:
     return trial.trial_id
-
-
-def _trial(config: dict, *, base: dict, keys: list[str], dataset_uri: str, storage_root: str,
-           storage_settings: dict, sweep: dict, pbt: bool = False, prices: PricesConfig | None = None) -> None:
-    """One trial's driver (in a Tune actor): the trial's config, then a Ray Train run reporting to Tune.
-
-    With PBT the reports carry pointer checkpoints, and a trial (re)started from one trains a new run from the
-    pointed checkpoint (`tune/pbt.py`).
-    """
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from llm_platform.train.launcher import launch
-
-    storage.configure(storage_settings)
-    params = spaces.flatten_params(config, keys)
-    groups = spaces.apply_params(base, params)
-    trial_id = ray.tune.get_context().get_trial_id()
-    name = run_name(sweep["name"], trial_id)
-    lineage = {"sweep": {**sweep, "trial_id": trial_id, "params": params}}
-    if not pbt:
-        launch(from_dict(ModelConfig, groups["model"]), from_dict(TrainConfig, groups["train"]),
-               from_dict(ScalingConfig, groups["scaling"]), dataset_uri, storage_root, run_name=name,
-               callbacks=[TuneReportCallback()], extra_lineage=lineage, prices=prices)
-        return
-    from llm_platform.tune import pbt as pbt_
-
-    pointer = pbt_.read_pointer(ray.tune.get_checkpoint())
-    if pointer and pointer["step"] >= groups["train"]["max_steps"]:
-        # Cloned at its last report: the source run has trained this trial's whole budget already.
-        log.info("trial %s continues from %s at its last step: nothing left to train", trial_id,
-                 pointer["checkpoint_uri"])
-        return
-    if pointer:
-        name = pbt_.resumed_run_name(name, pointer)
-        groups["train"]["checkpoint"]["resume_from"] = pointer["checkpoint_uri"]
-        log.info("trial %s continues %s's run checkpoint %s as run %s", trial_id, pointer["trial_id"],
-                 pointer["checkpoint_uri"], name)
-    pbt_.train_reporting_pointers(
-        lambda callbacks: launch(from_dict(ModelConfig, groups["model"]), from_dict(TrainConfig, groups["train"]),
-                                 from_dict(ScalingConfig, groups["scaling"]), dataset_uri, storage_root,
-                                 run_name=name, callbacks=callbacks, extra_lineage=lineage, prices=prices),
-        run_uri=layout.run(storage_root, name), run_name=name, trial_id=trial_id)
-
-
-def check(tune_cfg: TuneConfig, train: TrainConfig, scaling: ScalingConfig, dims: list[spaces.Dimension]) -> None:
-    """Refuse a sweep that cannot work, before any trial starts, naming the key."""
-    import ray
-
-    if tune_cfg.search == "optuna" and any(d.kind == "grid" for d in dims):
-        raise ConfigError("tune.search=optuna cannot sample grid axes: use choice instead of grid in tune.space")
-    if tune_cfg.scheduler == "pbt":
-        from llm_platform.tune import pbt
-
-        ckpt_steps = bound(train, dims, "checkpoint.interval_steps", min)
-        pbt.check(tune_cfg, train, dims, reports_per_trial(bound(train, dims, "max_steps", max), ckpt_steps,
-                                                           ckpt_steps))
-        if tune_cfg.max_concurrent_trials < expected_trials(tune_cfg, dims):
-            log.warning("tune.scheduler=pbt with tune.max_concurrent_trials=%d below the %d trials: PBT compares "
-                        "trials that run together", tune_cfg.max_concurrent_trials, expected_trials(tune_cfg, dims))
-
-    check_budget(tune_cfg.budget, "tune.budget")
-    for key in ("num_samples", "max_concurrent_trials", "grace_period", "reduction_factor"):
-        if getattr(tune_cfg, key) < 1:
-            raise ConfigError(f"tune.{key}={getattr(tune_cfg, key)} must be at least 1")
-    if tune_cfg.scheduler == "asha" and tune_cfg.reduction_factor < 2:
-        raise ConfigError(f"tune.reduction_factor={tune_cfg.reduction_factor} must be at least 2")
-    if not tune_cfg.metric.startswith(("val/", "train/")):
-        raise ConfigError(f"tune.metric={tune_cfg.metric!r}: trials report train/* and val/* metrics")
-    # Every report must carry the metric (Tune refuses a result without it): a checkpoint-only report happens
-    # before the first validation when checkpoints come more often than validations.
-    eval_steps = bound(train, dims, "eval_interval_steps", max)
-    ckpt_steps = bound(train, dims, "checkpoint.interval_steps", min)
-    if tune_cfg.metric.startswith("val/") and ckpt_steps < eval_steps and ckpt_steps < bound(train, dims, "max_steps",
-                                                                                             min):
-        raise ConfigError(f"train.checkpoint.interval_steps={ckpt_steps} is below train.eval_interval_steps="
-                          f"{eval_steps}: the first report would have no {tune_cfg.metric} to rank trials by "
-                          f"(make the checkpoint interval a multiple of the eval interval)")
-    if ray.is_initialized() and scaling.check_resources:
-        need = 1 + scaling.num_workers * scaling.cpus_per_worker
-        have = ray.cluster_resources().get("CPU", 0)
-        if have < need:
-            raise ConfigError(f"one trial needs {need:g} CPUs (1 for its driver + scaling.num_workers x "
-                              f"scaling.cpus_per_worker); the cluster has {have:g}")
-        if have < need * tune_cfg.max_concurrent_trials:
-            log.warning("tune.max_concurrent_trials=%d trials need %g CPUs; the cluster has %g: fewer will run at "
-                        "once", tune_cfg.max_concurrent_trials, need * tune_cfg.max_concurrent_trials, have)
-
-
-def bound(train: TrainConfig, dims: list[spaces.Dimension], key: str, pick) -> int:
-    """`pick` (min or max) over a train key's values (`key` dotted below `train`, as `checkpoint.interval_steps`):
-    the base value, or the space's values when it is tuned."""
-    for d in dims:
-        if d.key == f"train.{key}":
-            return int(pick(d.values))
-    node: Any = train
-    for part in key.split("."):
-        node = getattr(node, part)
-    return int(node)
-
-
-def reports_per_trial(max_steps: int, eval_interval: int, checkpoint_interval: int) -> int:
-    """How many times a full run reports (every validation or checkpoint, and at the end): ASHA's `max_t`."""
-    return sum(1 for s in range(1, max_steps + 1)
-               if s % eval_interval == 0 or s % checkpoint_interval == 0 or s == max_steps)
-
-
-def expected_trials(tune_cfg: TuneConfig, dims: list[spaces.Dimension]) -> int:
-    """Trials of a complete sweep: num_samples times every grid combination."""
-    total = tune_cfg.num_samples
-    for d in dims:
-        if d.kind == "grid":
-            total *= len(d.args)
-    return total
-
-
-def make_scheduler(tune_cfg: TuneConfig, train: TrainConfig, dims: list[spaces.Dimension]):
-    """ASHA over training iterations (one per report), FIFO (no early stopping) or PBT (`tune/pbt.py`)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    if tune_cfg.scheduler == "fifo":
-        return FIFOScheduler()
-    if tune_cfg.scheduler == "pbt":
-        from llm_platform.tune import pbt
-
-        return pbt.make_scheduler(tune_cfg, dims)
-    reports = reports_per_trial(bound(train, dims, "max_steps", max), bound(train, dims, "eval_interval_steps", min),
-                                bound(train, dims, "checkpoint.interval_steps", min))
-    if tune_cfg.grace_period >= reports:
-        log.warning("tune.grace_period=%d is not below the %d reports of a full trial: ASHA stops nothing",
-                    tune_cfg.grace_period, reports)
-    # ASHA stops every trial whose time reaches max_t; at the last report that would kill the trial's driver while
-    # it exports, so max_t is one beyond the last report and only rungs stop trials.
-    return ASHAScheduler(time_attr="training_iteration", max_t=reports + 1,
-                         grace_period=min(tune_cfg.grace_period, reports), reduction_factor=tune_cfg.reduction_factor)
-
-
-def budgeted(tune_cfg: TuneConfig, sweep_uri: str):
-    """(search_alg, stopper, max_concurrent_trials) for the Tuner: Tune's own without `tune.budget`; with it the
-    search algorithm (its concurrency limit built in) wrapped to launch no trial once the budget is reached, and a
-    stopper ending running trials at their next checkpoint (tune/budget.py)."""
-    from llm_platform.tune import budget as tune_budget
-
-    search = make_search(tune_cfg)
-    if not has_limits(tune_cfg.budget):
-        return search, None, tune_cfg.max_concurrent_trials
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
-
-    inner: BasicVariantGenerator | SearchGenerator
-    if search is None:
-        inner = BasicVariantGenerator(max_concurrent=tune_cfg.max_concurrent_trials)
-    else:
-        inner = SearchGenerator(ConcurrencyLimiter(search, max_concurrent=tune_cfg.max_concurrent_trials))
-    spend = tune_budget.SweepSpend(tune_cfg.budget, sweep_uri)
-    return tune_budget.BudgetedSearch(inner, spend), tune_budget.BudgetStopper(spend), None
-
-
-def make_search(tune_cfg: TuneConfig):
-    """None (Tune's random/grid variant generator) or Optuna's TPE sampler."""
-    if tune_cfg.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        return OptunaSearch(seed=tune_cfg.seed)
-    return None
-
-
-def _saved_params(result) -> dict:
-    """The trial folder's `params.json` (what Tune wrote when the trial started), or {}."""
-    import json
-
-    try:
-        fs = result.filesystem
-        with fs.open_input_stream(str(result.path).rstrip("/") + "/params.json") as f:
-            return json.loads(f.read())
-    except Exception:  # noqa: BLE001 - a missing or unreadable file leaves the params unknown, as before
-        return {}
-
-
-def _reports_frame(result):
-    """A trial's reports as a DataFrame: Tune's `metrics_dataframe` (its result.json), or the trial folder's
-    progress.csv when that holds more rows. Ray 2.60 rewrites result.json when a paused trial resumes (synchronous
-    PBT pauses every trial), losing the earlier reports, while progress.csv keeps them."""
-    import io
-
-    import pandas as pd
-
-    df = result.metrics_dataframe
-    try:
-        with result.filesystem.open_input_stream(str(result.path).rstrip("/") + "/progress.csv") as f:
-            progress = pd.read_csv(io.BytesIO(f.read()), dtype={"trial_id": str})
-    except Exception:  # noqa: BLE001 - no progress.csv (no report yet): Tune's frame as is
-        return df
-    return progress if df is None or len(progress) > len(df) else df
-
-
-def collect(grid, keys: list[str], sweep_name: str, storage_root: str) -> list[TrialRecord]:
-    """Tune's ResultGrid as TrialRecords: reports, params, status (finished = the run wrote its lineage)."""
-    import math
-    import os
-
-    trials = []
-    for result in grid:
-        trial_id = os.path.basename(str(result.path).rstrip("/"))  # trial_dirname_creator names it by trial id
-        df = _reports_frame(result)
-        reports = []
-        if df is not None and len(df):
-            for row in df.to_dict("records"):
-                reports.append({k: v for k, v in row.items()
-                                if not (isinstance(v, float) and math.isnan(v)) and not k.startswith("config/")})
-        run_uri = layout.run(storage_root, final_run_name(result, sweep_name, trial_id))
-        export_uri = storage.join(run_uri, "export")
-        if result.error is not None:
-            status = ERROR
-        elif storage.exists(storage.join(run_uri, "lineage.json")) and storage.exists(
-                storage.join(export_uri, "config.json")):
-            status = FINISHED
-        else:
-            status = STOPPED
-        error = str(result.error).strip().splitlines()[-1][:200] if result.error is not None else None
-        params = spaces.flatten_params(result.config or {}, keys)
-        if all(v is None for v in params.values()):
-            # A restored trial that errored before the restore has no config on its Result; Tune kept its params.json.
-            params = spaces.flatten_params(_saved_params(result), keys)
-        trials.append(TrialRecord(trial_id=trial_id, params=params,
-                                  reports=reports, status=status, error=error, run_uri=run_uri,
-                                  export_uri=export_uri if status == FINISHED else None))
-    return sorted(trials, key=lambda t: t.trial_id)
-
-
-def final_run_name(result, sweep_name: str, trial_id: str) -> str:
-    """The run a trial trained last: its last PBT pointer's run, else `<sweep>-<trial_id>`."""
-    if result.checkpoint is not None:
-        from llm_platform.tune.pbt import read_pointer
-
-        try:
-            pointer = read_pointer(result.checkpoint)
-        except OSError:  # a checkpoint folder that is gone leaves the default name, as without PBT
-            pointer = None
-        if pointer:
-            return pointer["run_name"]
-    return run_name(sweep_name, trial_id)
 
 
 def register_winner(storage_root: str, name: str, winner: TrialRecord, tune_cfg: TuneConfig, sweep_uri: str):

@@ -1,6 +1,6 @@
 """Population Based Training over Ray Train runs: Tune checkpoints that point at the trials' training checkpoints.
 
-In the driver-function pattern (`driver._trial` calls `launch`, whose TorchTrainer does the training) the weights
+In the driver-function pattern (`trial.run_trial` calls `launch`, whose TorchTrainer does the training) the weights
 live in the trial's run folder, `runs/<run>/checkpoint_<step>/`, and Tune would see no checkpoint at all, so PBT
 could never clone a trial. Here, in PBT mode only:
 

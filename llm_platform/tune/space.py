@@ -26,7 +26,9 @@ from typing import Any, Union
 
 import yaml
 
+from llm_platform.config.model import ModelConfig
 from llm_platform.config.root import PlatformConfig
+from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.errors import ConfigError
 
 KINDS = ("loguniform", "uniform", "choice", "randint", "grid")
@@ -230,12 +232,26 @@ def flatten_params(config: dict, keys: list[str]) -> dict[str, Any]:
     return out
 
 
-def apply_params(base: dict[str, dict], params: dict[str, Any]) -> dict[str, dict]:
-    """A copy of the plain config groups (`{"train": {...}, ...}`) with the trial's dotted params set."""
-    import copy
+@dataclass(frozen=True)
+class TrialConfig:
+    """What a trial's `launch` receives: the typed TUNABLE_GROUPS, pickled as they are to the trial's actor."""
 
-    out = copy.deepcopy(base)
+    model: ModelConfig
+    train: TrainConfig
+    scaling: ScalingConfig
+
+
+def apply_params(base: TrialConfig, params: dict[str, Any]) -> TrialConfig:
+    """`base` with a trial's dotted params (`train.optimizer.lr`) applied onto its dataclasses (config/merge.py):
+    a choice's string becomes its Enum member, a key the schema lacks is refused naming it."""
+    from llm_platform.config.merge import merge
+
+    changes: dict[str, dict[str, Any]] = {}
     for key, value in params.items():
-        group, *rest = key.split(".")
-        set_dotted(out[group], ".".join(rest), value)
-    return out
+        group, _, rest = key.partition(".")
+        if group not in TUNABLE_GROUPS or not rest:
+            raise ConfigError(f"tune.space: {key!r} cannot change a trial; tune keys under "
+                              f"{', '.join(TUNABLE_GROUPS)}")
+        changes.setdefault(group, {})[rest] = value
+    return dataclasses.replace(base, **{group: merge(getattr(base, group), node, prefix=f"{group}.")
+                                        for group, node in changes.items()})

@@ -22,7 +22,9 @@ from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError
-from llm_platform.tune.driver import check, make_scheduler, make_search, run_sweep
+from llm_platform.tune.checks import check
+from llm_platform.tune.driver import run_sweep
+from llm_platform.tune.schedulers import make_scheduler, make_search
 from llm_platform.tune.space import flatten_params, parse_space, to_param_space
 
 MODEL = ModelConfig(name="tiny", family="gpt2", num_layers=2, num_heads=4, hidden_size=32, max_position_embeddings=64)

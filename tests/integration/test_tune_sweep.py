@@ -37,6 +37,16 @@ def dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp("data")), "pretrain", seq_len=32)
 
 
+def wait_until(condition, timeout_s: float, what) -> None:
+    """Return once `condition()` is true, polling it; fail the test naming `what` (a string, or a function giving
+    one at that moment) after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what() if callable(what) else what}")
+        time.sleep(0.05)  # the poll interval, not the wait
+
+
 def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_path, another_ray_instance):
     root = str(tmp_path / "store")
     # The tiny learning rate comes last, so the two good trials have set ASHA's first rung when it reports.
@@ -88,13 +98,11 @@ def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_
     # the cleaner must still find its own instance's API server (cluster.connect), not give up on finding two.
     import ray
 
-    deadline = time.time() + 60
-    while True:
-        live = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
-        if not live or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert not live, [(pg["name"], pg["state"], pg["bundles"]) for pg in live]
+    def live_groups():
+        return [(pg["name"], pg["state"], pg["bundles"]) for pg in ray.util.placement_group_table().values()
+                if pg["state"] != "REMOVED"]
+
+    wait_until(lambda: not live_groups(), 60, lambda: f"every placement group to be removed (live: {live_groups()})")
 
     rows = list(csv.DictReader(open(os.path.join(sweep_dir, "summary.csv"))))
     assert sorted(r["status"] for r in rows) == sorted(t.status for t in result.trials)

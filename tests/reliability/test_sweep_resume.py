@@ -13,8 +13,8 @@ with a message that says how to continue.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -24,7 +24,6 @@ import pytest
 from train_fixtures import make_dataset
 
 from llm_platform import registry
-from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
@@ -43,29 +42,36 @@ SCALING = ScalingConfig(num_workers=1, cpus_per_worker=1)
 TUNE = TuneConfig(name="killed", space={"train.micro_batch_size": {"grid": [4, 0, 2]}}, num_samples=1,
                   max_concurrent_trials=1, scheduler="fifo", max_trial_failures=1, resume_errored=False, verbose=0)
 
+# The typed configs reach the driver process pickled, as they cross every other process boundary.
 DRIVER = """
-import json, sys
+import pickle, sys
 from llm_platform import cluster
-from llm_platform.config import from_dict
 from llm_platform.config.cluster import ClusterConfig
-from llm_platform.config.model import ModelConfig
-from llm_platform.config.train import ScalingConfig, TrainConfig
-from llm_platform.config.tune import TuneConfig
 from llm_platform.tune.driver import run_sweep
 
-spec = json.loads(sys.argv[1])
+spec = pickle.loads(bytes.fromhex(sys.argv[1]))
 cluster.connect(ClusterConfig(address=spec["address"], log_to_driver=False))
-run_sweep(from_dict(TuneConfig, spec["tune"]), from_dict(ModelConfig, spec["model"]),
-          from_dict(TrainConfig, spec["train"]), from_dict(ScalingConfig, spec["scaling"]), spec["dataset"],
-          spec["root"])
+run_sweep(spec["tune"], spec["model"], spec["train"], spec["scaling"], spec["dataset"], spec["root"])
 """
 
 
-def finished_runs(root: str) -> list[str]:
+def run_folders(root: str) -> list[str]:
     runs = os.path.join(root, "runs")
-    if not os.path.isdir(runs):
-        return []
-    return sorted(d for d in os.listdir(runs) if os.path.exists(os.path.join(runs, d, "lineage.json")))
+    return sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+
+
+def finished_runs(root: str) -> list[str]:
+    return [d for d in run_folders(root) if os.path.exists(os.path.join(root, "runs", d, "lineage.json"))]
+
+
+def wait_until(condition, timeout_s: float, what) -> None:
+    """Return once `condition()` is true, polling it; fail the test naming `what` (a string, or a function giving
+    one at that moment) after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what() if callable(what) else what}")
+        time.sleep(0.05)  # the poll interval, not the wait
 
 
 def test_sweep_driver_sigkill_then_resume(ray_session, tmp_path, reliability_report):
@@ -73,18 +79,24 @@ def test_sweep_driver_sigkill_then_resume(ray_session, tmp_path, reliability_rep
 
     dataset = make_dataset(str(tmp_path / "data"), "pretrain", seq_len=32)
     root = str(tmp_path / "store")
-    spec = {"address": ray.get_runtime_context().gcs_address, "tune": as_dict(TUNE), "model": as_dict(MODEL),
-            "train": as_dict(TRAIN), "scaling": as_dict(SCALING), "dataset": dataset, "root": root}
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(spec)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, env={**os.environ, "RAY_ADDRESS": spec["address"]})
-    try:
-        deadline = time.time() + 900
-        while not finished_runs(root):
+    address = ray.get_runtime_context().gcs_address
+    spec = {"address": address, "tune": TUNE, "model": MODEL, "train": TRAIN, "scaling": SCALING, "dataset": dataset,
+            "root": root}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, pickle.dumps(spec).hex()], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env={**os.environ, "RAY_ADDRESS": address})
+
+    def alive_and(condition):
+        def check():
             if driver.poll() is not None:
                 pytest.fail(f"sweep driver exited ({driver.returncode}): {driver.stderr.read().decode()[-3000:]}")
-            assert time.time() < deadline, "no trial finished in time"
-            time.sleep(0.2)
-        time.sleep(3)  # the next trial is scheduled: the driver dies mid-sweep, not between sweeps
+            return condition()
+        return check
+
+    try:
+        wait_until(alive_and(lambda: finished_runs(root)), 900, "the first trial to finish")
+        # The driver dies mid-sweep, not between sweeps: once the last trial (after the raising one) is training.
+        wait_until(alive_and(lambda: len(run_folders(root)) > len(finished_runs(root))), 600,
+                   "the next trial's run to start training")
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait(30)

@@ -247,15 +247,18 @@ def test_ray_job_entrypoints_compose(stage, monkeypatch):
 
 
 def test_ray_service_imports_the_serve_app_builder_with_known_args():
+    from llm_platform.config.choices import WeightDtype
+    from llm_platform.config.merge import merge
     from llm_platform.config.serve import ServeConfig
+    from llm_platform.serve.app import EXTRA_ARGS
 
     doc = yaml.safe_load((CLUSTER / "ray-service.serve.yaml").read_text())
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
     assert app["import_path"] == "llm_platform.serve.app:build_app"
-    allowed = set(ServeConfig.__dataclass_fields__) | {"storage_root", "storage", "drift_reference"}
-    unknown = set(app["args"]) - allowed
-    assert not unknown, f"build_app would reject args {sorted(unknown)}"
+    # What build_app does with them: every key, nested ones included, and every value checked by the schema.
+    cfg = merge(ServeConfig(), {k: v for k, v in app["args"].items() if k not in EXTRA_ARGS}, prefix="serve.")
+    assert cfg.model == "registry:llm" and cfg.engine.dtype is WeightDtype.bfloat16
     assert app["args"]["storage_root"] == "${tf:storage_root}"
     assert serve_config["http_options"]["host"] == "0.0.0.0"  # inside the pod; the Service stays ClusterIP
     cluster = doc["spec"]["rayClusterConfig"]

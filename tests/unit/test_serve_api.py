@@ -230,9 +230,9 @@ def test_build_app_checks_keys_and_the_switch_interval():
     from llm_platform.errors import ConfigError
     from llm_platform.serve.app import build_app
 
-    with pytest.raises(ConfigError, match=r"unknown serve keys \['max_batch'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config key serve.max_batch\b"):
         build_app({"model": "m", "max_batch": 8})
-    with pytest.raises(ConfigError, match=r"unknown serve keys \['engine.max_batch'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config key serve.engine.max_batch\b"):
         build_app({"model": "m", "engine": {"max_batch": 8}})
     with pytest.raises(ConfigError, match="serve.engine.gil_switch_interval_ms=-1"):
         build_app({"model": "m", "engine": {"gil_switch_interval_ms": -1}})
@@ -353,15 +353,15 @@ def test_5xx_bodies_are_generic_with_an_error_id_that_the_log_has_in_full(builti
 
     eng = Engine(service.engine.model, service.tokenizer, max_batch_size=4, score_prompts_every=0,
                  max_consecutive_failed_steps=100)
-    real, mode = eng._forward, {"fail": "all"}
+    real, mode = eng.runner.forward, {"fail": "all"}
 
     def failing(input_ids, mask, cache, all_positions=False):
-        decode = cache is not None and cache is eng._cache
+        decode = cache is not None and cache is eng.runner.cache
         if mode["fail"] == "all" or (mode["fail"] == "decode" and decode):
             raise RuntimeError(LEAK)
         return real(input_ids, mask, cache, all_positions)
 
-    eng._forward = failing
+    eng.runner.forward = failing
     eng.start()
     broken = Service(eng, service.tokenizer, "tiny", service.cfg)
 
@@ -424,7 +424,7 @@ def test_build_app_checks_the_vllm_keys():
                    "deployment": {"num_gpus_per_replica": 1}})
     with pytest.raises(ConfigError, match=r"serve.engine.vllm.lora_adapters.\.\./x"):
         build_app(vllm(lora_adapters={"../x": "registry:a"}))
-    with pytest.raises(ConfigError, match=r"unknown serve keys \['engine.vllm.tp'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config key serve.engine.vllm.tp\b"):
         build_app(vllm(tp=2))
     assert isinstance(build_app({**vllm(tensor_parallel_size=2, engine={"device": "cuda"}),
                                  "deployment": {"num_gpus_per_replica": 2}}), Application)

@@ -8,7 +8,8 @@ from ray.tune.search.optuna import OptunaSearch
 from llm_platform.config.train import CheckpointConfig, ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError
-from llm_platform.tune.driver import check, make_search
+from llm_platform.tune.checks import check
+from llm_platform.tune.schedulers import make_search
 from llm_platform.tune.space import flatten_params, parse_space, to_param_space
 
 SPACE = {
@@ -42,7 +43,7 @@ def suggestions(seed: int | None, n: int = 6) -> list[dict]:
     out = []
     for i in range(n):
         config = searcher.suggest(f"trial-{i}")
-        params = flatten_params(config, SAMPLED)  # the nested shape `_trial` reads
+        params = flatten_params(config, SAMPLED)  # the nested shape `trial.run_trial` reads
         out.append(params)
         searcher.on_trial_complete(f"trial-{i}", {"val/loss": 5.0 - params["train.optimizer.lr"] * 100})
     return out

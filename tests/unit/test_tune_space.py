@@ -3,12 +3,15 @@
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from llm_platform.config import as_dict, compose, from_dict
+from llm_platform.config import compose
+from llm_platform.config.choices import Schedule
+from llm_platform.config.model import LoraConfig, ModelConfig
 from llm_platform.config.train import CheckpointConfig, ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError
-from llm_platform.tune.driver import check, expected_trials, make_scheduler, reports_per_trial
-from llm_platform.tune.space import apply_params, flatten_params, parse_space, to_param_space
+from llm_platform.tune.checks import check, expected_trials, reports_per_trial
+from llm_platform.tune.schedulers import make_scheduler
+from llm_platform.tune.space import TrialConfig, apply_params, flatten_params, parse_space, to_param_space
 
 
 def test_every_distribution_dotted_nested_and_string_forms():
@@ -68,15 +71,34 @@ def test_shipped_spaces_compose_and_parse():
 
 
 def test_apply_params_overrides_only_the_named_keys():
-    base = {"model": {"hidden_size": 64, "lora": {"rank": 8}}, "train": as_dict(TrainConfig()), "scaling": {}}
+    base = TrialConfig(model=ModelConfig(hidden_size=64, lora=LoraConfig(rank=8)), train=TrainConfig(),
+                       scaling=ScalingConfig())
     params = flatten_params({"train": {"optimizer": {"lr": 0.01}}, "model": {"lora": {"rank": 4}}},
                             ["train.optimizer.lr", "model.lora.rank"])
     assert params == {"train.optimizer.lr": 0.01, "model.lora.rank": 4}
     out = apply_params(base, params)
-    assert out["train"]["optimizer"]["lr"] == 0.01 and out["model"]["lora"]["rank"] == 4 \
-        and out["model"]["hidden_size"] == 64
-    assert base["train"]["optimizer"]["lr"] == TrainConfig().optimizer.lr  # the base is not mutated
-    assert from_dict(TrainConfig, out["train"]).optimizer.lr == 0.01
+    assert isinstance(out.train, TrainConfig) and isinstance(out.model, ModelConfig)
+    assert out.train.optimizer.lr == 0.01 and out.model.lora.rank == 4 and out.model.hidden_size == 64
+    assert base.train.optimizer.lr == TrainConfig().optimizer.lr and base.model.lora.rank == 8  # base not mutated
+    assert out.scaling is base.scaling  # an untouched group is passed on as it is
+
+
+def test_apply_params_restores_a_choice_as_its_enum():
+    # Tune hands a sampled choice over as its string; the trial's launch must get the schema's Enum member.
+    base = TrialConfig(model=ModelConfig(), train=TrainConfig(), scaling=ScalingConfig())
+    out = apply_params(base, {"train.optimizer.schedule": "linear"})
+    assert out.train.optimizer.schedule is Schedule.linear
+
+
+def test_apply_params_refuses_an_unknown_key_or_value_naming_it():
+    base = TrialConfig(model=ModelConfig(), train=TrainConfig(), scaling=ScalingConfig())
+    with pytest.raises(ConfigError, match=r"unknown config key train\.optimizer\.lrr \(did you mean "
+                                          r"train\.optimizer\.lr\?\)"):
+        apply_params(base, {"train.optimizer.lrr": 0.01})
+    with pytest.raises(ConfigError, match="train.optimizer.schedule='cosin': must be one of cosine, linear"):
+        apply_params(base, {"train.optimizer.schedule": "cosin"})
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        apply_params(base, {"data.seq_len": 64})
 
 
 def test_asha_max_t_counts_reports_and_checks_refuse_bad_sweeps():
