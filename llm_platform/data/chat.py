@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -168,17 +169,26 @@ def record(ids: list[int], mask: list[int], seq_len: int, pad_id: int, overflow:
     }
 
 
-def pack_chats(tokenizer, messages_json: list[str], *, seq_len: int, pad_id: int, overflow: str,
-               kept: list[int] | None = None) -> tuple[dict[str, list], list[int], dict[str, int]]:
-    """Render and mask a batch of conversations (JSON strings as the read phase stored them).
+@dataclass
+class Rendered:
+    """A batch of conversations (or preference pairs) rendered into padded rows."""
 
-    Returns (columns of the kept rows, rendered lengths, counts: `truncated`, `skipped_too_long`,
-    `skipped_no_assistant_tokens`, `skipped_template_error`). `kept`, when given, gets the index of each record kept
-    (a row of the columns).
-    """
-    columns: dict[str, list] = {}
-    lengths: list[int] = []
-    counts = {"truncated": 0, "skipped_too_long": 0, "skipped_no_assistant_tokens": 0, "skipped_template_error": 0}
+    columns: dict[str, list] = field(default_factory=dict)
+    """The kept records' columns, a row each."""
+    lengths: list[int] = field(default_factory=list)
+    """Every rendered record's length (both sides of a pair), kept or not."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """Truncated and skipped records by reason."""
+    kept: list[int] = field(default_factory=list)
+    """The index in the batch of each kept record (a row of the columns)."""
+
+
+def pack_chats(tokenizer, messages_json: list[str], *, seq_len: int, pad_id: int, overflow: str) -> Rendered:
+    """Render and mask a batch of conversations (JSON strings as the read phase stored them); counts `truncated`,
+    `skipped_too_long`, `skipped_no_assistant_tokens`, `skipped_template_error`."""
+    out = Rendered(counts={"truncated": 0, "skipped_too_long": 0, "skipped_no_assistant_tokens": 0,
+                           "skipped_template_error": 0})
+    columns, lengths, counts = out.columns, out.lengths, out.counts
     for index, raw in enumerate(messages_json):
         try:
             ids, mask = render(tokenizer, json.loads(raw))
@@ -191,8 +201,7 @@ def pack_chats(tokenizer, messages_json: list[str], *, seq_len: int, pad_id: int
             counts[f"skipped_{row}"] += 1
             continue
         counts["truncated"] += len(ids) > seq_len
-        if kept is not None:
-            kept.append(index)
+        out.kept.append(index)
         for key, value in row.items():
             columns.setdefault(key, []).append(value)
-    return columns, lengths, counts
+    return out

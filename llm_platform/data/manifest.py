@@ -10,6 +10,7 @@ import numpy as np
 
 from llm_platform.data import pack
 from llm_platform.data.exchange import sum_counters
+from llm_platform.data.results import Duplicates, FileResult, ShardResult
 
 # Bump when the shard layout or any phase's semantics change: it is part of the fingerprint. 3: chat turns are
 # cleaned and scrubbed like text (they were tokenized raw).
@@ -72,45 +73,45 @@ def _empty_split() -> Split:
             "skipped_prompt_too_long": 0, "chat": {}}
 
 
-def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], units: list[dict], dups: dict,
-          tok_record: dict, shards: list[dict], timings: dict[str, float]) -> Manifest:
+def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], units: list[FileResult], dups: Duplicates,
+          tok_record: dict, shards: list[ShardResult], timings: dict[str, float]) -> Manifest:
     """The manifest from the stage's per-unit counts (`prepare.prepare_unit`), the duplicates, the tokenizer's
     record and the shards' entries (`shards.pack_shard`)."""
     counts: dict[str, Any] = {"files": len(inputs), "units": len(units),
-                              "records_in": sum(int(u["records"]) for u in units),
-                              "dropped": sum_counters([u["dropped"] for u in units]),
-                              "pii_replacements": sum(int(u["pii_replacements"]) for u in units)}
+                              "records_in": sum(u.records for u in units),
+                              "dropped": sum_counters([u.dropped for u in units]),
+                              "pii_replacements": sum(u.pii_replacements for u in units)}
     # The sample of skipped records is the first ones in file order (units come in file order, each with its first
     # ones in order), whatever order the tasks finished in, so the same inputs always give the same manifest.
     limit = max(0, cfg.max_records_reported - len(missing))
-    dropped = [r for u in units for r in u["skipped"]][:limit]
+    dropped = [r for u in units for r in u.skipped][:limit]
     skipped = list(missing) + dropped
     for m in missing:
         reason = m["reason"].split(":")[0]
         counts["dropped"][reason] = counts["dropped"].get(reason, 0) + 1
-    counts["exact_duplicates"] = int(dups["exact"].sum())
-    counts["near_duplicates"] = int((~dups["exact"]).sum())
+    counts["exact_duplicates"] = int(dups.exact.sum())
+    counts["near_duplicates"] = int((~dups.exact).sum())
     counts["languages"] = language_counts(units)
     splits: dict[str, Split] = {}
     token_counts = np.zeros(tok_record["vocab_size"], dtype=np.int64)
     hist = np.zeros(len(pack.LENGTH_EDGES) - 1, dtype=np.int64)
     groups: dict[str, list] = {}
-    for s in sorted(shards, key=lambda r: r["shard"]):
-        split = splits.setdefault(s["split"], _empty_split())
-        if s["records"]:
-            split["files"].append(s["file"])
-            groups.setdefault(s["split"], []).append(s.get("row_groups"))  # None: a marker from an older run
-        split["num_records"] += int(s["records"])
-        split["num_tokens"] += int(s["tokens_out"])
-        split["documents"] += int(s["documents"])
-        split["tokens_in"] += int(s["tokens_in"])
-        split["remainder_tokens"] += int(s["remainder"])
-        split["skipped_prompt_too_long"] += int(s["skipped_prompt_too_long"])
-        for key, n in (s.get("chat") or {}).items():  # chat: truncated and skipped conversations by reason
+    for s in sorted(shards, key=lambda r: r.shard):
+        split = splits.setdefault(s.split, _empty_split())
+        if s.records:
+            split["files"].append(s.file)
+            groups.setdefault(s.split, []).append(s.row_groups)  # None: a marker from an older run
+        split["num_records"] += int(s.records)
+        split["num_tokens"] += int(s.tokens_out)
+        split["documents"] += int(s.documents)
+        split["tokens_in"] += int(s.tokens_in)
+        split["remainder_tokens"] += int(s.remainder)
+        split["skipped_prompt_too_long"] += int(s.skipped_prompt_too_long)
+        for key, n in s.chat.items():  # chat: truncated and skipped conversations by reason
             split["chat"][key] = split["chat"].get(key, 0) + int(n)
-        if s["split"] == "train":
-            token_counts += np.asarray(s["token_counts"], dtype=np.int64)
-            hist += np.asarray(s["length_hist"], dtype=np.int64)
+        if s.split == "train":
+            token_counts += np.asarray(s.token_counts, dtype=np.int64)
+            hist += np.asarray(s.length_hist, dtype=np.int64)
     for name in ("train", "val"):
         splits.setdefault(name, _empty_split())
         if all(g is not None for g in groups.get(name, [])):
@@ -133,37 +134,37 @@ def build(cfg, tok, fp: str, inputs: list[dict], missing: list[dict], units: lis
     }
 
 
-def _add_packing(splits: dict[str, Split], shards: list[dict], seq_len: int) -> None:
+def _add_packing(splits: dict[str, Split], shards: list[ShardResult], seq_len: int) -> None:
     """Each split's `packing` entry, summed over its shards' counts (pack.pack_examples)."""
     for name, split in splits.items():
-        got = [s["packing"] for s in shards if s["split"] == name and "packing" in s]
+        got = [s.packing for s in shards if s.split == name and s.packing is not None]
         split["packing"] = pack.packing_summary(sum(int(p["examples"]) for p in got), sum(int(p["rows"]) for p in got),
                                                 sum(int(p["tokens"]) for p in got), seq_len)
 
 
-def dropped_by_file(units: list[dict]) -> dict[str, dict[str, int]]:
+def dropped_by_file(units: list[FileResult]) -> dict[str, dict[str, int]]:
     """The units' drops per input file and reason (files without drops left out). Outside `counts`, which stays the
     same wherever the same files are read from."""
     out: dict[str, dict[str, int]] = {}
     for u in units:
-        for source, reasons in (u.get("dropped_by_file") or {}).items():
+        for source, reasons in u.dropped_by_file.items():
             out[source] = sum_counters([out.get(source, {}), reasons])
     return dict(sorted(out.items()))
 
 
-def language_counts(units: list[dict]) -> dict[str, dict[str, int]]:
+def language_counts(units: list[FileResult]) -> dict[str, dict[str, int]]:
     """Documents per detected language: `detected` (all that reached language ID) and `kept` (passed every rule,
     before dedup)."""
-    langs = [u.get("languages") or {} for u in units]
+    langs = [u.languages for u in units]
     return {k: sum_counters([lang.get(k) or {} for lang in langs]) for k in ("detected", "kept")}
 
 
-def first_examples(units: list[dict], limit: int) -> dict[str, list[dict[str, Any]]]:
+def first_examples(units: list[FileResult], limit: int) -> dict[str, list[dict[str, Any]]]:
     """Per drop reason, the first `limit` dropped documents in file order (units come in file order, each with its
     first ones in order), whatever order the tasks finished in."""
     out: dict[str, list[dict[str, Any]]] = {}
     for u in units:
-        for reason, examples in (u.get("examples") or {}).items():
+        for reason, examples in u.examples.items():
             out.setdefault(reason, []).extend(examples)
     return {reason: examples[:limit] for reason, examples in sorted(out.items()) if limit > 0}
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from llm_platform.data.results import FileResult
+
 log = logging.getLogger("llm_platform.data")
 
 
-def phase_figures(inputs: list[dict], units: list[dict], dups: dict[str, Any], manifest: Any) -> dict[str, dict]:
+def phase_figures(inputs: list[dict], units: list[FileResult], duplicates: int, manifest: Any) -> dict[str, dict]:
     """`{phase: {"documents": n, "bytes": n}}` from what the stage counted (bytes only where they are known)."""
-    kept = sum(int(u["kept"]) for u in units)
-    duplicates = int(len(dups["exact"]))
+    kept = sum(u.kept for u in units)
     return {
-        "read": {"documents": sum(int(u["records"]) for u in units), "bytes": sum(int(m["size"]) for m in inputs)},
+        "read": {"documents": sum(u.records for u in units), "bytes": sum(int(m["size"]) for m in inputs)},
         "clean": {"documents": kept},
         "dedup": {"documents": kept - duplicates},
         "pack": {"documents": int(manifest["counts"]["documents_kept"])},

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_platform.data.results import ShardResult
 from llm_platform.errors import ConfigError, DataError
 
 BUCKETS = 1024
@@ -181,12 +182,12 @@ def plan(hist: np.ndarray, mixture: dict[str, Any], names: tuple[str, ...], tota
     return Plan(tuple(pool), tuple(passes), tuple(partial)), record
 
 
-def realised(record: dict[str, Any], names: tuple[str, ...], shard_stats: list[dict[str, Any]]) -> dict[str, Any]:
+def realised(record: dict[str, Any], names: tuple[str, ...], shard_stats: list[ShardResult]) -> dict[str, Any]:
     """The plan's record with what the shards wrote per source and split, and each source's share of train."""
     written = {(split, s): [0, 0] for split in SPLITS for s in range(len(names))}
     for stat in shard_stats:
-        for s, (docs, tokens) in stat.get("mixture", {}).items():
-            cell = written[(stat["split"], int(s))]
+        for source, (docs, tokens) in (stat.mixture or {}).items():
+            cell = written[(stat.split, int(source))]
             cell[0] += int(docs)
             cell[1] += int(tokens)
     train_total = sum(written[("train", s)][1] for s in range(len(names))) or 1

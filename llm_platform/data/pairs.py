@@ -122,16 +122,11 @@ def pair_record(sides: tuple[tuple[list[int], list[int]], ...], seq_len: int, pa
     return row
 
 
-def pack_pairs(tokenizer, pairs_json: list[str], *, seq_len: int, pad_id: int,
-               kept: list[int] | None = None) -> tuple[dict[str, list], list[int], dict[str, int]]:
-    """Render a batch of parsed pairs (JSON `{prompt, chosen, rejected}` messages, as the read phase stored them).
-
-    Returns (columns of the kept rows, rendered lengths of both sides, counts: `truncated`, `skipped_too_long`,
-    `skipped_template_error`). `kept`, when given, gets the index of each record kept (a row of the columns).
-    """
-    columns: dict[str, list] = {}
-    lengths: list[int] = []
-    counts = {"truncated": 0, "skipped_too_long": 0, "skipped_template_error": 0}
+def pack_pairs(tokenizer, pairs_json: list[str], *, seq_len: int, pad_id: int) -> chat.Rendered:
+    """Render a batch of parsed pairs (JSON `{prompt, chosen, rejected}` messages, as the read phase stored them);
+    the lengths are both sides', and the counts `truncated`, `skipped_too_long`, `skipped_template_error`."""
+    out = chat.Rendered(counts={"truncated": 0, "skipped_too_long": 0, "skipped_template_error": 0})
+    columns, lengths, counts = out.columns, out.lengths, out.counts
     for index, raw in enumerate(pairs_json):
         pair = json.loads(raw)
         prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
@@ -146,8 +141,7 @@ def pack_pairs(tokenizer, pairs_json: list[str], *, seq_len: int, pad_id: int,
             counts[f"skipped_{row}"] += 1
             continue
         counts["truncated"] += any(len(ids) > seq_len for ids, _ in sides)
-        if kept is not None:
-            kept.append(index)
+        out.kept.append(index)
         for key, value in row.items():
             columns.setdefault(key, []).append(value)
-    return columns, lengths, counts
+    return out

@@ -1,7 +1,7 @@
 """The data stage's first pass, one unit of input files per call, no Ray: read, clean, and the dedup keys.
 
 A unit is a run of consecutive input pieces (files, or byte ranges of a large line-based file: `sources.pieces`) of
-about `data.task_target_bytes` together (pipeline.plan_units), so a corpus of thousands of small files costs per
+about `data.task_target_bytes` together (units.plan_units), so a corpus of thousands of small files costs per
 byte and not per file: each call writes a handful of objects whatever its file count. Each call reads its pieces
 once and writes, under `<work>/` (`<unit>` = its first-last piece index):
 
@@ -30,6 +30,7 @@ from llm_platform.config.data import FilterConfig
 from llm_platform.data import clean, dedup, filters, sources
 from llm_platform.data.exchange import PartitionedWriter, read_partition, read_segments, segments
 from llm_platform.data.filters import LanguageSpec
+from llm_platform.data.results import FileResult
 
 READ_BATCH_ROWS = 2048
 CLEAN_COLUMNS = ("doc_id", "text_hash", "text", "prompt", "response", "messages")
@@ -142,7 +143,7 @@ def unit_name(pieces: list[int]) -> str:
     return f"{pieces[0]:06d}-{pieces[-1]:06d}"
 
 
-def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSpec) -> dict[str, Any]:
+def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSpec) -> FileResult:
     """Read, clean and key a unit of input pieces (`metas`, with their piece indexes; see the module docstring and
     `sources.pieces`); returns the unit's counts and run indexes. Small files are fetched ahead on threads
     (`sources.prefetched`), so a unit of many small files waits on one request at a time at most."""
@@ -152,13 +153,11 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
     name = unit_name(pieces)
     done = storage.join(spec.work, "clean", f"{name}.json")
     if storage.exists(done):  # an interrupted earlier run finished this unit
-        return {**storage.read_json(done), "resumed": True}
+        return FileResult.from_json(storage.read_json(done))
     clean_uri = storage.join(spec.work, "clean", f"{name}.parquet")
     keys = PartitionedWriter(storage.join(spec.work, "keys", name))
     sigs = PartitionedWriter(storage.join(spec.work, "sigs", name))
-    stats: dict[str, Any] = {"unit": name, "pieces": [pieces[0], pieces[-1]], "records": 0, "kept": 0, "dropped": {},
-                             "pii_replacements": 0, "skipped": [], "range_lines": {}, "dropped_by_file": {},
-                             "examples": {}, "languages": {"detected": {}, "kept": {}}}
+    tally = _Tally()
     schema = pa.schema([("doc_id", pa.int64()), ("text_hash", pa.int64())] +
                        [(c, pa.string()) for c in CLEAN_COLUMNS[2:]] +
                        [("language", pa.string()), ("language_score", pa.float32())])
@@ -170,18 +169,14 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
         for meta, piece, data in sources.prefetched(metas, pieces):
             lines = yield from sources.read_file(meta, piece, spec.read, data=data)
             if meta.get("range"):  # lines the range held: the next range of its file numbers its lines after them
-                stats["range_lines"][str(piece)] = lines
+                tally.range_lines[piece] = lines
 
     with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
         for batch in _batches(records(), READ_BATCH_ROWS):
             cleaned = clean_records(batch, spec)
-            stats["records"] += len(cleaned)
-            stats["pii_replacements"] += sum(int(r.get("pii_replacements") or 0) for r in cleaned)
-            kept = [r for r in cleaned if not r["drop_reason"]]
-            count_drops(stats, cleaned, spec)
+            kept = tally.add(cleaned, spec)
             if not kept:
                 continue
-            stats["kept"] += len(kept)
             columns = {c: [r.get(c) or "" for r in kept] for c in CLEAN_COLUMNS[2:]}
             doc_ids = np.fromiter((r["doc_id"] for r in kept), np.int64, len(kept))
             hashes = np.fromiter((r["text_hash"] for r in kept), np.int64, len(kept))
@@ -193,37 +188,67 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
             _write_keys(keys, found, spec.partitions)
             if signatures is not None:
                 sigs.add(0, {"doc": doc_ids, "sig": signatures})
-    stats["key_runs"], stats["sig_runs"] = keys.close(), sigs.close()
-    storage.write_json(done, stats)
-    return {**stats, "resumed": False}
+    result = tally.result(name, pieces, key_runs=keys.close(), sig_runs=sigs.close())
+    storage.write_json(done, result.to_json())
+    return result
 
 
-def count_drops(stats: dict[str, Any], cleaned: list[dict], spec: PrepareSpec) -> None:
-    """Add a batch's drops to the unit's counts: by reason, by file and reason, the first skipped records (by file and
-    line), the first `spec.examples` dropped documents of each reason (the start of their text), and the detected
-    languages of all and of the kept documents."""
-    languages = stats["languages"]
-    for r in cleaned:
-        reason = r["drop_reason"]
-        lang = r.get("language")
+@dataclass
+class _Tally:
+    """A unit's counts as its batches are cleaned (`add`), then its `FileResult`."""
+
+    records: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    pii_replacements: int = 0
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    range_lines: dict[int, int] = field(default_factory=dict)
+    dropped_by_file: dict[str, dict[str, int]] = field(default_factory=dict)
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    detected: dict[str, int] = field(default_factory=dict)
+    kept_languages: dict[str, int] = field(default_factory=dict)
+
+    def add(self, cleaned: list[dict], spec: PrepareSpec) -> list[dict]:
+        """Count a cleaned batch; returns its kept records."""
+        self.records += len(cleaned)
+        self.pii_replacements += sum(int(r.get("pii_replacements") or 0) for r in cleaned)
+        for r in cleaned:
+            self._count(r, spec)
+        kept = [r for r in cleaned if not r["drop_reason"]]
+        self.kept += len(kept)
+        return kept
+
+    def _count(self, r: dict, spec: PrepareSpec) -> None:
+        """A record's language, and if dropped: by reason, by file and reason, the first skipped records (by file
+        and line) and the first `spec.examples` dropped documents of each reason (the start of their text)."""
+        reason, lang = r["drop_reason"], r.get("language")
         if lang:
-            languages["detected"][lang] = languages["detected"].get(lang, 0) + 1
+            self.detected[lang] = self.detected.get(lang, 0) + 1
             if not reason:
-                languages["kept"][lang] = languages["kept"].get(lang, 0) + 1
+                self.kept_languages[lang] = self.kept_languages.get(lang, 0) + 1
         if not reason:
-            continue
-        stats["dropped"][reason] = stats["dropped"].get(reason, 0) + 1
-        by_file = stats["dropped_by_file"].setdefault(r["source"], {})
+            return
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        by_file = self.dropped_by_file.setdefault(r["source"], {})
         by_file[reason] = by_file.get(reason, 0) + 1
         piece = int(r["doc_id"]) >> 32
-        if len(stats["skipped"]) < spec.max_reported:  # the unit's first ones, by file and line
-            stats["skipped"].append({"source": r["source"], "line": int(r["line"]),
-                                     "reason": r.get("detail") or reason, "piece": piece})
-        if r.get("text") and len(stats["examples"].get(reason, ())) < spec.examples:
+        if len(self.skipped) < spec.max_reported:  # the unit's first ones, by file and line
+            self.skipped.append({"source": r["source"], "line": int(r["line"]),
+                                 "reason": r.get("detail") or reason, "piece": piece})
+        if r.get("text") and len(self.examples.get(reason, ())) < spec.examples:
             example = {"source": r["source"], "line": int(r["line"]), "text": r["text"][:EXAMPLE_CHARS], "piece": piece}
             if lang:  # what language ID made of it (why `language.*` dropped it)
                 example |= {"language": lang, "language_score": round(float(r["language_score"]), 4)}
-            stats["examples"].setdefault(reason, []).append(example)
+            self.examples.setdefault(reason, []).append(example)
+
+    def result(self, name: str, pieces: list[int], key_runs: list[dict[str, Any]], sig_runs: list[dict[str, Any]]
+               ) -> FileResult:
+        return FileResult(
+            unit=name, pieces=(pieces[0], pieces[-1]), records=self.records, kept=self.kept, dropped=self.dropped,
+            pii_replacements=self.pii_replacements, skipped=self.skipped, range_lines=self.range_lines,
+            dropped_by_file=self.dropped_by_file, examples=self.examples,
+            languages={"detected": self.detected, "kept": self.kept_languages}, key_runs=key_runs,
+            sig_runs=sig_runs, resumed=False)
 
 
 def _batches(items, size: int):

@@ -10,7 +10,7 @@ import pytest
 
 from llm_platform import storage
 from llm_platform.config import compose
-from llm_platform.data import pipeline, sample
+from llm_platform.data import phases, pipeline, sample
 from llm_platform.data.dataset import open_dataset
 from llm_platform.errors import DataError
 
@@ -129,7 +129,7 @@ def test_interrupted_run_resumes_and_matches_a_clean_run(ray_session, tmp_path, 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash before packing")
 
-    monkeypatch.setattr(pipeline, "_pack", crash)
+    monkeypatch.setattr(phases, "pack", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pipeline.build_dataset(data_cfg, tok_cfg, root_a, progress=False)
     assert pipeline.resolve_dataset(data_cfg, tok_cfg, root_a) is None  # nothing looks complete
@@ -173,22 +173,33 @@ def test_sft_records_mask_the_prompt(ray_session, tmp_path):
         assert tok.decode(ids).startswith("What is")
 
 
-def test_a_local_ray_runs_a_task_per_core_plus_one(ray_session):
+def test_a_local_ray_runs_a_task_per_core_plus_one(ray_session, tmp_path):
     """The session's Ray has 8 logical CPUs on this machine's cores: the stage's CPU-bound tasks run at most one per
-    core plus one at once (more only start worker processes that then share the same cores)."""
-    import time
-
+    core plus one at once (more only start worker processes that then share the same cores). Each task holds its
+    slot until as many tasks have started as the limit allows, so the tasks overlap as far as the pool lets them."""
     from llm_platform import cluster
+    from llm_platform.data.executor import ray_tasks
 
     cores = cluster.machine_cores()
     assert cluster.cpu_task_slots() == cores
+    folder = tmp_path / "started"
+    folder.mkdir()
 
-    def busy(i: int) -> tuple[float, float]:
+    def hold_until_started(i: int, folder: str, until: int) -> tuple[float, float]:
+        """Mark this task's start, then wait until `until` tasks have started (60 s at most: a pool that never runs
+        that many at once fails on its peak below, not by hanging); returns the task's (start, end)."""
+        import os
+        import time
+
         start = time.time()
-        time.sleep(1.0)
+        open(os.path.join(folder, str(i)), "w").close()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(folder)) < until and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the condition: the tasks are worker processes with no event to share
         return start, time.time()
 
-    spans = pipeline._tasks(busy, [(i,) for i in range(cores + 5)], num_cpus=1)
+    spans = ray_tasks(hold_until_started, [(i,) for i in range(cores + 5)], num_cpus=1, folder=str(folder),
+                      until=cores + 1).values
     assert len(spans) == cores + 5
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
     running = peak = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -159,3 +160,69 @@ def test_a_served_lora_adapter_answers_as_the_merged_model(endpoint):
         plain = client.completions.create(model="llama", prompt=prompt, max_tokens=6, temperature=0)
         assert got.model == "tuned" and got.choices[0].text == tok.decode(expected, skip_special_tokens=True)
         assert plain.choices[0].text != got.choices[0].text
+
+
+def _scrape(port: int) -> dict[tuple[str, str], float]:
+    """The Ray metrics agent's Prometheus text (what a Prometheus server scrapes), as {(sample name, status label):
+    value} summed over replicas and other labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("ray_llmp_serve_"):
+                key = (s.name, s.labels.get("status", ""))
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def test_prometheus_series_with_the_vllm_backend(endpoint):
+    """The vLLM-backed replica exports the same `ray_llmp_serve_*` series as the built-in engine (what the Grafana
+    dashboard and the alerts read): request counts by status, TTFT and latency histograms and generated tokens move
+    by exactly this test's traffic, and the engine gauges (fed by vLLM's stat logger) hold plausible values."""
+    import openai
+    import ray
+
+    base, _, _ = endpoint
+    port = ray._private.worker._global_node.metrics_export_port
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+
+    def settled() -> dict[tuple[str, str], float]:
+        # Replicas push every second (conftest's RAY_metrics_report_interval_ms): equal twice in a row is settled.
+        last: dict = {}
+        for _ in range(60):
+            now = _scrape(port)
+            if now == last and now:
+                return now
+            last = now
+            time.sleep(1.0)  # polling a scrape: there is no event to wait on across processes
+        return last
+
+    before = settled()
+    generated = 0
+    for i in range(3):
+        kwargs = dict(model="llama", prompt=f"the sea is {i}", max_tokens=5, temperature=0,
+                      extra_body={"ignore_eos": True})
+        if i == 0:  # one streamed: its usage comes in the last chunk
+            chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+            generated += next(c.usage for c in reversed(chunks) if c.usage).completion_tokens
+        else:
+            generated += client.completions.create(**kwargs).usage.completion_tokens
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="llama", prompt="hi", max_tokens=49)
+
+    def grew(name: str, status: str = "") -> float:
+        return after.get((name, status), 0.0) - before.get((name, status), 0.0)
+
+    for _ in range(30):
+        after = settled()
+        if grew("ray_llmp_serve_requests_total", "200") >= 3 and grew("ray_llmp_serve_requests_total", "400") >= 1:
+            break
+    assert grew("ray_llmp_serve_requests_total", "200") == 3 and grew("ray_llmp_serve_requests_total", "400") == 1
+    assert grew("ray_llmp_serve_ttft_s_count") == 3 and grew("ray_llmp_serve_latency_s_count") == 3
+    assert grew("ray_llmp_serve_generated_tokens_total") == generated == 15
+    assert grew("ray_llmp_serve_inter_token_latency_s_count") == 15 - 3
+    assert after[("ray_llmp_serve_running_sequences", "")] >= 0
+    assert 0 <= after[("ray_llmp_serve_kv_cache_used_fraction", "")] <= 1
+    assert after[("ray_llmp_serve_queue_depth", "")] >= 0

@@ -44,9 +44,10 @@ from hypothesis import strategies as st
 
 from llm_platform.config import compose
 from llm_platform.config.choices import ChatOverflow, DatasetKind, TextUnit
-from llm_platform.data import pipeline, prepare, shards
+from llm_platform.data import encode, phases, pipeline, prepare
 from llm_platform.data import tokenizer as tokenizers
 from llm_platform.data.exchange import PartitionedWriter
+from llm_platform.data.executor import Ran
 
 # ------------------------------------------------------------------------------------------------ the words
 ASCII_WORDS = ("the quick brown fox jumps over lazy dog river stone lamp harbor night morning garden bridge window "
@@ -339,13 +340,12 @@ def shuffled(seed: int):
     """An executor that runs a phase's tasks in process, in a shuffled order, one `in_process` call per task; the
     results in the items' order (what every executor returns)."""
 
-    def run(fn, items, *, num_cpus, cpu=None, **kwargs):
+    def run(fn, items, *, num_cpus, **kwargs):
         order = list(range(len(items)))
         random.Random(seed).shuffle(order)
-        results: list = [None] * len(items)
-        for i in order:
-            results[i] = pipeline.in_process(fn, [items[i]], num_cpus=num_cpus, cpu=cpu, **kwargs)[0]
-        return results
+        ran = {i: pipeline.in_process(fn, [items[i]], num_cpus=num_cpus, **kwargs) for i in order}
+        return Ran([ran[i].values[0] for i in range(len(items))], sum(r.cpu_s for r in ran.values()),
+                   sum(r.wall_s for r in ran.values()))
 
     return run
 
@@ -453,10 +453,10 @@ def _small_batches_and_runs(mp: pytest.MonkeyPatch) -> None:
     """Cut every batch and exchange run small, so that one file's documents span several read batches (MinHash
     signatures computed batch by batch), several key partitions (dedup tasks) and several runs per partition."""
     mp.setattr(prepare, "READ_BATCH_ROWS", 3)
-    mp.setattr(pipeline, "KEY_PARTITION_BYTES", 200)
+    mp.setattr(phases, "KEY_PARTITION_BYTES", 200)
     small = functools.partial(PartitionedWriter, flush_bytes=64)
     mp.setattr(prepare, "PartitionedWriter", small)
-    mp.setattr(shards, "PartitionedWriter", small)
+    mp.setattr(encode, "PartitionedWriter", small)
 
 
 @settings(max_examples=40)

@@ -151,7 +151,7 @@ def test_packed_shard_counts_every_documents_tokens_and_conserves_them(tmp_path)
 
     from llm_platform import storage
     from llm_platform.config.tokenizer import TokenizerConfig
-    from llm_platform.data import shards
+    from llm_platform.data import encode, shards
     from llm_platform.data import tokenizer as tokenizers
     from llm_platform.data.exchange import segments
 
@@ -170,21 +170,21 @@ def test_packed_shard_counts_every_documents_tokens_and_conserves_them(tmp_path)
                             tokenizer_uri=tok_uri, eos=record["eos_token_id"], pad=record["pad_token_id"],
                             vocab=record["vocab_size"], batch=7, chat_overflow="truncate", work=str(work),
                             out=str(tmp_path / "out"))
-    encoded = shards.encode_unit("000000-000000", np.empty(0, np.int64), spec)
-    stat = shards.pack_shard("train-00000", segments(encoded["runs"], 0), spec)
+    encoded = encode.encode_unit("000000-000000", np.empty(0, np.int64), spec)
+    stat = shards.pack_shard("train-00000", segments(encoded.runs, 0), spec)
 
     ids = [tok(t, add_special_tokens=False).input_ids for t in texts]  # doc_id order
     expected = np.bincount(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]), minlength=record["vocab_size"])
-    assert stat["token_counts"] == expected.tolist()
-    assert stat["documents"] == len(texts) and stat["tokens_in"] == sum(map(len, ids)) + len(texts)
+    assert stat.token_counts == expected.tolist()
+    assert stat.documents == len(texts) and stat.tokens_in == sum(map(len, ids)) + len(texts)
     table = pq.read_table(io.BytesIO(storage.read_bytes(str(tmp_path / "out" / "train" / "part-00000.parquet"))))
     column = table.schema.field("input_ids").type
     assert column.value_type == "int32" and str(column).startswith("list<")  # the same schema as before
     stream = [t for block in table["input_ids"].to_pylist() for t in block]
-    assert len(stream) == stat["records"] * 16 == stat["tokens_in"] - stat["remainder"]
+    assert len(stream) == stat.records * 16 == stat.tokens_in - stat.remainder
     flat = [t for x in ids for t in x + [record["eos_token_id"]]]
     assert stream == flat[:len(stream)]  # EOS after each document, in order, leftovers carried to the end
     shard_bytes = storage.read_bytes(str(tmp_path / "out" / "train" / "part-00000.parquet"))
     meta = pq.ParquetFile(io.BytesIO(shard_bytes)).metadata
     written = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-    assert [n for n, count in stat["row_groups"] for _ in range(count)] == written  # what the manifest will carry
+    assert [n for n, count in (stat.row_groups or []) for _ in range(count)] == written  # what the manifest will carry

@@ -26,6 +26,7 @@ from llm_platform.config.data import (
 from llm_platform.data import clean, filters, manifest
 from llm_platform.data.filters import badwords, c4, fineweb, gopher, language
 from llm_platform.data.filters.text import Doc, words
+from llm_platform.data.results import FileResult
 from llm_platform.errors import ConfigError
 
 
@@ -362,12 +363,14 @@ def test_validate_names_the_key():
 # -------------------------------------------------------------------------------------------------- manifest
 def test_manifest_sums_units_in_file_order():
     units = [
-        {"dropped_by_file": {"b.jsonl": {"c4.min_sentences": 2}}, "languages": {"detected": {"en": 3}, "kept": {}},
-         "examples": {"c4.min_sentences": [{"source": "b.jsonl", "line": 1, "text": "x"},
-                                           {"source": "b.jsonl", "line": 4, "text": "y"}]}},
-        {"dropped_by_file": {"b.jsonl": {"c4.min_sentences": 1}, "a.jsonl": {"language.not_listed": 1}},
-         "languages": {"detected": {"en": 1, "de": 1}, "kept": {"en": 1}},
-         "examples": {"c4.min_sentences": [{"source": "b.jsonl", "line": 9, "text": "z"}]}},
+        FileResult("000000-000000", (0, 0), dropped_by_file={"b.jsonl": {"c4.min_sentences": 2}},
+                   languages={"detected": {"en": 3}, "kept": {}},
+                   examples={"c4.min_sentences": [{"source": "b.jsonl", "line": 1, "text": "x"},
+                                                  {"source": "b.jsonl", "line": 4, "text": "y"}]}),
+        FileResult("000001-000001", (1, 1),
+                   dropped_by_file={"b.jsonl": {"c4.min_sentences": 1}, "a.jsonl": {"language.not_listed": 1}},
+                   languages={"detected": {"en": 1, "de": 1}, "kept": {"en": 1}},
+                   examples={"c4.min_sentences": [{"source": "b.jsonl", "line": 9, "text": "z"}]}),
     ]
     assert manifest.dropped_by_file(units) == {"a.jsonl": {"language.not_listed": 1},
                                                "b.jsonl": {"c4.min_sentences": 3}}

@@ -91,8 +91,9 @@ def test_too_long_pairs_are_cut_or_skipped_and_counted(llama_tok):
     assert not isinstance(cut, str) and (cut["chosen_labels"] != IGNORE_INDEX).sum() == 2
     assert pairs.pair_record(sides, seq_len=prompt_len, pad_id=0) == "too_long"
     raw = [json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected})] * 3
-    columns, lengths, counts = pairs.pack_pairs(llama_tok, raw, seq_len=prompt_len, pad_id=0)
-    assert columns == {} and counts["skipped_too_long"] == 3 and len(lengths) == 6
-    columns, _, counts = pairs.pack_pairs(llama_tok, raw, seq_len=prompt_len + 2, pad_id=0)
-    assert sorted(columns) == sorted(pairs.COLUMNS) and len(columns["chosen_input_ids"]) == 3
-    assert counts["truncated"] == 3
+    rendered = pairs.pack_pairs(llama_tok, raw, seq_len=prompt_len, pad_id=0)
+    assert rendered.columns == {} and rendered.counts["skipped_too_long"] == 3 and len(rendered.lengths) == 6
+    assert rendered.kept == []
+    rendered = pairs.pack_pairs(llama_tok, raw, seq_len=prompt_len + 2, pad_id=0)
+    assert sorted(rendered.columns) == sorted(pairs.COLUMNS) and len(rendered.columns["chosen_input_ids"]) == 3
+    assert rendered.counts["truncated"] == 3 and rendered.kept == [0, 1, 2]

@@ -4,6 +4,7 @@ import json
 
 from llm_platform.config import compose
 from llm_platform.data import dedup, pipeline
+from llm_platform.data.units import plan_units
 
 
 def _docs_in_split(split: str, n: int, val_fraction: float) -> list[str]:
@@ -38,7 +39,7 @@ def test_units_are_consecutive_runs_of_about_the_target_size():
 
     @given(st.lists(st.integers(0, 5_000), max_size=300), st.integers(1, 20_000), st.integers(1, 40))
     def check(sizes, target, min_units):
-        units = pipeline.plan_units(sizes, target, min_units)
+        units = plan_units(sizes, target, min_units)
         assert [i for u in units for i in u] == list(range(len(sizes)))  # every file once, in order
         assert all(u == list(range(u[0], u[-1] + 1)) for u in units)  # consecutive files
         assert len(units) >= min(len(sizes), min_units)
@@ -81,7 +82,7 @@ def test_byte_ranges_of_a_file_read_every_line_exactly_once():
     from hypothesis import given
     from hypothesis import strategies as st
 
-    from llm_platform.data.sources import _LinesOfRange
+    from llm_platform.data.readers import LinesOfRange
 
     line = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"") + b"\n")
 
@@ -91,7 +92,7 @@ def test_byte_ranges_of_a_file_read_every_line_exactly_once():
         data = b"".join(lines) + tail  # a last line with or without its newline
         parts = []
         for start in range(0, len(data), piece):
-            reader, part = _LinesOfRange(io.BytesIO(data), start, min(len(data), start + piece)), b""
+            reader, part = LinesOfRange(io.BytesIO(data), start, min(len(data), start + piece)), b""
             while chunk := reader.read():
                 part += chunk
             parts.append(part)

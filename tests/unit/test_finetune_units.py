@@ -106,9 +106,9 @@ def test_long_conversations_are_truncated_or_skipped_and_counted(gpt2):
     assert chat.record(ids, mask, first, 0, "truncate") == "too_long"  # no assistant token would be left
     padded = chat.record(ids, mask, len(ids) + 3, 7, "skip")
     assert list(padded["input_ids"][-3:]) == [7, 7, 7] and list(padded["labels"][-3:]) == [-100] * 3
-    cols, lengths, counts = chat.pack_chats(tok, [json.dumps(messages)] * 2, seq_len=first + 2, pad_id=0,
-                                            overflow="truncate")
-    assert counts["truncated"] == 2 and len(cols["input_ids"]) == 2 and lengths == [len(ids)] * 2
+    rendered = chat.pack_chats(tok, [json.dumps(messages)] * 2, seq_len=first + 2, pad_id=0, overflow="truncate")
+    assert rendered.counts["truncated"] == 2 and len(rendered.columns["input_ids"]) == 2
+    assert rendered.lengths == [len(ids)] * 2
 
 
 # ------------------------------------------------------------------------------------------------- tokenizers

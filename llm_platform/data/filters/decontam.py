@@ -16,6 +16,7 @@ mode, keep the document."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -30,6 +31,7 @@ import xxhash
 
 from llm_platform import storage
 from llm_platform.config.data import DecontaminationConfig
+from llm_platform.data.results import FileResult
 from llm_platform.errors import ConfigError, DataError
 
 KEY = "data.filters.decontamination"
@@ -329,30 +331,42 @@ def scan_unit(unit: str, spec: ScanSpec) -> list[dict[str, Any]]:
     return out
 
 
-def count(units: list[dict[str, Any]], found: list[list[dict[str, Any]]], where: dict[int, tuple[str, int]],
-          drop: bool, examples: int) -> list[dict[str, Any]]:
-    """Every contaminated document as (doc_id, task, source, line, ngrams, span), in file order; with `drop`, also
-    counted in its unit's stats as the other drops are (`dropped`, `dropped_by_file`, `examples`, kept documents and
-    languages), so the manifest and the console report show `decontamination.<task>` beside every other rule.
-    `where` maps a piece index to (its file, the line its first line has in that file, less one)."""
+def count(units: list[FileResult], found: list[list[dict[str, Any]]], where: dict[int, tuple[str, int]],
+          drop: bool, examples: int) -> tuple[list[dict[str, Any]], list[FileResult]]:
+    """Every contaminated document as (doc_id, task, source, line, ngrams, span), in file order, and the units: with
+    `drop`, each with its contaminated documents counted as the other drops are (`dropped`, `dropped_by_file`,
+    `examples`, kept documents and languages), so the manifest and the console report show
+    `decontamination.<task>` beside every other rule. `where` maps a piece index to (its file, the line its first
+    line has in that file, less one)."""
     listed = []
+    counted = []
     for unit, hits in zip(units, found):
+        unit_listed = []
         for h in hits:
             source, offset = where[h["doc_id"] >> 32]
-            line = offset + (h["doc_id"] & 0xFFFFFFFF)
-            listed.append({"doc_id": h["doc_id"], "task": h["task"], "source": source, "line": line,
-                           "ngrams": h["ngrams"], "span": h["span"]})
-            if not drop:
-                continue
-            reason = f"decontamination.{h['task']}"
-            unit["kept"] -= 1
-            unit["dropped"][reason] = unit["dropped"].get(reason, 0) + 1
-            by_file = unit["dropped_by_file"].setdefault(source, {})
-            by_file[reason] = by_file.get(reason, 0) + 1
-            kept = unit["languages"]["kept"]
-            if h["language"] and kept.get(h["language"]):
-                kept[h["language"]] -= 1
-            shown = unit["examples"].setdefault(reason, [])
-            if len(shown) < examples:
-                shown.append({"source": source, "line": line, "text": h["span"]})  # what it shares, not its start
-    return listed
+            unit_listed.append({"doc_id": h["doc_id"], "task": h["task"], "source": source,
+                                "line": offset + (h["doc_id"] & 0xFFFFFFFF), "ngrams": h["ngrams"], "span": h["span"]})
+        listed += unit_listed
+        counted.append(_dropped(unit, hits, unit_listed, examples) if drop and hits else unit)
+    return listed, counted + units[len(counted):]
+
+
+def _dropped(unit: FileResult, hits: list[dict[str, Any]], listed: list[dict[str, Any]], examples: int
+             ) -> FileResult:
+    """`unit` with its contaminated documents (`hits`, located in `listed`) counted as dropped."""
+    dropped = dict(unit.dropped)
+    by_file = {source: dict(reasons) for source, reasons in unit.dropped_by_file.items()}
+    kept = dict(unit.languages.get("kept", {}))
+    shown = {reason: list(rs) for reason, rs in unit.examples.items()}
+    for h, doc in zip(hits, listed):
+        reason = f"decontamination.{h['task']}"
+        dropped[reason] = dropped.get(reason, 0) + 1
+        in_file = by_file.setdefault(doc["source"], {})
+        in_file[reason] = in_file.get(reason, 0) + 1
+        if h["language"] and kept.get(h["language"]):
+            kept[h["language"]] -= 1
+        first = shown.setdefault(reason, [])
+        if len(first) < examples:  # what it shares, not its start
+            first.append({"source": doc["source"], "line": doc["line"], "text": h["span"]})
+    return dataclasses.replace(unit, kept=unit.kept - len(hits), dropped=dropped, dropped_by_file=by_file,
+                               languages={**unit.languages, "kept": kept}, examples=shown)
