@@ -72,7 +72,8 @@ def run_stage(root: str, sources: str) -> tuple[dict, float]:
 
 
 def shard_bytes(root: str, manifest: dict) -> list[bytes]:
-    from llm_platform import layout, storage
+    from llm_platform import storage
+    from llm_platform.storage import layout
 
     out = layout.dataset(root, manifest["name"], manifest["fingerprint"])
     return [storage.read_bytes(storage.join(out, f)) for s in ("train", "val") for f in manifest["splits"][s]["files"]]

@@ -19,8 +19,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_platform import layout, names, storage
+from llm_platform import storage
 from llm_platform.errors import StageError
+from llm_platform.storage import layout, names
 
 PREFIX = "registry:"
 LATEST = "LATEST"

@@ -17,11 +17,12 @@ import dataclasses
 import datetime as dt
 from types import SimpleNamespace
 
-from llm_platform import layout, registry, storage
+from llm_platform import registry, storage
 from llm_platform.config import PlatformConfig, as_dict
 from llm_platform.config.choices import Stage
 from llm_platform.config.evaluate import EvalConfig, GateConfig
 from llm_platform.errors import ConfigError
+from llm_platform.storage import layout
 
 # train.max_steps -> the val/perplexity its model scores (lower is better).
 PERPLEXITY = {10: 9.0, 20: 10.0, 30: 8.0, 40: 20.0}

@@ -5,9 +5,10 @@ import sys
 
 
 def main() -> None:
-    from llm_platform import layout, storage
+    from llm_platform import storage
     from llm_platform.config import compose
     from llm_platform.runner import STAGES
+    from llm_platform.storage import layout
 
     overrides = [a for a in sys.argv[1:] if "=" in a]
     cfg = compose("run", overrides)

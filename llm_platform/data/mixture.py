@@ -201,7 +201,7 @@ def realised(record: dict[str, Any], names: tuple[str, ...], shard_stats: list[S
 
 
 def validate(mixture: dict[str, Any], sources: list[str], total_tokens: int) -> None:
-    from llm_platform import names
+    from llm_platform.storage import names
 
     if not mixture:
         return

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llm_platform import console, layout, names, storage
+from llm_platform import console, storage
 from llm_platform.config.data import DataConfig
 from llm_platform.config.tokenizer import TokenizerConfig
 from llm_platform.data import filters, mixture, phases, sample, sources
@@ -51,6 +51,7 @@ from llm_platform.data.report import summary_table
 from llm_platform.data.results import Duplicates, FileResult, ShardResult
 from llm_platform.data.units import piece_offsets, plan_units, with_file_lines
 from llm_platform.errors import ConfigError, DataError
+from llm_platform.storage import layout, names
 
 log = logging.getLogger(__name__)
 UNITS_PER_TASK_SLOT = 3  # at least this many units per task that runs at once: the last ones finish close together

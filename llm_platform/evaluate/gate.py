@@ -120,7 +120,8 @@ def judge(results: Sequence[SectionResult], baseline: tuple[dict[str, float], st
 
 def load_baseline(storage_root: str, model_name: str, version: str, eval_name: str) -> tuple[dict[str, float], str]:
     """The stored metrics of `evals/<model>/<version>/<eval_name>/metrics.json`; a clear error when absent."""
-    from llm_platform import layout, storage
+    from llm_platform import storage
+    from llm_platform.storage import layout
 
     uri = layout.eval_metrics(storage_root, model_name, version, eval_name)
     if not storage.exists(uri):

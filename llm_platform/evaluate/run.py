@@ -16,9 +16,10 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llm_platform import layout, names, storage
+from llm_platform import storage
 from llm_platform.config.evaluate import EvalConfig
 from llm_platform.evaluate.section import EvalContext, EvalInputs, SectionResult, merged, read_inputs
+from llm_platform.storage import layout, names
 
 if TYPE_CHECKING:
     from llm_platform.evaluate.gate import GateResult

@@ -29,12 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_platform import layout, registry, storage
+from llm_platform import registry, storage
 from llm_platform.config import PlatformConfig
 from llm_platform.config.choices import Stage
 from llm_platform.errors import ConfigError
 from llm_platform.runner.promotion import Verdict, eval_folder, promotion_verdict, stored_verdict
 from llm_platform.runner.stages import PIPELINE, STAGES, RunContext, StageResult, canonical, model_name
+from llm_platform.storage import layout
 
 __all__ = ["STAGES", "RunSummary", "Verdict", "eval_folder", "lineage_chain", "promotion_verdict", "run_all",
            "selected_stages", "stored_verdict"]

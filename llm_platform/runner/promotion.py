@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from llm_platform import layout, registry, storage
+from llm_platform import registry, storage
 from llm_platform.config import PlatformConfig
 from llm_platform.config.evaluate import EvalConfig
+from llm_platform.storage import layout
 
 
 def latest_version(root: str, name: str) -> str | None:

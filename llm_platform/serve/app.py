@@ -201,7 +201,7 @@ def check(cfg: ServeConfig) -> None:
 
 def check_vllm(cfg: ServeConfig) -> None:
     """`serve.engine.vllm.*`, each error naming its key (vLLM itself is imported only in the replicas)."""
-    from llm_platform import names
+    from llm_platform.storage import names
 
     v, d = cfg.engine.vllm, cfg.deployment
     if v.tensor_parallel_size < 1:

@@ -25,7 +25,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from llm_platform import layout, names, storage
+from llm_platform import storage
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.prices import PricesConfig
@@ -34,6 +34,7 @@ from llm_platform.data.dataset import DatasetInfo
 from llm_platform.errors import StageError
 from llm_platform.models.build import build_model, hf_config, read_pretrained_config, resolve_family
 from llm_platform.models.flops import flops_per_token, model_size, peak_flops
+from llm_platform.storage import layout, names
 from llm_platform.train import checkpoint as ckpt
 from llm_platform.train.checks import check_config, check_resume_from, preflight
 from llm_platform.train.loop import WorkerConfig

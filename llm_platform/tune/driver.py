@@ -25,13 +25,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_platform import layout, names, storage
+from llm_platform import storage
 from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.prices import PricesConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError, StageError
+from llm_platform.storage import layout, names
 from llm_platform.train.budget import has_limits
 from llm_platform.tune import space as spaces
 from llm_platform.tune.checks import check, expected_trials

@@ -6,7 +6,8 @@ pointer checkpoint names (tune/pbt.py).
 
 from __future__ import annotations
 
-from llm_platform import layout, storage
+from llm_platform import storage
+from llm_platform.storage import layout
 from llm_platform.tune import space as spaces
 from llm_platform.tune.summary import ERROR, FINISHED, STOPPED, TrialRecord
 from llm_platform.tune.trial import run_name

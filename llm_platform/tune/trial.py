@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 
-from llm_platform import layout, storage
+from llm_platform import storage
 from llm_platform.config.merge import merge
 from llm_platform.config.prices import PricesConfig
+from llm_platform.storage import layout
 from llm_platform.tune import space as spaces
 
 log = logging.getLogger("llm_platform.tune")

@@ -4,7 +4,7 @@ the top-level folder names itself."""
 import re
 from pathlib import Path
 
-from llm_platform import layout
+from llm_platform.storage import layout
 
 TOP = ("datasets", "corpora", "runs", "sweeps", "registry", "evals", "status")
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 from train_fixtures import make_dataset
 
-from llm_platform import names
 from llm_platform.config.data import DataConfig
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.tokenizer import TokenizerConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.errors import ConfigError
+from llm_platform.storage import names
 
 BAD = ["", "..", "../evil", "a/b", "a\\b", ".hidden", "-flag", "a..b", "x" * 129, "sp ace", "new\nline", "ü", None]
 GOOD = ["a", "debug", "gpt2-124m", "run_2024.01", "A" * 128, "tiny-clm-0a1b2c3d"]

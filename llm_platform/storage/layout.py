@@ -13,52 +13,52 @@ Every stage asks here rather than joining folder names itself (docs/ARCHITECTURE
 
 from __future__ import annotations
 
-from llm_platform import storage
+from llm_platform.storage.uri import join
 
 
 def datasets(root: str) -> str:
-    return storage.join(root, "datasets")
+    return join(root, "datasets")
 
 
 def dataset(root: str, name: str, fingerprint: str) -> str:
-    return storage.join(root, "datasets", name, fingerprint)
+    return join(root, "datasets", name, fingerprint)
 
 
 def sample_corpus(root: str, num_documents: int, seed: int) -> str:
-    return storage.join(root, "corpora", f"sample-n{num_documents}-s{seed}", "sample.jsonl")
+    return join(root, "corpora", f"sample-n{num_documents}-s{seed}", "sample.jsonl")
 
 
 def runs(root: str) -> str:
-    return storage.join(root, "runs")
+    return join(root, "runs")
 
 
 def run(root: str, run_name: str) -> str:
-    return storage.join(root, "runs", run_name)
+    return join(root, "runs", run_name)
 
 
 def sweeps(root: str) -> str:
-    return storage.join(root, "sweeps")
+    return join(root, "sweeps")
 
 
 def sweep(root: str, sweep_name: str) -> str:
-    return storage.join(root, "sweeps", sweep_name)
+    return join(root, "sweeps", sweep_name)
 
 
 def registry(root: str) -> str:
-    return storage.join(root, "registry")
+    return join(root, "registry")
 
 
 def registered_model(root: str, name: str) -> str:
-    return storage.join(root, "registry", name)
+    return join(root, "registry", name)
 
 
 def evaluation(root: str, model: str, version: str, eval_name: str) -> str:
-    return storage.join(root, "evals", model, version, eval_name)
+    return join(root, "evals", model, version, eval_name)
 
 
 def eval_metrics(root: str, model: str, version: str, eval_name: str) -> str:
-    return storage.join(evaluation(root, model, version, eval_name), "metrics.json")
+    return join(evaluation(root, model, version, eval_name), "metrics.json")
 
 
 def last_run_status(root: str) -> str:
-    return storage.join(root, "status", "last_run.json")
+    return join(root, "status", "last_run.json")
