@@ -160,10 +160,10 @@ def run_sweep(tune_cfg, model, train, scaling, dataset_uri: str, storage_root: s
 
 def run_eval(cfg: EvalConfig, storage_root: str, *, connect=None):
     """The evaluation record `evaluate.run.run_eval` writes, with the real baseline loading and gate."""
-    from llm_platform.evaluate import gate, models
+    from llm_platform.evaluate import gate, scoring
     from llm_platform.evaluate.run import EvalResult
 
-    mv = models.resolve(cfg.model, storage_root)
+    mv = scoring.resolve(cfg.model, storage_root)
     baseline = gate.load_baseline(storage_root, mv.name, cfg.compare_to, cfg.name) if cfg.compare_to else None
     metrics = {"val/perplexity": float(mv.lineage["run"]["metrics"]["val/perplexity"])}
     result = None

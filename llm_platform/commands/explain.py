@@ -34,14 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     from llm_platform import storage
     from llm_platform.config import compose
     from llm_platform.errors import StageError
-    from llm_platform.evaluate import explain, models
+    from llm_platform.evaluate import explain, scoring
 
     cfg = compose("eval", overrides)
     storage.configure(cfg.storage)
     out_uri = cfg.eval.explain.output_uri or os.path.join(os.getcwd(), "explain")
     try:
-        mv = models.resolve(cfg.eval.model, cfg.storage.root)
-        loaded = models.load(mv.uri, eager_attention=True)
+        mv = scoring.resolve(cfg.eval.model, cfg.storage.root)
+        loaded = scoring.load(mv.uri, eager_attention=True)
         ex = explain.explain(loaded, prompt, cfg.eval.explain.method, cfg.eval.explain.ig_steps)
     except StageError as e:
         logging.getLogger("llm_platform.explain").error("%s", e)

@@ -1,7 +1,7 @@
 """The evaluation stage: perplexity, generation metrics, bias, robustness, human evaluation, explanations, report.
 
 Library entry: `run_eval(cfg.eval, storage_root)` (in `evaluate.run`). One job per module:
-    models       load an HF folder (safetensors only) and score token sequences
+    scoring      load an HF folder (safetensors only) and score token sequences
     perplexity   held-out loss/perplexity, directly or as Ray Data batch inference on an actor pool
     generation   task files, BLEU/ROUGE/exact match, generation (local, Ray Data, OpenAI endpoint)
     bias         counterfactual pairs, per-group preference, disparity with a bootstrap CI

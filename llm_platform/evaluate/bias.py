@@ -108,7 +108,7 @@ def evaluate_bias(loaded, pairs: list[Pair], *, samples: int = 1000, confidence:
     Returns:
         (metrics, details): flat `bias/*` metrics for metrics.json, and the per-group summary plus per-pair gaps.
     """
-    from llm_platform.evaluate.models import text_log_likelihoods
+    from llm_platform.evaluate.scoring import text_log_likelihoods
 
     ll_stereo = text_log_likelihoods(loaded, [p.stereo for p in pairs], batch_size)
     ll_anti = text_log_likelihoods(loaded, [p.anti for p in pairs], batch_size)

@@ -83,7 +83,7 @@ class Preference:
         return not cfg.endpoint
 
     def run(self, ctx: EvalContext) -> SectionResult:
-        from llm_platform.evaluate import models, perplexity, preference
+        from llm_platform.evaluate import perplexity, preference, scoring
 
         val, cfg = ctx.inputs.val, ctx.cfg
         if val is None or val.kind != "preference":
@@ -95,7 +95,7 @@ class Preference:
         if base:
             from llm_platform.models import pretrained
 
-            reference = models.load(pretrained.materialize(base, ctx.storage_root)).model
+            reference = scoring.load(pretrained.materialize(base, ctx.storage_root)).model
         else:
             result.skipped["preference/accuracy"] = ("the model's lineage has no base_model to compare rewards "
                                                      "against (preference/logp_accuracy needs none)")
@@ -263,11 +263,11 @@ class Human:
 
 def _compare_outputs(ctx: EvalContext, model_ref: str, prompts: list[str]) -> list[str]:
     """The outputs of `eval.human.compare_model` for side-by-side samples, generated in this process."""
-    from llm_platform.evaluate import generation, models
+    from llm_platform.evaluate import generation, scoring
 
     cfg = ctx.cfg
-    other = models.resolve(model_ref, ctx.storage_root)
-    return generation.local_generator(models.load(other.uri), cfg.max_new_tokens, cfg.batch_size)(prompts)
+    other = scoring.resolve(model_ref, ctx.storage_root)
+    return generation.local_generator(scoring.load(other.uri), cfg.max_new_tokens, cfg.batch_size)(prompts)
 
 
 class LossCurves:

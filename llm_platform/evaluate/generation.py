@@ -150,7 +150,7 @@ class GenerationActor:
         import torch
 
         from llm_platform import storage
-        from llm_platform.evaluate.models import load
+        from llm_platform.evaluate.scoring import load
 
         torch.set_num_threads(1)  # fractional-CPU actors share cores
         storage.configure(storage_settings)

@@ -27,7 +27,7 @@ def _stack(column: Any) -> np.ndarray:
 def score_batch(model, batch: dict[str, Any], is_seq2seq: bool) -> tuple[float, int]:
     """Summed NLL and scored tokens of one record batch (`input_ids` [+ `labels`, `attention_mask`]; packed
     supervised rows also `position_ids`)."""
-    from llm_platform.evaluate.models import sequence_nll
+    from llm_platform.evaluate.scoring import sequence_nll
 
     if "input_ids" not in batch:
         raise DataError(f"val records have no `input_ids` column (columns: {sorted(batch)})")
@@ -115,7 +115,7 @@ class NLLScorer:
         import torch
 
         from llm_platform import storage
-        from llm_platform.evaluate.models import load
+        from llm_platform.evaluate.scoring import load
 
         torch.set_num_threads(1)  # fractional-CPU actors share cores; one thread each avoids oversubscription
         storage.configure(storage_settings or self.STORAGE_SETTINGS)

@@ -63,11 +63,11 @@ def run_eval(cfg: EvalConfig, storage_root: str, *, connect=None) -> EvalResult:
     Raises:
         StageError: a model that cannot be found, or a bad task / pairs / ratings file (named with its line).
     """
-    from llm_platform.evaluate import gate, models
+    from llm_platform.evaluate import gate, scoring
     from llm_platform.evaluate.evaluators import EVALUATORS
 
     names.check(cfg.name, "eval.name")  # it becomes the folder evals/<model>/<version>/<name>/
-    mv = models.resolve(cfg.model, storage_root)
+    mv = scoring.resolve(cfg.model, storage_root)
     inputs = read_inputs(cfg, mv, storage_root)  # before anything expensive starts
     if cfg.use_ray is None:
         cfg = dataclasses.replace(cfg, use_ray=_use_ray(cfg, mv, inputs))

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from llm_platform.evaluate.bias import Pair
     from llm_platform.evaluate.generation import Task
     from llm_platform.evaluate.harness import HarnessTasks
-    from llm_platform.evaluate.models import LoadedModel
+    from llm_platform.evaluate.scoring import LoadedModel
     from llm_platform.registry import ModelVersion
 
 R = TypeVar("R", bound="SectionResult")
@@ -90,9 +90,9 @@ class EvalContext:
     def model(self) -> LoadedModel:
         """The model's weights in this process, loaded on first use (endpoint and Ray paths may never need them)."""
         if self._loaded is None:
-            from llm_platform.evaluate import models
+            from llm_platform.evaluate import scoring
 
-            self._loaded = models.load(self.mv.uri)
+            self._loaded = scoring.load(self.mv.uri)
         return self._loaded
 
     def result(self, kind: type[R]) -> R | None:

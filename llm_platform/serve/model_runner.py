@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from llm_platform.serve.kv_cache import gathered_layer, rebuild, release_freed_memory, rows_view
-from llm_platform.serve.model import PositionLogits, split_model
+from llm_platform.serve.loading import PositionLogits, split_model
 from llm_platform.serve.sampling import TokenLogprob
 from llm_platform.serve.scheduler import BatchShape
 

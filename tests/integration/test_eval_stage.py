@@ -35,9 +35,9 @@ def world(tmp_path_factory):
 
 
 def _direct(model_uri: str, files: list[str]) -> dict:
-    from llm_platform.evaluate import models, perplexity
+    from llm_platform.evaluate import perplexity, scoring
 
-    loaded = models.load(model_uri)
+    loaded = scoring.load(model_uri)
     return perplexity.direct_perplexity(loaded.model, perplexity.read_records(files))
 
 

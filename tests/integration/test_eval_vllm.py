@@ -32,7 +32,7 @@ def test_vllm_generation_equals_hf_greedy(tmp_path):
     import ray
 
     from llm_platform.evaluate import generation
-    from llm_platform.evaluate.models import load
+    from llm_platform.evaluate.scoring import load
 
     folder = sharpened_checkpoint(tmp_path / "llama")
     prompts = ["What color is the sky", "user: the grass is", "system user assistant What color is the", "snow",
@@ -60,7 +60,7 @@ def perplexity_pairs(folder: str) -> list[tuple[dict, dict]]:
     import numpy as np
 
     from llm_platform.evaluate import perplexity
-    from llm_platform.evaluate.models import load
+    from llm_platform.evaluate.scoring import load
 
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 300, size=(9, 20))

@@ -30,7 +30,7 @@ def _records(kind: str, n: int) -> list[dict]:
 @pytest.mark.parametrize("kind", ["sft", "chat"])
 def test_sft_trains_on_packed_rows(ray_session, tmp_path, kind):
     from llm_platform.evaluate import perplexity
-    from llm_platform.evaluate.models import load
+    from llm_platform.evaluate.scoring import load
     from llm_platform.train.launcher import launch
 
     corpus = tmp_path / "corpus.jsonl"

@@ -48,7 +48,7 @@ def vllm_service(tmp_path_factory):
     from checkpoint_fixtures import llama3_checkpoint
 
     from llm_platform.config.serve import EngineConfig, VLLMConfig
-    from llm_platform.serve.model import load_tokenizer
+    from llm_platform.serve.loading import load_tokenizer
     from llm_platform.serve.vllm_engine import VLLMEngine
 
     folder = str(llama3_checkpoint(tmp_path_factory.mktemp("llama"), head_dim=32, max_positions=128))

@@ -479,7 +479,7 @@ def test_kv_budget_default_comes_from_the_model_and_free_memory(tiny):
 def test_kv_budget_default_on_cpu_stays_within_the_cgroup_memory_limit(tiny, tmp_path, monkeypatch, layout):
     """In a pod psutil sees the node's memory; the budget must come from what is left under the pod's limit (with
     the inactive page cache, which the kernel drops first, not counted as used)."""
-    from llm_platform.serve import model as model_mod
+    from llm_platform.serve import loading as model_mod
     from llm_platform.serve.engine import default_batch_tokens, kv_bytes_per_token
 
     _, model, _ = tiny

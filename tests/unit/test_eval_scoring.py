@@ -8,21 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from llm_platform.evaluate import explain, generation, models, perplexity
+from llm_platform.evaluate import explain, generation, perplexity, scoring
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("gpt2"))
     fx.build_gpt2(path)
-    return path, models.load(path)
+    return path, scoring.load(path)
 
 
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("t5"))
     fx.build_t5(path)
-    return path, models.load(path)
+    return path, scoring.load(path)
 
 
 def test_direct_perplexity_is_exp_of_mean_token_nll(gpt2, tmp_path):
@@ -86,7 +86,7 @@ def test_text_log_likelihoods_match_sequence_nll(gpt2):
     _, loaded = gpt2
     tok = loaded.tokenizer
     text = "the cat sat on the mat."
-    ll = models.text_log_likelihoods(loaded, [text, "a"])[0]
+    ll = scoring.text_log_likelihoods(loaded, [text, "a"])[0]
     ids = [tok.eos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(loaded.model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
@@ -94,20 +94,20 @@ def test_text_log_likelihoods_match_sequence_nll(gpt2):
 
 
 def test_missing_model_and_missing_weights_are_named(tmp_path):
-    with pytest.raises(models.ModelNotFoundError, match=r"eval.model='registry:nope'"):
-        models.resolve("registry:nope", str(tmp_path))
-    with pytest.raises(models.ModelNotFoundError, match="not found"):
-        models.resolve(str(tmp_path / "nowhere"), str(tmp_path))
+    with pytest.raises(scoring.ModelNotFoundError, match=r"eval.model='registry:nope'"):
+        scoring.resolve("registry:nope", str(tmp_path))
+    with pytest.raises(scoring.ModelNotFoundError, match="not found"):
+        scoring.resolve(str(tmp_path / "nowhere"), str(tmp_path))
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    with pytest.raises(models.ModelNotFoundError, match=r"no \*.safetensors"):
-        models.load(str(tmp_path / "m"))
+    with pytest.raises(scoring.ModelNotFoundError, match=r"no \*.safetensors"):
+        scoring.load(str(tmp_path / "m"))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])
 def test_integrated_gradients_completeness(family, gpt2, t5):
     path, _ = gpt2 if family == "gpt2" else t5
-    loaded = models.load(path, eager_attention=True)
+    loaded = scoring.load(path, eager_attention=True)
     ex = explain.explain(loaded, "the nurse said that she", "integrated_gradients", steps=64)
     ids = torch.tensor([loaded.tokenizer("the nurse said that she", add_special_tokens=False)["input_ids"]])
     emb = loaded.model.get_input_embeddings()(ids)
@@ -123,7 +123,7 @@ def test_integrated_gradients_completeness(family, gpt2, t5):
 
 def test_grad_x_input_files(gpt2, tmp_path):
     path, _ = gpt2
-    loaded = models.load(path, eager_attention=True)
+    loaded = scoring.load(path, eager_attention=True)
     ex = explain.explain(loaded, "one two three", "grad_x_input")
     assert np.abs(ex.scores).sum() > 0
     files = explain.write(ex, str(tmp_path / "x"))
