@@ -179,3 +179,44 @@ def plain_pytorch_run(dataset_uri: str, model_cfg, tc, global_batch: int, *, poi
         opt.zero_grad()
         losses.append(loss.item())
     return model, losses
+
+
+FLAGS_NAMESPACE = "llmp-test-flags"
+
+
+def ray_flag(name: str):
+    """A named event held by a Ray actor, so another process (a Ray Train controller, a driver subprocess) can set
+    what a test waits on: `ray.get(flag.wait.remote(), timeout=...)`. Defined here, not at module level, so Ray
+    ships the class by value (workers cannot import this test module)."""
+    import asyncio
+
+    import ray
+
+    class Flag:
+        def __init__(self):
+            self._event = asyncio.Event()
+
+        async def set(self) -> None:
+            self._event.set()
+
+        async def wait(self) -> None:
+            await self._event.wait()
+
+    return ray.remote(num_cpus=0)(Flag).options(name=name, namespace=FLAGS_NAMESPACE).remote()
+
+
+def set_flag_on_checkpoint(flag_name: str, checkpoint_name: str):
+    """A Ray Train callback that sets `ray_flag(flag_name)` once the controller has registered checkpoint
+    `checkpoint_name`: the controller's checkpoint manager handles each report (and writes its snapshot) before the
+    user callbacks do, so from then on a restart resumes from that checkpoint."""
+    import os
+
+    import ray
+    from ray.train import UserCallback
+
+    class SetFlag(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if checkpoint is not None and os.path.basename(checkpoint.path.rstrip("/")) == checkpoint_name:
+                ray.get_actor(flag_name, namespace=FLAGS_NAMESPACE).set.remote()
+
+    return SetFlag()

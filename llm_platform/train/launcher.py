@@ -37,8 +37,9 @@ from llm_platform.models.flops import flops_per_token, model_size, peak_flops
 from llm_platform.storage import layout, names
 from llm_platform.train import checkpoint as ckpt
 from llm_platform.train.checks import check_config, check_resume_from, preflight
-from llm_platform.train.loop import WorkerConfig
 from llm_platform.train.metrics import FollowMetrics
+from llm_platform.train.precision import compute_dtype
+from llm_platform.train.worker import WorkerConfig
 
 log = logging.getLogger("llm_platform.train")
 # Importers of the checks from here, from before they moved to train/checks.py.
@@ -148,7 +149,7 @@ def fit(spec: RunSpec, train: TrainConfig, scaling: ScalingConfig, storage_root:
         ),
         # No Ray Data here: each worker reads its own share of the split files (train/reader.py).
         # No `resume_from_checkpoint`: Ray Train V2 refuses it. `train.checkpoint.resume_from` reaches the workers in
-        # their WorkerConfig and the loop loads it when the run has no checkpoint of its own (loop.py).
+        # their WorkerConfig and the worker loads it when the run has no checkpoint of its own (worker.py).
     )
     with FollowMetrics(spec.uri, train.max_steps):
         return trainer.fit()
@@ -259,17 +260,11 @@ def build_worker_config(model: ModelConfig, train: TrainConfig, scaling: Scaling
         vocab_size=dataset.vocab_size, seq_len=dataset.seq_len,
         files={split: list(dataset.files.get(split) or []) for split in ("train", "val")},
         row_groups={split: dataset.row_groups.get(split) for split in ("train", "val")},
-        flops_per_token=flops_per_token(size, dataset.seq_len), compute_dtype=compute_dtype_name(train, scaling),
+        flops_per_token=flops_per_token(size, dataset.seq_len),
+        compute_dtype=compute_dtype(train.parallelism.mixed_precision, on_gpu=scaling.use_gpu),
         pretrained_dir=pretrained_dir, base_vocab_size=dataset.base_vocab_size if pretrained_dir else None,
         peak_flops_per_s=peak_flops(scaling.gpu_type) if scaling.use_gpu else None, prices=prices,
         cpus_per_worker=scaling.cpus_per_worker)
-
-
-def compute_dtype_name(train: TrainConfig, scaling: ScalingConfig) -> str:
-    """The training's compute dtype as a name (`auto` is bf16 on GPU workers, fp32 on CPU ones)."""
-    if train.parallelism.mixed_precision == "auto":
-        return "bfloat16" if scaling.use_gpu else "float32"
-    return "bfloat16" if train.parallelism.mixed_precision == "bf16" else "float32"
 
 
 def ray_scaling(scaling: ScalingConfig):

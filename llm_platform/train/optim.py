@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from llm_platform.config.choices import Schedule
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: matrices decay; biases, norms and embeddings do not (GPT-3 / nanoGPT practice).
@@ -35,32 +37,20 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
 
 
-def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: Schedule, min_lr_ratio: float) -> float:
     """Multiplier of the peak LR for optimizer step `step` (0-based).
 
     Linear warmup from 1/warmup to 1 over `warmup_steps`, then decay to `min_lr_ratio` at `max_steps`:
     cosine, linear, or none (constant).
     """
-    if schedule not in ("cosine", "linear", "constant"):
-        raise ValueError(f"train.optimizer.schedule={schedule!r}: choose cosine, linear or constant")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule == "constant":
+    if schedule == Schedule.constant:
         return 1.0
     span = max(1, max_steps - warmup_steps)
     progress = min(1.0, max(0.0, (step - warmup_steps) / span))
-    if schedule == "cosine":
+    if schedule == Schedule.cosine:
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
         shape = 1.0 - progress
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
-
-
-def build_scheduler(optimizer, *, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float):
-    """A `LambdaLR` over `lr_factor`. It is a pure function of the step, so resuming only needs the step."""
-    lr_factor(0, max_steps=max_steps, warmup_steps=warmup_steps, schedule=schedule, min_lr_ratio=min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_factor(step, max_steps=max_steps, warmup_steps=warmup_steps, schedule=schedule,
-                               min_lr_ratio=min_lr_ratio),
-    )

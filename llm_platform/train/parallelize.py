@@ -16,22 +16,14 @@ from typing import Any, cast
 
 import torch
 
+from llm_platform.config.choices import Parallelism
 from llm_platform.errors import ConfigError
 from llm_platform.models.build import transformer_blocks
 
 
-def resolve_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """Compute dtype: `auto` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow, but `bf16` runs there)."""
-    if mixed_precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if mixed_precision not in ("bf16", "fp32"):
-        raise ValueError(f"train.parallelism.mixed_precision={mixed_precision!r}: choose auto, bf16 or fp32")
-    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-
-
-def parallelize(model: torch.nn.Module, *, parallelism: str, device: torch.device, compute_dtype: torch.dtype,
-                activation_checkpointing: bool = False, compile: bool = False, cpu_offload: bool = False,
-                world_size: int = 1) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, *, parallelism: Parallelism, device: torch.device,
+                compute_dtype: torch.dtype, activation_checkpointing: bool = False, compile: bool = False,
+                cpu_offload: bool = False, world_size: int = 1) -> torch.nn.Module:
     """Return the model ready to train on `device` under `parallelism` (fsdp, ddp or none).
 
     Weights stay fp32 (the optimizer's master copy); bf16 is the compute dtype: FSDP2 casts gathered parameters to
@@ -57,7 +49,7 @@ def parallelize(model: torch.nn.Module, *, parallelism: str, device: torch.devic
             block.compile()
 
     # 3. Sharding / replication.
-    if parallelism == "fsdp":
+    if parallelism == Parallelism.fsdp:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -77,16 +69,15 @@ def parallelize(model: torch.nn.Module, *, parallelism: str, device: torch.devic
         fully_shard(model, **kwargs)
         return model
     model.to(device)
-    if parallelism == "ddp":
+    if parallelism == Parallelism.ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    if parallelism == "none":
-        if world_size > 1:
-            raise ValueError("train.parallelism.strategy=none needs scaling.num_workers=1")
-        return model
-    raise ValueError(f"train.parallelism.strategy={parallelism!r}: choose fsdp, ddp or none")
+    # Parallelism.none: the typed config admits nothing else.
+    if world_size > 1:
+        raise ValueError("train.parallelism.strategy=none needs scaling.num_workers=1")
+    return model
 
 
 def check_compiler(device: torch.device) -> None:
@@ -121,9 +112,9 @@ def check_offload_backend(device: torch.device) -> None:
                           f"backend ({process_group_backend(True, True)}); this one is {config!r}")
 
 
-def needs_autocast(parallelism: str, compute_dtype: torch.dtype) -> bool:
+def needs_autocast(parallelism: Parallelism, compute_dtype: torch.dtype) -> bool:
     """FSDP2 casts parameters itself; the other modes run bf16 through autocast."""
-    return parallelism != "fsdp" and compute_dtype != torch.float32
+    return parallelism != Parallelism.fsdp and compute_dtype != torch.float32
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

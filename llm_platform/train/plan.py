@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.prices import Market
 from llm_platform.config.train import PlanConfig, ScalingConfig, TrainConfig
-from llm_platform.config.tune import TuneConfig
 from llm_platform.costs import check_prices, gpu_hour_usd
 from llm_platform.errors import ConfigError
 from llm_platform.models import families
@@ -33,6 +32,7 @@ from llm_platform.models.flops import (
     normalize_gpu,
 )
 from llm_platform.models.serving import ServingNeeds
+from llm_platform.train.precision import compute_dtype
 
 
 @dataclass
@@ -111,11 +111,11 @@ def _duration(hours: float) -> str:
 
 
 def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, plan: PlanConfig, *, seq_len: int,
-              vocab_size: int, storage_root: str | None = None, tune: TuneConfig | None = None) -> Plan:
+              vocab_size: int, storage_root: str | None = None, sweep: SweepSize | None = None) -> Plan:
     """Estimate a run of `model` under `train`/`scaling` on `plan.num_gpus` x `plan.gpu_type`.
 
     Its tokens are `plan.token_budget` when set, else the configured run's: `train.max_steps` x tokens per step
-    (micro-batch x grad accumulation x workers x seq_len), or with `plan.sweep` (and `tune` given) the sweep's
+    (micro-batch x grad accumulation x workers x seq_len), or with `plan.sweep` (and `sweep` given) the sweep's
     trials x that. Time = tokens x FLOPs per token / (peak x `plan.assumed_mfu` x GPUs); cost = GPU-hours x the
     price of one GPU-hour in `plan.prices`, on-demand and spot. `storage_root` resolves a `registry:` reference
     in `model.pretrained`.
@@ -133,14 +133,14 @@ def make_plan(model: ModelConfig, train: TrainConfig, scaling: ScalingConfig, pl
         # LoRA adds r * (in + out) per adapted matrix; about 2 * r * d per target per block is close enough here.
         targets = list(model.lora.target_modules) or list(family.lora_targets)
         trainable = 2 * model.lora.rank * size.hidden_size * len(targets) * size.num_layers
-    bf16 = train.parallelism.mixed_precision != "fp32"
+    bf16 = compute_dtype(train.parallelism.mixed_precision, on_gpu=True) == "bfloat16"  # a plan is for GPUs
     memory = memory_per_device(size, micro_batch_size=train.micro_batch_size, seq_len=seq_len, num_devices=num_gpus,
                                parallelism=train.parallelism.strategy, bf16=bf16,
                                activation_checkpointing=train.parallelism.activation_checkpointing,
                                trainable_fraction=min(1.0, trainable / size.total))
     fpt = flops_per_token(size, seq_len)
     tokens_per_step = train.micro_batch_size * train.grad_accum_steps * seq_len * num_gpus
-    tokens, tokens_from, runs, parallel_runs = run_tokens(train, plan, tokens_per_step, tune)
+    tokens, tokens_from, runs, parallel_runs = run_tokens(train, plan, tokens_per_step, sweep)
     tokens_per_s = spec["bf16" if bf16 else "tf32"] * plan.assumed_mfu * num_gpus / fpt
     run_hours = tokens / tokens_per_s / 3600
     problems = []
@@ -175,8 +175,16 @@ def serving_needs(config, size, plan: PlanConfig, gpu_memory_gib: float) -> Serv
                                 batch=plan.serve_batch, gpu_memory_gib=gpu_memory_gib, usable=plan.memory_headroom)
 
 
+@dataclass(frozen=True)
+class SweepSize:
+    """A sweep's trials and how many run at once (`tune.space.sweep_size` counts them from the tune config)."""
+
+    trials: int
+    parallel: int
+
+
 def run_tokens(train: TrainConfig, plan: PlanConfig, tokens_per_step: int,
-               tune: TuneConfig | None) -> tuple[int, str, int, int]:
+               sweep: SweepSize | None) -> tuple[int, str, int, int]:
     """(tokens of all runs, how they were found, runs, runs at once):
     `plan.token_budget`, one run of `train.max_steps`, or a sweep's trials (each to its end: ASHA stops some early,
     so this is an upper bound) run `tune.max_concurrent_trials` at a time. A space over `model.*` keys is planned
@@ -186,20 +194,10 @@ def run_tokens(train: TrainConfig, plan: PlanConfig, tokens_per_step: int,
     one_run = train.max_steps * tokens_per_step
     if not plan.sweep:
         return one_run, f"train.max_steps {train.max_steps:,} x {tokens_per_step:,} per step", 1, 1
-    if tune is None:
-        raise ConfigError("plan.sweep=true needs the tune config (llm-platform plan passes it)")
-    from llm_platform.tune.space import parse_space
-
-    trials = tune.num_samples
-    for dim in parse_space(tune.space):
-        if dim.kind == "grid":
-            trials *= len(dim.values)
-        elif dim.key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum_steps"):
-            raise ConfigError(f"plan.sweep=true: tune.space.{dim.key} changes each trial's tokens, which the "
-                              f"plan does not model: set plan.token_budget instead")
-    parallel = max(1, min(trials, tune.max_concurrent_trials))
-    return (trials * one_run, f"{trials} trials x train.max_steps {train.max_steps:,} x {tokens_per_step:,} per "
-                              f"step, at most", trials, parallel)
+    if sweep is None:
+        raise ConfigError("plan.sweep=true needs the sweep's size (llm-platform plan passes it)")
+    return (sweep.trials * one_run, f"{sweep.trials} trials x train.max_steps {train.max_steps:,} x "
+                                    f"{tokens_per_step:,} per step, at most", sweep.trials, sweep.parallel)
 
 
 def architecture(model: ModelConfig, vocab_size: int, storage_root: str | None) -> tuple[object, families.Family]:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm_platform.config.choices import Parallelism
+
 IGNORE_INDEX = -100
 LOSSES = ("sigmoid", "ipo")
 
@@ -133,8 +135,8 @@ def build_reference(model_cfg, train_cfg, *, vocab_size: int, special: dict, pre
                             dtype=dtype, base_vocab_size=base_vocab_size)
     reference.requires_grad_(False)
     reference.eval()
-    if train_cfg.parallelism.strategy == "fsdp" and world > 1:
-        return parallelize(reference, parallelism="fsdp", device=device, compute_dtype=dtype,
+    if train_cfg.parallelism.strategy == Parallelism.fsdp and world > 1:
+        return parallelize(reference, parallelism=Parallelism.fsdp, device=device, compute_dtype=dtype,
                            activation_checkpointing=False, compile=False, cpu_offload=False, world_size=world)
     return reference.to(device)
 

@@ -122,10 +122,13 @@ class TrainReportQueue(UserCallback):
 
     def __init__(self, queue):
         self.queue = queue
+        self.last_val: dict[str, Any] = {}
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        from llm_platform.tune.trial import with_last_validation
+
         name = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint else None
-        self.queue.put((dict(metrics[0]), name))
+        self.queue.put((with_last_validation(self.last_val, metrics[0]), name))
 
 
 def train_reporting_pointers(train_fn: Callable[[list], Any], *, run_uri: str, run_name: str, trial_id: str) -> Any:

@@ -29,7 +29,9 @@ import yaml
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.root import PlatformConfig
 from llm_platform.config.train import ScalingConfig, TrainConfig
+from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError
+from llm_platform.train.plan import SweepSize
 
 KINDS = ("loguniform", "uniform", "choice", "randint", "grid")
 TUNABLE_GROUPS = ("model", "train", "scaling")
@@ -255,3 +257,16 @@ def apply_params(base: TrialConfig, params: dict[str, Any]) -> TrialConfig:
         changes.setdefault(group, {})[rest] = value
     return dataclasses.replace(base, **{group: merge(getattr(base, group), node, prefix=f"{group}.")
                                         for group, node in changes.items()})
+
+
+def sweep_size(tune: TuneConfig) -> SweepSize:
+    """The trials of `tune` (samples x each grid axis) and how many run at once, for `llm-platform plan`; a space
+    over keys that change each trial's tokens is refused (the plan does not model them)."""
+    trials = tune.num_samples
+    for dim in parse_space(tune.space):
+        if dim.kind == "grid":
+            trials *= len(dim.values)
+        elif dim.key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum_steps"):
+            raise ConfigError(f"plan.sweep=true: tune.space.{dim.key} changes each trial's tokens, which the "
+                              f"plan does not model: set plan.token_budget instead")
+    return SweepSize(trials, max(1, min(trials, tune.max_concurrent_trials)))

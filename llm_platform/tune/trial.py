@@ -10,6 +10,7 @@ pointed checkpoint (`tune/pbt.py`).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from llm_platform import storage
 from llm_platform.config.merge import merge
@@ -29,7 +30,6 @@ def run_trial(config: dict, *, base: spaces.TrialConfig, keys: list[str], datase
               storage_settings: dict, sweep: dict, pbt: bool = False, prices: PricesConfig | None = None) -> None:
     """Train one trial: `base` with the trial's params from `config` (Tune's sampled values, nested by key)."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from llm_platform.train.launcher import launch
 
@@ -41,7 +41,7 @@ def run_trial(config: dict, *, base: spaces.TrialConfig, keys: list[str], datase
     lineage = {"sweep": {**sweep, "trial_id": trial_id, "params": params}}
     if not pbt:
         launch(trial.model, trial.train, trial.scaling, dataset_uri, storage_root, run_name=name,
-               callbacks=[TuneReportCallback()], extra_lineage=lineage, prices=prices)
+               callbacks=[tune_report_callback()], extra_lineage=lineage, prices=prices)
         return
     from llm_platform.tune import pbt as pbt_
 
@@ -66,3 +66,28 @@ def run_trial(config: dict, *, base: spaces.TrialConfig, keys: list[str], datase
 # Tune saves the trainable's name in every trial's state and refuses `Tuner.restore` under another name; this function
 # was `driver._trial` when sweeps now on disk started, and those must still resume with `tune.resume=true`.
 run_trial.__name__ = "_trial"
+
+
+def with_last_validation(last: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` with the latest `val/...` figures filled in, `last` updated. The training loop reports `val/...` only
+    on the steps that validated, but Tune refuses a report without `tune.metric` (a checkpoint-only step, a
+    `train.budget` stop between validations): those reports carry the last validation, as a sweep's curve would."""
+    last.update({k: v for k, v in metrics.items() if k.startswith("val/")})
+    return {**last, **metrics}
+
+
+def tune_report_callback():
+    """Ray Train's `TuneReportCallback`, each report with the last validation figures (`with_last_validation`)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class TuneReportLastValidation(TuneReportCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.last_val: dict[str, Any] = {}
+
+        def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+            first = with_last_validation(self.last_val, metrics[0]) if metrics else None
+            super().after_report(run_context, [first, *metrics[1:]] if first is not None else metrics, checkpoint)
+
+    return TuneReportLastValidation()
+

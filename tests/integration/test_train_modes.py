@@ -47,19 +47,19 @@ SINGLE = TrainConfig(max_steps=4, micro_batch_size=4, log_interval_steps=1, eval
 
 def poisoned_loop(poison_step: int):
     """The workers' loop with the loss of step `poison_step` (1-based) times NaN before backward, so its gradients
-    too. The platform has no such switch: this wraps the loop's `loss_sum` inside the worker process (the nested
-    function is pickled by value with the trainer)."""
+    too. The platform has no such switch: this wraps train/step.py's `loss_sum` inside the worker process (the
+    nested function is pickled by value with the trainer)."""
     def train_fn(config):
-        from llm_platform.train import loop
+        from llm_platform.train import loop, step
 
-        real, calls = loop.loss_sum, [0]
+        real, calls = step.loss_sum, [0]
 
         def loss_sum(logits, targets):
             calls[0] += 1  # one call per step with 1 worker and 1 micro-batch; validation comes after the last step
             loss = real(logits, targets)
             return loss * float("nan") if calls[0] == poison_step else loss
 
-        loop.loss_sum = loss_sum
+        step.loss_sum = loss_sum
         return loop.train_loop_per_worker(config)
 
     return train_fn

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -24,9 +25,8 @@ import time
 
 import numpy as np
 import pytest
-from train_fixtures import make_dataset
+from train_fixtures import make_dataset, ray_flag, set_flag_on_checkpoint
 
-from llm_platform.config import as_dict
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
 
@@ -38,20 +38,22 @@ TRAIN = TrainConfig(max_steps=12, micro_batch_size=4, log_interval_steps=2, eval
                     optimizer=OptimizerConfig(warmup_steps=2, lr=3e-3), parallelism=ParallelismConfig(strategy="fsdp"))
 SCALING = ScalingConfig(num_workers=2, cpus_per_worker=1)
 
+# The typed configs reach the driver subprocess pickled, as they cross every other process boundary.
 DRIVER = """
-import json, sys
+import pickle, sys
+sys.path.insert(0, sys.argv[2])  # tests/: train_fixtures
+from train_fixtures import set_flag_on_checkpoint
 from llm_platform import cluster
-from llm_platform.config import from_dict
 from llm_platform.config.cluster import ClusterConfig
-from llm_platform.config.model import ModelConfig
-from llm_platform.config.train import ScalingConfig, TrainConfig
 from llm_platform.train.launcher import launch
 
-spec = json.loads(sys.argv[1])
+with open(sys.argv[1], "rb") as f:
+    spec = pickle.load(f)
 cluster.connect(ClusterConfig(address=spec["address"], log_to_driver=False))
-launch(from_dict(ModelConfig, spec["model"]), from_dict(TrainConfig, spec["train"]),
-       from_dict(ScalingConfig, spec["scaling"]), spec["dataset"], spec["root"], run_name=spec["name"])
+launch(spec["model"], spec["train"], spec["scaling"], spec["dataset"], spec["root"], run_name=spec["name"],
+       callbacks=[set_flag_on_checkpoint(spec["flag"], "checkpoint_00000004")])
 """
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -59,33 +61,24 @@ def dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp("data")), "pretrain", seq_len=32)
 
 
-def checkpoint_registered(run_dir: str, name: str) -> bool:
-    """Ray Train's controller has registered checkpoint `name` (its checkpoint-manager snapshot names it): a
-    restart now resumes from it. A checkpoint folder on disk, or a later step logged, is not enough: on a loaded
-    machine the controller collects reports seconds after the workers wrote them."""
-    path = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
-    try:
-        snapshot = json.load(open(path))
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return False
-    return any(r.get("checkpoint_dir_name") == name for r in snapshot.get("checkpoint_results", []))
+def wait_past_first_checkpoint(flag, run_dir: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Until `flag` is set: Ray Train's controller has registered checkpoint 4 (`set_flag_on_checkpoint`), so a
+    restart must resume from it, not from scratch. A checkpoint folder on disk, or a later step logged, is not
+    enough: on a loaded machine the controller collects reports seconds after the workers wrote them. The wait
+    wakes each second only to notice a driver subprocess that died first."""
+    import ray
 
-
-def wait_past_first_checkpoint(run_dir: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Until Ray Train has registered checkpoint 4 (a restart must resume from it, not from scratch)."""
-    deadline = time.time() + timeout
-    while True:
-        if checkpoint_registered(run_dir, "checkpoint_00000004"):
-            return
+    registered = flag.wait.remote()
+    deadline = time.monotonic() + timeout
+    while not ray.wait([registered], timeout=1.0)[0]:
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"driver exited ({proc.returncode}) early: {proc.stderr.read().decode()[-2000:]}")
-        if time.time() > deadline:
+        if time.monotonic() > deadline:
             pytest.fail(f"{run_dir}: checkpoint 4 not registered within {timeout} s")
-        time.sleep(0.05)
 
 
-def train_worker_pids() -> list[int]:
-    """PIDs of this Ray node's Ray Train worker processes (children of our own raylet, not another session's)."""
+def train_workers() -> list:
+    """This Ray node's Ray Train worker processes (children of our own raylet, not another session's)."""
     import psutil
     import ray._private.worker as ray_worker
 
@@ -94,7 +87,7 @@ def train_worker_pids() -> list[int]:
     for proc in psutil.Process(raylet).children(recursive=True):
         try:
             if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc.pid)
+                found.append(proc)
         except psutil.Error:
             pass
     return found
@@ -129,14 +122,16 @@ def test_worker_sigkill_and_killed_driver_both_resume(ray_session, dataset, tmp_
     # ---- a worker process killed from the outside mid-run
     run_dir = os.path.join(root, "runs", "worker-kill")
     outcome: dict = {}
+    flag = ray_flag("worker-kill-checkpoint-4")
     thread = threading.Thread(target=lambda: outcome.update(
-        result=launch(MODEL, TRAIN, SCALING, dataset, root, run_name="worker-kill")))
+        result=launch(MODEL, TRAIN, SCALING, dataset, root, run_name="worker-kill",
+                      callbacks=[set_flag_on_checkpoint("worker-kill-checkpoint-4", "checkpoint_00000004")])))
     thread.start()
-    wait_past_first_checkpoint(run_dir, 300)
-    victims = train_worker_pids()
+    wait_past_first_checkpoint(flag, run_dir, 300)
+    victims = train_workers()
     assert len(victims) == 2, victims
     killed_at = time.time()
-    os.kill(victims[0], signal.SIGKILL)
+    os.kill(victims[0].pid, signal.SIGKILL)
     thread.join(600)
     assert "result" in outcome, "launch did not return"
     worker_losses = assert_resumed_from_a_checkpoint(run_dir, killed_at)
@@ -147,21 +142,26 @@ def test_worker_sigkill_and_killed_driver_both_resume(ray_session, dataset, tmp_
     import ray
 
     run_dir = os.path.join(root, "runs", "driver-kill")
-    spec = {"address": ray.get_runtime_context().gcs_address, "model": as_dict(MODEL), "train": as_dict(TRAIN),
-            "scaling": as_dict(SCALING), "dataset": dataset, "root": root, "name": "driver-kill"}
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(spec)], stdout=subprocess.DEVNULL,
+    spec = {"address": ray.get_runtime_context().gcs_address, "model": MODEL, "train": TRAIN, "scaling": SCALING,
+            "dataset": dataset, "root": root, "name": "driver-kill", "flag": "driver-kill-checkpoint-4"}
+    spec_path = str(tmp_path / "driver-spec.pkl")
+    with open(spec_path, "wb") as f:
+        pickle.dump(spec, f)
+    flag = ray_flag(spec["flag"])
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, spec_path, TESTS], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, env={**os.environ, "RAY_ADDRESS": spec["address"]})
     try:
-        wait_past_first_checkpoint(run_dir, 300, driver)
+        wait_past_first_checkpoint(flag, run_dir, 300, driver)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait(30)
     killed_at = time.time()
     assert not os.path.isdir(os.path.join(run_dir, "checkpoint_00000012")), "the driver finished before the kill"
-    # Its workers die with it (their controller was owned by the driver); wait so the rerun starts clean.
-    deadline = time.time() + 60
-    while train_worker_pids() and time.time() < deadline:
-        time.sleep(0.2)
+    # Its workers die with it (their controller was owned by the driver); wait for their exit so the rerun starts
+    # clean.
+    import psutil
+
+    psutil.wait_procs(train_workers(), timeout=60)
     resumed = launch(MODEL, TRAIN, SCALING, dataset, root, run_name="driver-kill")
     driver_losses = assert_resumed_from_a_checkpoint(run_dir, killed_at)
     assert resumed.metrics["step"] == TRAIN.max_steps

@@ -36,11 +36,6 @@ def test_linear_and_constant():
     assert factors("constant")[10:] == [1.0] * 91
 
 
-def test_unknown_schedule_names_the_key():
-    with pytest.raises(ValueError, match="train.optimizer.schedule"):
-        lr_factor(0, max_steps=10, warmup_steps=0, schedule="step", min_lr_ratio=0.1)
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_no_decay_on_biases_norms_and_embeddings(family):
     model = build_model(ModelConfig(family=family, hidden_size=32), 300, SPECIAL)

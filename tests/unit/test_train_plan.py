@@ -7,6 +7,7 @@ from llm_platform.config.prices import Market
 from llm_platform.config.tune import TuneConfig
 from llm_platform.errors import ConfigError
 from llm_platform.train.plan import make_plan
+from llm_platform.tune.space import sweep_size
 
 
 def plan_for(overrides, tune=None):
@@ -17,7 +18,7 @@ def plan_for(overrides, tune=None):
 def make_plan_for(cfg, tune=None):
     vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
     return make_plan(cfg.model, cfg.train, cfg.scaling, cfg.plan, seq_len=cfg.data.seq_len, vocab_size=vocab,
-                     tune=tune)
+                     sweep=sweep_size(tune) if tune is not None and cfg.plan.sweep else None)
 
 
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "A10G": 70e12}  # the vendors' dense bf16 peaks, as in models/flops.py
