@@ -42,7 +42,7 @@ $(CHECKS_VENV)/.installed: | $(UV)
 	$(UV_INSTALL) $(CHECKS_VENV)/bin/python checkov==$(CHECKOV_VERSION)
 	touch $@
 
-# The Debian packages whose text the real-corpus tests read (tests/corpus_fixtures.py): fortunes, man pages and the
+# The Debian packages whose text the real-corpus tests read (tests/fixtures/corpora.py): fortunes, man pages and the
 # tools that render them. apt-get runs only for those not installed (as root, or through passwordless sudo); where it
 # cannot (no apt-get, no root), `make test` says so and goes on, and those tests skip naming the packages.
 CORPUS_PACKAGES ?= fortunes groff-base bsdextrautils manpages

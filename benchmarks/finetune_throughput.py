@@ -3,7 +3,7 @@ the same checkpoint and the same chat rows, in one run.
 
     python benchmarks/finetune_throughput.py [--steps 20] [--hidden 384] [--layers 4] [--seq-len 256]
 
-The checkpoint is a Llama-3-layout model built here (tests/checkpoint_fixtures.py: its tokenizer and chat template,
+The checkpoint is a Llama-3-layout model built here (tests/fixtures/checkpoints.py: its tokenizer and chat template,
 untied embeddings, GQA) at `--hidden` x `--layers`, sized so the matmuls dominate; the data are chats built by the
 data stage with the model's own tokenizer (experiment=finetune-lora). The plain loop loads the checkpoint with
 `AutoModelForCausalLM`, wraps it with peft's `get_peft_model` (same rank, alpha, targets), and steps AdamW over the
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the ch
 
 def build_checkpoint(folder: Path, hidden: int, layers: int) -> Path:
     """The tests' Llama-3-layout checkpoint, resized: same tokenizer and template, `hidden` x `layers`."""
-    from checkpoint_fixtures import llama3_checkpoint
+    from fixtures.checkpoints import llama3_checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llama3_checkpoint(folder)
@@ -94,8 +94,8 @@ def main() -> None:
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     torch.set_num_threads(1)  # the Ray worker gets one CPU; give the plain loop the same
-    from checkpoint_fixtures import write_chats
-    from train_fixtures import read_rows
+    from fixtures.checkpoints import write_chats
+    from fixtures.training import read_rows
 
     from llm_platform import cluster
     from llm_platform.config import compose

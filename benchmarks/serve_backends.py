@@ -32,7 +32,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 def build_model(folder: Path, layers: int, width: int) -> Path:
     """A Llama-3-layout checkpoint (the tests' tokenizer and chat template, padded vocab) at layers x width."""
-    from checkpoint_fixtures import llama3_checkpoint
+    from fixtures.checkpoints import llama3_checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = llama3_checkpoint(folder, head_dim=64, max_positions=1024)
@@ -44,7 +44,7 @@ def build_model(folder: Path, layers: int, width: int) -> Path:
 
 
 def wait_healthy(url: str, timeout_s: float, what: str) -> None:
-    from serve_fixtures import wait_healthy as answered
+    from fixtures.serving import wait_healthy as answered
 
     if not answered(url, timeout_s, poll_s=2):
         raise SystemExit(f"{what} did not become healthy in {timeout_s:.0f} s")
@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from conftest import free_port
-    from serve_fixtures import sample_texts
+    from fixtures.serving import sample_texts
     from serve_load import endpoint, merge, row
 
     folder = args.model or build_model(Path(tempfile.mkdtemp(prefix="llmp-bench-")) / "model", args.layers,

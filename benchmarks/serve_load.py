@@ -48,7 +48,7 @@ and GPT-2 124M's shape (random init; a step the model dominates, so it measures 
 def build_model(folder: Path, shape: str = "small") -> Path:
     """A GPT-2 of `shape` with the test tokenizer (ByteLevel BPE, 1,000 tokens: the 124M shape keeps its layers and
     width, not its 50,257-token vocabulary)."""
-    from serve_fixtures import build_tiny_model
+    from fixtures.serving import build_tiny_model
 
     path = build_tiny_model(folder, vocab_size=1000, n_positions=256)
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -230,7 +230,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from conftest import free_port
-    from serve_fixtures import sample_texts
+    from fixtures.serving import sample_texts
 
     folder = args.model or build_model(Path(tempfile.mkdtemp(prefix="llmp-bench-")) / "model", args.shape)
     prompts = sample_texts(args.requests, seed=11)

@@ -41,7 +41,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from train_fixtures import make_dataset
+    from fixtures.training import make_dataset
 
     from llm_platform import cluster
     from llm_platform.config.cluster import ClusterConfig

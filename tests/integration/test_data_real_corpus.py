@@ -1,16 +1,16 @@
 """The data stage through the session's Ray over a real corpus on S3: a few hundred files of fortunes and rendered
-man pages (tests/corpus_fixtures.py), compared with a plain count of the files and with the plain reference
-(tests/data_reference.py)."""
+man pages (tests/fixtures/corpora.py), compared with a plain count of the files and with the plain reference
+(tests/fixtures/data_reference.py)."""
 
 import io
 import os
 import tempfile
 
-import data_reference as ref
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from corpus_fixtures import CorpusFile, debian_corpus, one_file_per_fortune, require_packages, upload
+from fixtures import data_reference as ref
+from fixtures.corpora import CorpusFile, debian_corpus, one_file_per_fortune, require_packages, upload
 
 from llm_platform import storage
 from llm_platform.config import compose

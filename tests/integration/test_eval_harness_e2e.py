@@ -19,8 +19,8 @@ import shutil
 import threading
 import time
 
-import eval_fixtures as fx
 import pytest
+from fixtures import evals as fx
 
 from llm_platform import storage
 from llm_platform.config.evaluate import BiasConfig, EvalConfig, GateConfig, HarnessConfig, RobustnessConfig

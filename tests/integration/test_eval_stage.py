@@ -8,8 +8,8 @@ import shutil
 import subprocess
 import sys
 
-import eval_fixtures as fx
 import pytest
+from fixtures import evals as fx
 
 from llm_platform import storage
 from llm_platform.config.evaluate import BiasConfig, EvalConfig, HumanConfig, RobustnessConfig

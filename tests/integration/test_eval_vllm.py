@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from checkpoint_fixtures import llama3_checkpoint
+from fixtures.checkpoints import llama3_checkpoint
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -12,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from checkpoint_fixtures import gpt2_checkpoint, llama3_checkpoint, tokenizer_files, write_chats
-from train_fixtures import ordered_rows, read_rows
+from fixtures.checkpoints import gpt2_checkpoint, llama3_checkpoint, tokenizer_files, write_chats
+from fixtures.training import ordered_rows, read_rows
 
 from llm_platform import storage
 from llm_platform.config import compose

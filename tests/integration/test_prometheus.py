@@ -22,8 +22,8 @@ import httpx
 import openai
 import pytest
 from conftest import free_port
-from prometheus_fixtures import Prometheus, start_prometheus
-from serve_fixtures import build_tiny_model, sample_texts, wait_healthy
+from fixtures.prometheus import Prometheus, start_prometheus
+from fixtures.serving import build_tiny_model, sample_texts, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from conftest import free_port
-from serve_fixtures import build_tiny_model, sample_texts
+from fixtures.serving import build_tiny_model, sample_texts
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEY = "sk-serve-test-key"

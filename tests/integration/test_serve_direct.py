@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from conftest import free_port
-from serve_fixtures import build_tiny_model
+from fixtures.serving import build_tiny_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEY = "sk-direct-test-key"

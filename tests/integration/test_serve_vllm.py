@@ -13,9 +13,9 @@ import time
 
 import httpx
 import pytest
-from checkpoint_fixtures import llama3_checkpoint
 from conftest import free_port
-from serve_fixtures import wait_healthy
+from fixtures.checkpoints import llama3_checkpoint
+from fixtures.serving import wait_healthy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 KEY = "sk-vllm-test-key"

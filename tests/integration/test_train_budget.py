@@ -2,8 +2,8 @@
 
 - A run whose `train.budget.max_cost_usd` runs out mid-way stops at a checkpoint with a message naming the key; no
   export, no lineage (it is not finished). The same run with the budget raised resumes from that checkpoint, trains
-  only the steps left, with the losses an uninterrupted run has (a plain PyTorch loop, train_fixtures), and records
-  what it spent in all (both attempts) in lineage.json.
+  only the steps left, with the losses an uninterrupted run has (a plain PyTorch loop, fixtures/training.py), and
+  records what it spent in all (both attempts) in lineage.json.
 - A sweep whose `tune.budget.max_cost_usd` runs out launches no further trial: the trial running stops at its next
   checkpoint and the sweep finishes with what ran, saying so in sweep.json.
 """
@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 import pytest
-from train_fixtures import make_dataset, plain_pytorch_run
+from fixtures.training import make_dataset, plain_pytorch_run
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import (

@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 import pytest
-from checkpoint_fixtures import llama3_checkpoint
-from preference_fixtures import write_pairs
+from fixtures.checkpoints import llama3_checkpoint
+from fixtures.preferences import write_pairs
 
 from llm_platform import storage
 from llm_platform.config import compose

@@ -26,8 +26,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from secret_fixtures import files_containing, ray_session_dir, sentinel_secrets
-from train_fixtures import make_dataset, plain_pytorch_run
+from fixtures.fake_secrets import files_containing, ray_session_dir, sentinel_secrets
+from fixtures.training import make_dataset, plain_pytorch_run
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig

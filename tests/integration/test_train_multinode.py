@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     from llm_platform.config.model import ModelConfig
     from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ScalingConfig, TrainConfig
     from llm_platform.train.launcher import launch
-    from train_fixtures import make_dataset
+    from fixtures.training import make_dataset
 
     storage.configure({"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
     root = os.environ["BUCKET"] + "/platform"

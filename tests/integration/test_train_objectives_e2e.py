@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from train_fixtures import make_dataset, read_rows
+from fixtures.training import make_dataset, read_rows
 
 from llm_platform.config.model import LoraConfig, ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ScalingConfig, TrainConfig

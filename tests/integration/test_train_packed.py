@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from train_fixtures import read_rows, sentences
+from fixtures.training import read_rows, sentences
 
 from llm_platform.config import compose
 from llm_platform.config.model import ModelConfig

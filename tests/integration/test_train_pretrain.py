@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from train_fixtures import make_dataset, plain_pytorch_run, read_rows
+from fixtures.training import make_dataset, plain_pytorch_run, read_rows
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig

@@ -15,7 +15,7 @@ import json
 import os
 
 import pytest
-from train_fixtures import make_dataset
+from fixtures.training import make_dataset
 
 from llm_platform import registry
 from llm_platform.config.model import ModelConfig

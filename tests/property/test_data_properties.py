@@ -1,5 +1,5 @@
 """Property tests of the data stage (issue #24): hypothesis writes corpora, the stage builds a dataset from them, and
-the dataset must equal what the plain reference (tests/data_reference.py) says it must be.
+the dataset must equal what the plain reference (tests/fixtures/data_reference.py) says it must be.
 
 Corpora: 1 to a few hundred files (most examples a handful), 0 to a dozen records each, empty files; every input
 format (jsonl, json, parquet, text by file/paragraph/line) and compression (gzip and zstd, in one or two
@@ -34,11 +34,11 @@ import random
 import tempfile
 from dataclasses import dataclass
 
-import data_reference as ref
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fixtures import data_reference as ref
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 

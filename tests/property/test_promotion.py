@@ -2,10 +2,11 @@
 evaluation passed the gate in force.
 
 A generated sequence of runs, each with a `--from/--until` slice over every stage, `run.use_tune` on or off, a
-model of known quality (`train.max_steps` -> perplexity, tests/promotion_fakes.py), and a gate (`eval.compare_to`
-none or an earlier version, a 5% or 50% limit); reruns of the previous run are drawn often, so reruns after a
-failed gate and after a pass come up in most sequences. The expensive stage functions are fast fakes writing real
-records in a real local storage root; the registry, the sweep's registration, the gate and the runner are real.
+model of known quality (`train.max_steps` -> perplexity, tests/fixtures/promotion_fakes.py), and a gate
+(`eval.compare_to` none or an earlier version, a 5% or 50% limit); reruns of the previous run are drawn often, so
+reruns after a failed gate and after a pass come up in most sequences. The expensive stage functions are fast fakes
+writing real records in a real local storage root; the registry, the sweep's registration, the gate and the runner
+are real.
 
 After every run, against a plain reference (the gate recomputed from the known perplexities):
 - LATEST moved only in a run whose slice holds the promote stage (so `--until register` or `--until eval` never
@@ -23,7 +24,7 @@ import os
 import shutil
 import tempfile
 
-import promotion_fakes as fakes
+from fixtures import promotion_fakes as fakes
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (

@@ -25,9 +25,9 @@ import random
 
 import pytest
 import torch
+from fixtures.serving import WORDS, build_tiny_model
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from serve_fixtures import WORDS, build_tiny_model
 
 from llm_platform.serve import model_runner
 from llm_platform.serve.engine import Engine, load_model

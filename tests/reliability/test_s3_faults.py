@@ -213,8 +213,8 @@ def test_checkpoints_and_export_under_s3_faults_match_a_clean_run(ray_session, s
     their faults, and the final checkpoint (model and optimizer tensors, train state), the exported safetensors and
     the logged losses are identical to a clean run with the same seed straight to moto."""
     import torch
+    from fixtures.training import make_dataset
     from safetensors.torch import load_file
-    from train_fixtures import make_dataset
 
     from llm_platform.train.launcher import launch
 

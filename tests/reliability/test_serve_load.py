@@ -27,8 +27,8 @@ import time
 import httpx
 import pytest
 from conftest import free_port
-from secret_fixtures import files_containing, ray_session_dir
-from serve_fixtures import build_tiny_model, sample_texts
+from fixtures.fake_secrets import files_containing, ray_session_dir
+from fixtures.serving import build_tiny_model, sample_texts
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

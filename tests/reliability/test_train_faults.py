@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 import pytest
-from train_fixtures import make_dataset, ray_flag, set_flag_on_checkpoint
+from fixtures.training import make_dataset, ray_flag, set_flag_on_checkpoint
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import CheckpointConfig, OptimizerConfig, ParallelismConfig, ScalingConfig, TrainConfig
@@ -41,8 +41,8 @@ SCALING = ScalingConfig(num_workers=2, cpus_per_worker=1)
 # The typed configs reach the driver subprocess pickled, as they cross every other process boundary.
 DRIVER = """
 import pickle, sys
-sys.path.insert(0, sys.argv[2])  # tests/: train_fixtures
-from train_fixtures import set_flag_on_checkpoint
+sys.path.insert(0, sys.argv[2])  # tests/: fixtures.training
+from fixtures.training import set_flag_on_checkpoint
 from llm_platform import cluster
 from llm_platform.config.cluster import ClusterConfig
 from llm_platform.train.launcher import launch

@@ -7,11 +7,11 @@ import dataclasses
 import functools
 import json
 
-import data_reference as ref
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures import data_reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

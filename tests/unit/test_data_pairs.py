@@ -1,5 +1,5 @@
 """Preference pairs (data/pairs.py): the record shapes, the skip reasons, and which tokens carry a label when a
-released-layout tokenizer's chat template renders them (checkpoint_fixtures: Llama 3's template; GPT-2: none)."""
+released-layout tokenizer's chat template renders them (fixtures/checkpoints.py: Llama 3's template; GPT-2: none)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 
 import numpy as np
 import pytest
-from checkpoint_fixtures import gpt2_checkpoint, llama3_checkpoint
-from preference_fixtures import BAD, pair
+from fixtures.checkpoints import gpt2_checkpoint, llama3_checkpoint
+from fixtures.preferences import BAD, pair
 
 from llm_platform.data import pairs
 from llm_platform.data.pack import IGNORE_INDEX

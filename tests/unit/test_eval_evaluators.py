@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import eval_fixtures as fx
+from fixtures import evals as fx
 
 from llm_platform.config.evaluate import EvalConfig, GateConfig, RobustnessConfig
 from llm_platform.evaluate import evaluators, gate

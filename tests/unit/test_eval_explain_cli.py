@@ -2,8 +2,8 @@
 
 import os
 
-import eval_fixtures as fx
 import pytest
+from fixtures import evals as fx
 
 from llm_platform.commands import explain as explain_cmd
 

@@ -7,8 +7,8 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import eval_fixtures as fx  # noqa: E402
 import matplotlib.image as mpimg  # noqa: E402
+from fixtures import evals as fx  # noqa: E402
 
 from llm_platform.evaluate import bias, report  # noqa: E402
 

@@ -3,10 +3,10 @@
 import math
 import os
 
-import eval_fixtures as fx
 import numpy as np
 import pytest
 import torch
+from fixtures import evals as fx
 
 from llm_platform.evaluate import explain, generation, perplexity, scoring
 

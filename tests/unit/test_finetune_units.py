@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from checkpoint_fixtures import LLAMA3_TEMPLATE, conversation, gpt2_checkpoint, llama3_checkpoint, tokenizer_files
+from fixtures.checkpoints import LLAMA3_TEMPLATE, conversation, gpt2_checkpoint, llama3_checkpoint, tokenizer_files
 
 from llm_platform.config.model import LoraConfig, ModelConfig
 from llm_platform.config.tokenizer import TokenizerConfig
@@ -258,7 +258,7 @@ def test_the_export_changes_only_the_weights(gpt2, llama3, tmp_path, lora):
 
 
 def test_a_dataset_from_another_tokenizer_is_refused_naming_both(gpt2, tmp_path):
-    from train_fixtures import make_dataset
+    from fixtures.training import make_dataset
 
     from llm_platform.config.train import ScalingConfig, TrainConfig
     from llm_platform.train.launcher import preflight
@@ -285,7 +285,7 @@ def test_the_default_template_renders_as_servings_fallback(gpt2):
 
 
 def test_chat_files_are_read_with_bad_records_named_by_line(tmp_path):
-    from checkpoint_fixtures import write_chats
+    from fixtures.checkpoints import write_chats
 
     from llm_platform.config.data import DataConfig
     from llm_platform.data import sources

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from secret_fixtures import git_ignored
+from fixtures.fake_secrets import git_ignored
 
 from llm_platform import jobs
 
@@ -21,8 +21,9 @@ KEY_FILES = ["api-keys.txt", "conf/api-keys.txt", "serve-api-keys.txt", "api-key
              "certs/tls.pem", "deploy/tls.key", "client.p12", ".env", ".env.prod", "conf/.env", "credentials",
              ".aws/credentials", ".netrc", "id_rsa", "id_ed25519"]
 # Tracked files with key-like names that must stay committable (and uploadable).
-NOT_KEY_FILES = [".env.example", "conf/serve/cluster.yaml", "llm_platform/serve/auth.py", "tests/secret_fixtures.py",
-                 "llm_platform/data/tokenizer.py", "docs/cloud.md", "cluster/ray-service.serve.yaml"]
+NOT_KEY_FILES = [".env.example", "conf/serve/cluster.yaml", "llm_platform/serve/auth.py",
+                 "tests/fixtures/fake_secrets.py", "llm_platform/data/tokenizer.py", "docs/cloud.md",
+                 "cluster/ray-service.serve.yaml"]
 
 
 def _lines(name: str) -> list[str]:

@@ -4,7 +4,7 @@ names): bad names fail early, naming the field, and none can climb out of its fo
 from __future__ import annotations
 
 import pytest
-from train_fixtures import make_dataset
+from fixtures.training import make_dataset
 
 from llm_platform.config.data import DataConfig
 from llm_platform.config.model import ModelConfig

@@ -1,5 +1,5 @@
 """`llm-platform run`'s promote stage: only it moves LATEST, and only after a passing gate on a fresh evaluation of
-that version. The expensive stages are fast fakes (tests/promotion_fakes.py); the registry, the sweep's
+that version. The expensive stages are fast fakes (tests/fixtures/promotion_fakes.py); the registry, the sweep's
 registration, the gate and the runner are real. No Ray."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 
-import promotion_fakes as fakes
 import pytest
+from fixtures import promotion_fakes as fakes
 
 from llm_platform import registry, storage
 from llm_platform.errors import StageError
@@ -198,7 +198,7 @@ TUNE_COMMAND = """
 import sys
 import pytest
 sys.path.insert(0, sys.argv[1])
-import promotion_fakes
+from fixtures import promotion_fakes
 from llm_platform import cluster
 from llm_platform.cli import main
 patch = pytest.MonkeyPatch()

@@ -8,7 +8,7 @@ import json
 import httpx
 import openai
 import pytest
-from serve_fixtures import build_tiny_model
+from fixtures.serving import build_tiny_model
 
 from llm_platform.config.serve import AuthConfig, LimitsConfig, ServeConfig
 from llm_platform.serve.api import CompletionRequest, validation_error
@@ -45,7 +45,7 @@ def vllm_service(tmp_path_factory):
     import dataclasses
 
     pytest.importorskip("vllm")
-    from checkpoint_fixtures import llama3_checkpoint
+    from fixtures.checkpoints import llama3_checkpoint
 
     from llm_platform.config.serve import EngineConfig, VLLMConfig
     from llm_platform.serve.loading import load_tokenizer

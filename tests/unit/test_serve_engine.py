@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import torch
-from serve_fixtures import build_tiny_model
+from fixtures.serving import build_tiny_model
 
 from llm_platform.serve.engine import Engine, EngineOverloaded, load_model
 from llm_platform.serve.sampling import SamplingParams, StopMatcher, TextStream, sample_rows

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from serve_fixtures import build_tiny_model
+from fixtures.serving import build_tiny_model
 
 from llm_platform.serve.engine import Engine, EngineStopped, load_model
 from llm_platform.serve.health import StepHealth

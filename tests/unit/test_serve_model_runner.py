@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_fixtures import build_tiny_model
+from fixtures.serving import build_tiny_model
 
 from llm_platform.serve.engine import load_model
 from llm_platform.serve.model_runner import ModelRunner, PrefillRow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from serve_fixtures import build_tiny_model, sample_texts
+from fixtures.serving import build_tiny_model, sample_texts
 
 from llm_platform.serve.monitor import DriftMonitor, js_divergence, psi, reference_from_manifest, reference_from_texts
 

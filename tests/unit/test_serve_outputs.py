@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from serve_fixtures import build_tiny_model
+from fixtures.serving import build_tiny_model
 
 from llm_platform.serve.outputs import OutputProcessor, advance
 from llm_platform.serve.requests import ChunkHold, Request, RequestOutput, Seq

@@ -19,7 +19,7 @@ from pathlib import Path
 import hcl2
 import pytest
 import yaml
-from secret_fixtures import git_ignored
+from fixtures.fake_secrets import git_ignored
 
 REPO = Path(__file__).resolve().parents[2]
 TF = REPO / "terraform"

@@ -2,7 +2,7 @@
 see (its C++ compiler, its process group) fails in its setup, naming the key too."""
 
 import pytest
-from train_fixtures import make_dataset
+from fixtures.training import make_dataset
 
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ParallelismConfig, ScalingConfig, TrainConfig

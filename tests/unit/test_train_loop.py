@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from train_fixtures import make_dataset
+from fixtures.training import make_dataset
 
 from llm_platform import storage
 from llm_platform.config.model import ModelConfig

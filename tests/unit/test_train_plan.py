@@ -122,7 +122,7 @@ def test_plan_command_prints_the_plan_and_refuses_what_cannot_fit():
 
 
 def test_train_command_refuses_a_bad_config_before_starting_ray(tmp_path):
-    from train_fixtures import make_dataset
+    from fixtures.training import make_dataset
 
     uri = make_dataset(str(tmp_path), "pretrain", seq_len=32)
     bad = cli("train", f"train.dataset={uri}", f"storage.root={tmp_path}", "model.max_position_embeddings=16")
