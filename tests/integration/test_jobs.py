@@ -14,11 +14,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from fixtures.waiting import poll
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -70,16 +70,6 @@ def _jobs_api_up(address: str) -> bool:
         return False
 
 
-def _wait_until(condition, timeout_s: float, poll_s: float = 0.2) -> bool:
-    """Check `condition` every `poll_s` until it holds (True) or `timeout_s` has passed (False)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(poll_s)
-    return True
-
-
 def _group_gone(proc: subprocess.Popen) -> bool:
     """True once the head (reaped here) and every other process of its group have exited."""
     if proc.poll() is None:
@@ -102,7 +92,7 @@ def _stop(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             return
         # Bounded: a process this container's init never reaps stays in the group as a zombie.
-        _wait_until(lambda: _group_gone(proc), grace_s)
+        poll(lambda: _group_gone(proc), grace_s)
 
 
 def _start_head(temp_dir: Path, log: Path, timeout_s: float = 420) -> tuple[subprocess.Popen | None, str, str]:
@@ -130,7 +120,7 @@ def _start_head(temp_dir: Path, log: Path, timeout_s: float = 420) -> tuple[subp
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     # Until the Jobs API answers, or the head has exited (a failed start: no use waiting on).
-    _wait_until(lambda: proc.poll() is not None or _jobs_api_up(address), timeout_s, poll_s=1.0)
+    poll(lambda: proc.poll() is not None or _jobs_api_up(address), timeout_s, poll_s=1.0)
     if proc.poll() is None and _jobs_api_up(address):
         return proc, address, ""
     _stop(proc)

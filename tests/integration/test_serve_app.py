@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-import time
 from types import SimpleNamespace
 
 import httpx
@@ -15,6 +14,7 @@ import openai
 import pytest
 from conftest import free_port
 from fixtures.serving import build_tiny_model, sample_texts
+from fixtures.waiting import wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 KEY = "sk-serve-test-key"
@@ -70,16 +70,6 @@ def served(ray_session, tmp_path_factory):
                lambda: f"the Serve apps to be healthy: {serve.status()}")
     yield base
     serve.shutdown()
-
-
-def wait_until(condition, timeout_s: float, what) -> None:
-    """Return once `condition()` is true, polling it; fail the test naming `what` (a string, or a function giving
-    one at that moment) after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what() if callable(what) else what}")
-        time.sleep(0.05)  # the poll interval, not the wait
 
 
 def healthy(url: str) -> bool:

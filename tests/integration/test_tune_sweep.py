@@ -10,10 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import time
 
 import pytest
 from fixtures.training import make_dataset
+from fixtures.waiting import wait_until
 
 from llm_platform import registry
 from llm_platform.config.model import ModelConfig
@@ -35,16 +35,6 @@ SCALING = ScalingConfig(num_workers=1, cpus_per_worker=1)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp("data")), "pretrain", seq_len=32)
-
-
-def wait_until(condition, timeout_s: float, what) -> None:
-    """Return once `condition()` is true, polling it; fail the test naming `what` (a string, or a function giving
-    one at that moment) after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what() if callable(what) else what}")
-        time.sleep(0.05)  # the poll interval, not the wait
 
 
 def test_asha_sweep_registers_the_best_finished_trial(ray_session, dataset, tmp_path, another_ray_instance):

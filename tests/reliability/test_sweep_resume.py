@@ -22,6 +22,7 @@ import time
 
 import pytest
 from fixtures.training import make_dataset
+from fixtures.waiting import wait_until
 
 from llm_platform import registry
 from llm_platform.config.model import ModelConfig
@@ -62,16 +63,6 @@ def run_folders(root: str) -> list[str]:
 
 def finished_runs(root: str) -> list[str]:
     return [d for d in run_folders(root) if os.path.exists(os.path.join(root, "runs", d, "lineage.json"))]
-
-
-def wait_until(condition, timeout_s: float, what) -> None:
-    """Return once `condition()` is true, polling it; fail the test naming `what` (a string, or a function giving
-    one at that moment) after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what() if callable(what) else what}")
-        time.sleep(0.05)  # the poll interval, not the wait
 
 
 def test_sweep_driver_sigkill_then_resume(ray_session, tmp_path, reliability_report):
