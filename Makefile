@@ -113,7 +113,8 @@ $(VLLM_VENV)/.installed: pyproject.toml | $(UV)
 	touch $@
 
 # The files that hold `vllm` tests (.venv-vllm lacks the other suites' imports: hcl2, lm_eval, moto...).
-VLLM_TESTS ?= tests/unit/test_serve_api.py tests/integration/test_serve_vllm.py tests/integration/test_eval_vllm.py
+VLLM_TESTS ?= tests/unit/test_serve_api.py tests/integration/test_serve_vllm.py tests/integration/test_eval_vllm.py \
+  tests/integration/test_run_vllm.py
 test-vllm: setup-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q -ra -m vllm -p no:cacheprovider $(VLLM_TESTS)
 
