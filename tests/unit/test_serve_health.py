@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -105,11 +104,12 @@ def test_repeated_step_failures_make_the_replica_unhealthy(tiny):
 def a_then_b_with_a_failing_decode(eng, error: Exception):
     """One row at a time: A runs, B waits for its slot; A's second decode raises `error` (the forward pass fails
     once). Returns ((A's tokens, A's error), (B's tokens, B's error))."""
-    real, calls, b_submitted = eng.runner.forward, [0], threading.Event()
+    real, calls, a_decoding, b_submitted = eng.runner.forward, [0], threading.Event(), threading.Event()
 
     def fails_at_the_second_decode(*args, **kwargs):
         calls[0] += 1
         if calls[0] == 2:  # A's first decode: hold it until B waits
+            a_decoding.set()
             b_submitted.wait(10)
         if calls[0] == 3:
             raise error
@@ -120,10 +120,10 @@ def a_then_b_with_a_failing_decode(eng, error: Exception):
 
     async def both():
         a = asyncio.ensure_future(collect(eng, [5, 6, 7]))
-        while calls[0] < 2:
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(a_decoding.wait, 10)
         b = asyncio.ensure_future(collect(eng, [8, 9]))
-        await asyncio.sleep(0.05)
+        while not eng.num_waiting():  # B submitted (a step on this loop) and queued for A's slot
+            await asyncio.sleep(0)
         b_submitted.set()
         return await a, await b
     return asyncio.run(asyncio.wait_for(both(), 60))
@@ -172,21 +172,18 @@ def test_a_stalled_step_with_work_pending_fails_the_health_check(tiny):
     eng.runner.forward = hangs_at_the_first_decode
     eng.start()
     try:
-        time.sleep(0.5)
-        assert eng.healthy() and check_health(eng) is None  # idle for longer than the limit: fine
+        eng.health.last_step_s -= 1.0  # idle for longer than the limit: fine
+        assert eng.healthy() and check_health(eng) is None
 
         async def go():
             task = asyncio.ensure_future(collect(eng, [5, 6, 7]))
-            while not entered.is_set():
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.6)
+            await asyncio.to_thread(entered.wait, 30)
+            eng.health.last_step_s -= 1.0  # the hung step began a second ago (past stall_timeout_s=0.3)
             stalled = (eng.healthy(), await serve_health_check(eng), await health_route(eng))
             release.set()
             result = await task
-            for _ in range(100):  # the step that sent the last token ends (and leaves no work pending) soon after
-                if eng.healthy():
-                    break
-                await asyncio.sleep(0.02)
+            # the step that sent the last token ends (and leaves no work pending) soon after
+            await asyncio.to_thread(eng.wait_idle, 10)
             return stalled, result, eng.healthy()
         (healthy, reason, route), (tokens, error), recovered = asyncio.run(asyncio.wait_for(go(), 60))
     finally:
