@@ -157,7 +157,8 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
     clean_uri = storage.join(spec.work, "clean", f"{name}.parquet")
     keys = PartitionedWriter(storage.join(spec.work, "keys", name))
     sigs = PartitionedWriter(storage.join(spec.work, "sigs", name))
-    tally = _Tally()
+    result = FileResult(unit=name, pieces=(pieces[0], pieces[-1]))
+    count = _Count(result, spec)
     schema = pa.schema([("doc_id", pa.int64()), ("text_hash", pa.int64())] +
                        [(c, pa.string()) for c in CLEAN_COLUMNS[2:]] +
                        [("language", pa.string()), ("language_score", pa.float32())])
@@ -169,12 +170,12 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
         for meta, piece, data in sources.prefetched(metas, pieces):
             lines = yield from sources.read_file(meta, piece, spec.read, data=data)
             if meta.get("range"):  # lines the range held: the next range of its file numbers its lines after them
-                tally.range_lines[piece] = lines
+                result.range_lines[piece] = lines
 
     with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
         for batch in _batches(records(), READ_BATCH_ROWS):
             cleaned = clean_records(batch, spec)
-            kept = tally.add(cleaned, spec)
+            kept = count.add(cleaned)
             if not kept:
                 continue
             columns = {c: [r.get(c) or "" for r in kept] for c in CLEAN_COLUMNS[2:]}
@@ -188,67 +189,52 @@ def prepare_unit(metas: list[dict[str, Any]], pieces: list[int], spec: PrepareSp
             _write_keys(keys, found, spec.partitions)
             if signatures is not None:
                 sigs.add(0, {"doc": doc_ids, "sig": signatures})
-    result = tally.result(name, pieces, key_runs=keys.close(), sig_runs=sigs.close())
+    result.key_runs, result.sig_runs = keys.close(), sigs.close()
     storage.write_json(done, result.to_json())
     return result
 
 
-@dataclass
-class _Tally:
-    """A unit's counts as its batches are cleaned (`add`), then its `FileResult`."""
+class _Count:
+    """Counts a unit's cleaned batches into its `FileResult` as they come (`add`)."""
 
-    records: int = 0
-    kept: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    pii_replacements: int = 0
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    range_lines: dict[int, int] = field(default_factory=dict)
-    dropped_by_file: dict[str, dict[str, int]] = field(default_factory=dict)
-    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    detected: dict[str, int] = field(default_factory=dict)
-    kept_languages: dict[str, int] = field(default_factory=dict)
+    def __init__(self, result: FileResult, spec: PrepareSpec):
+        self.result, self.spec = result, spec
 
-    def add(self, cleaned: list[dict], spec: PrepareSpec) -> list[dict]:
+    def add(self, cleaned: list[dict]) -> list[dict]:
         """Count a cleaned batch; returns its kept records."""
-        self.records += len(cleaned)
-        self.pii_replacements += sum(int(r.get("pii_replacements") or 0) for r in cleaned)
+        u = self.result
+        u.records += len(cleaned)
+        u.pii_replacements += sum(int(r.get("pii_replacements") or 0) for r in cleaned)
         for r in cleaned:
-            self._count(r, spec)
+            self._count(r)
         kept = [r for r in cleaned if not r["drop_reason"]]
-        self.kept += len(kept)
+        u.kept += len(kept)
         return kept
 
-    def _count(self, r: dict, spec: PrepareSpec) -> None:
+    def _count(self, r: dict) -> None:
         """A record's language, and if dropped: by reason, by file and reason, the first skipped records (by file
         and line) and the first `spec.examples` dropped documents of each reason (the start of their text)."""
+        u, spec = self.result, self.spec
         reason, lang = r["drop_reason"], r.get("language")
         if lang:
-            self.detected[lang] = self.detected.get(lang, 0) + 1
+            detected, kept = u.languages["detected"], u.languages["kept"]
+            detected[lang] = detected.get(lang, 0) + 1
             if not reason:
-                self.kept_languages[lang] = self.kept_languages.get(lang, 0) + 1
+                kept[lang] = kept.get(lang, 0) + 1
         if not reason:
             return
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        by_file = self.dropped_by_file.setdefault(r["source"], {})
+        u.dropped[reason] = u.dropped.get(reason, 0) + 1
+        by_file = u.dropped_by_file.setdefault(r["source"], {})
         by_file[reason] = by_file.get(reason, 0) + 1
         piece = int(r["doc_id"]) >> 32
-        if len(self.skipped) < spec.max_reported:  # the unit's first ones, by file and line
-            self.skipped.append({"source": r["source"], "line": int(r["line"]),
-                                 "reason": r.get("detail") or reason, "piece": piece})
-        if r.get("text") and len(self.examples.get(reason, ())) < spec.examples:
+        if len(u.skipped) < spec.max_reported:  # the unit's first ones, by file and line
+            u.skipped.append({"source": r["source"], "line": int(r["line"]),
+                              "reason": r.get("detail") or reason, "piece": piece})
+        if r.get("text") and len(u.examples.get(reason, ())) < spec.examples:
             example = {"source": r["source"], "line": int(r["line"]), "text": r["text"][:EXAMPLE_CHARS], "piece": piece}
             if lang:  # what language ID made of it (why `language.*` dropped it)
                 example |= {"language": lang, "language_score": round(float(r["language_score"]), 4)}
-            self.examples.setdefault(reason, []).append(example)
-
-    def result(self, name: str, pieces: list[int], key_runs: list[dict[str, Any]], sig_runs: list[dict[str, Any]]
-               ) -> FileResult:
-        return FileResult(
-            unit=name, pieces=(pieces[0], pieces[-1]), records=self.records, kept=self.kept, dropped=self.dropped,
-            pii_replacements=self.pii_replacements, skipped=self.skipped, range_lines=self.range_lines,
-            dropped_by_file=self.dropped_by_file, examples=self.examples,
-            languages={"detected": self.detected, "kept": self.kept_languages}, key_runs=key_runs,
-            sig_runs=sig_runs, resumed=False)
+            u.examples.setdefault(reason, []).append(example)
 
 
 def _batches(items, size: int):

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass
 class FileResult:
     """One unit of input files read and cleaned (`prepare.prepare_unit`): its counts, the first skipped records and
-    dropped examples, and the indexes of the dedup key and signature runs it wrote."""
+    dropped examples, and the indexes of the dedup key and signature runs it wrote. The task counts into it as it
+    reads (`prepare._Count`); after that nothing changes it (`with_file_lines` returns a new one)."""
 
     unit: str
     """The unit's name (`prepare.unit_name`): its first and last piece index."""
