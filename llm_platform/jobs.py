@@ -61,8 +61,9 @@ _SECRET_TEXT = (
 _KEY_LINE = re.compile(r"(?=\D*\d)(?=[^A-Za-z]*[A-Za-z])[A-Za-z0-9_\-+/=.~]{20,}")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# How long `submit` retries while a freshly started head has no job agent yet ("No available agent").
-AGENT_WAIT_S = 120.0
+# How long `submit` retries while a freshly started head has no job agent yet ("No available agent"). The raylet
+# itself waits up to RAY_agent_register_timeout_ms for the agent; on a loaded machine 120 s was not always enough.
+AGENT_WAIT_S = 300.0
 
 
 @dataclass
