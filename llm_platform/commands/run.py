@@ -24,7 +24,7 @@ def preflight(cfg: PlatformConfig) -> None:
 
         validate(cfg.data, cfg.tokenizer)
     if Stage.train in todo:
-        from llm_platform.train.launcher import check_config
+        from llm_platform.train.checks import check_config
 
         check_config(cfg.model, cfg.train, cfg.scaling)
         if cfg.run.use_tune:

@@ -57,7 +57,8 @@ def check_plan(cfg: PlatformConfig, dataset_uri: str | None) -> None:
 @stage_main("train")
 def main(cfg: PlatformConfig) -> None:
     from llm_platform import cluster, storage
-    from llm_platform.train.launcher import launch, preflight, register_run
+    from llm_platform.train.checks import preflight
+    from llm_platform.train.launcher import launch, register_run
 
     storage.configure(cfg.storage)
     dataset_uri = resolve_dataset_uri(cfg)

@@ -36,15 +36,13 @@ from llm_platform.models.build import build_model, hf_config, read_pretrained_co
 from llm_platform.models.flops import flops_per_token, model_size, peak_flops
 from llm_platform.storage import layout, names
 from llm_platform.train import checkpoint as ckpt
-from llm_platform.train.checks import check_config, check_resume_from, preflight
+from llm_platform.train.checks import preflight
 from llm_platform.train.metrics import FollowMetrics
 from llm_platform.train.precision import compute_dtype
 from llm_platform.train.worker import WorkerConfig
 
 log = logging.getLogger("llm_platform.train")
 # Importers of the checks from here, from before they moved to train/checks.py.
-__all__ = ["BudgetReached", "TrainResult", "TrainingError", "check_config", "check_resume_from", "launch",
-           "preflight", "register_run"]
 UNTRAINED_KEYS = ("budget", "register_as")
 """`train` keys left out of a run's config record: they change nothing the run trains (`config_of`)."""
 

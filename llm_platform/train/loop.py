@@ -29,8 +29,6 @@ from llm_platform.train.metrics import device_memory
 from llm_platform.train.step import StepFigures, all_reduce_sum, learning_rate, train_step, validate
 from llm_platform.train.worker import Worker, WorkerConfig, rank_reader, setup, take_val_batches
 
-__all__ = ["WorkerConfig", "train_loop_per_worker"]
-
 log = logging.getLogger("llm_platform.train")
 
 

@@ -197,7 +197,7 @@ def test_skip_drops_the_nonfinite_step_and_training_goes_on(ray_session, dataset
 
 def test_resume_from_is_checked_before_any_worker_starts(tmp_path):
     from llm_platform.train import checkpoint as ckpt
-    from llm_platform.train.launcher import check_resume_from
+    from llm_platform.train.checks import check_resume_from
 
     folder = tmp_path / "checkpoint_00000003"
     def resuming(uri: str) -> TrainConfig:

@@ -261,7 +261,7 @@ def test_a_dataset_from_another_tokenizer_is_refused_naming_both(gpt2, tmp_path)
     from fixtures.training import make_dataset
 
     from llm_platform.config.train import ScalingConfig, TrainConfig
-    from llm_platform.train.launcher import preflight
+    from llm_platform.train.checks import preflight
 
     # A BPE trained on the corpus (the old default) with the GPT-2 checkpoint's exact vocab size: same size,
     # other ids. Sizes alone would have let it through.

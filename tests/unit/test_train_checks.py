@@ -7,7 +7,7 @@ from fixtures.training import make_dataset
 from llm_platform.config.model import ModelConfig
 from llm_platform.config.train import ParallelismConfig, ScalingConfig, TrainConfig
 from llm_platform.errors import ConfigError, DataError
-from llm_platform.train.launcher import preflight
+from llm_platform.train.checks import preflight
 
 
 @pytest.fixture(scope="module")
